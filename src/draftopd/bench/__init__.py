@@ -1,0 +1,1 @@
+"""Benchmarks: evaluation prompt sets (``datasets``) and the side-by-side speed measurement (``run``)."""

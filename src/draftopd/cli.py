@@ -1,0 +1,193 @@
+"""The ``draftopd`` console script: one verb per job, each a thin call into the library.
+
+Every verb takes ``--config recipe.yaml`` and repeatable ``--set key.path=value`` overrides; the named
+flags below are shorthands for the most common overrides. Defaults live in ``config.py`` only.
+Bad input ends in one line on stderr (``error: ...``) and exit status 2; Ctrl-C in status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+
+from draftopd import DraftopdError, __version__
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML recipe")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. sampling.temperature=0.7 (repeatable)",
+    )
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", help="'default', a local HF model folder, or a hub id")
+    p.add_argument("--drafter", help="'pld' (prompt lookup), 'none' (plain decoding)")
+    p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"])
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """Turn the shorthand flags into dotted overrides (applied after --set, so they win)."""
+    o = list(args.overrides)
+    pairs = {
+        "target": "target.path",
+        "dtype": "target.dtype",
+        "threads": "target.threads",
+        "temperature": "sampling.temperature",
+        "top_p": "sampling.top_p",
+        "max_new_tokens": "sampling.max_new_tokens",
+        "limit": "limit",
+        "datasets": "datasets",
+    }
+    for flag, key in pairs.items():
+        if getattr(args, flag, None) is not None:
+            o.append(f"{key}={getattr(args, flag)}")
+    if getattr(args, "drafter", None) is not None:
+        o.append(f"drafter.kind={args.drafter}")
+    return o
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    from draftopd import assets
+
+    for name, path in assets.setup(data=not args.model_only).items():
+        print(f"{name:<10} {path}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from draftopd.config import GenerateConfig, load
+    from draftopd.models import build_drafter
+    from draftopd.models.target import load_target
+    from draftopd.spec.decode import speculative_generate
+    from draftopd.spec.sampling import SamplingParams
+
+    cfg = load(GenerateConfig, args.config, _overrides(args))
+    if cfg.target.threads:
+        torch.set_num_threads(cfg.target.threads)
+    target = load_target(cfg.target.path, cfg.target.dtype, cfg.target.device)
+    drafter = build_drafter(cfg.drafter, target)
+    ids = target.encode_chat(args.prompt)
+    target.check_prompt(ids, cfg.sampling.max_new_tokens)
+    gen = torch.Generator().manual_seed(cfg.sampling.seed)
+    params = SamplingParams(cfg.sampling.temperature, cfg.sampling.top_p)
+    out = speculative_generate(
+        target, [ids], drafter, cfg.sampling.max_new_tokens, params, gen, record=args.show_acceptance
+    )
+    text = target.tokenizer.decode(out.tokens[0], skip_special_tokens=True)
+    if args.json:
+        print(
+            json.dumps({"text": text, "token_ids": out.tokens[0], "tau": out.stats.tau, "stats": out.stats.summary()})
+        )
+        return 0
+    if args.show_acceptance:
+        from draftopd.spec.show import render_steps
+
+        print(render_steps(target.tokenizer, out.tokens[0], out.steps[0]))
+    else:
+        print(text)
+    s = out.stats
+    print(
+        f"\n[tau {s.tau:.2f} | {s.new_tokens} tokens in {s.seconds:.2f} s = {s.tokens_per_s:.1f} tok/s | "
+        f"ttft {1000 * s.prefill_s:.0f} ms | tpot {1000 * s.tpot_s:.1f} ms | {cfg.target.dtype}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from draftopd.bench.run import format_table, run_bench, save_result
+    from draftopd.config import BenchConfig, load
+
+    cfg = load(BenchConfig, args.config, _overrides(args))
+    result = run_bench(cfg)
+    if args.json:
+        save_result(result, args.json)
+    print(format_table(result))
+    print(json.dumps({k: v for k, v in result.items() if k != "config"}))  # machine-readable last line
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from draftopd.config import BenchConfig, load
+    from draftopd.demo import run_demo
+
+    cfg = load(BenchConfig, args.config, ["limit=3", "sampling.max_new_tokens=96", *_overrides(args)])
+    print(run_demo(cfg))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="draftopd", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"draftopd {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("setup", help="fetch and convert the default target, unpack evaluation data")
+    p.add_argument("--model-only", action="store_true")
+    p.set_defaults(func=cmd_setup)
+
+    p = sub.add_parser("generate", help="generate text with speculative decoding")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--json", action="store_true", help="print text, token_ids, tau and stats as JSON")
+    p.add_argument("--show-acceptance", action="store_true", help="mark accepted, corrected and rejected tokens")
+    _model_flags(p)
+    _common(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="tau and speed-up against plain decoding and transformers, side by side")
+    p.add_argument("--datasets", help="comma list of gsm8k,humaneval,mtbench")
+    p.add_argument("--limit", type=int, help="prompts per data set")
+    p.add_argument("--json", metavar="OUT", help="write the full result as JSON")
+    _model_flags(p)
+    _common(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="the main job on the embedded default target")
+    _common(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="[draftopd] %(message)s")
+    if not args.verbose:
+        warnings.filterwarnings("ignore")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    try:
+        return args.func(args)
+    except DraftopdError as e:
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

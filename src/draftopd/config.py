@@ -1,0 +1,158 @@
+"""Configuration: small frozen dataclasses, YAML recipes, dotted overrides, unknown keys rejected.
+
+``load(BenchConfig, "configs/bench.yaml", ["sampling.temperature=0.7", "limit=5"])`` reads the recipe,
+applies the overrides (values parsed as YAML scalars), and builds the dataclass tree. Any key the
+dataclass does not declare raises ``DraftopdError`` naming the key and the file. Every field has a default,
+so a recipe states only what differs. ``asdict`` of the result is what we write into every checkpoint and
+benchmark JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from draftopd import DraftopdError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    path: str = "default"  # 'default' (embedded SmolLM2-135M-Instruct), a local HF folder, or a hub id
+    dtype: str = "bf16"  # bf16 for speed (AMX on CPU); fp32 for bit-exact checks
+    device: str = "cpu"
+    threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("bf16", "fp32", "fp16"):
+            raise DraftopdError(f"target.dtype must be bf16, fp32 or fp16, not {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    kind: str = "pld"  # 'pld' (prompt lookup) or 'none' (plain decoding); learned drafters load from `path`
+    path: str | None = None  # drafter checkpoint folder (learned drafters)
+    num_tokens: int = 10  # pld: proposals per step
+    max_ngram: int = 2  # pld: longest n-gram matched
+    min_ngram: int = 1  # pld: shortest n-gram matched
+
+    def __post_init__(self) -> None:
+        if self.num_tokens < 1 or not 1 <= self.min_ngram <= self.max_ngram:
+            raise DraftopdError("drafter: need num_tokens >= 1 and 1 <= min_ngram <= max_ngram")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0  # 0 = greedy (lossless token for token)
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
+            raise DraftopdError("sampling: need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    target: TargetConfig = field(default_factory=TargetConfig)
+    drafter: DrafterConfig = field(default_factory=DrafterConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    target: TargetConfig = field(default_factory=TargetConfig)
+    drafter: DrafterConfig = field(default_factory=DrafterConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    datasets: tuple[str, ...] = ("gsm8k", "humaneval", "mtbench")
+    limit: int = 10  # prompts per data set
+    gsm8k_path: str = ""  # folder or jsonl with GSM8K; '' = $DRAFTOPD_GSM8K or ../shared/data/gsm8k
+    hf_baseline: bool = True  # also time transformers' generate(), plain and with prompt lookup
+    warmup: int = 1  # untimed generations before measuring
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert a YAML value against a field's annotation (only the types our configs use)."""
+    origin = typing.get_origin(tp)
+    if _is_dataclass_type(tp):
+        return from_dict(tp, value, key + ".")
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], key)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise DraftopdError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, typing.get_args(tp)[0], key) for v in value)
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    if tp in (bool, int, str) and not (isinstance(value, tp) and (tp is bool or not isinstance(value, bool))):
+        raise DraftopdError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a nested dict; an unknown key raises with its dotted path."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise DraftopdError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise DraftopdError(f"unknown config key {prefix}{key!s} (known: {', '.join(names)})")
+    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as a YAML scalar) to a nested dict in place."""
+    if "=" not in override:
+        raise DraftopdError(f"override {override!r} is not of the form key.path=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise DraftopdError(f"override {override!r}: {p} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Read a YAML recipe (optional), apply dotted overrides, return the frozen config."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise DraftopdError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise DraftopdError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    for o in overrides:
+        apply_override(data, o)
+    try:
+        return from_dict(cls, data)
+    except DraftopdError as e:
+        raise DraftopdError(f"{path}: {e}" if path else str(e)) from None
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,1 @@
+"""Data: reading prompt files (``jsonl``) and, later, target trajectories as shards."""

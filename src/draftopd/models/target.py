@@ -1,0 +1,159 @@
+"""The target model: any Hugging Face causal LM behind one forward that returns logits and chosen features.
+
+``Target.forward`` runs the decoder over new tokens, appending to a ``DynamicCache``, and returns
+``logits`` (only at the rows asked for: the LM head is the costly part) and, when ``layer_ids`` is given,
+the hidden states *after* those decoder layers concatenated on the last axis (``hidden_states[id + 1]``,
+the convention DFlash and EAGLE-3 checkpoints use). The LM head is always fed 2-D input: a strided 3-D
+input takes a slow bf16 path on CPU (40x slower, see cpu-feasibility.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
+
+from draftopd import DraftopdError
+from draftopd.assets import DEFAULT_TARGET, default_target_dir
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+@dataclass
+class TargetOutput:
+    logits: Tensor | None  # (B, T, V) float32, or None when no logits were asked for
+    features: Tensor | None  # (B, T, len(layer_ids) * H) in the model dtype, or None
+    hidden: Tensor  # (B, T, H) last (normed) hidden state
+
+
+def resolve_target_path(target: str) -> str:
+    """``default`` -> the embedded SmolLM2 folder; a local folder is checked; anything else is a hub id."""
+    if target == DEFAULT_TARGET:
+        path = default_target_dir()
+        if not (path / "config.json").exists():
+            raise DraftopdError(f"default target not set up at {path}: run `draftopd setup` (or `make demo`)")
+        return str(path)
+    path = Path(target).expanduser()
+    looks_local = target.startswith((".", "/", "~")) or path.exists() or target.count("/") != 1
+    if not looks_local:
+        return target  # hub id such as org/name; loads only where the network allows
+    if not path.is_dir():
+        raise DraftopdError(f"target not found: {target} (give a model folder, a hub id, or 'default')")
+    cfg = path / "config.json"
+    if not cfg.exists():
+        raise DraftopdError(f"{target} is not a Hugging Face model folder: it has no config.json")
+    try:
+        arch = json.loads(cfg.read_text()).get("architectures") or []
+    except json.JSONDecodeError as e:
+        raise DraftopdError(f"{cfg}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if arch and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in arch):
+        raise DraftopdError(f"{target} is not a causal LM (architectures: {', '.join(arch)})")
+    return str(path)
+
+
+class Target:
+    """A frozen HF causal LM with cache-aware forwards that expose hidden features for drafters."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None, name: str = "") -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.name = name
+        self.config = model.config
+        self.backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+        self.lm_head = model.get_output_embeddings()
+        self.embed = model.get_input_embeddings()
+        self.num_layers: int = self.config.num_hidden_layers
+        self.hidden_size: int = self.config.hidden_size
+        self.vocab_size: int = self.lm_head.weight.shape[0]
+        self.max_positions: int = getattr(self.config, "max_position_embeddings", 1 << 30)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        eos = self.config.eos_token_id if eos is None else eos
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        ids = {e for x in (eos, gen_eos) for e in (x if isinstance(x, list) else [x]) if e is not None}
+        self.eos_ids: tuple[int, ...] = tuple(sorted(ids))
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.config)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """LM head on (..., H) hidden states, computed on a 2-D view, returned in float32."""
+        shape = hidden.shape[:-1]
+        return self.lm_head(hidden.reshape(-1, hidden.shape[-1])).float().view(*shape, -1)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: Tensor,  # (B, T) new tokens
+        attention_mask: Tensor,  # (B, cache_len + T): 1 where a key is a real token (cache slots, then new)
+        position_ids: Tensor,  # (B, T) absolute positions of the new tokens (per row: padding is not counted)
+        cache: DynamicCache | None,
+        layer_ids: tuple[int, ...] = (),
+        logits_at: str = "all",  # "all" | "last" | "none"
+    ) -> TargetOutput:
+        out = self.backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=cache is not None,
+            output_hidden_states=bool(layer_ids),
+        )
+        hidden = out.last_hidden_state
+        feats = torch.cat([out.hidden_states[i + 1] for i in layer_ids], dim=-1) if layer_ids else None
+        if logits_at == "all":
+            logits = self.logits(hidden)
+        elif logits_at == "last":
+            logits = self.logits(hidden[:, -1:])
+        else:
+            logits = None
+        return TargetOutput(logits=logits, features=feats, hidden=hidden)
+
+    def encode_chat(self, prompt: str | list[dict[str, str]]) -> list[int]:
+        """Token ids of a user prompt (or a message list) with the chat template and generation prompt."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return list(ids)
+        return self.tokenizer(messages[-1]["content"])["input_ids"]
+
+    def check_prompt(self, ids: list[int], max_new_tokens: int, where: str = "prompt") -> None:
+        if len(ids) + max_new_tokens > self.max_positions:
+            raise DraftopdError(
+                f"{where} is {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
+                f"target's context window of {self.max_positions} tokens"
+            )
+
+
+def load_target(target: str = DEFAULT_TARGET, dtype: str = "bf16", device: str = "cpu") -> Target:
+    """Load a target by name (``default``), local folder or hub id, with a one-line error on bad input."""
+    if dtype not in DTYPES:
+        raise DraftopdError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    path = resolve_target_path(target)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DraftopdError(f"could not load target {target}: {first}") from None
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise DraftopdError(f"{target} has no LM head: not a causal LM")
+    return Target(model, tok, name=target)

@@ -1,0 +1,1 @@
+"""Speculative decoding: the accept rule (``sampling``) and the one decoding loop (``decode``)."""

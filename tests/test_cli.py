@@ -1,0 +1,95 @@
+"""The console script: every verb has help; bad input gives one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from draftopd import assets
+from draftopd.cli import main
+
+needs_target = pytest.mark.skipif(
+    not (assets.default_target_dir() / "config.json").exists(), reason="default target not set up"
+)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "draftopd.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("verb", ["setup", "generate", "bench"])
+def test_help(verb, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([verb, "--help"])
+    assert e.value.code == 0
+    assert "usage: draftopd" in capsys.readouterr().out
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, text: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_model_path(tmp_path):
+    _one_line_error(run_cli("generate", "--prompt", "hi", "--target", str(tmp_path / "nope")), "target not found")
+
+
+def test_folder_that_is_not_a_causal_lm(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
+    _one_line_error(run_cli("generate", "--prompt", "hi", "--target", str(tmp_path)), "is not a causal LM")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_line_error(run_cli("generate", "--prompt", "hi", "--target", str(empty)), "has no config.json")
+
+
+@needs_target
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    bad = tmp_path / "test_dev.jsonl"
+    bad.write_text('{"question": "What is 1+1?"}\n{"question": oops}\n')
+    proc = run_cli("bench", "--datasets", "gsm8k", "--limit", "5", "--set", f"gsm8k_path={bad}")
+    _one_line_error(proc, f"{bad}:2: invalid JSON")
+
+
+@needs_target
+def test_prompt_longer_than_context():
+    _one_line_error(run_cli("generate", "--prompt", "word " * 9000), "exceeds the target's context window")
+
+
+@needs_target
+def test_generate_json_and_show_acceptance():
+    proc = run_cli("generate", "--prompt", "Say hello twice.", "--max-new-tokens", "12", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert set(out) >= {"text", "token_ids", "tau"} and 1 <= len(out["token_ids"]) <= 12
+    proc = run_cli("generate", "--prompt", "Repeat: a b c d. a b c d.", "--max-new-tokens", "16", "--show-acceptance")
+    assert proc.returncode == 0 and "verify steps" in proc.stdout
+
+
+@needs_target
+def test_bench_small_run(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_cli(
+        "bench",
+        "--datasets",
+        "gsm8k",
+        "--limit",
+        "1",
+        "--max-new-tokens",
+        "16",
+        "--json",
+        str(out),
+        "--set",
+        "warmup=0",
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    row = result["datasets"]["gsm8k"]
+    assert row["prompts"] == 1 and row["spec"]["tau"] >= 1.0 and row["speedup"] > 0
+    assert {"hf_plain", "hf_pld", "hf_pld_speedup"} <= set(row)
+    assert result["dtype"] == "bf16" and result["threads"] >= 1 and result["commit"]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["datasets"]["gsm8k"]["prompts"] == 1

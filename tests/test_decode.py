@@ -1,0 +1,140 @@
+"""The speculative loop: greedy output equals plain decoding, batching, stops, stats, and sampling."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from conftest import make_tiny_target
+from drafters import NoisyOracleDrafter
+from draftopd.models.base import Proposal
+from draftopd.models.pld import PromptLookupDrafter, lookup
+from draftopd.spec.decode import speculative_generate
+from draftopd.spec.sampling import SamplingParams
+
+PROMPTS = [[5, 6, 7, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2], [9], [3, 3, 3, 3, 3, 3, 3]]
+
+
+def plain(target, prompt, n):
+    return speculative_generate(target, [prompt], None, n).tokens[0]
+
+
+def test_plain_loop_equals_hf_generate(tiny_target):
+    for p in PROMPTS:
+        ref = tiny_target.model.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False, pad_token_id=0)
+        assert plain(tiny_target, p, 20) == ref[0, len(p) :].tolist()
+
+
+@pytest.mark.parametrize("drafter_kind", ["pld", "oracle"])
+def test_greedy_speculative_is_lossless_batched(tiny_target, drafter_kind):
+    drafter = PromptLookupDrafter(4) if drafter_kind == "pld" else NoisyOracleDrafter(tiny_target, k=5)
+    refs = [plain(tiny_target, p, 24) for p in PROMPTS]
+    one = [speculative_generate(tiny_target, [p], drafter, 24).tokens[0] for p in PROMPTS]
+    out = speculative_generate(tiny_target, PROMPTS, drafter, 24, record=True)
+    assert one == refs
+    assert out.tokens == refs
+    hist = out.stats.histogram()
+    if drafter_kind == "oracle":  # the noisy oracle produces rejections and multi-token accepts alike
+        assert 1 in hist and max(hist) > 2
+    # stats and the per-step record agree with the tokens
+    assert out.stats.new_tokens == sum(map(len, refs))
+    assert sum(out.stats.committed) + len(PROMPTS) == out.stats.new_tokens
+    for toks, steps in zip(out.tokens, out.steps, strict=True):
+        rebuilt = toks[:1]
+        for s in steps:
+            assert s.anchor == len(rebuilt) - 1
+            rebuilt += s.draft[: s.n_accepted] + [s.token]
+        assert rebuilt == toks
+
+
+def test_eos_and_budget_stop_each_row():
+    target = make_tiny_target(eos=7)
+    refs = [plain(target, p, 30) for p in PROMPTS]
+    out = speculative_generate(target, PROMPTS, NoisyOracleDrafter(target, k=6), 30)
+    assert out.tokens == refs
+    for toks in out.tokens:
+        assert len(toks) <= 30
+        assert 7 not in toks[:-1]  # nothing after EOS
+    assert speculative_generate(target, [PROMPTS[0]], None, 1).tokens[0] == refs[0][:1]
+
+
+def test_prompt_lookup_rule():
+    assert lookup([1, 2, 3, 9, 1, 2], num_tokens=3, max_ngram=2, min_ngram=1) == [3, 9, 1]
+    assert lookup([4, 5, 6], 3, 2, 1) == []
+    assert lookup([7, 8, 7], 2, 2, 1) == [8, 7]  # falls back to a 1-gram
+
+
+def _exact_joint(target, prompt, n_tokens, params):
+    """p(t_1..t_n | prompt) for every token tuple, from full forwards of the target."""
+    vocab = target.vocab_size
+    tuples = list(itertools.product(range(vocab), repeat=n_tokens))
+    seqs = torch.tensor([prompt + list(t) for t in tuples])
+    with torch.no_grad():
+        logits = target.model(seqs).logits.float()
+    probs = torch.ones(len(tuples), dtype=torch.float64)
+    for j in range(n_tokens):
+        pj = torch.softmax(logits[:, len(prompt) - 1 + j] / params.temperature, -1).double()
+        probs *= pj.gather(1, seqs[:, len(prompt) + j : len(prompt) + j + 1]).squeeze(1)
+    return tuples, probs
+
+
+def test_sampling_end_to_end_matches_target_joint_distribution():
+    """Speculative sampling of 4 tokens (prefill token + blocks of 2 drafts) follows the target's joint law."""
+    target = make_tiny_target(vocab=6, std=0.6, seed=1)
+    params = SamplingParams(temperature=0.8)
+    prompt, n = [1, 4, 2], 40_000
+    drafter = _BatchedMixtureDrafter(target, k=2, noise=0.5)
+    out = speculative_generate(
+        target, [prompt] * n, drafter, 4, params, torch.Generator().manual_seed(0), stop_on_eos=False
+    )
+    tuples, probs = _exact_joint(target, prompt, 4, params)
+    index = {t: i for i, t in enumerate(tuples)}
+    counts = torch.zeros(len(tuples), dtype=torch.float64)
+    for toks in out.tokens:
+        counts[index[tuple(toks)]] += 1
+    expected = probs / probs.sum() * n
+    big = expected >= 5  # pool the rare cells so the chi-square approximation holds
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    assert chisquare(obs.numpy(), exp.numpy()).pvalue > 1e-3
+    assert 1.0 < out.stats.tau < 3.0  # some drafts accepted, some rejected
+
+
+class _BatchedMixtureDrafter:
+    """Like NoisyOracleDrafter in sampling mode, but batched (one forward per draft position)."""
+
+    layer_ids: tuple[int, ...] = ()
+
+    def __init__(self, target, k, noise):
+        self.target, self.k, self.noise = target, k, noise
+        g = torch.Generator().manual_seed(5)
+        self.r = torch.softmax(torch.randn(target.vocab_size, generator=g) * 2, -1)
+        self.g = torch.Generator().manual_seed(6)
+
+    def start(self, state, features):
+        pass
+
+    def update(self, state, n_accepted, features):
+        pass
+
+    def select(self, rows):
+        pass
+
+    @torch.no_grad()
+    def propose(self, state, params):
+        bsz, vocab = len(state.history), self.target.vocab_size
+        tokens, probs = torch.zeros(bsz, self.k, dtype=torch.long), torch.zeros(bsz, self.k, vocab)
+        lengths = torch.tensor([len(h) for h in state.history])
+        for length in lengths.unique().tolist():  # rows of equal length go through the target together
+            rows = (lengths == length).nonzero().squeeze(1)
+            seqs = torch.tensor([state.history[r] for r in rows.tolist()])
+            for j in range(self.k):
+                p = torch.softmax(self.target.model(seqs).logits[:, -1].float() / params.temperature, -1)
+                q = (1 - self.noise) * p + self.noise * self.r
+                t = torch.multinomial(q, 1, generator=self.g)
+                tokens[rows, j], probs[rows, j] = t.squeeze(1), q
+                seqs = torch.cat([seqs, t], 1)
+        return Proposal(tokens, torch.full((bsz,), self.k), probs)
