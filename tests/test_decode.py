@@ -8,12 +8,13 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from conftest import make_tiny_target
-from drafters import NoisyOracleDrafter
 from draftopd.models.base import Proposal
 from draftopd.models.pld import PromptLookupDrafter, lookup
 from draftopd.spec.decode import speculative_generate
 from draftopd.spec.sampling import SamplingParams
+
+from conftest import make_tiny_target
+from drafters import NoisyOracleDrafter
 
 PROMPTS = [[5, 6, 7, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2], [9], [3, 3, 3, 3, 3, 3, 3]]
 

@@ -136,6 +136,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from draftopd.config import DataConfig, load
+    from draftopd.data.trajectories import generate_trajectories
+
+    o = _overrides(args) + ([f"out={args.out}"] if args.out else [])
+    print(generate_trajectories(load(DataConfig, args.config, o)))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from draftopd.config import SFTConfig, load
+
+    if args.algo == "sft":
+        from draftopd.train.sft import train_sft
+
+        print(train_sft(load(SFTConfig, args.config, _overrides(args))))
+        return 0
+    raise DraftopdError(f"train {args.algo}: not implemented yet")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="draftopd", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"draftopd {__version__}")
@@ -161,6 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(p)
     _common(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("data", help="generate target trajectories (resumable shards) for drafter training")
+    p.add_argument("--out", help="output folder (data.out)")
+    p.add_argument("--target")
+    p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"])
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--threads", type=int)
+    _common(p)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("train", help="train a drafter: `train sft` or `train opd`")
+    p.add_argument("algo", choices=["sft", "opd"])
+    p.add_argument("--target")
+    p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"])
+    p.add_argument("--threads", type=int)
+    _common(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="the main job on the embedded default target")
     _common(p)

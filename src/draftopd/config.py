@@ -156,3 +156,69 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tu
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``draftopd data``: target trajectories for drafter training."""
+
+    target: TargetConfig = field(default_factory=TargetConfig)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=256))
+    sources: tuple[str, ...] = ("gsm8k", "sharegpt")  # gsm8k (train split), sharegpt, or jsonl paths
+    limit_per_source: int = 1000
+    max_prompt_tokens: int = 256  # longer prompts are skipped
+    batch_size: int = 32  # rows generated together
+    chunk_size: int = 64  # prompts per shard (the unit of resumption)
+    out: str = "runs/data/trajectories"
+    gsm8k_path: str = ""
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """A learned drafter's shape; everything else is derived from the target's config."""
+
+    kind: str = "dflash"  # dflash | eagle3
+    num_layers: int = 2
+    block_size: int = 16  # dflash: anchor + block_size - 1 drafted tokens
+    target_layer_ids: tuple[int, ...] = ()  # () = the architecture's rule for the target's depth
+    mask_token_id: int = -1  # dflash: -1 = a special token of the target's tokenizer (not bos/eos/pad)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """tau measured with the real engine on held-out prompts during training."""
+
+    dataset: str = "gsm8k"
+    limit: int = 8
+    max_new_tokens: int = 96
+    gsm8k_path: str = ""
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """``draftopd train sft``: a drafter trained on target trajectories."""
+
+    target: TargetConfig = field(default_factory=TargetConfig)
+    drafter: ArchConfig = field(default_factory=ArchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    data: str = "runs/data/trajectories"  # folder of shards from `draftopd data`
+    out: str = "runs/sft-dflash"
+    init_from: str = ""  # start from this drafter folder (e.g. to continue SFT) instead of random weights
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 8  # sequences per step
+    blocks_per_seq: int = 16  # anchors sampled per sequence
+    max_len: int = 640  # tokens per sequence (prompt + response), longer ones are cut
+    lr: float = 6e-4
+    warmup_ratio: float = 0.04
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    loss_decay: float = 7.0  # DFlash slot weight exp(-(k-1)/decay); 0 = uniform
+    bf16_autocast: bool = True
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    save_every: int = 100
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.blocks_per_seq < 1 or self.lr <= 0:
+            raise DraftopdError("train: need steps, batch_size, blocks_per_seq >= 1 and lr > 0")

@@ -96,7 +96,7 @@ class Target:
         shape = hidden.shape[:-1]
         return self.lm_head(hidden.reshape(-1, hidden.shape[-1])).float().view(*shape, -1)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: trainers feed these features into autograd graphs
     def forward(
         self,
         input_ids: Tensor,  # (B, T) new tokens

@@ -1,0 +1,1 @@
+"""Training: pure losses (``losses``), small shared helpers (``common``), and the plain loops (``sft``)."""

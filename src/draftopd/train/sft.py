@@ -1,0 +1,190 @@
+"""``draftopd train sft``: a DFlash drafter trained on the target's own trajectories. Read top to bottom.
+
+Each step: take ``batch_size`` trajectories (prompt + target response); run the frozen target once over
+them (no grad) for the features of ``target_layer_ids``; sample ``blocks_per_seq`` anchors in each
+response; one drafter forward over all blocks with the inference-time mask (``dflash.block_hidden``);
+cross-entropy of slot k against the token k places after the anchor, weighted exp(-(k-1)/decay) as in
+DFlash, LM head applied only at supervised slots, in chunks. AdamW, linear warm-up then cosine.
+
+Deterministic by construction: the data order of epoch e is a permutation seeded by (seed, e) and the
+anchors of step s come from a generator seeded by (seed, s), so a resumed run replays exactly what an
+uninterrupted run would have done. Rank-aware: rank r of W takes sequences r, r+W, ... of each global
+batch; only rank 0 writes checkpoints and logs. ``accelerate launch`` sets RANK/WORLD_SIZE.
+
+Usage: draftopd train sft --config configs/sft-dflash.yaml --set steps=2000
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from draftopd import DraftopdError
+from draftopd.bench.datasets import load_prompts
+from draftopd.config import SFTConfig, to_dict
+from draftopd.data.trajectories import load_shards
+from draftopd.models.dflash import DFlashConfig, DFlashDrafter, DFlashModel, block_hidden, check_compatible
+from draftopd.models.target import Target, load_target
+from draftopd.spec.decode import speculative_generate
+from draftopd.train.common import (
+    Metrics,
+    is_writer,
+    latest_checkpoint,
+    load_training_state,
+    make_optimizer,
+    plot_tau,
+    save_checkpoint,
+)
+from draftopd.train.losses import position_weights, token_logprobs, weighted_nll
+
+log = logging.getLogger(__name__)
+
+
+def default_mask_token(target: Target) -> int:
+    """A special token that never appears inside chat text: not bos/eos/pad (SmolLM2: <|endoftext|> = 0)."""
+    tok = target.tokenizer
+    busy = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id} if tok is not None else set()
+    special = [i for i in (tok.all_special_ids if tok is not None else []) if i not in busy]
+    return min(special) if special else 0
+
+
+def build_model(cfg: SFTConfig, target: Target) -> DFlashModel:
+    if cfg.drafter.kind != "dflash":
+        raise DraftopdError(f"train sft: drafter.kind {cfg.drafter.kind!r} is not implemented yet (dflash is)")
+    if cfg.init_from:
+        model = DFlashModel.load(cfg.init_from)
+        check_compatible(model.config, target)
+        return model
+    mask = cfg.drafter.mask_token_id if cfg.drafter.mask_token_id >= 0 else default_mask_token(target)
+    dc = DFlashConfig.from_target(
+        target.config, cfg.drafter.num_layers, cfg.drafter.block_size, mask, cfg.drafter.target_layer_ids
+    )
+    return DFlashModel(dc)
+
+
+def sample_anchors(lengths: list[tuple[int, int]], n: int, gen: torch.Generator) -> torch.Tensor:
+    """Up to n distinct anchors per sequence, in [prompt_len - 1, total_len - 2] (a block must have a label)."""
+    rows = []
+    for p, total in lengths:
+        lo, hi = p - 1, total - 1  # anchors lo..hi-1: the first label (anchor + 1) is a response token
+        span = max(0, hi - lo)
+        pick = (
+            (torch.randperm(span, generator=gen)[:n] + lo).sort().values if span else torch.zeros(0, dtype=torch.long)
+        )
+        rows.append(torch.cat([pick, torch.full((n - len(pick),), -1, dtype=torch.long)]))
+    return torch.stack(rows)
+
+
+def make_batch(seqs: list[tuple[list[int], int]], n_blocks: int, block_size: int, gen: torch.Generator):
+    """Right-padded ids (B, S), valid mask, anchors (B, Nb), labels (B, Nb, Bs-1) with -1 = unsupervised."""
+    width = max(len(s) for s, _ in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    valid = torch.zeros(len(seqs), width, dtype=torch.long)
+    for b, (s, _) in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s)
+        valid[b, : len(s)] = 1
+    anchors = sample_anchors([(p, len(s)) for s, p in seqs], n_blocks, gen)
+    lab_pos = anchors[..., None] + torch.arange(1, block_size)  # (B, Nb, Bs-1): position of each slot's label
+    ok = (anchors[..., None] >= 0) & (lab_pos < valid.sum(1)[:, None, None])
+    labels = torch.where(ok, ids.gather(1, lab_pos.clamp(0, width - 1).view(len(seqs), -1)).view(lab_pos.shape), -1)
+    return ids, valid, anchors, labels
+
+
+@torch.no_grad()
+def measure_tau(model: DFlashModel, target: Target, prompts: list[list[int]], max_new: int) -> float:
+    """tau of the current weights with the real engine (greedy, batched: tau does not depend on batching)."""
+    drafter = DFlashDrafter(copy.deepcopy(model), target)
+    return speculative_generate(target, prompts, drafter, max_new).stats.tau
+
+
+def train_sft(cfg: SFTConfig) -> Path:
+    out = Path(cfg.out)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.target.threads:
+        torch.set_num_threads(cfg.target.threads)
+    torch.manual_seed(cfg.seed)
+    # 1) Build: frozen target, drafter (fresh, from init_from, or resumed), data, optimizer.
+    target = load_target(cfg.target.path, cfg.target.dtype, cfg.target.device)
+    model = build_model(cfg, target)
+    seqs = [((r["prompt"] + r["response"])[: cfg.max_len], len(r["prompt"])) for r in load_shards(cfg.data)]
+    seqs = [x for x in seqs if len(x[0]) > x[1] + 1]  # at least one response token after the first anchor
+    eval_prompts = [target.encode_chat(p) for p in load_prompts(cfg.eval.dataset, cfg.eval.limit, cfg.eval.gsm8k_path)]
+    opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.steps, cfg.warmup_ratio)
+    start, ckpt = 0, latest_checkpoint(out)
+    if ckpt is not None:
+        saved = json.loads((ckpt / "run_config.json").read_text())
+        if saved != json.loads(json.dumps(to_dict(cfg))):
+            raise DraftopdError(f"{out} holds a run with another config: resume with the same config or another out")
+        model = DFlashModel.load(ckpt)
+        opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.steps, cfg.warmup_ratio)
+        start = load_training_state(ckpt, opt, sched)["step"]
+        log.info("resumed from %s (step %d)", ckpt, start)
+    elif is_writer():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    metrics = Metrics(out) if is_writer() else None
+    if metrics and start:
+        metrics.truncate(start)
+    model.train()
+    n, bs_global = len(seqs), cfg.batch_size * world
+
+    def sequence(i: int) -> tuple[list[int], int]:  # global sample index -> trajectory (epoch-wise permutation)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + i // n))
+        return seqs[perm[i % n]]
+
+    # 2) The loop.
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="sft", disable=not is_writer())
+    t_last, tok_count = time.perf_counter(), 0
+    for step in bar:
+        batch = [sequence(step * bs_global + rank + world * j) for j in range(cfg.batch_size)]
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        ids, valid, anchors, labels = make_batch(batch, cfg.blocks_per_seq, model.config.block_size, gen)
+        pos = torch.arange(ids.shape[1]).expand_as(ids)
+        feats = target.forward(ids, valid, pos, None, tuple(model.config.target_layer_ids), "none").features
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+            h = block_hidden(model, target.embed, feats, ids, anchors)[:, :, 1:]  # slots 1..Bs-1
+            sel = labels >= 0
+            offsets = torch.arange(1, model.config.block_size).expand_as(labels)[sel]
+            logp = token_logprobs(h[sel], labels[sel], target.logits)
+        loss = weighted_nll(logp, position_weights(offsets, cfg.loss_decay))
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        tok_count += int(valid.sum())
+        done = step + 1
+
+        # 3) Log, evaluate tau with the real engine, checkpoint.
+        if metrics and (done % cfg.log_every == 0 or done == cfg.steps):
+            dt = time.perf_counter() - t_last
+            acc = (logp.exp() > 0.5).float().mean().item()
+            metrics.log(
+                done,
+                loss=loss.item(),
+                lr=sched.get_last_lr()[0],
+                grad_norm=float(grad_norm),
+                slot_acc=acc,
+                tokens_per_s=tok_count / dt,
+                slots=int(sel.sum()),
+            )
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tok_count / dt:.0f}")
+            t_last, tok_count = time.perf_counter(), 0
+        if metrics and (done % cfg.eval_every == 0 or done == cfg.steps):
+            tau = measure_tau(model, target, eval_prompts, cfg.eval.max_new_tokens)
+            metrics.log(done, tau=tau)
+            bar.write(f"step {done}: tau {tau:.3f} on {len(eval_prompts)} {cfg.eval.dataset} prompts")
+            plot_tau(metrics.read(), out / "tau_vs_step.png", f"SFT {out.name}: tau on held-out {cfg.eval.dataset}")
+            t_last = time.perf_counter()
+        if is_writer() and (done % cfg.save_every == 0 or done == cfg.steps):
+            save_checkpoint(out, done, model, opt, sched, {"data_position": done * bs_global}, to_dict(cfg))
+    if is_writer():
+        model.save(out / "final")
+    return out / "final"

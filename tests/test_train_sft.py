@@ -1,0 +1,167 @@
+"""SFT end to end on a tiny target with the real tokenizer: data shards, training, SIGKILL + resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from draftopd import assets
+
+pytestmark = pytest.mark.skipif(
+    not (assets.default_target_dir() / "config.json").exists(), reason="default target (its tokenizer) not set up"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """A random 2-layer Llama with SmolLM2's tokenizer and vocabulary, saved as a normal HF folder."""
+    folder = tmp_path_factory.mktemp("tiny-target")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(assets.default_target_dir()).save_pretrained(folder)
+    return folder
+
+
+def cli(*args: str, wait: bool = True):
+    cmd = [sys.executable, "-m", "draftopd.cli", *args]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "traj"
+    prompts = tmp_path_factory.mktemp("prompts") / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"Question {i}: what is {i} + {i}?"}) for i in range(12)))
+    common = [
+        "--target",
+        str(tiny_folder),
+        "--dtype",
+        "fp32",
+        "--max-new-tokens",
+        "24",
+        "--out",
+        str(out),
+        "--set",
+        f"sources=[{prompts}]",
+        "--set",
+        "chunk_size=5",
+        "--set",
+        "batch_size=4",
+    ]
+    cli("data", *common)
+    assert len(list(out.glob("shard_*.pt"))) == 3  # 12 prompts in chunks of 5
+    first = sorted(out.glob("shard_*.pt"))[0].stat().st_mtime_ns
+    cli("data", *common)  # a rerun skips finished shards
+    assert sorted(out.glob("shard_*.pt"))[0].stat().st_mtime_ns == first
+    return out
+
+
+def sft_args(tiny_folder, shards, out, steps=40):
+    return [
+        "train",
+        "sft",
+        "--target",
+        str(tiny_folder),
+        "--dtype",
+        "fp32",
+        "--set",
+        f"data={shards}",
+        "--set",
+        f"out={out}",
+        "--set",
+        f"steps={steps}",
+        "--set",
+        "batch_size=2",
+        "--set",
+        "blocks_per_seq=3",
+        "--set",
+        "save_every=5",
+        "--set",
+        "eval_every=1000",
+        "--set",
+        "eval.limit=2",
+        "--set",
+        "eval.max_new_tokens=8",
+        "--set",
+        "drafter.block_size=4",
+        "--set",
+        "bf16_autocast=false",
+        "--set",
+        "log_every=5",
+    ]
+
+
+def test_sft_runs_and_writes_everything(tiny_folder, shards, tmp_path):
+    out = tmp_path / "run"
+    cli(*sft_args(tiny_folder, shards, out, steps=10))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    assert any("tau" in r and r["tau"] >= 1.0 for r in rows)
+    assert (out / "tau_vs_step.png").exists() and (out / "final" / "model.safetensors").exists()
+    ck = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    assert {p.name for p in ck.iterdir()} >= {
+        "model.safetensors",
+        "config.json",
+        "training_state.pt",
+        "run_config.json",
+    }
+
+
+def test_sigkill_then_resume_ends_like_uninterrupted(tiny_folder, shards, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    cli(*sft_args(tiny_folder, shards, straight))
+    proc = cli(*sft_args(tiny_folder, shards, killed), wait=False)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step_000010").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    latest = (killed / "checkpoints" / "latest").read_text().strip()
+    assert latest < "step_000040"  # killed mid-way
+    cli(*sft_args(tiny_folder, shards, killed))  # resumes from the last checkpoint
+    a = load_file(str(straight / "checkpoints" / "step_000040" / "model.safetensors"))
+    b = load_file(str(killed / "checkpoints" / "step_000040" / "model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    steps = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 40
+
+
+def test_resume_refuses_another_config(tiny_folder, shards, tmp_path):
+    out = tmp_path / "run"
+    cli(*sft_args(tiny_folder, shards, out, steps=5))
+    proc = subprocess.run(
+        [sys.executable, "-m", "draftopd.cli", *sft_args(tiny_folder, shards, out, steps=5), "--set", "lr=0.1"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "another config" in proc.stderr
