@@ -91,5 +91,5 @@ def test_bench_small_run(tmp_path):
     row = result["datasets"]["gsm8k"]
     assert row["prompts"] == 1 and row["spec"]["tau"] >= 1.0 and row["speedup"] > 0
     assert {"hf_plain", "hf_pld", "hf_pld_speedup"} <= set(row)
-    assert result["dtype"] == "bf16" and result["threads"] >= 1 and result["commit"]
+    assert result["dtype"] in ("bfloat16", "float32") and result["threads"] >= 1 and result["commit"]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["datasets"]["gsm8k"]["prompts"] == 1

@@ -35,8 +35,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="'default', a local HF model folder, or a hub id")
-    p.add_argument("--drafter", help="'pld' (prompt lookup), 'none' (plain decoding)")
-    p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"])
+    p.add_argument("--drafter", help="'pld' (prompt lookup), 'none' (plain decoding), or a drafter folder")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"])
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
     p.add_argument("--max-new-tokens", type=int)
@@ -59,8 +59,12 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     for flag, key in pairs.items():
         if getattr(args, flag, None) is not None:
             o.append(f"{key}={getattr(args, flag)}")
-    if getattr(args, "drafter", None) is not None:
-        o.append(f"drafter.kind={args.drafter}")
+    if getattr(args, "drafter", None) is not None:  # a name, or a drafter folder
+        o += (
+            [f"drafter.kind={args.drafter}"]
+            if args.drafter in ("pld", "none")
+            else ["drafter.kind=path", f"drafter.path={args.drafter}"]
+        )
     return o
 
 
@@ -108,7 +112,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     s = out.stats
     print(
         f"\n[tau {s.tau:.2f} | {s.new_tokens} tokens in {s.seconds:.2f} s = {s.tokens_per_s:.1f} tok/s | "
-        f"ttft {1000 * s.prefill_s:.0f} ms | tpot {1000 * s.tpot_s:.1f} ms | {cfg.target.dtype}]",
+        f"ttft {1000 * s.prefill_s:.0f} ms | tpot {1000 * s.tpot_s:.1f} ms | {target.dtype}]",
         file=sys.stderr,
     )
     return 0
@@ -185,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="generate target trajectories (resumable shards) for drafter training")
     p.add_argument("--out", help="output folder (data.out)")
     p.add_argument("--target")
-    p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"])
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"])
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--threads", type=int)
     _common(p)
@@ -194,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a drafter: `train sft` or `train opd`")
     p.add_argument("algo", choices=["sft", "opd"])
     p.add_argument("--target")
-    p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"])
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"])
     p.add_argument("--threads", type=int)
     _common(p)
     p.set_defaults(func=cmd_train)

@@ -26,19 +26,20 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class TargetConfig:
     path: str = "default"  # 'default' (embedded SmolLM2-135M-Instruct), a local HF folder, or a hub id
-    dtype: str = "bf16"  # bf16 for speed (AMX on CPU); fp32 for bit-exact checks
+    dtype: str = "auto"  # auto = bf16 where the hardware has it (CUDA, AMX/AVX512-BF16 CPUs), else fp32
     device: str = "cpu"
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("bf16", "fp32", "fp16"):
-            raise DraftopdError(f"target.dtype must be bf16, fp32 or fp16, not {self.dtype!r}")
+        if self.dtype not in ("auto", "bf16", "fp32", "fp16"):
+            raise DraftopdError(f"target.dtype must be auto, bf16, fp32 or fp16, not {self.dtype!r}")
 
 
 @dataclass(frozen=True)
 class DrafterConfig:
-    kind: str = "pld"  # 'pld' (prompt lookup) or 'none' (plain decoding); learned drafters load from `path`
-    path: str | None = None  # drafter checkpoint folder (learned drafters)
+    kind: str = "pld"  # 'pld' (prompt lookup), 'none' (plain decoding), or 'path' (a drafter folder)
+    path: str | None = None  # drafter folder (DFlash or EAGLE-3 serving layout), used when kind='path'
+    steps: int = 6  # eagle3: chain length drafted per verify step
     num_tokens: int = 10  # pld: proposals per step
     max_ngram: int = 2  # pld: longest n-gram matched
     min_ngram: int = 1  # pld: shortest n-gram matched
@@ -182,6 +183,9 @@ class ArchConfig:
     block_size: int = 16  # dflash: anchor + block_size - 1 drafted tokens
     target_layer_ids: tuple[int, ...] = ()  # () = the architecture's rule for the target's depth
     mask_token_id: int = -1  # dflash: -1 = a special token of the target's tokenizer (not bos/eos/pad)
+    draft_vocab_size: int = 32000  # eagle3: most frequent training tokens kept in the draft LM head
+    ttt_steps: int = 6  # eagle3: training-time-test unroll, and the chain length drafted at inference
+    ttt_decay: float = 0.8  # eagle3: weight of TTT step k is ttt_decay ** k
 
 
 @dataclass(frozen=True)
@@ -213,7 +217,7 @@ class SFTConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     loss_decay: float = 7.0  # DFlash slot weight exp(-(k-1)/decay); 0 = uniform
-    bf16_autocast: bool = True
+    bf16_autocast: bool = False  # autocast the drafter to bf16 (fast only with AMX / CUDA)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100

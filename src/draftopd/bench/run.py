@@ -94,7 +94,7 @@ def run_bench(cfg: BenchConfig, target: Target | None = None, progress: bool = T
     max_new = cfg.sampling.max_new_tokens
     result: dict = {
         "config": to_dict(cfg),
-        "dtype": cfg.target.dtype,
+        "dtype": str(target.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "commit": git_commit(),
         "torch": torch.__version__,

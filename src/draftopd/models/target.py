@@ -27,6 +27,22 @@ log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
+def resolve_dtype(dtype: str, device: str = "cpu") -> str:
+    """``auto`` -> bf16 where it is fast (CUDA, or a CPU with AMX / AVX512-BF16), else fp32.
+
+    On a CPU without bf16 instructions (AVX2 only) bf16 matmuls are emulated and 3-8x slower than fp32.
+    """
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return "bf16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        flags = []
+    return "bf16" if {"amx_bf16", "avx512_bf16"} & set(flags) else "fp32"
+
+
 @dataclass
 class TargetOutput:
     logits: Tensor | None  # (B, T, V) float32, or None when no logits were asked for
@@ -142,8 +158,9 @@ class Target:
             )
 
 
-def load_target(target: str = DEFAULT_TARGET, dtype: str = "bf16", device: str = "cpu") -> Target:
+def load_target(target: str = DEFAULT_TARGET, dtype: str = "auto", device: str = "cpu") -> Target:
     """Load a target by name (``default``), local folder or hub id, with a one-line error on bad input."""
+    dtype = resolve_dtype(dtype, device)
     if dtype not in DTYPES:
         raise DraftopdError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     path = resolve_target_path(target)

@@ -1,10 +1,14 @@
-"""``draftopd train sft``: a DFlash drafter trained on the target's own trajectories. Read top to bottom.
+"""``draftopd train sft``: a DFlash or EAGLE-3 drafter trained on the target's own trajectories.
 
 Each step: take ``batch_size`` trajectories (prompt + target response); run the frozen target once over
-them (no grad) for the features of ``target_layer_ids``; sample ``blocks_per_seq`` anchors in each
-response; one drafter forward over all blocks with the inference-time mask (``dflash.block_hidden``);
-cross-entropy of slot k against the token k places after the anchor, weighted exp(-(k-1)/decay) as in
-DFlash, LM head applied only at supervised slots, in chunks. AdamW, linear warm-up then cosine.
+them (no grad) for the features of the drafter's ``target_layer_ids``; then
+* DFlash: sample ``blocks_per_seq`` anchors in each response; one drafter forward over all blocks with the
+  inference-time mask (``dflash.block_hidden``); cross-entropy of slot k against the token k places after
+  the anchor, weighted exp(-(k-1)/decay) as in DFlash;
+* EAGLE-3: the training-time-test unroll (``eagle3.ttt_forward``) over the whole sequence; step k predicts
+  the token k + 2 places ahead, cross-entropy on response tokens inside the draft vocabulary, step weight
+  ``ttt_decay ** k``.
+The LM head is applied only at supervised rows, in chunks. AdamW, linear warm-up then cosine.
 
 Deterministic by construction: the data order of epoch e is a permutation seeded by (seed, e) and the
 anchors of step s come from a generator seeded by (seed, s), so a resumed run replays exactly what an
@@ -30,7 +34,9 @@ from draftopd import DraftopdError
 from draftopd.bench.datasets import load_prompts
 from draftopd.config import SFTConfig, to_dict
 from draftopd.data.trajectories import load_shards
-from draftopd.models.dflash import DFlashConfig, DFlashDrafter, DFlashModel, block_hidden, check_compatible
+from draftopd.models import load_drafter
+from draftopd.models.dflash import DFlashConfig, DFlashModel, block_hidden
+from draftopd.models.eagle3 import Eagle3Config, Eagle3Model, draft_vocab_map, ttt_forward
 from draftopd.models.target import Target, load_target
 from draftopd.spec.decode import speculative_generate
 from draftopd.train.common import (
@@ -55,12 +61,23 @@ def default_mask_token(target: Target) -> int:
     return min(special) if special else 0
 
 
-def build_model(cfg: SFTConfig, target: Target) -> DFlashModel:
-    if cfg.drafter.kind != "dflash":
-        raise DraftopdError(f"train sft: drafter.kind {cfg.drafter.kind!r} is not implemented yet (dflash is)")
+MODELS = {"dflash": DFlashModel, "eagle3": Eagle3Model}
+
+
+def build_model(cfg: SFTConfig, target: Target, seqs: list[tuple[list[int], int]]) -> torch.nn.Module:
+    """A fresh drafter shaped from the target's config, or the one in ``init_from``."""
+    if cfg.drafter.kind not in MODELS:
+        raise DraftopdError(f"drafter.kind must be one of {', '.join(MODELS)}, not {cfg.drafter.kind!r}")
     if cfg.init_from:
-        model = DFlashModel.load(cfg.init_from)
-        check_compatible(model.config, target)
+        load_drafter(cfg.init_from, target)  # checks that the drafter fits this target
+        return MODELS[cfg.drafter.kind].load(cfg.init_from)
+    if cfg.drafter.kind == "eagle3":
+        ec = Eagle3Config.from_target(target.config, cfg.drafter.draft_vocab_size, cfg.drafter.target_layer_ids)
+        model = Eagle3Model(ec)
+        counts = torch.zeros(target.vocab_size)
+        for s, p in seqs:  # draft vocabulary: the most frequent response tokens
+            counts += torch.bincount(torch.tensor(s[p:]), minlength=target.vocab_size).float()
+        model.set_vocab(*draft_vocab_map(counts, ec.draft_vocab_size), target.lm_head.weight)
         return model
     mask = cfg.drafter.mask_token_id if cfg.drafter.mask_token_id >= 0 else default_mask_token(target)
     dc = DFlashConfig.from_target(
@@ -97,11 +114,60 @@ def make_batch(seqs: list[tuple[list[int], int]], n_blocks: int, block_size: int
     return ids, valid, anchors, labels
 
 
+def dflash_loss(model: DFlashModel, target: Target, batch, cfg: SFTConfig, gen: torch.Generator):
+    ids, valid, anchors, labels = make_batch(batch, cfg.blocks_per_seq, model.config.block_size, gen)
+    pos = torch.arange(ids.shape[1]).expand_as(ids)
+    feats = target.forward(ids, valid, pos, None, tuple(model.config.target_layer_ids), "none").features
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+        h = block_hidden(model, target.embed, feats, ids, anchors)[:, :, 1:]  # slots 1..Bs-1
+        sel = labels >= 0
+        offsets = torch.arange(1, model.config.block_size).expand_as(labels)[sel]
+        logp = token_logprobs(h[sel], labels[sel], target.logits)
+    return weighted_nll(logp, position_weights(offsets, cfg.loss_decay)), logp, int(valid.sum())
+
+
+def eagle3_loss(model: Eagle3Model, target: Target, batch, cfg: SFTConfig, gen: torch.Generator):
+    width = max(len(s) for s, _ in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    valid = torch.zeros_like(ids)
+    for b, (s, _) in enumerate(batch):
+        ids[b, : len(s)], valid[b, : len(s)] = torch.tensor(s), 1
+    prompt_len = torch.tensor([p for _, p in batch])[:, None]
+    feats = target.forward(
+        ids, valid, torch.arange(width).expand_as(ids), None, tuple(model.config.target_layer_ids), "none"
+    ).features
+    total, weight, logps = 0.0, 0.0, []
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+        outs = ttt_forward(model, target.embed, feats, ids, cfg.drafter.ttt_steps)
+        for k, h in enumerate(outs):
+            lab_pos = torch.arange(width)[None] + k + 2  # step k at position p predicts token p + k + 2
+            lab = model.to_draft_ids(ids.gather(1, lab_pos.clamp(max=width - 1)).expand_as(ids))
+            ok = (lab_pos < valid.sum(1, keepdim=True)) & (lab_pos >= prompt_len) & (lab >= 0)
+            logp = token_logprobs(h[ok], lab[ok], model.logits)
+            w = cfg.drafter.ttt_decay**k
+            if logp.numel():
+                total = total + w * -logp.mean()
+            weight += w
+            logps.append(logp)
+    return total / weight, torch.cat(logps), int(valid.sum())
+
+
+LOSSES = {"dflash": dflash_loss, "eagle3": eagle3_loss}
+
+
 @torch.no_grad()
-def measure_tau(model: DFlashModel, target: Target, prompts: list[list[int]], max_new: int) -> float:
+def measure_tau(model: torch.nn.Module, target: Target, prompts: list[list[int]], max_new: int, steps: int) -> float:
     """tau of the current weights with the real engine (greedy, batched: tau does not depend on batching)."""
-    drafter = DFlashDrafter(copy.deepcopy(model), target)
-    return speculative_generate(target, prompts, drafter, max_new).stats.tau
+    return speculative_generate(target, prompts, engine_drafter(model, target, steps), max_new).stats.tau
+
+
+def engine_drafter(model: torch.nn.Module, target: Target, steps: int):
+    """The engine-side drafter for a copy of the current training weights."""
+    from draftopd.models.dflash import DFlashDrafter
+    from draftopd.models.eagle3 import Eagle3Drafter
+
+    frozen = copy.deepcopy(model)
+    return DFlashDrafter(frozen, target) if isinstance(model, DFlashModel) else Eagle3Drafter(frozen, target, steps)
 
 
 def train_sft(cfg: SFTConfig) -> Path:
@@ -112,9 +178,9 @@ def train_sft(cfg: SFTConfig) -> Path:
     torch.manual_seed(cfg.seed)
     # 1) Build: frozen target, drafter (fresh, from init_from, or resumed), data, optimizer.
     target = load_target(cfg.target.path, cfg.target.dtype, cfg.target.device)
-    model = build_model(cfg, target)
     seqs = [((r["prompt"] + r["response"])[: cfg.max_len], len(r["prompt"])) for r in load_shards(cfg.data)]
     seqs = [x for x in seqs if len(x[0]) > x[1] + 1]  # at least one response token after the first anchor
+    model = build_model(cfg, target, seqs)
     eval_prompts = [target.encode_chat(p) for p in load_prompts(cfg.eval.dataset, cfg.eval.limit, cfg.eval.gsm8k_path)]
     opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.steps, cfg.warmup_ratio)
     start, ckpt = 0, latest_checkpoint(out)
@@ -122,7 +188,7 @@ def train_sft(cfg: SFTConfig) -> Path:
         saved = json.loads((ckpt / "run_config.json").read_text())
         if saved != json.loads(json.dumps(to_dict(cfg))):
             raise DraftopdError(f"{out} holds a run with another config: resume with the same config or another out")
-        model = DFlashModel.load(ckpt)
+        model = MODELS[cfg.drafter.kind].load(ckpt)
         opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.steps, cfg.warmup_ratio)
         start = load_training_state(ckpt, opt, sched)["step"]
         log.info("resumed from %s (step %d)", ckpt, start)
@@ -145,21 +211,13 @@ def train_sft(cfg: SFTConfig) -> Path:
     for step in bar:
         batch = [sequence(step * bs_global + rank + world * j) for j in range(cfg.batch_size)]
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        ids, valid, anchors, labels = make_batch(batch, cfg.blocks_per_seq, model.config.block_size, gen)
-        pos = torch.arange(ids.shape[1]).expand_as(ids)
-        feats = target.forward(ids, valid, pos, None, tuple(model.config.target_layer_ids), "none").features
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
-            h = block_hidden(model, target.embed, feats, ids, anchors)[:, :, 1:]  # slots 1..Bs-1
-            sel = labels >= 0
-            offsets = torch.arange(1, model.config.block_size).expand_as(labels)[sel]
-            logp = token_logprobs(h[sel], labels[sel], target.logits)
-        loss = weighted_nll(logp, position_weights(offsets, cfg.loss_decay))
+        loss, logp, n_tokens = LOSSES[cfg.drafter.kind](model, target, batch, cfg, gen)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        tok_count += int(valid.sum())
+        tok_count += n_tokens
         done = step + 1
 
         # 3) Log, evaluate tau with the real engine, checkpoint.
@@ -173,12 +231,12 @@ def train_sft(cfg: SFTConfig) -> Path:
                 grad_norm=float(grad_norm),
                 slot_acc=acc,
                 tokens_per_s=tok_count / dt,
-                slots=int(sel.sum()),
+                slots=logp.numel(),
             )
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tok_count / dt:.0f}")
             t_last, tok_count = time.perf_counter(), 0
         if metrics and (done % cfg.eval_every == 0 or done == cfg.steps):
-            tau = measure_tau(model, target, eval_prompts, cfg.eval.max_new_tokens)
+            tau = measure_tau(model, target, eval_prompts, cfg.eval.max_new_tokens, cfg.drafter.ttt_steps)
             metrics.log(done, tau=tau)
             bar.write(f"step {done}: tau {tau:.3f} on {len(eval_prompts)} {cfg.eval.dataset} prompts")
             plot_tau(metrics.read(), out / "tau_vs_step.png", f"SFT {out.name}: tau on held-out {cfg.eval.dataset}")

@@ -1,0 +1,89 @@
+"""EAGLE-3: serving layout, vocabulary maps, train/inference consistency, losslessness in the engine."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from draftopd.models.eagle3 import (
+    Eagle3Config,
+    Eagle3Drafter,
+    Eagle3Model,
+    draft_vocab_map,
+    eagle3_layer_ids,
+    ttt_forward,
+)
+from draftopd.spec.decode import DecodeState, speculative_generate
+from draftopd.spec.sampling import SamplingParams
+
+from conftest import make_tiny_target
+
+
+def tiny_eagle(target, vd=12, seed=0):
+    torch.manual_seed(seed)
+    model = Eagle3Model(Eagle3Config.from_target(target.config, vd, target_layer_ids=[0, 1, 1]))
+    counts = torch.arange(target.vocab_size).float() % 7  # some frequency profile
+    d2t, t2d = draft_vocab_map(counts, vd)
+    model.set_vocab(d2t, t2d, target.lm_head.weight)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def test_layer_rule_and_vocab_map_invariants():
+    assert eagle3_layer_ids(30) == [1, 14, 26] and eagle3_layer_ids(36) == [1, 17, 32]
+    counts = torch.tensor([5, 0, 9, 1, 7, 3, 0, 2])
+    d2t, t2d = draft_vocab_map(counts, 4)
+    used = torch.arange(4) + d2t
+    assert used.tolist() == [0, 2, 4, 5]  # the 4 most frequent, ascending
+    assert (d2t >= 0).all() and (d2t[1:] >= d2t[:-1]).all() and int(t2d.sum()) == 4 and t2d[used].all()
+
+
+def test_checkpoint_layout_and_round_trip(tmp_path, tiny_target):
+    model = tiny_eagle(tiny_target)
+    model.save(tmp_path, dtype=torch.float32)
+    names = set(load_file(str(tmp_path / "model.safetensors")))
+    assert names == {f"midlayer.self_attn.{p}_proj.weight" for p in "qkvo"} | {
+        f"midlayer.mlp.{p}_proj.weight" for p in ("gate", "up", "down")
+    } | {f"midlayer.{n}.weight" for n in ("hidden_norm", "input_layernorm", "post_attention_layernorm")} | {
+        "fc.weight",
+        "norm.weight",
+        "lm_head.weight",
+        "d2t",
+        "t2d",
+    }  # 15 tensors, no embedding
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["tie_word_embeddings"] is False
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == [1, 2, 2] and "target_hidden_size" not in cfg
+    again = Eagle3Model.load(tmp_path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+
+
+def test_first_chain_step_equals_ttt_step0(tiny_target):
+    model = tiny_eagle(tiny_target)
+    seq = torch.tensor([[3, 9, 4, 7, 1, 8, 2, 6]])
+    p = 5  # context: pairs 0..p, i.e. tokens 0..p+1 committed, the last one not yet in the target cache
+    feats = tiny_target.forward(seq, torch.ones_like(seq), torch.arange(8)[None], None, (0, 1, 1), "none").features
+    ref = model.logits(ttt_forward(model, tiny_target.embed, feats, seq, 2)[0][:, p])  # predicts seq[p + 2]
+    drafter = Eagle3Drafter(model, tiny_target, steps=3)
+    state = DecodeState([seq[0, : p + 2].tolist()], seq[:, p + 1], torch.tensor([p + 1]), torch.tensor([0]))
+    drafter.start(state, feats[:, : p + 1])
+    prop = drafter.propose(state, SamplingParams())
+    top = ref.argmax(-1)
+    assert prop.tokens[0, 0].item() == (top + model.d2t[top]).item()
+
+
+def test_greedy_lossless_with_eagle3_batched():
+    target = make_tiny_target(vocab=16, std=0.3, seed=2)
+    model = tiny_eagle(target, vd=10)
+    prompts = [[5, 6, 7, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2], [9], [3, 3, 3]]
+    refs = [speculative_generate(target, [p], None, 30).tokens[0] for p in prompts]
+    out = speculative_generate(target, prompts, Eagle3Drafter(model, target, steps=4), 30)
+    assert out.tokens == refs
+    one = [speculative_generate(target, [p], Eagle3Drafter(model, target, steps=4), 30).tokens[0] for p in prompts]
+    assert one == refs
