@@ -150,14 +150,17 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from draftopd.config import SFTConfig, load
+    from draftopd.config import OPDConfig, SFTConfig, load
 
     if args.algo == "sft":
         from draftopd.train.sft import train_sft
 
         print(train_sft(load(SFTConfig, args.config, _overrides(args))))
-        return 0
-    raise DraftopdError(f"train {args.algo}: not implemented yet")
+    else:
+        from draftopd.train.opd import train_opd
+
+        print(train_opd(load(OPDConfig, args.config, _overrides(args))))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

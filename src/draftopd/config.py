@@ -226,3 +226,41 @@ class SFTConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.blocks_per_seq < 1 or self.lr <= 0:
             raise DraftopdError("train: need steps, batch_size, blocks_per_seq >= 1 and lr > 0")
+
+
+@dataclass(frozen=True)
+class OPDConfig:
+    """``draftopd train opd``: Draft-OPD from an SFT drafter (draft-opd-method.md section 2)."""
+
+    target: TargetConfig = field(default_factory=TargetConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    init_from: str = ""  # the SFT drafter folder to start from (ours or an imported DFlash checkpoint)
+    out: str = "runs/opd-dflash"
+    sources: tuple[str, ...] = ("gsm8k",)  # rollout prompts: gsm8k (train), sharegpt, or jsonl paths
+    limit_per_source: int = 256
+    max_prompt_tokens: int = 256
+    iterations: int = 20  # optimizer steps
+    rollout_batch: int = 16  # prompts per target-assisted rollout (batched)
+    accum: int = 1  # rollout batches per optimizer step (weights are synced to the rollout drafter after it)
+    micro_batch: int = 4  # sequences per replay forward
+    max_new_tokens: int = 256
+    lr: float = 1e-4
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    loss: str = "acceptance_aware"  # acceptance_aware | all_forward | full_kl | tv
+    gamma: float = 0.8  # rejected-stream position decay gamma^(k-1)
+    resp_weight: float = 1.0
+    rej_weight: float = 1.0  # 0 = the no-rejected-stream ablation
+    random_anchors: bool = False  # the random-response-anchor ablation
+    logp_min: float = -10.0  # log-probs are clamped to >= this before the loss (no gradient below it)
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 5
+    save_every: int = 5
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("acceptance_aware", "all_forward", "full_kl", "tv"):
+            raise DraftopdError(f"loss must be acceptance_aware, all_forward, full_kl or tv, not {self.loss!r}")
+        if self.iterations < 1 or self.rollout_batch < 1 or self.accum < 1 or self.micro_batch < 1:
+            raise DraftopdError("opd: need iterations, rollout_batch, accum, micro_batch >= 1")

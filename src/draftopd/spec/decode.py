@@ -51,6 +51,7 @@ class SpecStats:
     proposed_at: Counter = field(default_factory=Counter)  # draft position j (1-based) -> times proposed
     accepted_at: Counter = field(default_factory=Counter)  # draft position j -> times accepted
     target_calls: int = 0  # target forwards, prefill included
+    target_tokens: int = 0  # tokens those forwards processed (a compute measure: batch rows x block width)
     new_tokens: int = 0
     rows: int = 0
     generations: int = 0  # speculative_generate calls merged into these stats
@@ -87,7 +88,7 @@ class SpecStats:
         self.committed += other.committed
         self.proposed_at.update(other.proposed_at)
         self.accepted_at.update(other.accepted_at)
-        for name in ("target_calls", "new_tokens", "rows", "generations", "prefill_s", "decode_s"):
+        for name in ("target_calls", "target_tokens", "new_tokens", "rows", "generations", "prefill_s", "decode_s"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
 
@@ -160,6 +161,7 @@ def speculative_generate(
     out = target.forward(ids, kv_mask, (kv_mask.cumsum(1) - 1).clamp_min(0), cache, layer_ids, "last")
     last = _pick(out.logits[:, -1], params, generator)
     stats.target_calls += 1
+    stats.target_tokens += int(kv_mask.sum())
     state = DecodeState(
         [list(p) + [t] for p, t in zip(prompts, last.tolist(), strict=True)],
         last,
@@ -206,6 +208,7 @@ def speculative_generate(
         attn = torch.cat([kv_mask, torch.ones(nb, k + 1, dtype=kv_mask.dtype, device=dev)], dim=1)
         out = target.forward(block, attn, block_pos, cache, layer_ids, "all")
         stats.target_calls += 1
+        stats.target_tokens += block.numel()
 
         # 3) Accept: the pure rule in spec.sampling (greedy match or lossless rejection sampling).
         n_acc, nxt = verify(draft, n_draft, out.logits, params, p_draft, generator)

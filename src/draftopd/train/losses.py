@@ -32,3 +32,67 @@ def position_weights(offsets: Tensor, decay: float) -> Tensor:
 def weighted_nll(logp: Tensor, weights: Tensor) -> Tensor:
     """Weighted mean negative log-likelihood: sum(-w * logp) / sum(w) (0 when nothing is supervised)."""
     return -(weights * logp).sum() / weights.sum().clamp_min(1e-8)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Draft-OPD losses (draft-opd-method.md 2.8). Per token: s = log q_drafter(token), t = log p_target(token).
+
+
+def _clamp_logp(x: Tensor, lo: float, eps: float = 1e-6) -> Tensor:
+    return x.clamp(min=lo, max=torch.log1p(torch.tensor(-eps)).item())
+
+
+def bernoulli_forward_kl(s: Tensor, t: Tensor) -> Tensor:
+    """Local forward KL between Bernoulli(P) and Bernoulli(Q) on the realised token, P = e^t, Q = e^s:
+    P (t - s) + (1 - P)(log(1 - P) - log(1 - Q)). Zero, with zero gradient, at Q = P: it pulls q(token)
+    toward the target's probability, not toward 1; the rest of the vocabulary is left alone."""
+    p = t.exp()
+    return p * (t - s) + (1 - p) * (torch.log1p(-p) - torch.log1p(-s.exp()))
+
+
+def k3_reverse_kl(s: Tensor, t: Tensor) -> Tensor:
+    """Sampled reverse-KL estimator k3 = e^(t - s) - (t - s) - 1 >= 0 for a token drawn from q.
+    d/ds = 1 - p/q: pushes down q(token) where the drafter is more confident than the target."""
+    d = (t - s).clamp(-20.0, 20.0)
+    return d.exp() - d - 1
+
+
+def opd_loss(
+    s_resp: Tensor,  # (N,) drafter log-prob of the realised response tokens at their replay slots
+    t_resp: Tensor,  # (N,) target log-prob of the same tokens (teacher at T=1, true prefix)
+    s_rej: Tensor,  # (M,) drafter log-prob of its own rejected proposals
+    t_rej: Tensor,  # (M,) target log-prob of those proposals (from the verify pass, on the draft's prefix)
+    w_rej: Tensor,  # (M,) position decay gamma^(k-1) of each rejected proposal's block offset k
+    resp_weight: float = 1.0,
+    rej_weight: float = 1.0,
+    rej_reverse_kl: bool = True,  # False = "all-forward": Bernoulli forward KL on rejected tokens too
+    logp_min: float = -10.0,
+    loss_clamp: float = 10.0,
+) -> Tensor:
+    """The two-stream Draft-OPD loss, a token mean over both streams:
+    L = (lam_a * sum l_acc + lam_r * sum w * l_rej) / (lam_a * N + lam_r * sum w)."""
+    s_resp, t_resp = _clamp_logp(s_resp, logp_min), _clamp_logp(t_resp, logp_min)
+    s_rej, t_rej = _clamp_logp(s_rej, logp_min), _clamp_logp(t_rej, logp_min)
+    l_acc = bernoulli_forward_kl(s_resp, t_resp).clamp(-loss_clamp, loss_clamp)
+    l_rej = (k3_reverse_kl if rej_reverse_kl else bernoulli_forward_kl)(s_rej, t_rej).clamp(-loss_clamp, loss_clamp)
+    num = resp_weight * l_acc.sum() + rej_weight * (w_rej * l_rej).sum()
+    den = resp_weight * s_resp.numel() + rej_weight * w_rej.sum()
+    return num / den.clamp_min(1e-8) if torch.is_tensor(den) else num / max(den, 1e-8)
+
+
+def full_forward_kl(drafter_logits: Tensor, target_logits: Tensor) -> Tensor:
+    """KL(p_target || q_drafter) over the whole vocabulary per row (N, V) -> (N,), float32."""
+    lp, lq = torch.log_softmax(target_logits.float(), -1), torch.log_softmax(drafter_logits.float(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def expected_acceptance_loss(drafter_logits: Tensor, target_logits: Tensor, block: Tensor) -> Tensor:
+    """1 - E[accepted]/n per block, with per-slot acceptance 1 - TV(p, q) (TV = half the L1 distance) and
+    E[accepted] = sum_j prod_{i<=j} (1 - TV_i). Rows (N, V) in block order; ``block`` (N,) block ids."""
+    tv = 0.5 * (torch.softmax(drafter_logits.float(), -1) - torch.softmax(target_logits.float(), -1)).abs().sum(-1)
+    loss = drafter_logits.new_zeros((), dtype=torch.float32)
+    ids = block.unique()
+    for b in ids:
+        acc = torch.cumprod(1 - tv[block == b], 0)
+        loss = loss + 1 - acc.sum() / acc.numel()
+    return loss / max(len(ids), 1)

@@ -1,4 +1,5 @@
-"""SFT end to end on a tiny target with the real tokenizer: data shards, training, SIGKILL + resume."""
+"""Training end to end on a tiny target with the real tokenizer: data shards, SFT (DFlash, EAGLE-3),
+SIGKILL + resume, and Draft-OPD from the SFT drafter."""
 
 from __future__ import annotations
 
@@ -118,9 +119,15 @@ def sft_args(tiny_folder, shards, out, steps=40):
     ]
 
 
-def test_sft_runs_and_writes_everything(tiny_folder, shards, tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def sft_run(tiny_folder, shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sft") / "run"
     cli(*sft_args(tiny_folder, shards, out, steps=10))
+    return out
+
+
+def test_sft_runs_and_writes_everything(sft_run):
+    out = sft_run
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
@@ -156,6 +163,26 @@ def test_sigkill_then_resume_ends_like_uninterrupted(tiny_folder, shards, tmp_pa
     assert steps[-1] == 40
 
 
+def test_eagle3_sft_smoke(tiny_folder, shards, tmp_path):
+    out = tmp_path / "eagle"
+    args = sft_args(tiny_folder, shards, out, steps=4)
+    args += [
+        "--set",
+        "drafter.kind=eagle3",
+        "--set",
+        "drafter.draft_vocab_size=64",
+        "--set",
+        "drafter.ttt_steps=3",
+        "--set",
+        "eval_every=4",
+    ]
+    cli(*args)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("tau", 0) >= 1.0 for r in rows)
+    cfg = json.loads((out / "final" / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["draft_vocab_size"] == 64
+
+
 def test_resume_refuses_another_config(tiny_folder, shards, tmp_path):
     out = tmp_path / "run"
     cli(*sft_args(tiny_folder, shards, out, steps=5))
@@ -165,3 +192,50 @@ def test_resume_refuses_another_config(tiny_folder, shards, tmp_path):
         text=True,
     )
     assert proc.returncode == 2 and "another config" in proc.stderr
+
+
+def test_opd_from_sft_changes_the_drafter(tiny_folder, sft_run, tmp_path):
+    out = tmp_path / "opd"
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"Tell me about {w}."}) for w in ("cats", "rain", "maps")))
+    cli(
+        "train",
+        "opd",
+        "--target",
+        str(tiny_folder),
+        "--dtype",
+        "fp32",
+        "--set",
+        f"init_from={sft_run / 'final'}",
+        "--set",
+        f"out={out}",
+        "--set",
+        f"sources=[{prompts}]",
+        "--set",
+        "iterations=2",
+        "--set",
+        "rollout_batch=3",
+        "--set",
+        "micro_batch=2",
+        "--set",
+        "max_new_tokens=16",
+        "--set",
+        "eval.limit=2",
+        "--set",
+        "eval.max_new_tokens=8",
+        "--set",
+        "eval_every=2",
+        "--set",
+        "save_every=2",
+        "--set",
+        "lr=0.01",
+    )
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert len(train_rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in train_rows)
+    assert all(r["resp_tokens"] > 0 and r["rej_tokens"] > 0 for r in train_rows)
+    assert [r["step"] for r in rows if "tau" in r] == [0, 2]  # the starting drafter, then after training
+    before = load_file(str(sft_run / "final" / "model.safetensors"))
+    after = load_file(str(out / "final" / "model.safetensors"))
+    changed = [k for k in before if not torch.equal(before[k].float(), after[k].float())]
+    assert len(changed) == len(before)  # every trainable tensor moved
