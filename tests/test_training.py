@@ -229,6 +229,8 @@ def test_opd_from_sft_changes_the_drafter(tiny_folder, sft_run, tmp_path):
         "save_every=2",
         "--set",
         "lr=0.01",
+        "--set",
+        "logp_min=-40",  # random tiny target: log p ~ -10.8
     )
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
