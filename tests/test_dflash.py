@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from draftopd import DraftopdError
 from draftopd.models.dflash import DFlashConfig, DFlashDrafter, DFlashModel, block_hidden, build_target_layer_ids
@@ -37,7 +38,6 @@ def test_layer_rule_matches_golden_list():
 def test_checkpoint_layout_and_round_trip(tmp_path, tiny_target):
     model = tiny_dflash(tiny_target)
     model.save(tmp_path, dtype=torch.float32)
-    from safetensors.torch import load_file
 
     names = set(load_file(str(tmp_path / "model.safetensors")))
     per_layer = {
@@ -104,3 +104,16 @@ def test_greedy_lossless_with_dflash_batched(temperature):
     out = speculative_generate(target, prompts, DFlashDrafter(model, target), 30)
     assert out.tokens == refs
     assert 1 in out.stats.histogram()  # rejections happened
+
+
+def test_export_round_trip(tmp_path, tiny_target):
+    from draftopd.export import export_drafter
+
+    model = tiny_dflash(tiny_target)
+    model.save(tmp_path / "ck", dtype=torch.float32)
+    hint = export_drafter(tmp_path / "ck", tmp_path / "serve")
+    assert "DFLASH" in hint and "num_speculative_tokens" in hint
+    saved = load_file(str(tmp_path / "serve" / "model.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in saved.values())
+    with pytest.raises(DraftopdError, match="not a drafter folder"):
+        export_drafter(tmp_path / "nothing", tmp_path / "x")

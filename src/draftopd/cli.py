@@ -163,6 +163,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from draftopd.export import export_drafter
+
+    print(export_drafter(args.drafter, args.out, args.dtype))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="draftopd", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"draftopd {__version__}")
@@ -205,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     _common(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write a drafter in the layout SGLang / vLLM load")
+    p.add_argument("drafter", help="drafter folder (a checkpoint or final/)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the main job on the embedded default target")
     _common(p)
