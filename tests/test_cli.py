@@ -93,3 +93,31 @@ def test_bench_small_run(tmp_path):
     assert {"hf_plain", "hf_pld", "hf_pld_speedup"} <= set(row)
     assert result["dtype"] in ("bfloat16", "float32") and result["threads"] >= 1 and result["commit"]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["datasets"]["gsm8k"]["prompts"] == 1
+
+
+@needs_target
+def test_drafter_that_does_not_match_the_target(tmp_path):
+    from draftopd.models.dflash import DFlashConfig, DFlashModel
+
+    from conftest import make_tiny_target
+
+    tiny = make_tiny_target(hidden=32)
+    DFlashModel(DFlashConfig.from_target(tiny.config, 1, 4, 1, [0])).save(tmp_path / "d")
+    proc = run_cli("generate", "--prompt", "hi", "--drafter", str(tmp_path / "d"), "--max-new-tokens", "4")
+    _one_line_error(proc, "drafter does not match the target")
+    _one_line_error(run_cli("generate", "--prompt", "hi", "--drafter", str(tmp_path / "none")), "drafter not found")
+
+
+@needs_target
+def test_bad_prompt_files_for_data(tmp_path):
+    out = tmp_path / "traj"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    _one_line_error(run_cli("data", "--out", str(out), "--set", f"sources=[{empty}]"), "no prompts found")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": "broken"\n')
+    _one_line_error(run_cli("data", "--out", str(out), "--set", f"sources=[{bad}]"), f"{bad}:2: invalid JSON")
+    shapeless = tmp_path / "shapeless.jsonl"
+    shapeless.write_text('{"text": "no known field"}\n')
+    _one_line_error(run_cli("data", "--out", str(out), "--set", f"sources=[{shapeless}]"), "record 1 has none of")
+    assert not out.exists()  # nothing written

@@ -54,12 +54,12 @@ def build_prompt_list(cfg: DataConfig, target: Target) -> list[tuple[str, list[i
 
 def generate_trajectories(cfg: DataConfig, target: Target | None = None) -> Path:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     if cfg.target.threads:
         torch.set_num_threads(cfg.target.threads)
     target = target or load_target(cfg.target.path, cfg.target.dtype, cfg.target.device)
     items = build_prompt_list(cfg, target)
     manifest = {"config": to_dict(cfg), "prompts": len(items), "chunk_size": cfg.chunk_size}
+    out.mkdir(parents=True, exist_ok=True)  # only once the prompts are known good: bad input writes nothing
     mpath = out / "manifest.json"
     if mpath.exists() and json.loads(mpath.read_text()) != json.loads(json.dumps(manifest)):
         raise DraftopdError(f"{out} holds trajectories made with other settings: choose another data.out")

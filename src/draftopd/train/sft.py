@@ -183,14 +183,15 @@ def train_sft(cfg: SFTConfig) -> Path:
     model = build_model(cfg, target, seqs)
     eval_prompts = [target.encode_chat(p) for p in load_prompts(cfg.eval.dataset, cfg.eval.limit, cfg.eval.gsm8k_path)]
     opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.steps, cfg.warmup_ratio)
-    start, ckpt = 0, latest_checkpoint(out)
+    start, ckpt, target_tokens = 0, latest_checkpoint(out), 0  # target_tokens: compute spent in target forwards
     if ckpt is not None:
         saved = json.loads((ckpt / "run_config.json").read_text())
         if saved != json.loads(json.dumps(to_dict(cfg))):
             raise DraftopdError(f"{out} holds a run with another config: resume with the same config or another out")
         model = MODELS[cfg.drafter.kind].load(ckpt)
         opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.steps, cfg.warmup_ratio)
-        start = load_training_state(ckpt, opt, sched)["step"]
+        state = load_training_state(ckpt, opt, sched)
+        start, target_tokens = state["step"], state.get("target_tokens", 0)
         log.info("resumed from %s (step %d)", ckpt, start)
     elif is_writer():
         out.mkdir(parents=True, exist_ok=True)
@@ -198,6 +199,9 @@ def train_sft(cfg: SFTConfig) -> Path:
     metrics = Metrics(out) if is_writer() else None
     if metrics and start:
         metrics.truncate(start)
+    if metrics and start == 0 and cfg.init_from:  # a continued run: the starting tau is the curve's first point
+        tau0 = measure_tau(model, target, eval_prompts, cfg.eval.max_new_tokens, cfg.drafter.ttt_steps)
+        metrics.log(0, tau=tau0, target_tokens=0)
     model.train()
     n, bs_global = len(seqs), cfg.batch_size * world
 
@@ -218,6 +222,7 @@ def train_sft(cfg: SFTConfig) -> Path:
         sched.step()
         opt.zero_grad(set_to_none=True)
         tok_count += n_tokens
+        target_tokens += n_tokens
         done = step + 1
 
         # 3) Log, evaluate tau with the real engine, checkpoint.
@@ -237,12 +242,20 @@ def train_sft(cfg: SFTConfig) -> Path:
             t_last, tok_count = time.perf_counter(), 0
         if metrics and (done % cfg.eval_every == 0 or done == cfg.steps):
             tau = measure_tau(model, target, eval_prompts, cfg.eval.max_new_tokens, cfg.drafter.ttt_steps)
-            metrics.log(done, tau=tau)
+            metrics.log(done, tau=tau, target_tokens=target_tokens)
             bar.write(f"step {done}: tau {tau:.3f} on {len(eval_prompts)} {cfg.eval.dataset} prompts")
             plot_tau(metrics.read(), out / "tau_vs_step.png", f"SFT {out.name}: tau on held-out {cfg.eval.dataset}")
             t_last = time.perf_counter()
         if is_writer() and (done % cfg.save_every == 0 or done == cfg.steps):
-            save_checkpoint(out, done, model, opt, sched, {"data_position": done * bs_global}, to_dict(cfg))
+            save_checkpoint(
+                out,
+                done,
+                model,
+                opt,
+                sched,
+                {"data_position": done * bs_global, "target_tokens": target_tokens},
+                to_dict(cfg),
+            )
     if is_writer():
         model.save(out / "final")
     return out / "final"
