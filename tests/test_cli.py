@@ -89,8 +89,9 @@ def test_bench_small_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     row = result["datasets"]["gsm8k"]
-    assert row["prompts"] == 1 and row["spec"]["tau"] >= 1.0 and row["speedup"] > 0
-    assert {"hf_plain", "hf_pld", "hf_pld_speedup"} <= set(row)
+    assert row["prompts"] == 1 and row["methods"]["pld"]["tau"] >= 1.0 and row["methods"]["pld"]["speedup"] > 0
+    assert {"plain", "pld", "hf_plain", "hf_pld"} <= set(row["methods"])
+    assert row["methods"]["pld"]["lossless"] in (0.0, 1.0)
     assert result["dtype"] in ("bfloat16", "float32") and result["threads"] >= 1 and result["commit"]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["datasets"]["gsm8k"]["prompts"] == 1
 

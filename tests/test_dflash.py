@@ -117,3 +117,18 @@ def test_export_round_trip(tmp_path, tiny_target):
     assert all(t.dtype == torch.bfloat16 for t in saved.values())
     with pytest.raises(DraftopdError, match="not a drafter folder"):
         export_drafter(tmp_path / "nothing", tmp_path / "x")
+
+
+def test_feature_scale_folds_into_the_serving_file(tmp_path, tiny_target):
+    model = tiny_dflash(tiny_target)
+    feats = torch.randn(1, 6, 64) * torch.linspace(0.1, 50, 64)  # "massive" dims
+    pos = torch.arange(6)[None]
+    before = model.context_kv(feats, pos)[0][0]
+    model.set_feature_scale(torch.linspace(0.1, 50, 64))
+    assert torch.allclose(model.context_kv(feats, pos)[0][0], before, atol=1e-4)  # same function
+    model.save(tmp_path / "serve", dtype=torch.float32)  # folded: plain serving layout
+    assert "fc_scale" not in load_file(str(tmp_path / "serve" / "model.safetensors"))
+    assert torch.allclose(DFlashModel.load(tmp_path / "serve").context_kv(feats, pos)[0][0], before, atol=1e-4)
+    model.save(tmp_path / "ckpt", dtype=torch.float32, fold=False)  # training checkpoint: exact weights + scale
+    again = DFlashModel.load(tmp_path / "ckpt")
+    assert torch.equal(again.fc.weight, model.fc.weight) and torch.equal(again.fc_scale, model.fc_scale)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from draftopd.bench.datasets import load_prompts
 from draftopd.config import BenchConfig, to_dict
-from draftopd.models import build_drafter
+from draftopd.models import Drafter, build_drafter
 from draftopd.models.target import Target, load_target
 from draftopd.spec.decode import SpecStats, speculative_generate
 from draftopd.spec.sampling import SamplingParams
@@ -83,12 +83,69 @@ def _hf_row(tokens: int, secs: float, verify_calls: int, later_tokens: int) -> d
     }
 
 
-def run_bench(cfg: BenchConfig, target: Target | None = None, progress: bool = True) -> dict:
-    """Run the benchmark described by ``cfg``; returns the JSON-able result (also per data set)."""
+def compare_methods(
+    target: Target,
+    prompts: list[list[int]],
+    methods: dict[str, Drafter | None],
+    max_new: int,
+    params: SamplingParams,
+    gen: torch.Generator,
+    hf_pld_tokens: int = 0,
+    desc: str = "bench",
+    progress: bool = True,
+) -> dict:
+    """Time plain decoding and every method on each prompt in turn; returns one summary per method.
+
+    ``speedup`` is tokens/s over our plain decoding's; ``lossless`` the fraction of prompts whose tokens equal
+    plain greedy decoding's (None when sampling). ``hf_pld_tokens > 0`` adds transformers' generate(), plain
+    and with prompt lookup of that many tokens.
+    """
+    stats = {name: SpecStats() for name in ("plain", *methods)}
+    same = dict.fromkeys(methods, 0)
+    hf = {"hf_plain": [0, 0.0, 0, 0], "hf_pld": [0, 0.0, 0, 0]}  # tokens, seconds, verify calls, tokens - 1
+    for ids in tqdm(prompts, desc=desc, disable=not progress, unit="prompt"):
+        ref = speculative_generate(target, [ids], None, max_new, params, gen)
+        stats["plain"].merge(ref.stats)
+        for name, drafter in methods.items():
+            g = speculative_generate(target, [ids], drafter, max_new, params, gen)
+            stats[name].merge(g.stats)
+            same[name] += int(g.tokens == ref.tokens)
+        if hf_pld_tokens:
+            for key, kw in (("hf_plain", {}), ("hf_pld", {"prompt_lookup_num_tokens": hf_pld_tokens})):
+                n, dt, calls = hf_generate(target, ids, max_new, params, **kw)
+                for j, v in enumerate((n, dt, calls - 1, n - 1)):
+                    hf[key][j] += v
+    base = stats["plain"].tokens_per_s
+    out = {"plain": {**stats["plain"].summary(), "speedup": 1.0, "lossless": 1.0}}
+    for name in methods:
+        out[name] = {
+            **stats[name].summary(),
+            "speedup": round(stats[name].tokens_per_s / base, 4),
+            "lossless": round(same[name] / len(prompts), 4) if params.greedy else None,
+        }
+    if hf_pld_tokens:
+        for key in hf:
+            out[key] = {**_hf_row(*hf[key]), "lossless": None}
+            out[key]["speedup"] = round(out[key]["tokens_per_s"] / base, 4)
+        out["hf_pld"]["speedup_vs_hf_plain"] = round(
+            out["hf_pld"]["tokens_per_s"] / out["hf_plain"]["tokens_per_s"], 4
+        )
+    return out
+
+
+def run_bench(
+    cfg: BenchConfig,
+    target: Target | None = None,
+    progress: bool = True,
+    methods: dict[str, Drafter | None] | None = None,
+) -> dict:
+    """Run the benchmark described by ``cfg`` (or over several named ``methods``); returns the JSON result."""
     if cfg.target.threads:
         torch.set_num_threads(cfg.target.threads)
     target = target or load_target(cfg.target.path, cfg.target.dtype, cfg.target.device)
-    drafter = build_drafter(cfg.drafter, target)
+    if methods is None:
+        name = cfg.drafter.kind if cfg.drafter.kind != "path" else Path(cfg.drafter.path or "").name or "drafter"
+        methods = {name: build_drafter(cfg.drafter, target)}
     params = SamplingParams(cfg.sampling.temperature, cfg.sampling.top_p)
     gen = torch.Generator().manual_seed(cfg.sampling.seed)
     max_new = cfg.sampling.max_new_tokens
@@ -100,60 +157,34 @@ def run_bench(cfg: BenchConfig, target: Target | None = None, progress: bool = T
         "torch": torch.__version__,
         "datasets": {},
     }
-    for name in cfg.datasets:
-        prompts = [target.encode_chat(p) for p in load_prompts(name, cfg.limit, cfg.gsm8k_path)]
+    for ds in cfg.datasets:
+        prompts = [target.encode_chat(p) for p in load_prompts(ds, cfg.limit, cfg.gsm8k_path)]
         for i, ids in enumerate(prompts):
-            target.check_prompt(ids, max_new, f"{name} prompt {i + 1}")
+            target.check_prompt(ids, max_new, f"{ds} prompt {i + 1}")
         for ids in prompts[: cfg.warmup]:  # untimed: first calls pay allocator and kernel warm-up
-            speculative_generate(target, [ids], drafter, min(16, max_new), params, gen)
-        plain, spec = SpecStats(), SpecStats()
-        hf = {"plain": [0, 0.0, 0, 0], "pld": [0, 0.0, 0, 0]}  # tokens, seconds, verify calls, tokens - 1
-        same = 0
-        for ids in tqdm(prompts, desc=f"bench {name}", disable=not progress, unit="prompt"):
-            a = speculative_generate(target, [ids], None, max_new, params, gen)
-            b = speculative_generate(target, [ids], drafter, max_new, params, gen)
-            plain.merge(a.stats)
-            spec.merge(b.stats)
-            same += int(a.tokens == b.tokens)
-            if cfg.hf_baseline:
-                for key, kw in (("plain", {}), ("pld", {"prompt_lookup_num_tokens": cfg.drafter.num_tokens})):
-                    n, dt, calls = hf_generate(target, ids, max_new, params, **kw)
-                    for j, v in enumerate((n, dt, calls - 1, n - 1)):
-                        hf[key][j] += v
-        row = {
-            "prompts": len(prompts),
-            "plain": plain.summary(),
-            "spec": spec.summary(),
-            "speedup": round(spec.tokens_per_s / plain.tokens_per_s, 4),
-            "lossless": round(same / len(prompts), 4) if params.greedy else None,
-        }
-        if cfg.hf_baseline:
-            row["hf_plain"], row["hf_pld"] = _hf_row(*hf["plain"]), _hf_row(*hf["pld"])
-            row["hf_pld_speedup"] = round(row["hf_pld"]["tokens_per_s"] / row["hf_plain"]["tokens_per_s"], 4)
-            row["speedup_vs_hf_plain"] = round(spec.tokens_per_s / row["hf_plain"]["tokens_per_s"], 4)
-        result["datasets"][name] = row
+            for drafter in methods.values():
+                speculative_generate(target, [ids], drafter, min(16, max_new), params, gen)
+        hf = cfg.drafter.num_tokens if cfg.hf_baseline else 0
+        rows = compare_methods(target, prompts, methods, max_new, params, gen, hf, f"bench {ds}", progress)
+        result["datasets"][ds] = {"prompts": len(prompts), "methods": rows}
     return result
 
 
 def format_table(result: dict) -> str:
-    """A plain-text table of the result, one line per data set."""
-    hdr = (
-        f"{'dataset':<10} {'n':>3} {'tau':>6} {'plain tok/s':>11} {'spec tok/s':>10} {'speedup':>7} "
-        f"{'hf tok/s':>8} {'hf-pld tau':>10} {'hf-pld tok/s':>12} {'hf-pld x':>8} {'lossless':>8}"
-    )
+    """A plain-text table of the result, one line per data set and method."""
+    hdr = f"{'dataset':<10} {'method':<14} {'n':>3} {'tau':>6} {'tok/s':>7} {'speedup':>8} {'lossless':>8}"
     lines = [hdr, "-" * len(hdr)]
-    for name, r in result["datasets"].items():
-        hp, hl = r.get("hf_plain", {}), r.get("hf_pld", {})
-        lines.append(
-            f"{name:<10} {r['prompts']:>3} {r['spec']['tau']:>6.2f} {r['plain']['tokens_per_s']:>11.1f} "
-            f"{r['spec']['tokens_per_s']:>10.1f} {r['speedup']:>6.2f}x {hp.get('tokens_per_s', 0):>8.1f} "
-            f"{hl.get('tau', 0):>10.2f} {hl.get('tokens_per_s', 0):>12.1f} {r.get('hf_pld_speedup', 0):>7.2f}x "
-            f"{'' if r['lossless'] is None else r['lossless']:>8}"
-        )
+    for ds, r in result["datasets"].items():
+        for name, m in r["methods"].items():
+            lossless = "" if m.get("lossless") is None else m["lossless"]
+            lines.append(
+                f"{ds:<10} {name[:14]:<14} {r['prompts']:>3} {m['tau']:>6.2f} {m['tokens_per_s']:>7.1f} "
+                f"{m['speedup']:>7.2f}x {lossless:>8}"
+            )
+    c = result["config"]
     lines.append(
         f"dtype={result['dtype']} threads={result['threads']} commit={result['commit']} "
-        f"drafter={result['config']['drafter']['kind']} T={result['config']['sampling']['temperature']} "
-        f"max_new_tokens={result['config']['sampling']['max_new_tokens']}"
+        f"T={c['sampling']['temperature']} max_new_tokens={c['sampling']['max_new_tokens']}"
     )
     return "\n".join(lines)
 

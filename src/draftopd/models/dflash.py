@@ -226,16 +226,27 @@ class DFlashModel(nn.Module):
         self.hidden_norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.layers = nn.ModuleList(Layer(c) for _ in range(c.num_hidden_layers))
         self.norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        # Target hidden states carry "massive activations" (a few dims 100-1000x the median), which leave
+        # fc ill-conditioned for Adam. Training divides each feature dim by a fixed scale; saving for serving
+        # folds the scale into fc.weight (fc(x / s) = (W / s) x), so the file keeps the serving layout.
+        self.register_buffer("fc_scale", torch.ones(self.fc.in_features), persistent=False)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
+
+    @torch.no_grad()
+    def set_feature_scale(self, scale: Tensor) -> None:
+        """Re-parametrise fc for per-dim input scale ``scale`` (K*H,) without changing the function."""
+        scale = scale.to(self.fc_scale).clamp_min(1e-3)
+        self.fc.weight.mul_((scale / self.fc_scale)[None, :])
+        self.fc_scale.copy_(scale)
 
     def rope(self, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         return rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, dtype)
 
     def context_kv(self, features: Tensor, pos: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Per layer, the K/V of the fused context: features (B, S, K*H), positions (B, S)."""
-        ctx = self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
+        ctx = self.hidden_norm(self.fc(features.to(self.fc.weight.dtype) / self.fc_scale))
         cos, sin = self.rope(pos, ctx.dtype)
         return [layer.self_attn.kv(ctx, cos, sin) for layer in self.layers]
 
@@ -247,10 +258,17 @@ class DFlashModel(nn.Module):
             h = layer(h, cos, sin, k, v, mask)
         return self.norm(h)
 
-    def save(self, folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> None:
+    def save(self, folder: str | Path, dtype: torch.dtype = torch.bfloat16, fold: bool = True) -> None:
+        """Write model.safetensors + config.json. ``fold=True``: the serving layout (the feature scale folded
+        into fc.weight); ``fold=False`` (training checkpoints): raw weights plus an ``fc_scale`` tensor."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
+        sd = dict(self.state_dict())
+        if fold:
+            sd["fc.weight"] = sd["fc.weight"] / self.fc_scale[None, :]
+        else:
+            sd["fc_scale"] = self.fc_scale
+        tensors = {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
         save_file(tensors, str(folder / "model.safetensors"))
         (folder / "config.json").write_text(json.dumps(self.config.to_hf(), indent=2))
 
@@ -263,12 +281,17 @@ class DFlashModel(nn.Module):
         if "DFlashDraftModel" not in cfg.get("architectures", []):
             raise DraftopdError(f"{folder}/config.json is not a DFlash config ({cfg.get('architectures')})")
         model = cls(DFlashConfig.from_hf(cfg))
-        missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+        sd = load_file(str(folder / "model.safetensors"))
+        scale = sd.pop("fc_scale", None)  # present in training checkpoints only
+        missing, unexpected = model.load_state_dict(sd, strict=False)
         if missing or unexpected:
             raise DraftopdError(
                 f"{folder}: weights do not match config (missing {missing[:2]}, extra {unexpected[:2]})"
             )
-        return model.float()
+        model = model.float()
+        if scale is not None:
+            model.fc_scale.copy_(scale.float())
+        return model
 
 
 def block_hidden(model: DFlashModel, embed: nn.Module, features: Tensor, ids: Tensor, anchors: Tensor) -> Tensor:

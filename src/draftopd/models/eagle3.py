@@ -207,7 +207,9 @@ class Eagle3Model(nn.Module):
     def rope(self, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         return rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, dtype)
 
-    def save(self, folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> None:
+    def save(self, folder: str | Path, dtype: torch.dtype = torch.bfloat16, fold: bool = True) -> None:
+        """Write model.safetensors + config.json in the serving layout (``fold`` exists for the trainers'
+        common checkpoint call; EAGLE-3 has no feature scale to fold)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         sd = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in self.state_dict().items()}

@@ -43,7 +43,7 @@ def save_checkpoint(out: Path, step: int, model, opt, sched, state: dict, run_co
     final = ckdir / f"step_{step:06d}"
     tmp = ckdir / f"step_{step:06d}.part"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp, dtype=torch.float32)
+    model.save(tmp, dtype=torch.float32, fold=False)  # exact weights for resumption
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     torch.save(
         {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng, "step": step, **state},

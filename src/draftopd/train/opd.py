@@ -48,7 +48,7 @@ from draftopd.train.common import (
 )
 from draftopd.train.losses import expected_acceptance_loss, full_forward_kl, opd_loss, token_logprobs
 from draftopd.train.replay import build_replay_plan, randomize_anchors
-from draftopd.train.sft import measure_tau
+from draftopd.train.sft import feature_scale, measure_tau
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,8 @@ def train_opd(cfg: OPDConfig) -> Path:
         if len(ids) <= cfg.max_prompt_tokens
     ]
     eval_prompts = [target.encode_chat(p) for p in load_prompts(cfg.eval.dataset, cfg.eval.limit, cfg.eval.gsm8k_path)]
+    # same function, better-conditioned for Adam (see DFlashModel.fc_scale); resumed checkpoints carry their own
+    model.set_feature_scale(feature_scale(target, [(p, len(p)) for p in prompts], model.config.target_layer_ids))
     opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.iterations, cfg.warmup_ratio)
     start, ckpt = 0, latest_checkpoint(out)
     counters = {"target_tokens": 0, "rollout_tokens": 0}

@@ -70,7 +70,10 @@ def build_model(cfg: SFTConfig, target: Target, seqs: list[tuple[list[int], int]
         raise DraftopdError(f"drafter.kind must be one of {', '.join(MODELS)}, not {cfg.drafter.kind!r}")
     if cfg.init_from:
         load_drafter(cfg.init_from, target)  # checks that the drafter fits this target
-        return MODELS[cfg.drafter.kind].load(cfg.init_from)
+        model = MODELS[cfg.drafter.kind].load(cfg.init_from)
+        if isinstance(model, DFlashModel):  # same function, better-conditioned parametrisation for Adam
+            model.set_feature_scale(feature_scale(target, seqs, model.config.target_layer_ids))
+        return model
     if cfg.drafter.kind == "eagle3":
         ec = Eagle3Config.from_target(target.config, cfg.drafter.draft_vocab_size, cfg.drafter.target_layer_ids)
         model = Eagle3Model(ec)
@@ -83,7 +86,23 @@ def build_model(cfg: SFTConfig, target: Target, seqs: list[tuple[list[int], int]
     dc = DFlashConfig.from_target(
         target.config, cfg.drafter.num_layers, cfg.drafter.block_size, mask, cfg.drafter.target_layer_ids
     )
-    return DFlashModel(dc)
+    model = DFlashModel(dc)
+    model.set_feature_scale(feature_scale(target, seqs, dc.target_layer_ids))
+    return model
+
+
+@torch.no_grad()
+def feature_scale(
+    target: Target, seqs: list[tuple[list[int], int]], layer_ids: list[int], n: int = 16
+) -> torch.Tensor:
+    """Per-dim RMS of the target features over a few sequences (position 0, the attention sink, excluded)."""
+    sq, count = 0.0, 0
+    for s, _ in seqs[:n]:
+        ids = torch.tensor([s])
+        f = target.forward(ids, torch.ones_like(ids), torch.arange(len(s))[None], None, tuple(layer_ids), "none")
+        x = f.features[0, 1:].float()
+        sq, count = sq + (x * x).sum(0), count + x.shape[0]
+    return (sq / max(count, 1)).sqrt()
 
 
 def sample_anchors(lengths: list[tuple[int, int]], n: int, gen: torch.Generator) -> torch.Tensor:
