@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from draftopd.spec.decode import DecodeState
@@ -39,3 +40,42 @@ class Drafter(Protocol):
 
     def select(self, rows: Tensor) -> None:
         """Keep only these batch rows (finished rows are dropped from the batch)."""
+
+
+class ScaledFC:
+    """Mixin for drafters whose ``fc`` fuses raw target hidden states (DFlash, EAGLE-3).
+
+    Target hidden states carry "massive activations": a few dims 100-1000x the median (SmolLM2 layer 27:
+    max 24,538 against a median of 11). Fed raw to ``fc`` they dominate its gradient, global clipping then
+    shrinks every other gradient, and training crawls. Training therefore divides each feature dim by a
+    fixed scale (its RMS on real data). Saving for serving folds the scale into the weights,
+    fc(x / s) = (W / s) x, so files keep the serving layout; training checkpoints keep W and ``fc_scale``.
+    """
+
+    fc: nn.Linear
+    fc_scale: Tensor
+
+    @torch.no_grad()
+    def set_feature_scale(self, scale: Tensor) -> None:
+        """Re-parametrise fc for a per-dim input scale (K*H,) without changing the function."""
+        scale = scale.to(self.fc_scale).clamp_min(1e-3)
+        self.fc.weight.mul_((scale / self.fc_scale)[None, :])
+        self.fc_scale.copy_(scale)
+
+    def fuse(self, features: Tensor) -> Tensor:
+        return self.fc(features.to(self.fc.weight.dtype) / self.fc_scale)
+
+    def pack_state(self, fold: bool) -> dict[str, Tensor]:
+        sd = dict(self.state_dict())
+        if fold:
+            sd["fc.weight"] = sd["fc.weight"] / self.fc_scale[None, :]
+        else:
+            sd["fc_scale"] = self.fc_scale
+        return sd
+
+    def unpack_state(self, sd: dict[str, Tensor]) -> tuple[list[str], list[str], Tensor | None]:
+        """Load a state dict that may carry ``fc_scale``; returns (missing, unexpected, scale)."""
+        sd = dict(sd)
+        scale = sd.pop("fc_scale", None)
+        missing, unexpected = self.load_state_dict(sd, strict=False)
+        return missing, unexpected, scale

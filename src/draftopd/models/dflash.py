@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from draftopd import DraftopdError
-from draftopd.models.base import Proposal
+from draftopd.models.base import Proposal, ScaledFC
 from draftopd.spec.sampling import logits_to_probs, sample
 
 
@@ -216,7 +216,7 @@ class Layer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class DFlashModel(nn.Module):
+class DFlashModel(ScaledFC, nn.Module):
     """The trainable part of a DFlash drafter (exactly what a checkpoint stores)."""
 
     def __init__(self, c: DFlashConfig) -> None:
@@ -226,27 +226,17 @@ class DFlashModel(nn.Module):
         self.hidden_norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.layers = nn.ModuleList(Layer(c) for _ in range(c.num_hidden_layers))
         self.norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
-        # Target hidden states carry "massive activations" (a few dims 100-1000x the median), which leave
-        # fc ill-conditioned for Adam. Training divides each feature dim by a fixed scale; saving for serving
-        # folds the scale into fc.weight (fc(x / s) = (W / s) x), so the file keeps the serving layout.
         self.register_buffer("fc_scale", torch.ones(self.fc.in_features), persistent=False)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
-
-    @torch.no_grad()
-    def set_feature_scale(self, scale: Tensor) -> None:
-        """Re-parametrise fc for per-dim input scale ``scale`` (K*H,) without changing the function."""
-        scale = scale.to(self.fc_scale).clamp_min(1e-3)
-        self.fc.weight.mul_((scale / self.fc_scale)[None, :])
-        self.fc_scale.copy_(scale)
 
     def rope(self, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         return rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, dtype)
 
     def context_kv(self, features: Tensor, pos: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Per layer, the K/V of the fused context: features (B, S, K*H), positions (B, S)."""
-        ctx = self.hidden_norm(self.fc(features.to(self.fc.weight.dtype) / self.fc_scale))
+        ctx = self.hidden_norm(self.fuse(features))  # fuse: fc(features / fc_scale), see ScaledFC
         cos, sin = self.rope(pos, ctx.dtype)
         return [layer.self_attn.kv(ctx, cos, sin) for layer in self.layers]
 
@@ -263,12 +253,7 @@ class DFlashModel(nn.Module):
         into fc.weight); ``fold=False`` (training checkpoints): raw weights plus an ``fc_scale`` tensor."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        sd = dict(self.state_dict())
-        if fold:
-            sd["fc.weight"] = sd["fc.weight"] / self.fc_scale[None, :]
-        else:
-            sd["fc_scale"] = self.fc_scale
-        tensors = {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
+        tensors = {k: v.detach().to(dtype).contiguous() for k, v in self.pack_state(fold).items()}
         save_file(tensors, str(folder / "model.safetensors"))
         (folder / "config.json").write_text(json.dumps(self.config.to_hf(), indent=2))
 
@@ -281,9 +266,7 @@ class DFlashModel(nn.Module):
         if "DFlashDraftModel" not in cfg.get("architectures", []):
             raise DraftopdError(f"{folder}/config.json is not a DFlash config ({cfg.get('architectures')})")
         model = cls(DFlashConfig.from_hf(cfg))
-        sd = load_file(str(folder / "model.safetensors"))
-        scale = sd.pop("fc_scale", None)  # present in training checkpoints only
-        missing, unexpected = model.load_state_dict(sd, strict=False)
+        missing, unexpected, scale = model.unpack_state(load_file(str(folder / "model.safetensors")))
         if missing or unexpected:
             raise DraftopdError(
                 f"{folder}: weights do not match config (missing {missing[:2]}, extra {unexpected[:2]})"

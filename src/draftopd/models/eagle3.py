@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from draftopd import DraftopdError
-from draftopd.models.base import Proposal
+from draftopd.models.base import Proposal, ScaledFC
 from draftopd.models.dflash import MLP, apply_rope, rope_cos_sin
 from draftopd.spec.sampling import logits_to_probs, sample
 
@@ -167,7 +167,7 @@ class MidLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class Eagle3Model(nn.Module):
+class Eagle3Model(ScaledFC, nn.Module):
     """The trainable part of an EAGLE-3 drafter (exactly what a checkpoint stores)."""
 
     def __init__(self, c: Eagle3Config) -> None:
@@ -177,6 +177,7 @@ class Eagle3Model(nn.Module):
         self.midlayer = MidLayer(c)
         self.norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.lm_head = nn.Linear(c.hidden_size, c.draft_vocab_size, bias=False)
+        self.register_buffer("fc_scale", torch.ones(self.fc.in_features), persistent=False)  # see ScaledFC
         self.register_buffer("d2t", torch.zeros(c.draft_vocab_size, dtype=torch.long))
         self.register_buffer("t2d", torch.ones(c.vocab_size, dtype=torch.bool)[: c.vocab_size])
         if c.draft_vocab_size < c.vocab_size:
@@ -208,11 +209,11 @@ class Eagle3Model(nn.Module):
         return rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, dtype)
 
     def save(self, folder: str | Path, dtype: torch.dtype = torch.bfloat16, fold: bool = True) -> None:
-        """Write model.safetensors + config.json in the serving layout (``fold`` exists for the trainers'
-        common checkpoint call; EAGLE-3 has no feature scale to fold)."""
+        """Write model.safetensors + config.json: ``fold=True`` the serving layout, ``fold=False`` (training
+        checkpoints) raw weights plus ``fc_scale`` (see ScaledFC)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        sd = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in self.state_dict().items()}
+        sd = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in self.pack_state(fold).items()}
         save_file(sd, str(folder / "model.safetensors"))
         (folder / "config.json").write_text(json.dumps(self.config.to_hf(), indent=2))
 
@@ -223,13 +224,15 @@ class Eagle3Model(nn.Module):
         if "LlamaForCausalLMEagle3" not in cfg.get("architectures", []):
             raise DraftopdError(f"{folder}/config.json is not an EAGLE-3 config ({cfg.get('architectures')})")
         model = cls(Eagle3Config.from_hf(cfg))
-        sd = load_file(str(folder / "model.safetensors"))
-        missing, unexpected = model.load_state_dict(sd, strict=False)
+        missing, unexpected, scale = model.unpack_state(load_file(str(folder / "model.safetensors")))
         if missing or unexpected:
             raise DraftopdError(
                 f"{folder}: weights do not match config (missing {missing[:2]}, extra {unexpected[:2]})"
             )
-        return model.float()
+        model = model.float()
+        if scale is not None:
+            model.fc_scale.copy_(scale.float())
+        return model
 
 
 def ttt_forward(model: Eagle3Model, embed: nn.Module, features: Tensor, ids: Tensor, steps: int) -> list[Tensor]:
@@ -241,7 +244,7 @@ def ttt_forward(model: Eagle3Model, embed: nn.Module, features: Tensor, ids: Ten
     """
     bsz, seq = ids.shape
     mid = model.midlayer
-    h = model.fc(features.to(model.fc.weight.dtype))  # (B, S, H)
+    h = model.fuse(features)  # fc(features / fc_scale): (B, S, H)
     pos = torch.arange(seq, device=ids.device)
     causal = pos[None, :] <= pos[:, None]  # (S, S) query p sees step-0 keys <= p
     rep = mid.nh // mid.nkv
@@ -324,7 +327,7 @@ class Eagle3Drafter:
         self.pending = None  # consumed: the next update() brings the next block's pairs
         b, t = toks.shape
         # 1) Commit the pending pairs: causal among themselves, all earlier committed slots visible.
-        h = m.fc(feats.to(m.fc.weight.dtype))
+        h = m.fuse(feats)
         cos, sin = m.rope(pos, h.dtype)
         q, k, v = m.midlayer.qkv(embed(toks), h, cos, sin)
         own = (torch.arange(t)[None, :] <= torch.arange(t)[:, None])[None] & valid[:, None, :]  # (B, t, t)

@@ -71,8 +71,7 @@ def build_model(cfg: SFTConfig, target: Target, seqs: list[tuple[list[int], int]
     if cfg.init_from:
         load_drafter(cfg.init_from, target)  # checks that the drafter fits this target
         model = MODELS[cfg.drafter.kind].load(cfg.init_from)
-        if isinstance(model, DFlashModel):  # same function, better-conditioned parametrisation for Adam
-            model.set_feature_scale(feature_scale(target, seqs, model.config.target_layer_ids))
+        model.set_feature_scale(feature_scale(target, seqs, model.config.target_layer_ids))  # same function
         return model
     if cfg.drafter.kind == "eagle3":
         ec = Eagle3Config.from_target(target.config, cfg.drafter.draft_vocab_size, cfg.drafter.target_layer_ids)
@@ -81,6 +80,7 @@ def build_model(cfg: SFTConfig, target: Target, seqs: list[tuple[list[int], int]
         for s, p in seqs:  # draft vocabulary: the most frequent response tokens
             counts += torch.bincount(torch.tensor(s[p:]), minlength=target.vocab_size).float()
         model.set_vocab(*draft_vocab_map(counts, ec.draft_vocab_size), target.lm_head.weight)
+        model.set_feature_scale(feature_scale(target, seqs, ec.target_layer_ids))
         return model
     mask = cfg.drafter.mask_token_id if cfg.drafter.mask_token_id >= 0 else default_mask_token(target)
     dc = DFlashConfig.from_target(
