@@ -87,3 +87,13 @@ def test_greedy_lossless_with_eagle3_batched():
     assert out.tokens == refs
     one = [speculative_generate(target, [p], Eagle3Drafter(model, target, steps=4), 30).tokens[0] for p in prompts]
     assert one == refs
+
+
+def test_ttt_labels_come_from_each_row():
+    from draftopd.train.sft import ttt_labels
+
+    ids = torch.tensor([[10, 11, 12, 13, 14, 0], [20, 21, 22, 23, 24, 25]])
+    lab, ok = ttt_labels(ids, torch.tensor([5, 6]), torch.tensor([2, 3]), k=1)
+    assert lab[0, :3].tolist() == [13, 14, 0] and lab[1, :3].tolist() == [23, 24, 25]  # p + 3, per row
+    assert ok[0].tolist() == [True, True, False, False, False, False]  # labels at 3, 4 < length 5
+    assert ok[1].tolist() == [True, True, True, False, False, False]  # labels at 3, 4, 5 (>= prompt 3)

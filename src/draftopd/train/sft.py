@@ -145,6 +145,15 @@ def dflash_loss(model: DFlashModel, target: Target, batch, cfg: SFTConfig, gen: 
     return weighted_nll(logp, position_weights(offsets, cfg.loss_decay)), logp, int(valid.sum())
 
 
+def ttt_labels(ids: torch.Tensor, lengths: torch.Tensor, prompt_len: torch.Tensor, k: int):
+    """Labels (B, S) of TTT step k: position p predicts token p + k + 2 of its own row; ``ok`` marks labels
+    that exist and lie in the response."""
+    width = ids.shape[1]
+    lab_pos = (torch.arange(width)[None] + k + 2).expand_as(ids)
+    ok = (lab_pos < lengths[:, None]) & (lab_pos >= prompt_len[:, None])
+    return ids.gather(1, lab_pos.clamp(max=width - 1)), ok
+
+
 def eagle3_loss(model: Eagle3Model, target: Target, batch, cfg: SFTConfig, gen: torch.Generator):
     width = max(len(s) for s, _ in batch)
     ids = torch.zeros(len(batch), width, dtype=torch.long)
@@ -159,9 +168,9 @@ def eagle3_loss(model: Eagle3Model, target: Target, batch, cfg: SFTConfig, gen: 
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
         outs = ttt_forward(model, target.embed, feats, ids, cfg.drafter.ttt_steps)
         for k, h in enumerate(outs):
-            lab_pos = torch.arange(width)[None] + k + 2  # step k at position p predicts token p + k + 2
-            lab = model.to_draft_ids(ids.gather(1, lab_pos.clamp(max=width - 1)).expand_as(ids))
-            ok = (lab_pos < valid.sum(1, keepdim=True)) & (lab_pos >= prompt_len) & (lab >= 0)
+            lab, ok = ttt_labels(ids, valid.sum(1), prompt_len[:, 0], k)
+            lab = model.to_draft_ids(lab)
+            ok &= lab >= 0  # only tokens inside the draft vocabulary can be predicted
             logp = token_logprobs(h[ok], lab[ok], model.logits)
             w = cfg.drafter.ttt_decay**k
             if logp.numel():
