@@ -7,11 +7,16 @@ target's cache, so feature-conditioned drafters (DFlash, EAGLE-3) can extend the
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from draftopd import DraftopdError
 
 if TYPE_CHECKING:
     from draftopd.spec.decode import DecodeState
@@ -42,8 +47,11 @@ class Drafter(Protocol):
         """Keep only these batch rows (finished rows are dropped from the batch)."""
 
 
-class ScaledFC:
-    """Mixin for drafters whose ``fc`` fuses raw target hidden states (DFlash, EAGLE-3).
+class DrafterModel:
+    """Mixin of the learned drafters (DFlash, EAGLE-3): the feature scale of ``fc``, and saving/loading in
+    the serving layout (``config.json`` + ``model.safetensors``).
+
+    The feature scale: ``fc`` fuses raw target hidden states.
 
     Target hidden states carry "massive activations": a few dims 100-1000x the median (SmolLM2 layer 27:
     max 24,538 against a median of 11). Fed raw to ``fc`` they dominate its gradient, global clipping then
@@ -54,6 +62,9 @@ class ScaledFC:
 
     fc: nn.Linear
     fc_scale: Tensor
+    config: object  # the drafter's config dataclass (to_hf / from_hf)
+    ARCH: str  # its `architectures` entry in config.json
+    CONFIG: type  # its config dataclass
 
     @torch.no_grad()
     def set_feature_scale(self, scale: Tensor) -> None:
@@ -79,3 +90,34 @@ class ScaledFC:
         scale = sd.pop("fc_scale", None)
         missing, unexpected = self.load_state_dict(sd, strict=False)
         return missing, unexpected, scale
+
+    def save(self, folder: str | Path, dtype: torch.dtype = torch.bfloat16, fold: bool = True) -> None:
+        """``fold=True``: the serving layout (scale folded into fc.weight, floats in ``dtype``, integer and
+        bool buffers kept); ``fold=False`` (training checkpoints): raw weights plus ``fc_scale``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        sd = {
+            k: (v.detach().to(dtype) if v.is_floating_point() else v).contiguous()
+            for k, v in self.pack_state(fold).items()
+        }
+        save_file(sd, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps(self.config.to_hf(), indent=2))
+
+    @classmethod
+    def load(cls, folder: str | Path):
+        """Load a drafter folder (serving layout or training checkpoint) in float32; one-line errors."""
+        folder = Path(folder)
+        if not (folder / "config.json").exists() or not (folder / "model.safetensors").exists():
+            raise DraftopdError(f"{folder} is not a drafter folder (config.json + model.safetensors)")
+        cfg = json.loads((folder / "config.json").read_text())
+        if cls.ARCH not in cfg.get("architectures", []):
+            raise DraftopdError(f"{folder}/config.json is not a {cls.ARCH} config ({cfg.get('architectures')})")
+        model = cls(cls.CONFIG.from_hf(cfg)).float()
+        missing, unexpected, scale = model.unpack_state(load_file(str(folder / "model.safetensors")))
+        if missing or unexpected:
+            raise DraftopdError(
+                f"{folder}: weights do not match config (missing {missing[:2]}, extra {unexpected[:2]})"
+            )
+        if scale is not None:
+            model.fc_scale.copy_(scale.float())
+        return model.float()

@@ -18,17 +18,14 @@ Parameter names are the z-lab/SGLang/vLLM checkpoint names (``layers.N.self_attn
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from draftopd import DraftopdError
-from draftopd.models.base import Proposal, ScaledFC
+from draftopd.models.base import DrafterModel, Proposal
 from draftopd.spec.sampling import logits_to_probs, sample
 
 
@@ -216,8 +213,11 @@ class Layer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class DFlashModel(ScaledFC, nn.Module):
+class DFlashModel(DrafterModel, nn.Module):
     """The trainable part of a DFlash drafter (exactly what a checkpoint stores)."""
+
+    ARCH = "DFlashDraftModel"
+    CONFIG = DFlashConfig
 
     def __init__(self, c: DFlashConfig) -> None:
         super().__init__()
@@ -236,7 +236,7 @@ class DFlashModel(ScaledFC, nn.Module):
 
     def context_kv(self, features: Tensor, pos: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Per layer, the K/V of the fused context: features (B, S, K*H), positions (B, S)."""
-        ctx = self.hidden_norm(self.fuse(features))  # fuse: fc(features / fc_scale), see ScaledFC
+        ctx = self.hidden_norm(self.fuse(features))  # fuse: fc(features / fc_scale), see DrafterModel
         cos, sin = self.rope(pos, ctx.dtype)
         return [layer.self_attn.kv(ctx, cos, sin) for layer in self.layers]
 
@@ -247,34 +247,6 @@ class DFlashModel(ScaledFC, nn.Module):
         for layer, (k, v) in zip(self.layers, ctx_kv, strict=True):
             h = layer(h, cos, sin, k, v, mask)
         return self.norm(h)
-
-    def save(self, folder: str | Path, dtype: torch.dtype = torch.bfloat16, fold: bool = True) -> None:
-        """Write model.safetensors + config.json. ``fold=True``: the serving layout (the feature scale folded
-        into fc.weight); ``fold=False`` (training checkpoints): raw weights plus an ``fc_scale`` tensor."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to(dtype).contiguous() for k, v in self.pack_state(fold).items()}
-        save_file(tensors, str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps(self.config.to_hf(), indent=2))
-
-    @classmethod
-    def load(cls, folder: str | Path) -> DFlashModel:
-        folder = Path(folder)
-        if not (folder / "config.json").exists() or not (folder / "model.safetensors").exists():
-            raise DraftopdError(f"{folder} is not a DFlash drafter folder (config.json + model.safetensors)")
-        cfg = json.loads((folder / "config.json").read_text())
-        if "DFlashDraftModel" not in cfg.get("architectures", []):
-            raise DraftopdError(f"{folder}/config.json is not a DFlash config ({cfg.get('architectures')})")
-        model = cls(DFlashConfig.from_hf(cfg))
-        missing, unexpected, scale = model.unpack_state(load_file(str(folder / "model.safetensors")))
-        if missing or unexpected:
-            raise DraftopdError(
-                f"{folder}: weights do not match config (missing {missing[:2]}, extra {unexpected[:2]})"
-            )
-        model = model.float()
-        if scale is not None:
-            model.fc_scale.copy_(scale.float())
-        return model
 
 
 def block_hidden(model: DFlashModel, embed: nn.Module, features: Tensor, ids: Tensor, anchors: Tensor) -> Tensor:

@@ -19,18 +19,15 @@ Names follow the SGLang / vLLM / SpecForge EAGLE-3 layout (``midlayer.*``, ``fc`
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from draftopd import DraftopdError
-from draftopd.models.base import Proposal, ScaledFC
+from draftopd.models.base import DrafterModel, Proposal
 from draftopd.models.dflash import MLP, apply_rope, rope_cos_sin
 from draftopd.spec.sampling import logits_to_probs, sample
 
@@ -167,8 +164,11 @@ class MidLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class Eagle3Model(ScaledFC, nn.Module):
+class Eagle3Model(DrafterModel, nn.Module):
     """The trainable part of an EAGLE-3 drafter (exactly what a checkpoint stores)."""
+
+    ARCH = "LlamaForCausalLMEagle3"
+    CONFIG = Eagle3Config
 
     def __init__(self, c: Eagle3Config) -> None:
         super().__init__()
@@ -177,7 +177,7 @@ class Eagle3Model(ScaledFC, nn.Module):
         self.midlayer = MidLayer(c)
         self.norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.lm_head = nn.Linear(c.hidden_size, c.draft_vocab_size, bias=False)
-        self.register_buffer("fc_scale", torch.ones(self.fc.in_features), persistent=False)  # see ScaledFC
+        self.register_buffer("fc_scale", torch.ones(self.fc.in_features), persistent=False)  # see DrafterModel
         self.register_buffer("d2t", torch.zeros(c.draft_vocab_size, dtype=torch.long))
         self.register_buffer("t2d", torch.ones(c.vocab_size, dtype=torch.bool)[: c.vocab_size])
         if c.draft_vocab_size < c.vocab_size:
@@ -207,32 +207,6 @@ class Eagle3Model(ScaledFC, nn.Module):
 
     def rope(self, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         return rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, dtype)
-
-    def save(self, folder: str | Path, dtype: torch.dtype = torch.bfloat16, fold: bool = True) -> None:
-        """Write model.safetensors + config.json: ``fold=True`` the serving layout, ``fold=False`` (training
-        checkpoints) raw weights plus ``fc_scale`` (see ScaledFC)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        sd = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in self.pack_state(fold).items()}
-        save_file(sd, str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps(self.config.to_hf(), indent=2))
-
-    @classmethod
-    def load(cls, folder: str | Path) -> Eagle3Model:
-        folder = Path(folder)
-        cfg = json.loads((folder / "config.json").read_text())
-        if "LlamaForCausalLMEagle3" not in cfg.get("architectures", []):
-            raise DraftopdError(f"{folder}/config.json is not an EAGLE-3 config ({cfg.get('architectures')})")
-        model = cls(Eagle3Config.from_hf(cfg))
-        missing, unexpected, scale = model.unpack_state(load_file(str(folder / "model.safetensors")))
-        if missing or unexpected:
-            raise DraftopdError(
-                f"{folder}: weights do not match config (missing {missing[:2]}, extra {unexpected[:2]})"
-            )
-        model = model.float()
-        if scale is not None:
-            model.fc_scale.copy_(scale.float())
-        return model
 
 
 def ttt_forward(model: Eagle3Model, embed: nn.Module, features: Tensor, ids: Tensor, steps: int) -> list[Tensor]:

@@ -105,24 +105,3 @@ class Metrics:
 
     def read(self) -> list[dict]:
         return [json.loads(ln) for ln in self.path.read_text().splitlines()] if self.path.exists() else []
-
-
-def plot_tau(rows: list[dict], path: Path, title: str, x: str = "step") -> None:
-    """tau vs step (or any x) from metrics rows that carry a 'tau' value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pts = [(r[x], r["tau"]) for r in rows if "tau" in r]
-    if not pts:
-        return
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    ax.plot(*zip(*pts, strict=True), marker="o", ms=3)
-    ax.set_xlabel(x)
-    ax.set_ylabel("acceptance length tau")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

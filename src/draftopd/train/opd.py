@@ -36,6 +36,7 @@ from draftopd.config import OPDConfig, to_dict
 from draftopd.data.prompts import load_training_prompts
 from draftopd.models.dflash import DFlashDrafter, DFlashModel, block_hidden, check_compatible
 from draftopd.models.target import Target, load_target
+from draftopd.report import plot_tau
 from draftopd.spec.decode import speculative_generate
 from draftopd.train.common import (
     Metrics,
@@ -43,7 +44,6 @@ from draftopd.train.common import (
     latest_checkpoint,
     load_training_state,
     make_optimizer,
-    plot_tau,
     save_checkpoint,
 )
 from draftopd.train.losses import expected_acceptance_loss, full_forward_kl, opd_loss, token_logprobs

@@ -38,6 +38,7 @@ from draftopd.models import load_drafter
 from draftopd.models.dflash import DFlashConfig, DFlashModel, block_hidden
 from draftopd.models.eagle3 import Eagle3Config, Eagle3Model, draft_vocab_map, ttt_forward
 from draftopd.models.target import Target, load_target
+from draftopd.report import plot_tau
 from draftopd.spec.decode import speculative_generate
 from draftopd.train.common import (
     Metrics,
@@ -45,7 +46,6 @@ from draftopd.train.common import (
     latest_checkpoint,
     load_training_state,
     make_optimizer,
-    plot_tau,
     save_checkpoint,
 )
 from draftopd.train.losses import position_weights, token_logprobs, weighted_nll
