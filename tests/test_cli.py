@@ -20,7 +20,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "draftopd.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("verb", ["setup", "generate", "bench"])
+@pytest.mark.parametrize("verb", ["setup", "generate", "bench", "data", "train", "export", "demo"])
 def test_help(verb, capsys):
     with pytest.raises(SystemExit) as e:
         main([verb, "--help"])
