@@ -47,6 +47,23 @@ class Drafter(Protocol):
         """Keep only these batch rows (finished rows are dropped from the batch)."""
 
 
+def target_shape(tcfg) -> dict:
+    """The drafter config fields derived from a target's HF config (shared by DFlash and EAGLE-3)."""
+    rope = getattr(tcfg, "rope_theta", None) or (getattr(tcfg, "rope_parameters", None) or {}).get("rope_theta")
+    return {
+        "hidden_size": tcfg.hidden_size,
+        "intermediate_size": tcfg.intermediate_size,
+        "num_attention_heads": tcfg.num_attention_heads,
+        "num_key_value_heads": getattr(tcfg, "num_key_value_heads", tcfg.num_attention_heads),
+        "head_dim": getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads,
+        "num_target_layers": tcfg.num_hidden_layers,
+        "vocab_size": tcfg.vocab_size,
+        "rms_norm_eps": getattr(tcfg, "rms_norm_eps", 1e-6),
+        "rope_theta": float(rope or 1e4),
+        "max_position_embeddings": getattr(tcfg, "max_position_embeddings", 8192),
+    }
+
+
 class DrafterModel:
     """Mixin of the learned drafters (DFlash, EAGLE-3): the feature scale of ``fc``, and saving/loading in
     the serving layout (``config.json`` + ``model.safetensors``).

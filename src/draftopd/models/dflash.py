@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from draftopd import DraftopdError
-from draftopd.models.base import DrafterModel, Proposal
+from draftopd.models.base import DrafterModel, Proposal, target_shape
 from draftopd.spec.sampling import logits_to_probs, sample
 
 
@@ -64,22 +64,12 @@ class DFlashConfig:
         target_layer_ids: list[int] | tuple[int, ...] = (),
     ) -> DFlashConfig:
         """Everything but the layer count, block size and mask id is derived from the target's HF config."""
-        rope = getattr(tcfg, "rope_theta", None) or (getattr(tcfg, "rope_parameters", None) or {}).get("rope_theta")
         ids = list(target_layer_ids) or build_target_layer_ids(tcfg.num_hidden_layers, num_layers)
         if any(not 0 <= i < tcfg.num_hidden_layers for i in ids):
             raise DraftopdError(f"target_layer_ids {ids} out of range for a {tcfg.num_hidden_layers}-layer target")
         return cls(
-            hidden_size=tcfg.hidden_size,
-            intermediate_size=tcfg.intermediate_size,
-            num_attention_heads=tcfg.num_attention_heads,
-            num_key_value_heads=getattr(tcfg, "num_key_value_heads", tcfg.num_attention_heads),
-            head_dim=getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads,
+            **target_shape(tcfg),
             num_hidden_layers=num_layers,
-            num_target_layers=tcfg.num_hidden_layers,
-            vocab_size=tcfg.vocab_size,
-            rms_norm_eps=getattr(tcfg, "rms_norm_eps", 1e-6),
-            rope_theta=float(rope or 1e4),
-            max_position_embeddings=getattr(tcfg, "max_position_embeddings", 8192),
             block_size=block_size,
             target_layer_ids=ids,
             mask_token_id=mask_token_id,

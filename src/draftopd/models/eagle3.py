@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from draftopd import DraftopdError
-from draftopd.models.base import DrafterModel, Proposal
+from draftopd.models.base import DrafterModel, Proposal, target_shape
 from draftopd.models.dflash import MLP, apply_rope, rope_cos_sin
 from draftopd.spec.sampling import logits_to_probs, sample
 
@@ -53,22 +53,12 @@ class Eagle3Config:
 
     @classmethod
     def from_target(cls, tcfg, draft_vocab_size: int, target_layer_ids=()) -> Eagle3Config:
-        rope = getattr(tcfg, "rope_theta", None) or (getattr(tcfg, "rope_parameters", None) or {}).get("rope_theta")
         ids = list(target_layer_ids) or eagle3_layer_ids(tcfg.num_hidden_layers)
         if len(ids) != 3 or any(not 0 <= i < tcfg.num_hidden_layers for i in ids):
             raise DraftopdError(f"eagle3 needs 3 target layer ids within the target's depth, got {ids}")
         return cls(
-            hidden_size=tcfg.hidden_size,
-            intermediate_size=tcfg.intermediate_size,
-            num_attention_heads=tcfg.num_attention_heads,
-            num_key_value_heads=getattr(tcfg, "num_key_value_heads", tcfg.num_attention_heads),
-            head_dim=getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads,
-            num_target_layers=tcfg.num_hidden_layers,
-            vocab_size=tcfg.vocab_size,
+            **target_shape(tcfg),
             draft_vocab_size=min(draft_vocab_size, tcfg.vocab_size),
-            rms_norm_eps=getattr(tcfg, "rms_norm_eps", 1e-6),
-            rope_theta=float(rope or 1e4),
-            max_position_embeddings=getattr(tcfg, "max_position_embeddings", 8192),
             target_layer_ids=ids,
         )
 
