@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from draftopd import DraftopdError, __version__
 
@@ -132,11 +133,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from draftopd.config import BenchConfig, load
+    from draftopd.config import DemoConfig, load
     from draftopd.demo import run_demo
 
-    cfg = load(BenchConfig, args.config, ["limit=3", "sampling.max_new_tokens=96", *_overrides(args)])
-    print(run_demo(cfg))
+    recipes = Path(__file__).resolve().parents[2] / "configs"  # the repository's recipes (src layout)
+    config = args.config or str(recipes / ("demo-quick.yaml" if args.quick else "demo.yaml"))
+    cfg = load(DemoConfig, config, _overrides(args) + ([f"out={args.out}"] if args.out else []))
+    try:
+        run_demo(cfg, fresh=args.fresh)
+    except KeyboardInterrupt:
+        print(f"\n[demo] interrupted: finished stages are kept; run the same command again to resume ({cfg.out})")
+        return 130
     return 0
 
 
@@ -221,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on the embedded default target")
     _common(p)
+    p.add_argument("--quick", action="store_true", help="the pipeline scaled down (configs/demo-quick.yaml)")
+    p.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing finished ones")
+    p.add_argument("--out", help="output folder (default runs/demo, runs/demo-quick with --quick)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -77,6 +77,8 @@ class BenchConfig:
     limit: int = 10  # prompts per data set
     gsm8k_path: str = ""  # folder or jsonl with GSM8K; '' = $DRAFTOPD_GSM8K or ../shared/data/gsm8k
     hf_baseline: bool = True  # also time transformers' generate(), plain and with prompt lookup
+    # several drafters side by side instead of `drafter`: "name=spec", spec = pld | a drafter folder
+    methods: tuple[str, ...] = ()
     warmup: int = 1  # untimed generations before measuring
 
 
@@ -264,3 +266,16 @@ class OPDConfig:
             raise DraftopdError(f"loss must be acceptance_aware, all_forward, full_kl or tv, not {self.loss!r}")
         if self.iterations < 1 or self.rollout_batch < 1 or self.accum < 1 or self.micro_batch < 1:
             raise DraftopdError("opd: need iterations, rollout_batch, accum, micro_batch >= 1")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """``draftopd demo``: the whole pipeline in stages. The demo fills in every path (data -> sft -> opd ->
+    sft_continued -> bench under ``out``) and the target; the sections hold only what the stages do."""
+
+    out: str = "runs/demo"
+    target: TargetConfig = field(default_factory=lambda: TargetConfig(threads=2))
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    opd: OPDConfig = field(default_factory=OPDConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)

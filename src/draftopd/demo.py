@@ -1,33 +1,175 @@
-"""``draftopd demo``: the main job on the embedded default target.
+"""``draftopd demo`` (what ``make demo`` runs): the paper's story on the embedded default target, in stages.
 
-For now (before learned drafters land) it shows the engine: one generation with every verify step made
-visible, then a small side-by-side benchmark of plain decoding, prompt-lookup speculative decoding and
-transformers' own prompt-lookup decoding on GSM8K, HumanEval and MT-bench prompts.
+1. data            target trajectories of GSM8K-train and ShareGPT prompts    (``draftopd data``)
+2. sft             a DFlash drafter trained by SFT on them                     (``draftopd train sft``)
+3. opd             Draft-OPD from the SFT drafter, rollouts on the same prompts (``draftopd train opd``)
+4. sft_continued   SFT continued from the same drafter on the same prompts, with the same number of
+                   drafter updates and sequences per update as OPD (the matched-compute control)
+5. bench           tau and speed-up of plain decoding, prompt lookup, SFT, OPD on held-out GSM8K test_dev,
+                   HumanEval and MT-bench prompts, side by side (``draftopd bench``)
+6. report          REPORT.md, figures, printed paths
+
+Each stage runs as its own process (the exact ``draftopd`` command, from a config file written under
+``out/configs``), with its output shown and copied to ``out/logs/<stage>.log``. A stage that finished writes
+``out/done/<stage>.json`` and is skipped on the next run; ``--fresh`` starts over. The trainers checkpoint as
+they go, so Ctrl-C (or a crash) in the middle of a stage loses at most a few steps: the next ``make demo``
+resumes it. The report is rebuilt from the stage outputs every time, so an interrupted run and an
+uninterrupted one produce the same report.
 """
 
 from __future__ import annotations
 
-import logging
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-from draftopd.bench.run import format_table, run_bench, save_result
-from draftopd.config import BenchConfig
-from draftopd.models.pld import PromptLookupDrafter
-from draftopd.models.target import load_target
-from draftopd.spec.decode import speculative_generate
-from draftopd.spec.show import render_steps
+import yaml
 
-log = logging.getLogger(__name__)
+from draftopd.config import DemoConfig, to_dict
 
-DEMO_PROMPT = "Write a Python function is_prime(n), then use it to list the primes below 20."
+STAGES = ("data", "sft", "opd", "sft_continued", "bench")
 
 
-def run_demo(cfg: BenchConfig, out_json: str = "runs/demo/bench.json") -> str:
-    """Generate once with the acceptance made visible, then benchmark; returns the printable report."""
-    target = load_target(cfg.target.path, cfg.target.dtype, cfg.target.device)
-    log.info("stage 1/2: one speculative generation with prompt lookup, each verify step shown")
-    gen = speculative_generate(target, [target.encode_chat(DEMO_PROMPT)], PromptLookupDrafter(), 96, record=True)
-    shown = render_steps(target.tokenizer, gen.tokens[0], gen.steps[0])
-    log.info("stage 2/2: benchmark, %d prompts per data set, %d new tokens", cfg.limit, cfg.sampling.max_new_tokens)
-    result = run_bench(cfg, target)
-    save_result(result, out_json)
-    return f"{DEMO_PROMPT}\n\n{shown}\n\n{format_table(result)}\n\nfull result: {out_json}"
+def _fmt(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def stage_configs(cfg: DemoConfig) -> dict[str, tuple[list[str], object]]:
+    """Per stage: the ``draftopd`` verb and its config, every path filled in from ``cfg.out``."""
+    out = Path(cfg.out)
+    rep = dataclasses.replace
+    data = rep(cfg.data, target=cfg.target, out=str(out / "data"))
+    sft = rep(cfg.sft, target=cfg.target, data=data.out, out=str(out / "sft"), init_from="")
+    # OPD rolls out on exactly the prompts of the SFT data (same sources, limits and response budget), so
+    # the SFT-continued control trains on the target's text for the same prompts: greedy verification is
+    # lossless, the rollout text *is* that trajectory.
+    opd = rep(
+        cfg.opd,
+        target=cfg.target,
+        init_from=str(out / "sft" / "final"),
+        out=str(out / "opd"),
+        sources=data.sources,
+        limit_per_source=data.limit_per_source,
+        max_prompt_tokens=data.max_prompt_tokens,
+        max_new_tokens=data.sampling.max_new_tokens,
+        eval=sft.eval,
+    )
+    cont = rep(
+        sft,
+        init_from=opd.init_from,
+        out=str(out / "sft_continued"),
+        steps=opd.iterations,
+        batch_size=opd.rollout_batch * opd.accum,
+        lr=opd.lr,
+        warmup_ratio=opd.warmup_ratio,
+        eval_every=opd.eval_every,
+        save_every=opd.save_every,
+        log_every=1,
+    )
+    bench = rep(
+        cfg.bench,
+        target=cfg.target,
+        methods=("prompt lookup=pld", f"SFT={out / 'sft' / 'final'}", f"Draft-OPD={out / 'opd' / 'final'}"),
+    )
+    return {
+        "data": (["data"], data),
+        "sft": (["train", "sft"], sft),
+        "opd": (["train", "opd"], opd),
+        "sft_continued": (["train", "sft"], cont),
+        "bench": (["bench", "--json", str(out / "bench" / "result.json")], bench),
+    }
+
+
+def estimate(stage: str, c, n_traj: int) -> float:
+    """Rough seconds for a stage on 2 AVX2 cores in fp32 (measured rates; shown as a guide only)."""
+    if stage == "data":
+        return len(c.sources) * c.limit_per_source * c.sampling.max_new_tokens / 200
+    if stage in ("sft", "sft_continued"):
+        per_step = 0.0013 * c.batch_size * c.blocks_per_seq * (c.drafter.block_size - 1)
+        evals = c.steps // max(1, c.eval_every) + 1
+        feats = 0 if c.init_from else 0.5 * n_traj  # the target's feature pass (reused when continuing)
+        return feats + c.steps * per_step + evals * 0.12 * c.eval.limit * c.eval.max_new_tokens / 8
+    if stage == "opd":
+        evals = c.iterations // max(1, c.eval_every) + 1
+        return c.iterations * (0.012 * c.rollout_batch * c.max_new_tokens) + evals * 0.12 * c.eval.limit * 12
+    if stage == "bench":
+        return len(c.datasets) * c.limit * (len(c.methods) + 1) * c.sampling.max_new_tokens / 14
+    return 0.0
+
+
+def run_stage(cmd: list[str], log_path: Path) -> int:
+    """Run one stage's command; its output goes to the terminal and to the stage's log file."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n".encode())
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            assert proc.stdout is not None
+            for chunk in iter(lambda: proc.stdout.read1(4096), b""):  # type: ignore[union-attr]
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.flush()
+                log.write(chunk)
+                log.flush()
+            return proc.wait()
+        except KeyboardInterrupt:  # the child got the same SIGINT; let it stop at a clean point
+            proc.wait()
+            raise
+
+
+def run_demo(cfg: DemoConfig, fresh: bool = False, say=print) -> Path:
+    """Run (or resume) every stage, then write the report; returns the path of REPORT.md."""
+    out = Path(cfg.out)
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    (out / "demo_config.yaml").write_text(yaml.safe_dump(_plain(to_dict(cfg)), sort_keys=False))
+    stages = stage_configs(cfg)
+    n_traj = len(cfg.data.sources) * cfg.data.limit_per_source
+    t_start = time.perf_counter()
+    for i, name in enumerate(STAGES, 1):
+        verb, c = stages[name]
+        done = out / "done" / f"{name}.json"
+        if done.exists():
+            took = _fmt(json.loads(done.read_text())["seconds"])
+            say(f"[demo] stage {i}/{len(STAGES) + 1} {name}: done earlier ({took}), skipped")
+            continue
+        conf = out / "configs" / f"{name}.yaml"
+        conf.write_text(yaml.safe_dump(_plain(to_dict(c)), sort_keys=False))
+        cmd = [sys.executable, "-m", "draftopd.cli", *verb, "--config", str(conf)]
+        say(
+            f"[demo] stage {i}/{len(STAGES) + 1} {name}: started, estimate ~{_fmt(estimate(name, c, n_traj))} "
+            f"(elapsed {_fmt(time.perf_counter() - t_start)}; log {out / 'logs' / (name + '.log')})"
+        )
+        t0 = time.perf_counter()
+        rc = run_stage(cmd, out / "logs" / f"{name}.log")
+        if rc != 0:
+            raise SystemExit(f"error: demo stage {name} failed (exit {rc}); see {out / 'logs' / (name + '.log')}")
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps({"seconds": time.perf_counter() - t0, "command": _shell(cmd)}))
+        say(f"[demo] stage {i}/{len(STAGES) + 1} {name}: done in {_fmt(time.perf_counter() - t0)}")
+    from draftopd.report import write_report
+
+    say(f"[demo] stage {len(STAGES) + 1}/{len(STAGES) + 1} report")
+    report = write_report(out, {n: json.loads((out / "done" / f"{n}.json").read_text()) for n in STAGES})
+    say(f"[demo] finished in {_fmt(time.perf_counter() - t_start)}; report: {report}")
+    for fig in sorted((out / "figures").glob("*.png")):
+        say(f"[demo]   figure: {fig}")
+    return report
+
+
+def _plain(x):
+    """Tuples -> lists so the YAML stays plain (and loads back through config.load)."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _shell(cmd: list[str]) -> str:
+    return " ".join(["draftopd", *cmd[3:]])  # "python -m draftopd.cli" is the console script

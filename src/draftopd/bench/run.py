@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from draftopd import DraftopdError
 from draftopd.bench.datasets import load_prompts
-from draftopd.config import BenchConfig, to_dict
+from draftopd.config import BenchConfig, DrafterConfig, to_dict
 from draftopd.models import Drafter, build_drafter
 from draftopd.models.target import Target, load_target
 from draftopd.spec.decode import SpecStats, speculative_generate
@@ -143,6 +144,14 @@ def run_bench(
     if cfg.target.threads:
         torch.set_num_threads(cfg.target.threads)
     target = target or load_target(cfg.target.path, cfg.target.dtype, cfg.target.device)
+    if methods is None and cfg.methods:
+        methods = {}
+        for item in cfg.methods:
+            name, _, spec = item.partition("=")
+            if not spec:
+                raise DraftopdError(f"bench.methods entry {item!r} is not name=pld|folder")
+            dc = DrafterConfig(kind=spec) if spec in ("pld", "none") else DrafterConfig(kind="path", path=spec)
+            methods[name] = build_drafter(dc, target)
     if methods is None:
         name = cfg.drafter.kind if cfg.drafter.kind != "path" else Path(cfg.drafter.path or "").name or "drafter"
         methods = {name: build_drafter(cfg.drafter, target)}

@@ -1,7 +1,9 @@
 """``draftopd train sft``: a DFlash or EAGLE-3 drafter trained on the target's own trajectories.
 
-Each step: take ``batch_size`` trajectories (prompt + target response); run the frozen target once over
-them (no grad) for the features of the drafter's ``target_layer_ids``; then
+Before the loop, the frozen target runs once over every trajectory (no grad, batched by length) for the
+features of the drafter's ``target_layer_ids``; they are kept in memory in bf16 and saved beside the
+checkpoints (``features.pt``), so every epoch and every resume reuses them (SFT data is fixed: the target
+would compute the same features each time). Each step takes ``batch_size`` trajectories, then
 * DFlash: sample ``blocks_per_seq`` anchors in each response; one drafter forward over all blocks with the
   inference-time mask (``dflash.block_hidden``); cross-entropy of slot k against the token k places after
   the anchor, weighted exp(-(k-1)/decay) as in DFlash;
@@ -133,10 +135,63 @@ def make_batch(seqs: list[tuple[list[int], int]], n_blocks: int, block_size: int
     return ids, valid, anchors, labels
 
 
+@torch.no_grad()
+def compute_features(
+    target: Target, seqs: list[tuple[list[int], int]], layer_ids: list[int], batch: int = 16, progress: bool = True
+) -> list[torch.Tensor]:
+    """Target features (S_i, K*H) of every sequence, in bf16, computed in length-sorted batches."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+    for j in tqdm(range(0, len(order), batch), desc="target features", disable=not progress, unit="batch"):
+        idx = order[j : j + batch]
+        width = max(len(seqs[i][0]) for i in idx)
+        ids = torch.zeros(len(idx), width, dtype=torch.long)
+        valid = torch.zeros_like(ids)
+        for b, i in enumerate(idx):
+            ids[b, : len(seqs[i][0])], valid[b, : len(seqs[i][0])] = torch.tensor(seqs[i][0]), 1
+        f = target.forward(
+            ids.to(target.device),
+            valid.to(target.device),
+            torch.arange(width).expand_as(ids).to(target.device),
+            None,
+            tuple(layer_ids),
+            "none",
+        ).features
+        for b, i in enumerate(idx):  # right padding: the first len(seq) rows are the sequence's own
+            out[i] = f[b, : len(seqs[i][0])].to("cpu", torch.bfloat16)
+    return out
+
+
+def feature_store(
+    target: Target, seqs, layer_ids: list[int], out: Path, data_key: dict, also: Path | None = None
+) -> list[torch.Tensor]:
+    """The features of ``seqs``, read from ``out/features.pt`` (or ``also/features.pt``, e.g. the run a continued
+    SFT starts from) when it was made for the same data, target and layers; else computed and saved."""
+    path = out / "features.pt"
+    for f in (path, also / "features.pt" if also else None):
+        if f is not None and f.exists():
+            saved = torch.load(f, weights_only=True)
+            if saved.get("key") == json.dumps(data_key, sort_keys=True):
+                return saved["features"]
+    feats = compute_features(target, seqs, layer_ids, progress=is_writer())
+    if is_writer():
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": json.dumps(data_key, sort_keys=True), "features": feats}, path.with_suffix(".part"))
+        path.with_suffix(".part").replace(path)  # atomic: a killed run never leaves half a file
+    return feats
+
+
+def pad_features(feats: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Right-padded (B, S, K*H) batch of per-sequence features (the layout make_batch pads ids in)."""
+    return torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).to(dtype)
+
+
 def dflash_loss(model: DFlashModel, target: Target, batch, cfg: SFTConfig, gen: torch.Generator):
-    ids, valid, anchors, labels = make_batch(batch, cfg.blocks_per_seq, model.config.block_size, gen)
-    pos = torch.arange(ids.shape[1]).expand_as(ids)
-    feats = target.forward(ids, valid, pos, None, tuple(model.config.target_layer_ids), "none").features
+    """batch: (sequence, prompt length, features) triples."""
+    ids, valid, anchors, labels = make_batch(
+        [(s, p) for s, p, _ in batch], cfg.blocks_per_seq, model.config.block_size, gen
+    )
+    feats = pad_features([f for _, _, f in batch], model.fc.weight.dtype)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
         h = block_hidden(model, target.embed, feats, ids, anchors)[:, :, 1:]  # slots 1..Bs-1
         sel = labels >= 0
@@ -155,15 +210,13 @@ def ttt_labels(ids: torch.Tensor, lengths: torch.Tensor, prompt_len: torch.Tenso
 
 
 def eagle3_loss(model: Eagle3Model, target: Target, batch, cfg: SFTConfig, gen: torch.Generator):
-    width = max(len(s) for s, _ in batch)
+    width = max(len(s) for s, _, _ in batch)
     ids = torch.zeros(len(batch), width, dtype=torch.long)
     valid = torch.zeros_like(ids)
-    for b, (s, _) in enumerate(batch):
+    for b, (s, _, _) in enumerate(batch):
         ids[b, : len(s)], valid[b, : len(s)] = torch.tensor(s), 1
-    prompt_len = torch.tensor([p for _, p in batch])[:, None]
-    feats = target.forward(
-        ids, valid, torch.arange(width).expand_as(ids), None, tuple(model.config.target_layer_ids), "none"
-    ).features
+    prompt_len = torch.tensor([p for _, p, _ in batch])[:, None]
+    feats = pad_features([f for _, _, f in batch], model.fc.weight.dtype)
     total, weight, logps = 0.0, 0.0, []
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
         outs = ttt_forward(model, target.embed, feats, ids, cfg.drafter.ttt_steps)
@@ -209,6 +262,16 @@ def train_sft(cfg: SFTConfig) -> Path:
     seqs = [((r["prompt"] + r["response"])[: cfg.max_len], len(r["prompt"])) for r in load_shards(cfg.data)]
     seqs = [x for x in seqs if len(x[0]) > x[1] + 1]  # at least one response token after the first anchor
     model = build_model(cfg, target, seqs)
+    key = {
+        "data": str(Path(cfg.data).resolve()),
+        "sequences": len(seqs),
+        "tokens": sum(len(x) for x, _ in seqs),
+        "target": cfg.target.path,
+        "layers": list(model.config.target_layer_ids),
+        "max_len": cfg.max_len,
+    }
+    also = Path(cfg.init_from).parent if cfg.init_from else None
+    feats = feature_store(target, seqs, model.config.target_layer_ids, out, key, also)
     eval_prompts = [target.encode_chat(p) for p in load_prompts(cfg.eval.dataset, cfg.eval.limit, cfg.eval.gsm8k_path)]
     opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.steps, cfg.warmup_ratio)
     start, ckpt, target_tokens = 0, latest_checkpoint(out), 0  # target_tokens: compute spent in target forwards
@@ -233,9 +296,9 @@ def train_sft(cfg: SFTConfig) -> Path:
     model.train()
     n, bs_global = len(seqs), cfg.batch_size * world
 
-    def sequence(i: int) -> tuple[list[int], int]:  # global sample index -> trajectory (epoch-wise permutation)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + i // n))
-        return seqs[perm[i % n]]
+    def sequence(i: int) -> tuple[list[int], int, torch.Tensor]:  # global sample index -> (ids, prompt len, feats)
+        j = int(torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + i // n))[i % n])
+        return (*seqs[j], feats[j])
 
     # 2) The loop.
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="sft", disable=not is_writer())
