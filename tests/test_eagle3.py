@@ -11,6 +11,7 @@ from draftopd.models.eagle3 import (
     Eagle3Config,
     Eagle3Drafter,
     Eagle3Model,
+    branch_forward,
     draft_vocab_map,
     eagle3_layer_ids,
     ttt_forward,
@@ -76,6 +77,30 @@ def test_first_chain_step_equals_ttt_step0(tiny_target):
     prop = drafter.propose(state, SamplingParams())
     top = ref.argmax(-1)
     assert prop.tokens[0, 0].item() == (top + model.d2t[top]).item()
+
+
+def test_branch_with_forced_inputs_reproduces_the_engine_chain(tiny_target):
+    """OPD replay of a rejected chain: TTT up to step r on the true prefix, then the draft's own tokens fed
+    back; every step must give the logits the engine had when it drafted those tokens."""
+    model = tiny_eagle(tiny_target)
+    seq = torch.tensor([[3, 9, 4, 7, 1, 8, 2, 6, 5, 11, 0, 13]])
+    p = 5
+    feats = tiny_target.forward(seq, torch.ones_like(seq), torch.arange(12)[None], None, (0, 1, 1), "none").features
+    drafter = Eagle3Drafter(model, tiny_target, steps=4)
+    state = DecodeState([seq[0, : p + 2].tolist()], seq[:, p + 1], torch.tensor([p + 1]), torch.tensor([0]))
+    drafter.start(state, feats[:, : p + 1])
+    d = drafter.propose(state, SamplingParams()).tokens[0]  # d_1..d_4, target ids
+    for r in range(3):  # the first r drafts "accepted": make the true sequence agree with them
+        true = seq.clone()
+        true[0, p + 2 : p + 2 + r] = d[:r]
+        kv: list = []
+        outs = ttt_forward(model, tiny_target.embed, feats, true, 4, keep_kv=kv)
+        forced = d[r:3][None]  # d_{r+1} .. d_3 fed at steps r+1 .. 3
+        h = branch_forward(
+            model, tiny_target.embed, outs, kv, torch.tensor([0]), torch.tensor([p]), torch.tensor([r]), forced
+        )
+        top = model.logits(h[0]).argmax(-1)
+        assert (top + model.d2t[top]).tolist() == d[r + 1 : 4].tolist(), r
 
 
 def test_greedy_lossless_with_eagle3_batched():

@@ -194,9 +194,8 @@ def test_resume_refuses_another_config(tiny_folder, shards, tmp_path):
     assert proc.returncode == 2 and "another config" in proc.stderr
 
 
-def test_opd_from_sft_changes_the_drafter(tiny_folder, sft_run, tmp_path):
-    out = tmp_path / "opd"
-    prompts = tmp_path / "p.jsonl"
+def run_opd(tiny_folder, init, out, prompts_dir, *extra):
+    prompts = prompts_dir / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"Tell me about {w}."}) for w in ("cats", "rain", "maps")))
     cli(
         "train",
@@ -206,7 +205,7 @@ def test_opd_from_sft_changes_the_drafter(tiny_folder, sft_run, tmp_path):
         "--dtype",
         "fp32",
         "--set",
-        f"init_from={sft_run / 'final'}",
+        f"init_from={init}",
         "--set",
         f"out={out}",
         "--set",
@@ -231,7 +230,13 @@ def test_opd_from_sft_changes_the_drafter(tiny_folder, sft_run, tmp_path):
         "lr=0.01",
         "--set",
         "logp_min=-40",  # random tiny target: log p ~ -10.8
+        *extra,
     )
+
+
+def test_opd_from_sft_changes_the_drafter(tiny_folder, sft_run, tmp_path):
+    out = tmp_path / "opd"
+    run_opd(tiny_folder, sft_run / "final", out, tmp_path)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert len(train_rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in train_rows)
@@ -241,3 +246,20 @@ def test_opd_from_sft_changes_the_drafter(tiny_folder, sft_run, tmp_path):
     after = load_file(str(out / "final" / "model.safetensors"))
     changed = [k for k in before if not torch.equal(before[k].float(), after[k].float())]
     assert len(changed) == len(before)  # every trainable tensor moved
+
+
+def test_eagle3_opd_replays_rejected_chains(tiny_folder, shards, tmp_path):
+    """EAGLE-3 Draft-OPD: rollouts with the chain drafter, replay with the rejected tokens fed back."""
+    sft = tmp_path / "eagle"
+    extra = ["--set", "drafter.kind=eagle3", "--set", "drafter.draft_vocab_size=64", "--set", "drafter.ttt_steps=3"]
+    cli(*sft_args(tiny_folder, shards, sft, steps=2), *extra, "--set", "eval_every=2")
+    out = tmp_path / "opd"
+    run_opd(tiny_folder, sft / "final", out, tmp_path, "--set", "steps=3")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert len(train_rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in train_rows)
+    assert all(r["resp_tokens"] > 0 and r["rej_tokens"] > 0 for r in train_rows)
+    before = load_file(str(sft / "final" / "model.safetensors"))
+    after = load_file(str(out / "final" / "model.safetensors"))
+    moved = [k for k in before if before[k].is_floating_point() and not torch.equal(before[k], after[k])]
+    assert {"fc.weight", "lm_head.weight"} <= set(moved) and any(k.startswith("midlayer.") for k in moved)

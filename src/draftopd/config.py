@@ -77,6 +77,8 @@ class BenchConfig:
     limit: int = 10  # prompts per data set
     gsm8k_path: str = ""  # folder or jsonl with GSM8K; '' = $DRAFTOPD_GSM8K or ../shared/data/gsm8k
     hf_baseline: bool = True  # also time transformers' generate(), plain and with prompt lookup
+    tau_only: bool = False  # acceptance length only: each method batched over all prompts, nothing timed
+    batch_size: int = 16  # rows per batch in tau_only mode (tau does not depend on batching)
     # several drafters side by side instead of `drafter`: "name=spec", spec = pld | a drafter folder
     methods: tuple[str, ...] = ()
     warmup: int = 1  # untimed generations before measuring
@@ -255,6 +257,7 @@ class OPDConfig:
     resp_weight: float = 1.0
     rej_weight: float = 1.0  # 0 = the no-rejected-stream ablation
     random_anchors: bool = False  # the random-response-anchor ablation
+    steps: int = 6  # eagle3: chain length drafted per verify step in the rollouts (replay blocks are steps + 1)
     logp_min: float = -10.0  # log-probs are clamped to >= this before the loss (no gradient below it)
     seed: int = 0
     log_every: int = 1

@@ -10,6 +10,7 @@ bf16 kernels are not bit-exact, see cpu-feasibility.md).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import subprocess
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from draftopd import DraftopdError
 from draftopd.bench.datasets import load_prompts
-from draftopd.config import BenchConfig, DrafterConfig, to_dict
+from draftopd.config import BenchConfig, to_dict
 from draftopd.models import Drafter, build_drafter
 from draftopd.models.target import Target, load_target
 from draftopd.spec.decode import SpecStats, speculative_generate
@@ -150,7 +151,8 @@ def run_bench(
             name, _, spec = item.partition("=")
             if not spec:
                 raise DraftopdError(f"bench.methods entry {item!r} is not name=pld|folder")
-            dc = DrafterConfig(kind=spec) if spec in ("pld", "none") else DrafterConfig(kind="path", path=spec)
+            kind, path = (spec, None) if spec in ("pld", "none") else ("path", spec)
+            dc = dataclasses.replace(cfg.drafter, kind=kind, path=path)  # steps, num_tokens, ... from `drafter`
             methods[name] = build_drafter(dc, target)
     if methods is None:
         name = cfg.drafter.kind if cfg.drafter.kind != "path" else Path(cfg.drafter.path or "").name or "drafter"
@@ -170,6 +172,15 @@ def run_bench(
         prompts = [target.encode_chat(p) for p in load_prompts(ds, cfg.limit, cfg.gsm8k_path)]
         for i, ids in enumerate(prompts):
             target.check_prompt(ids, max_new, f"{ds} prompt {i + 1}")
+        if cfg.tau_only:  # batched, untimed: tau and its histogram per method
+            rows = {}
+            for name, drafter in methods.items():
+                st = SpecStats()
+                for i in tqdm(range(0, len(prompts), cfg.batch_size), desc=f"tau {ds} {name}", disable=not progress):
+                    st.merge(speculative_generate(target, prompts[i : i + cfg.batch_size], drafter, max_new).stats)
+                rows[name] = {k: v for k, v in st.summary().items() if k in ("tau", "new_tokens", "tau_histogram")}
+            result["datasets"][ds] = {"prompts": len(prompts), "methods": rows}
+            continue
         for ids in prompts[: cfg.warmup]:  # untimed: first calls pay allocator and kernel warm-up
             for drafter in methods.values():
                 speculative_generate(target, [ids], drafter, min(16, max_new), params, gen)
@@ -181,6 +192,13 @@ def run_bench(
 
 def format_table(result: dict) -> str:
     """A plain-text table of the result, one line per data set and method."""
+    if result["config"].get("tau_only"):
+        lines = [f"{'dataset':<10} {'method':<24} {'n':>4} {'tau':>6}"]
+        for ds, r in result["datasets"].items():
+            lines += [
+                f"{ds:<10} {name[:24]:<24} {r['prompts']:>4} {m['tau']:>6.3f}" for name, m in r["methods"].items()
+            ]
+        return "\n".join(lines) + f"\ndtype={result['dtype']} commit={result['commit']} (tau only, batched)"
     hdr = f"{'dataset':<10} {'method':<14} {'n':>3} {'tau':>6} {'tok/s':>7} {'speedup':>8} {'lossless':>8}"
     lines = [hdr, "-" * len(hdr)]
     for ds, r in result["datasets"].items():

@@ -14,18 +14,37 @@ from draftopd.models.target import Target
 __all__ = ["Drafter", "Proposal", "PromptLookupDrafter", "Target", "build_drafter"]
 
 
+def load_model(folder: str | Path):
+    """The trainable DFlashModel or Eagle3Model stored in a drafter folder (serving layout or checkpoint)."""
+    from draftopd.models.dflash import DFlashModel
+    from draftopd.models.eagle3 import Eagle3Model
+
+    arch = _architectures(Path(folder) / "config.json")
+    if "DFlashDraftModel" in arch:
+        return DFlashModel.load(folder)
+    if "LlamaForCausalLMEagle3" in arch:
+        return Eagle3Model.load(folder)
+    raise DraftopdError(f"{Path(folder) / 'config.json'}: unknown drafter architecture {arch} (DFlash or EAGLE-3)")
+
+
+def _architectures(cfg_file: Path) -> list[str]:
+    if not cfg_file.exists():
+        raise DraftopdError(
+            f"drafter not found: {cfg_file.parent} (expected a folder with config.json and model.safetensors)"
+        )
+    try:
+        return json.loads(cfg_file.read_text()).get("architectures", [])
+    except json.JSONDecodeError as e:
+        raise DraftopdError(f"{cfg_file}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
 def load_drafter(folder: str | Path, target: Target, steps: int = 6) -> Drafter:
     """A DFlash or EAGLE-3 drafter from a folder in the serving layout, checked against the target."""
     from draftopd.models.dflash import DFlashDrafter, DFlashModel
     from draftopd.models.eagle3 import Eagle3Drafter, Eagle3Model
 
     cfg_file = Path(folder) / "config.json"
-    if not cfg_file.exists():
-        raise DraftopdError(f"drafter not found: {folder} (expected a folder with config.json and model.safetensors)")
-    try:
-        arch = json.loads(cfg_file.read_text()).get("architectures", [])
-    except json.JSONDecodeError as e:
-        raise DraftopdError(f"{cfg_file}:{e.lineno}: invalid JSON ({e.msg})") from None
+    arch = _architectures(cfg_file)
     if "DFlashDraftModel" in arch:
         return DFlashDrafter(DFlashModel.load(folder), target)
     if "LlamaForCausalLMEagle3" in arch:

@@ -199,12 +199,15 @@ class Eagle3Model(DrafterModel, nn.Module):
         return rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, dtype)
 
 
-def ttt_forward(model: Eagle3Model, embed: nn.Module, features: Tensor, ids: Tensor, steps: int) -> list[Tensor]:
+def ttt_forward(
+    model: Eagle3Model, embed: nn.Module, features: Tensor, ids: Tensor, steps: int, keep_kv: list | None = None
+) -> list[Tensor]:
     """Training-time test over whole sequences: output hidden states (B, S, H) of each of ``steps`` steps.
 
     Step k at position p reads token ids[p + k + 1] (shifted ids; past the end: the last id, unsupervised)
     and predicts ids[p + k + 2]. Keys: step-0 keys of positions <= p (causal) and, for k >= 1, the keys of
-    steps 1..k at the same position p (the diagonal "chain"), in one softmax.
+    steps 1..k at the same position p (the diagonal "chain"), in one softmax. ``keep_kv``, when a list, receives
+    the keys/values (k0, v0, chain_k, chain_v), each (B, nh, S, D), for ``branch_forward``.
     """
     bsz, seq = ids.shape
     mid = model.midlayer
@@ -231,7 +234,62 @@ def ttt_forward(model: Eagle3Model, embed: nn.Module, features: Tensor, ids: Ten
         attn = p[..., :seq] @ v0 + sum(p[..., seq + j : seq + j + 1] * cv for j, cv in enumerate(chain_v))
         h = mid.finish(h, attn)
         outs.append(h)
+    if keep_kv is not None:
+        keep_kv.extend([k0, v0, chain_k, chain_v])
     return outs
+
+
+def branch_forward(
+    model: Eagle3Model,
+    embed: nn.Module,
+    outs: list[Tensor],
+    kv: list,
+    row: Tensor,
+    pos: Tensor,
+    r: Tensor,
+    forced: Tensor,
+    chunk: int = 128,
+) -> Tensor:
+    """Replay of rejected chains (Draft-OPD's autoregressive analogue): the chain continued with *forced* inputs.
+
+    A branch leaves the teacher-forced TTT chain of ``ttt_forward`` (``outs``, ``kv``) at batch row ``row``,
+    position ``pos`` (the pair before the block's anchor), after step ``r`` (whose output predicted block offset
+    r + 1 on the true prefix), and feeds ``forced`` (N, L) tokens at steps r + 1 .. r + L: the draft's own
+    rejected proposals d_{r+1}, ..., exactly what the drafter fed itself at inference. Step s attends to the
+    step-0 keys <= pos, the true chain keys of steps 1..r at pos, and the branch's own keys (one softmax, as in
+    TTT and the engine). Returns output hidden states (N, L, H); entry j predicts block offset r + j + 2.
+    """
+    mid = model.midlayer
+    k0, v0, chain_k, chain_v = kv
+    n_steps = len(chain_k)
+    seq = k0.shape[2]
+    stacked = torch.stack(outs, 0)  # (K, B, S, H)
+    res = []
+    for c in range(0, row.shape[0], chunk):
+        b, p, rr, x = row[c : c + chunk], pos[c : c + chunk], r[c : c + chunk], forced[c : c + chunk]
+        n, length = x.shape
+        keys, vals = [k0[b]], [v0[b]]  # (n, nh, S, D)
+        masks = [torch.arange(seq, device=b.device)[None] <= p[:, None]]
+        if n_steps:  # the true chain at pos: steps 1..r visible
+            keys.append(torch.stack([ck[b, :, p] for ck in chain_k], 2))  # (n, nh, K-1, D)
+            vals.append(torch.stack([cv[b, :, p] for cv in chain_v], 2))
+            masks.append(torch.arange(1, n_steps + 1, device=b.device)[None] <= rr[:, None])
+        g = stacked[rr, b, p]  # (n, H): the output of step r
+        rep = mid.nh // mid.nkv
+        out = []
+        for j in range(length):
+            cos, sin = model.rope((p + rr + j + 1)[:, None], g.dtype)
+            q, k, v = mid.qkv(embed(x[:, j : j + 1].clamp_min(0)), g[:, None], cos, sin)
+            keys.append(k.repeat_interleave(rep, 1))
+            vals.append(v.repeat_interleave(rep, 1))
+            masks.append(torch.ones(n, 1, dtype=torch.bool, device=b.device))
+            attn = F.scaled_dot_product_attention(
+                q, torch.cat(keys, 2), torch.cat(vals, 2), attn_mask=torch.cat(masks, 1)[:, None, None, :]
+            )
+            g = mid.finish(g[:, None], attn)[:, 0]
+            out.append(g)
+        res.append(torch.stack(out, 1))
+    return torch.cat(res, 0) if res else outs[0].new_zeros(0, forced.shape[1], outs[0].shape[-1])
 
 
 class Eagle3Drafter:

@@ -1,4 +1,4 @@
-"""``draftopd train opd``: Draft-OPD, on-policy distillation of a DFlash drafter. Read top to bottom.
+"""``draftopd train opd``: Draft-OPD, on-policy distillation of a DFlash or EAGLE-3 drafter. Read top to bottom.
 
 What this OPD is (draft-opd-method.md section 2): the rollouts are target-assisted, i.e. produced by the
 same lossless ``speculative_generate`` used at inference, with the *current* drafter proposing and the
@@ -34,7 +34,9 @@ from draftopd import DraftopdError
 from draftopd.bench.datasets import load_prompts
 from draftopd.config import OPDConfig, to_dict
 from draftopd.data.prompts import load_training_prompts
-from draftopd.models.dflash import DFlashDrafter, DFlashModel, block_hidden, check_compatible
+from draftopd.models import load_model
+from draftopd.models.dflash import DFlashModel, block_hidden
+from draftopd.models.eagle3 import Eagle3Model, branch_forward, ttt_forward
 from draftopd.models.target import Target, load_target
 from draftopd.report import plot_tau
 from draftopd.spec.decode import speculative_generate
@@ -48,20 +50,21 @@ from draftopd.train.common import (
 )
 from draftopd.train.losses import expected_acceptance_loss, full_forward_kl, opd_loss, token_logprobs
 from draftopd.train.replay import build_replay_plan, randomize_anchors
-from draftopd.train.sft import feature_scale, measure_tau
+from draftopd.train.sft import engine_drafter, feature_scale, measure_tau
 
 log = logging.getLogger(__name__)
 
 
 def replay_loss(
-    model: DFlashModel,
+    model: DFlashModel | Eagle3Model,
     target: Target,
     rows: list[tuple[list[int], list[int], list]],
     cfg: OPDConfig,
     gen: torch.Generator,
 ) -> tuple[torch.Tensor, dict]:
     """The two-stream loss of one micro-batch of rollouts (prompt ids, response ids, verify steps)."""
-    bs = model.config.block_size
+    eagle = isinstance(model, Eagle3Model)
+    bs = cfg.steps + 1 if eagle else model.config.block_size  # anchor + the proposals of one verify step
     plans = [build_replay_plan(steps, len(resp), bs) for _, resp, steps in rows]
     if cfg.random_anchors:
         plans = [randomize_anchors(p, len(resp), gen) for p, (_, resp, _) in zip(plans, rows, strict=True)]
@@ -77,34 +80,47 @@ def replay_loss(
     # 2) Replay blocks in full coordinates: anchor = prompt length + response index.
     nb = max(1, max(len(p.anchors) for p in plans))
     anchors = torch.full((len(rows), nb), -1, dtype=torch.long)
+    accepted = torch.full((len(rows), nb), -1, dtype=torch.long)
     resp_idx, rej_idx, rej_tok, t_rej, w_rej = [], [], [], [], []  # (b, block, slot) triples and targets
     for b, ((p, _, _), plan) in enumerate(zip(rows, plans, strict=True)):
         anchors[b, : len(plan.anchors)] = torch.tensor(plan.anchors, dtype=torch.long) + len(p)
+        accepted[b, : len(plan.accepted)] = torch.tensor(plan.accepted, dtype=torch.long)
         resp_idx += [(b, i, k) for i, seg in enumerate(plan.segments) for k in range(1, seg + 1)]
         rej_idx += [(b, i, k) for i, k in zip(plan.rej_block, plan.rej_offset, strict=True)]
         rej_tok += plan.rej_token
         t_rej += plan.rej_logp_target
         w_rej += [cfg.gamma ** (k - 1) for k in plan.rej_offset]
-    h = block_hidden(model, target.embed, out.features, ids, anchors)  # (B, Nb, Bs, H)
     ri = torch.tensor(resp_idx, dtype=torch.long).view(-1, 3)
+    xi = torch.tensor(rej_idx, dtype=torch.long).view(-1, 3)
     label_pos = anchors[ri[:, 0], ri[:, 1]] + ri[:, 2]  # full position of each response label
     labels = ids[ri[:, 0], label_pos]
-    h_resp = h[ri[:, 0], ri[:, 1], ri[:, 2]]  # (N, H)
     teacher_h = out.hidden[ri[:, 0], label_pos - 1]  # the target's state that predicts the label
-    stats = {"resp_tokens": len(resp_idx), "rej_tokens": len(rej_idx)}
+    rej_labels = torch.tensor(rej_tok, dtype=torch.long)
+    t_rej, w_rej = torch.tensor(t_rej), torch.tensor(w_rej)
+    if eagle:
+        h_resp, h_rej = eagle_replay_states(model, target, out.features, ids, anchors, accepted, ri, xi, rej_labels)
+        head = model.logits
+        labels, rej_labels = model.to_draft_ids(labels), model.to_draft_ids(rej_labels)
+        keep = labels >= 0  # only draft-vocabulary tokens can be predicted by an EAGLE-3 head
+        h_resp, labels, teacher_h = h_resp[keep], labels[keep], teacher_h[keep]
+        t_labels = model.d2t[labels] + labels  # back to target ids for the teacher
+    else:
+        h = block_hidden(model, target.embed, out.features, ids, anchors)  # (B, Nb, Bs, H)
+        h_resp, h_rej = h[ri[:, 0], ri[:, 1], ri[:, 2]], h[xi[:, 0], xi[:, 1], xi[:, 2]]
+        head, t_labels = target.logits, labels
+    stats = {"resp_tokens": len(labels), "rej_tokens": len(rej_idx)}
 
     # 3) The loss: the default two-stream one, or an alternative distribution-level loss.
     if cfg.loss in ("acceptance_aware", "all_forward"):
-        s_resp = token_logprobs(h_resp, labels, target.logits)
-        t_resp = token_logprobs(teacher_h, labels, target.logits)
-        xi = torch.tensor(rej_idx, dtype=torch.long).view(-1, 3)
-        s_rej = token_logprobs(h[xi[:, 0], xi[:, 1], xi[:, 2]], torch.tensor(rej_tok, dtype=torch.long), target.logits)
+        s_resp = token_logprobs(h_resp, labels, head)
+        t_resp = token_logprobs(teacher_h, t_labels, target.logits)
+        s_rej = token_logprobs(h_rej, rej_labels, head)
         loss = opd_loss(
             s_resp,
             t_resp,
             s_rej,
-            torch.tensor(t_rej),
-            torch.tensor(w_rej),
+            t_rej,
+            w_rej,
             cfg.resp_weight,
             cfg.rej_weight,
             rej_reverse_kl=cfg.loss == "acceptance_aware",
@@ -112,10 +128,60 @@ def replay_loss(
         )
         stats["resp_q_of_target_token"] = s_resp.exp().mean().item() if len(s_resp) else 0.0
     else:
+        if eagle:
+            raise DraftopdError(f"loss={cfg.loss} compares full-vocabulary distributions: DFlash drafters only")
         fn = full_forward_kl if cfg.loss == "full_kl" else None
         dl, tl = target.logits(h_resp), target.logits(teacher_h).detach()
         loss = fn(dl, tl).mean() if fn else expected_acceptance_loss(dl, tl, ri[:, 0] * nb + ri[:, 1])
     return loss, stats
+
+
+def eagle_replay_states(
+    model: Eagle3Model,
+    target: Target,
+    features: torch.Tensor,
+    ids: torch.Tensor,
+    anchors: torch.Tensor,
+    accepted: torch.Tensor,
+    ri: torch.Tensor,
+    xi: torch.Tensor,
+    rej_labels: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """EAGLE-3 replay (the autoregressive analogue of a DFlash block): drafter states of every response and
+    rejected slot. A block anchored at A is the chain started from the pair at A - 1; block offset k is chain
+    step k - 1. Response slots and the first rejected proposal have the true prefix: the teacher-forced TTT
+    unroll. Later rejected proposals were drafted after the draft's own wrong tokens: ``branch_forward`` feeds
+    those rejected tokens back as inputs, as the drafter did at inference."""
+    steps = int(max(ri[:, 2].max().item() if len(ri) else 1, xi[:, 2].max().item() if len(xi) else 1))
+    kv: list = []
+    outs = ttt_forward(model, target.embed, features, ids, steps, keep_kv=kv)
+    stacked = torch.stack(outs, 0)  # (K, B, S, H)
+    pair = (anchors - 1).clamp_min(0)  # (B, Nb) the pair position each block's chain starts from
+    h_resp = stacked[ri[:, 2] - 1, ri[:, 0], pair[ri[:, 0], ri[:, 1]]]
+    if not len(xi):
+        return h_resp, h_resp.new_zeros(0, h_resp.shape[-1])
+    r = accepted[xi[:, 0], xi[:, 1]]
+    first = xi[:, 2] == r + 1  # the first rejected proposal: drafted on the true prefix
+    h_rej = stacked[(xi[:, 2] - 1).clamp(max=steps - 1), xi[:, 0], pair[xi[:, 0], xi[:, 1]]].clone()
+    # branches: one per block with >= 2 rejected proposals; inputs are that block's rejected tokens
+    blocks: dict[tuple[int, int], list[int]] = {}
+    for j in range(len(xi)):
+        blocks.setdefault((int(xi[j, 0]), int(xi[j, 1])), []).append(j)
+    branch = [(key, items) for key, items in blocks.items() if len(items) >= 2]
+    if branch:
+        length = max(len(items) for _, items in branch) - 1
+        forced = torch.full((len(branch), length), -1, dtype=torch.long)
+        for n, (_, items) in enumerate(branch):
+            forced[n, : len(items) - 1] = rej_labels[items[:-1]]  # d_{r+1} .. d_{n-1}
+        row = torch.tensor([b for (b, _), _ in branch])
+        pos = pair[row, torch.tensor([i for (_, i), _ in branch])]
+        rr = torch.tensor([int(r[items[0]]) for _, items in branch])
+        hb = branch_forward(model, target.embed, outs, kv, row, pos, rr, forced)  # (NB, L, H)
+        for n, (_, items) in enumerate(branch):
+            for m, j in enumerate(items[1:]):  # the (m + 2)-th rejected proposal: branch entry m
+                h_rej[j] = hb[n, m]
+    assert bool(first[[items[0] for items in blocks.values()]].all()), "rejected proposals must start at r + 1"
+    return h_resp, h_rej
 
 
 def train_opd(cfg: OPDConfig) -> Path:
@@ -128,8 +194,8 @@ def train_opd(cfg: OPDConfig) -> Path:
     if not cfg.init_from:
         raise DraftopdError("train opd needs init_from=<an SFT drafter folder>")
     target = load_target(cfg.target.path, cfg.target.dtype, cfg.target.device)
-    model = DFlashModel.load(cfg.init_from)
-    check_compatible(model.config, target)
+    model = load_model(cfg.init_from)
+    engine_drafter(model, target, cfg.steps)  # one-line error if the drafter does not fit this target
     prompts = [
         ids
         for s in cfg.sources
@@ -145,7 +211,7 @@ def train_opd(cfg: OPDConfig) -> Path:
     if ckpt is not None:
         if json.loads((ckpt / "run_config.json").read_text()) != json.loads(json.dumps(to_dict(cfg))):
             raise DraftopdError(f"{out} holds a run with another config: resume with the same config or another out")
-        model = DFlashModel.load(ckpt)
+        model = type(model).load(ckpt)
         opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.iterations, cfg.warmup_ratio)
         state = load_training_state(ckpt, opt, sched)
         start, counters = state["step"], state["counters"]
@@ -156,7 +222,7 @@ def train_opd(cfg: OPDConfig) -> Path:
     if metrics and start:
         metrics.truncate(start)
     if metrics and start == 0:  # tau of the starting drafter: the curve's first point
-        metrics.log(0, tau=measure_tau(model, target, eval_prompts, cfg.eval.max_new_tokens, 0), **counters)
+        metrics.log(0, tau=measure_tau(model, target, eval_prompts, cfg.eval.max_new_tokens, cfg.steps), **counters)
 
     # 2) The loop: rollout with the current drafter -> replay -> two-stream loss -> step.
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="opd", disable=not is_writer())
@@ -169,7 +235,7 @@ def train_opd(cfg: OPDConfig) -> Path:
             first = (batch_no * cfg.rollout_batch * world + rank * cfg.rollout_batch) % len(prompts)
             batch = [prompts[(first + j) % len(prompts)] for j in range(cfg.rollout_batch)]
             rollout = speculative_generate(
-                target, batch, DFlashDrafter(_frozen(model), target), cfg.max_new_tokens, record=True
+                target, batch, engine_drafter(model, target, cfg.steps), cfg.max_new_tokens, record=True
             )  # greedy: the committed text is the target's own
             sums["rollout_tau"] += rollout.stats.tau / cfg.accum
             counters["target_tokens"] += rollout.stats.target_tokens
@@ -200,7 +266,7 @@ def train_opd(cfg: OPDConfig) -> Path:
             )
             bar.set_postfix(loss=f"{sums['loss']:.4f}", rollout_tau=f"{sums['rollout_tau']:.2f}")
         if metrics and (done % cfg.eval_every == 0 or done == cfg.iterations):
-            tau = measure_tau(model, target, eval_prompts, cfg.eval.max_new_tokens, 0)
+            tau = measure_tau(model, target, eval_prompts, cfg.eval.max_new_tokens, cfg.steps)
             metrics.log(done, tau=tau, **counters)
             bar.write(f"step {done}: tau {tau:.3f} on {len(eval_prompts)} {cfg.eval.dataset} prompts")
             plot_tau(
@@ -211,10 +277,3 @@ def train_opd(cfg: OPDConfig) -> Path:
     if is_writer():
         model.save(out / "final")
     return out / "final"
-
-
-def _frozen(model: DFlashModel) -> DFlashModel:
-    """A detached copy of the current weights for the rollout drafter (the weight sync of the paper)."""
-    import copy
-
-    return copy.deepcopy(model).eval()

@@ -30,6 +30,7 @@ from draftopd.spec.decode import VerifyStep
 class ReplayPlan:
     anchors: list[int] = field(default_factory=list)  # response index of each block's anchor
     segments: list[int] = field(default_factory=list)  # response-stream labels per block (0: rejected-only)
+    accepted: list[int] = field(default_factory=list)  # r of each block's verify step (-1: random-anchor block)
     rej_block: list[int] = field(default_factory=list)  # block index of each rejected proposal
     rej_offset: list[int] = field(default_factory=list)  # its 1-based block offset k
     rej_token: list[int] = field(default_factory=list)
@@ -46,6 +47,7 @@ def build_replay_plan(steps: list[VerifyStep], response_len: int, block_size: in
         block = len(plan.anchors)
         plan.anchors.append(s.anchor)
         plan.segments.append(max(seg, 0))
+        plan.accepted.append(s.n_accepted)
         for k in range(s.n_accepted + 1, len(s.draft) + 1):  # first rejected proposal, then its suffix
             if s.anchor + k > last or k > block_size - 1:
                 break
@@ -72,11 +74,13 @@ def randomize_anchors(plan: ReplayPlan, response_len: int, gen: torch.Generator)
         pos += gap
         out.anchors.append(pos)
         out.segments.append(seg)
+        out.accepted.append(-1)
         pos += seg
     for b in sorted(set(plan.rej_block)):  # rejected-only blocks at the true anchors
         nb = len(out.anchors)
         out.anchors.append(plan.anchors[b])
         out.segments.append(0)
+        out.accepted.append(plan.accepted[b])
         for i, rb in enumerate(plan.rej_block):
             if rb == b:
                 out.rej_block.append(nb)

@@ -1,0 +1,76 @@
+"""The quick demo end to end on the real default target (what CI runs), then a re-run and a resumed stage."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from draftopd import assets
+from draftopd.config import DemoConfig, load
+from draftopd.demo import STAGES, run_demo
+
+pytestmark = pytest.mark.slow
+
+QUICK = Path(__file__).resolve().parents[1] / "configs" / "demo-quick.yaml"
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    if not (assets.default_target_dir() / "config.json").exists():
+        pytest.skip("default target not set up (run scripts/setup.sh)")
+    out = tmp_path_factory.mktemp("demo")
+    cfg = load(DemoConfig, QUICK, [f"out={out}"])
+    said: list[str] = []
+    report = run_demo(cfg, say=said.append)
+    return cfg, out, report, said
+
+
+def test_quick_demo_writes_report_with_every_method(quick_demo):
+    cfg, out, report, said = quick_demo
+    text = report.read_text()
+    result = json.loads((out / "bench" / "result.json").read_text())
+    assert set(result["datasets"]) == {"gsm8k", "humaneval", "mtbench"}
+    for ds, r in result["datasets"].items():
+        assert set(r["methods"]) == {"plain", "prompt lookup", "SFT", "Draft-OPD"}
+        for name, m in r["methods"].items():
+            assert m["lossless"] == 1.0, (ds, name)  # greedy fp32: every drafter reproduces plain decoding
+            assert m["new_tokens"] > 0
+            assert f"{ds:<10} {name[:14]:<14}" in text
+    for fig in ("tau_vs_compute", "acceptance_histogram", "tokens_per_s"):
+        assert (out / "figures" / f"{fig}.png").read_bytes()[:4] == b"\x89PNG"
+    for stage in STAGES:
+        assert (out / "done" / f"{stage}.json").exists()
+        assert (out / "logs" / f"{stage}.log").stat().st_size > 0
+    # the OPD and SFT-continued runs start from the SFT drafter and log tau from step 0
+    opd_rows = [json.loads(x) for x in (out / "opd" / "metrics.jsonl").read_text().splitlines()]
+    assert opd_rows[0]["step"] == 0 and "tau" in opd_rows[0]
+    assert any(r.get("step") == cfg.opd.iterations and "tau" in r for r in opd_rows)
+    assert sum(1 for line in said if "started" in line) == len(STAGES)
+
+
+def test_second_run_skips_finished_stages_and_rebuilds_the_same_report(quick_demo):
+    cfg, out, report, _ = quick_demo
+    first = report.read_text()
+    said: list[str] = []
+    t0 = time.perf_counter()
+    again = run_demo(cfg, say=said.append)
+    assert time.perf_counter() - t0 < 60
+    assert sum(1 for line in said if "skipped" in line) == len(STAGES)
+    assert again.read_text() == first
+
+
+def test_interrupted_stage_resumes_from_its_checkpoint(quick_demo):
+    """An unfinished stage (no done marker, checkpoints on disk) resumes; finished stages are not redone."""
+    cfg, out, report, _ = quick_demo
+    first = report.read_text()
+    (out / "done" / "sft_continued.json").unlink()
+    said: list[str] = []
+    run_demo(cfg, say=said.append)
+    started = [line for line in said if "started" in line]
+    assert len(started) == 1 and "sft_continued" in started[0]
+    log = (out / "logs" / "sft_continued.log").read_text()
+    assert "resumed from" in log
+    assert report.read_text() == first
