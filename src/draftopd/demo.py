@@ -11,7 +11,8 @@
 
 Each stage runs as its own process (the exact ``draftopd`` command, from a config file written under
 ``out/configs``), with its output shown and copied to ``out/logs/<stage>.log``. A stage that finished writes
-``out/done/<stage>.json`` and is skipped on the next run; ``--fresh`` starts over. The trainers checkpoint as
+``out/done/<stage>.json`` and is skipped on the next run, unless its config changed (then it and every later
+stage are redone); ``--fresh`` starts over. The trainers checkpoint as
 they go, so Ctrl-C (or a crash) in the middle of a stage loses at most a few steps: the next ``make demo``
 resumes it. The report is rebuilt from the stage outputs every time, so an interrupted run and an
 uninterrupted one produce the same report.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -90,13 +92,13 @@ def estimate(stage: str, c, n_traj: int) -> float:
     if stage == "data":
         return len(c.sources) * c.limit_per_source * c.sampling.max_new_tokens / 200
     if stage in ("sft", "sft_continued"):
-        per_step = 0.0013 * c.batch_size * c.blocks_per_seq * (c.drafter.block_size - 1)
+        per_step = 0.0021 * c.batch_size * c.blocks_per_seq * (c.drafter.block_size - 1)
         evals = c.steps // max(1, c.eval_every) + 1
         feats = 0 if c.init_from else 0.5 * n_traj  # the target's feature pass (reused when continuing)
         return feats + c.steps * per_step + evals * 0.12 * c.eval.limit * c.eval.max_new_tokens / 8
     if stage == "opd":
         evals = c.iterations // max(1, c.eval_every) + 1
-        return c.iterations * (0.012 * c.rollout_batch * c.max_new_tokens) + evals * 0.12 * c.eval.limit * 12
+        return c.iterations * (0.045 * c.rollout_batch * c.max_new_tokens) + evals * 0.12 * c.eval.limit * 12
     if stage == "bench":
         return len(c.datasets) * c.limit * (len(c.methods) + 1) * c.sampling.max_new_tokens / 14
     return 0.0
@@ -116,8 +118,13 @@ def run_stage(cmd: list[str], log_path: Path) -> int:
                 log.write(chunk)
                 log.flush()
             return proc.wait()
-        except KeyboardInterrupt:  # the child got the same SIGINT; let it stop at a clean point
-            proc.wait()
+        except KeyboardInterrupt:  # pass it on (a terminal's Ctrl-C reaches both), let the child stop cleanly
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                proc.wait()
             raise
 
 
@@ -131,15 +138,23 @@ def run_demo(cfg: DemoConfig, fresh: bool = False, say=print) -> Path:
     stages = stage_configs(cfg)
     n_traj = len(cfg.data.sources) * cfg.data.limit_per_source
     t_start = time.perf_counter()
+    changed = False
     for i, name in enumerate(STAGES, 1):
         verb, c = stages[name]
         done = out / "done" / f"{name}.json"
+        conf = out / "configs" / f"{name}.yaml"
+        text = yaml.safe_dump(_plain(to_dict(c)), sort_keys=False)
+        if changed or (conf.exists() and conf.read_text() != text):
+            changed = True  # a stage whose recipe changed starts over, and so does every stage after it
+            if (out / name).exists() or done.exists():
+                say(f"[demo] stage {name}: its config changed, redoing it")
+            shutil.rmtree(out / name, ignore_errors=True)
+            done.unlink(missing_ok=True)
         if done.exists():
             took = _fmt(json.loads(done.read_text())["seconds"])
             say(f"[demo] stage {i}/{len(STAGES) + 1} {name}: done earlier ({took}), skipped")
             continue
-        conf = out / "configs" / f"{name}.yaml"
-        conf.write_text(yaml.safe_dump(_plain(to_dict(c)), sort_keys=False))
+        conf.write_text(text)
         cmd = [sys.executable, "-m", "draftopd.cli", *verb, "--config", str(conf)]
         say(
             f"[demo] stage {i}/{len(STAGES) + 1} {name}: started, estimate ~{_fmt(estimate(name, c, n_traj))} "
