@@ -259,6 +259,10 @@ class OPDConfig:
     random_anchors: bool = False  # the random-response-anchor ablation
     steps: int = 6  # eagle3: chain length drafted per verify step in the rollouts (replay blocks are steps + 1)
     logp_min: float = -10.0  # log-probs are clamped to >= this before the loss (no gradient below it)
+    # the teacher's temperature: 1.0 = the target's full distribution (the paper's recipe, right for sampled
+    # decoding); 0.0 = the greedy target, one-hot on its argmax (p = 1 on response tokens; on a rejected
+    # proposal p = 1 if the verify pass gave it p > 1/2, else 0 -> logp_min): what greedy verification checks
+    teacher_temperature: float = 1.0
     seed: int = 0
     log_every: int = 1
     eval_every: int = 5
@@ -267,6 +271,8 @@ class OPDConfig:
     def __post_init__(self) -> None:
         if self.loss not in ("acceptance_aware", "all_forward", "full_kl", "tv"):
             raise DraftopdError(f"loss must be acceptance_aware, all_forward, full_kl or tv, not {self.loss!r}")
+        if self.teacher_temperature not in (0.0, 1.0):
+            raise DraftopdError(f"teacher_temperature must be 1.0 or 0.0 (greedy), not {self.teacher_temperature}")
         if self.iterations < 1 or self.rollout_batch < 1 or self.accum < 1 or self.micro_batch < 1:
             raise DraftopdError("opd: need iterations, rollout_batch, accum, micro_batch >= 1")
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -113,7 +114,13 @@ def replay_loss(
     # 3) The loss: the default two-stream one, or an alternative distribution-level loss.
     if cfg.loss in ("acceptance_aware", "all_forward"):
         s_resp = token_logprobs(h_resp, labels, head)
-        t_resp = token_logprobs(teacher_h, t_labels, target.logits)
+        if cfg.teacher_temperature == 0:  # greedy teacher: one-hot on the target's argmax
+            # response tokens are the argmax (greedy rollouts); a proposal is taken as the argmax of its
+            # (possibly wrong) prefix when the verify pass gave it p > 1/2, else p = 0 (clamped to logp_min)
+            t_resp = torch.zeros_like(s_resp)
+            t_rej = torch.where(t_rej > math.log(0.5), 0.0, cfg.logp_min)
+        else:
+            t_resp = token_logprobs(teacher_h, t_labels, target.logits)
         s_rej = token_logprobs(h_rej, rej_labels, head)
         loss = opd_loss(
             s_resp,
