@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from draftopd.config import DemoConfig, to_dict
+from draftopd.config import DemoConfig, load, to_dict
 
 STAGES = ("data", "sft", "opd", "sft_continued", "bench")
 
@@ -144,12 +144,13 @@ def run_demo(cfg: DemoConfig, fresh: bool = False, say=print) -> Path:
         done = out / "done" / f"{name}.json"
         conf = out / "configs" / f"{name}.yaml"
         text = yaml.safe_dump(_plain(to_dict(c)), sort_keys=False)
-        if changed or (conf.exists() and conf.read_text() != text):
+        if changed or (conf.exists() and load(type(c), conf) != c):  # compared as configs (new fields default)
             changed = True  # a stage whose recipe changed starts over, and so does every stage after it
             if (out / name).exists() or done.exists():
                 say(f"[demo] stage {name}: its config changed, redoing it")
             shutil.rmtree(out / name, ignore_errors=True)
             done.unlink(missing_ok=True)
+            (out / "done" / f"{name}.seconds").unlink(missing_ok=True)
         if done.exists():
             took = _fmt(json.loads(done.read_text())["seconds"])
             say(f"[demo] stage {i}/{len(STAGES) + 1} {name}: done earlier ({took}), skipped")
@@ -160,13 +161,19 @@ def run_demo(cfg: DemoConfig, fresh: bool = False, say=print) -> Path:
             f"[demo] stage {i}/{len(STAGES) + 1} {name}: started, estimate ~{_fmt(estimate(name, c, n_traj))} "
             f"(elapsed {_fmt(time.perf_counter() - t_start)}; log {out / 'logs' / (name + '.log')})"
         )
+        spent = out / "done" / f"{name}.seconds"  # time of earlier, interrupted attempts of this stage
+        before = float(spent.read_text()) if spent.exists() else 0.0
         t0 = time.perf_counter()
-        rc = run_stage(cmd, out / "logs" / f"{name}.log")
+        try:
+            rc = run_stage(cmd, out / "logs" / f"{name}.log")
+        finally:
+            spent.parent.mkdir(parents=True, exist_ok=True)
+            spent.write_text(str(before + time.perf_counter() - t0))
         if rc != 0:
             raise SystemExit(f"error: demo stage {name} failed (exit {rc}); see {out / 'logs' / (name + '.log')}")
-        done.parent.mkdir(parents=True, exist_ok=True)
-        done.write_text(json.dumps({"seconds": time.perf_counter() - t0, "command": _shell(cmd)}))
-        say(f"[demo] stage {i}/{len(STAGES) + 1} {name}: done in {_fmt(time.perf_counter() - t0)}")
+        total = before + time.perf_counter() - t0
+        done.write_text(json.dumps({"seconds": total, "command": _shell(cmd)}))
+        say(f"[demo] stage {i}/{len(STAGES) + 1} {name}: done in {_fmt(total)}")
     from draftopd.report import write_report
 
     say(f"[demo] stage {len(STAGES) + 1}/{len(STAGES) + 1} report")
