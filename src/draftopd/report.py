@@ -39,20 +39,28 @@ def plot_tau(rows: list[dict], path: Path, title: str, x: str = "step") -> None:
 
 def tau_curves(runs: dict[str, str | Path], out: str | Path, title: str, x: str = "target_tokens") -> Path:
     """One line per run: tau on the held-out set against ``x`` (target tokens by default)."""
+    curves = {
+        label: sorted((r.get(x, r["step"]), r["tau"]) for r in _rows(Path(folder)) if "tau" in r)
+        for label, folder in runs.items()
+    }
+    xlabel = "target tokens processed (training compute)" if x == "target_tokens" else x
+    return _lines(curves, out, title, xlabel, "acceptance length tau")
+
+
+def _lines(curves: dict[str, list[tuple[float, float]]], out, title: str, xlabel: str, ylabel: str) -> Path:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
-    for label, folder in runs.items():
-        path = Path(folder) / "metrics.jsonl"
-        if not path.exists():
-            continue
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        pts = sorted((r.get(x, r["step"]), r["tau"]) for r in rows if "tau" in r)
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    for label, pts in curves.items():
         if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=label)
-    ax.set_xlabel("target tokens processed (training compute)" if x == "target_tokens" else x)
-    ax.set_ylabel("acceptance length tau")
-    ax.set_title(title, fontsize=9)
+            ax.plot(*zip(*sorted(pts), strict=True), marker="o", ms=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
+    return _save(plt, fig, ax, out, title)
+
+
+def _save(plt, fig, ax, out, title: str) -> Path:
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out)
@@ -78,12 +86,7 @@ def histograms(hists: dict[str, dict], out: str | Path, title: str) -> Path:
         )
     ax.set_xlabel("tokens committed per verification")
     ax.set_ylabel("fraction of verify steps")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return Path(out)
+    return _save(plt, fig, ax, out, title)
 
 
 def speed_bars(result: dict, out: str | Path, title: str) -> Path:
@@ -98,12 +101,7 @@ def speed_bars(result: dict, out: str | Path, title: str) -> Path:
         ax.bar([j + i * width for j in range(len(sets))], ys, width, label=m)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sets))], sets)
     ax.set_ylabel("tokens / s (batch 1)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return Path(out)
+    return _save(plt, fig, ax, out, title)
 
 
 def _rows(folder: Path) -> list[dict]:
@@ -118,19 +116,8 @@ def compute_curves(out: Path, path: Path) -> dict[str, list[tuple[int, float]]]:
     curves = {"SFT": sft}
     for label, name in (("Draft-OPD", "opd"), ("SFT continued (matched updates)", "sft_continued")):
         curves[label] = [(start + r["target_tokens"], r["tau"]) for r in _rows(out / name) if "tau" in r]
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
-    for label, pts in curves.items():
-        if pts:
-            ax.plot(*zip(*sorted(pts), strict=True), marker="o", ms=3, label=label)
-    ax.set_xlabel("target tokens processed (training compute)")
-    ax.set_ylabel("tau, held-out GSM8K")
-    ax.set_title("acceptance length vs training compute", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    xlabel = "target tokens processed (training compute)"
+    _lines(curves, path, "acceptance length vs training compute", xlabel, "tau, held-out GSM8K")
     return curves
 
 
