@@ -75,6 +75,9 @@ def test_replay_plan_boundaries_and_rejected_offsets():
     assert plan.rej_offset == [3, 4, 5, 1, 2, 3, 4, 5]  # first rejected, then the post-rejection suffix
     assert plan.rej_token == [13, 14, 15, 31, 32, 33, 34, 35]
     assert plan.rej_logp_target[:3] == [-3.0, -4.0, -5.0]  # the target's log p from the verify pass
+    first = build_replay_plan(steps, response_len=20, block_size=bs, rej_first_only=True)
+    assert (first.anchors, first.segments) == (plan.anchors, plan.segments)  # the response stream is unchanged
+    assert (first.rej_block, first.rej_offset, first.rej_token) == ([0, 2], [3, 1], [13, 31])
 
 
 def test_replay_plan_respects_eos():

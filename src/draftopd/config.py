@@ -256,6 +256,9 @@ class OPDConfig:
     gamma: float = 0.8  # rejected-stream position decay gamma^(k-1)
     resp_weight: float = 1.0
     rej_weight: float = 1.0  # 0 = the no-rejected-stream ablation
+    # True: only the first rejected proposal of each block (scored by the verify pass on the true prefix);
+    # the suffix after it was scored on the draft's own wrong prefix (the authors' switch, off in the paper)
+    rej_first_only: bool = False
     random_anchors: bool = False  # the random-response-anchor ablation
     steps: int = 6  # eagle3: chain length drafted per verify step in the rollouts (replay blocks are steps + 1)
     logp_min: float = -10.0  # log-probs are clamped to >= this before the loss (no gradient below it)

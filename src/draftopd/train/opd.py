@@ -66,7 +66,7 @@ def replay_loss(
     """The two-stream loss of one micro-batch of rollouts (prompt ids, response ids, verify steps)."""
     eagle = isinstance(model, Eagle3Model)
     bs = cfg.steps + 1 if eagle else model.config.block_size  # anchor + the proposals of one verify step
-    plans = [build_replay_plan(steps, len(resp), bs) for _, resp, steps in rows]
+    plans = [build_replay_plan(steps, len(resp), bs, cfg.rej_first_only) for _, resp, steps in rows]
     if cfg.random_anchors:
         plans = [randomize_anchors(p, len(resp), gen) for p, (_, resp, _) in zip(plans, rows, strict=True)]
     # 1) One target forward over prompt + response: features for the drafter, hidden states for the teacher.

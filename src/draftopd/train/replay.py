@@ -37,7 +37,11 @@ class ReplayPlan:
     rej_logp_target: list[float] = field(default_factory=list)
 
 
-def build_replay_plan(steps: list[VerifyStep], response_len: int, block_size: int) -> ReplayPlan:
+def build_replay_plan(
+    steps: list[VerifyStep], response_len: int, block_size: int, rej_first_only: bool = False
+) -> ReplayPlan:
+    """``rej_first_only`` keeps only the first rejected proposal of each block (the authors'
+    ``rejected_draft_first_token_only``): the one proposal the verify pass scored on the true prefix."""
     plan = ReplayPlan()
     last = response_len - 1  # labels must lie inside the emitted response (EOS / budget cut)
     for s in steps:
@@ -55,6 +59,8 @@ def build_replay_plan(steps: list[VerifyStep], response_len: int, block_size: in
             plan.rej_offset.append(k)
             plan.rej_token.append(s.draft[k - 1])
             plan.rej_logp_target.append(s.draft_logprobs_target[k - 1])
+            if rej_first_only:
+                break
     return plan
 
 
