@@ -4,6 +4,8 @@
 # OPD config (random response anchors; no rejected stream) and two loss variants (first rejected proposal only;
 # full-vocabulary KL), draws the six tau-vs-compute curves, and measures
 # the final tau of every arm on held-out GSM8K test_dev and HumanEval prompts (batched, untimed).
+# The figures of docs/RESULTS.md 3-4 came from a run of fcda128's configs/demo.yaml, whose OPD arm uses the paper
+# loss; since ca8fdc7 the demo's OPD arm already keeps only the first rejected proposal (so does every arm here).
 # Each step is resumable: rerun the script after an interruption.
 # Usage: scripts/opd_experiment.sh [DEMO_OUT] [PROMPTS]     (e.g. nohup scripts/opd_experiment.sh &)
 set -euo pipefail
@@ -22,7 +24,7 @@ $D train opd --config "$DEMO/configs/opd.yaml" --set "out=$DEMO/variants/opd_ful
   --set loss=full_kl 2>&1 | tee -a "$DEMO/logs/variant_full_kl.log"
 $D bench --config "$DEMO/configs/bench.yaml" --set tau_only=true --set "limit=$N" \
   --set "datasets=[gsm8k,humaneval]" --set sampling.max_new_tokens=128 \
-  --set "methods=[SFT=$DEMO/sft/final,SFT continued=$DEMO/sft_continued/final,Draft-OPD=$DEMO/opd/final,OPD random anchors=$DEMO/ablations/random_anchors/final,OPD no rejected stream=$DEMO/ablations/no_rejected/final]" \
+  --set "methods=[SFT=$DEMO/sft/final,SFT continued=$DEMO/sft_continued/final,Draft-OPD=$DEMO/opd/final,OPD random anchors=$DEMO/ablations/random_anchors/final,OPD no rejected stream=$DEMO/ablations/no_rejected/final,OPD first rejected only=$DEMO/variants/opd_rej_first/final,OPD full KL=$DEMO/variants/opd_full_kl/final]" \
   --json "$DEMO/ablations/tau.json" 2>&1 | tee -a "$DEMO/logs/ablation_tau.log"
 .venv/bin/python - "$DEMO" <<'PY'
 import sys
