@@ -246,6 +246,26 @@ def test_opd_from_sft_changes_the_drafter(tiny_folder, sft_run, tmp_path):
     after = load_file(str(out / "final" / "model.safetensors"))
     changed = [k for k in before if not torch.equal(before[k].float(), after[k].float())]
     assert len(changed) == len(before)  # every trainable tensor moved
+    state = torch.load(out / "checkpoints" / "step_000002" / "training_state.pt", weights_only=False)
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {2}  # a serving folder: fresh AdamW
+
+
+def test_opd_from_a_training_checkpoint_carries_the_moments(tiny_folder, sft_run, tmp_path):
+    """From ``checkpoints/step_N`` the AdamW moments (and fc_scale) of the SFT run carry over: N + 2 steps."""
+    ckpt = sft_run / "checkpoints" / "step_000010"
+    out = tmp_path / "opd"
+    run_opd(tiny_folder, ckpt, out, tmp_path)
+    sft_state = torch.load(ckpt / "training_state.pt", weights_only=False)["optimizer"]["state"]
+    state = torch.load(out / "checkpoints" / "step_000002" / "training_state.pt", weights_only=False)
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {12}
+    assert state["optimizer"]["param_groups"][0]["initial_lr"] == 0.01  # the schedule is this run's
+    moved = [
+        not torch.equal(a["exp_avg_sq"], state["optimizer"]["state"][i]["exp_avg_sq"]) for i, a in sft_state.items()
+    ]
+    assert all(moved)
+    before = load_file(str(ckpt / "model.safetensors"))
+    after = load_file(str(out / "checkpoints" / "step_000002" / "model.safetensors"))
+    assert torch.equal(before["fc_scale"], after["fc_scale"])  # the checkpoint's own feature scale is kept
 
 
 def test_eagle3_opd_replays_rejected_chains(tiny_folder, shards, tmp_path):

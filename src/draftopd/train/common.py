@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from draftopd import DraftopdError
+
 
 def is_writer() -> bool:
     """Rank 0 of a torch.distributed / accelerate launch, or the only process."""
@@ -65,6 +67,30 @@ def latest_checkpoint(out: Path) -> Path | None:
         return None
     path = out / "checkpoints" / pointer.read_text().strip()
     return path if path.exists() else None
+
+
+def is_training_checkpoint(folder: str) -> bool:
+    """A ``checkpoints/step_NNNNNN`` folder (raw weights, ``fc_scale``, optimizer state), not a serving folder."""
+    return bool(folder) and (Path(folder) / "training_state.pt").exists()
+
+
+def carry_moments(opt, init_from: str) -> bool:
+    """Start AdamW from the moments saved in ``init_from/training_state.pt`` (a training checkpoint of the run
+    being continued); learning rate and schedule stay this run's. A fresh Adam's first updates move every weight
+    by about the learning rate whatever its gradient noise (bias correction), which cost continued runs a 2-7%
+    tau dip here; with the moments carried over, each weight keeps the step size its own history set.
+    Returns False when ``init_from`` is not a training checkpoint (a serving-layout folder)."""
+    if not is_training_checkpoint(init_from):
+        return False
+    path = Path(init_from) / "training_state.pt"
+    saved = torch.load(path, weights_only=False)["optimizer"]["state"]
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for i, p in enumerate(params):
+        if i in saved:
+            if saved[i]["exp_avg"].shape != p.shape:
+                raise DraftopdError(f"{path}: optimizer state does not match the drafter (parameter {i})")
+            opt.state[p] = {k: v.clone() for k, v in saved[i].items()}
+    return True
 
 
 def load_training_state(path: Path, opt, sched) -> dict:

@@ -43,6 +43,8 @@ from draftopd.report import plot_tau
 from draftopd.spec.decode import speculative_generate
 from draftopd.train.common import (
     Metrics,
+    carry_moments,
+    is_training_checkpoint,
     is_writer,
     latest_checkpoint,
     load_training_state,
@@ -210,9 +212,13 @@ def train_opd(cfg: OPDConfig) -> Path:
         if len(ids) <= cfg.max_prompt_tokens
     ]
     eval_prompts = [target.encode_chat(p) for p in load_prompts(cfg.eval.dataset, cfg.eval.limit, cfg.eval.gsm8k_path)]
-    # same function, better-conditioned for Adam (see DFlashModel.fc_scale); resumed checkpoints carry their own
-    model.set_feature_scale(feature_scale(target, [(p, len(p)) for p in prompts], model.config.target_layer_ids))
+    # same function, better-conditioned for Adam (see DFlashModel.fc_scale); checkpoints carry their own
+    if not is_training_checkpoint(cfg.init_from):
+        feats = feature_scale(target, [(p, len(p)) for p in prompts], model.config.target_layer_ids)
+        model.set_feature_scale(feats)
     opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.iterations, cfg.warmup_ratio)
+    if carry_moments(opt, cfg.init_from):
+        log.info("AdamW moments carried over from %s", cfg.init_from)
     start, ckpt = 0, latest_checkpoint(out)
     counters = {"target_tokens": 0, "rollout_tokens": 0}
     if ckpt is not None:

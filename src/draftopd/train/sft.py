@@ -44,6 +44,8 @@ from draftopd.report import plot_tau
 from draftopd.spec.decode import speculative_generate
 from draftopd.train.common import (
     Metrics,
+    carry_moments,
+    is_training_checkpoint,
     is_writer,
     latest_checkpoint,
     load_training_state,
@@ -73,7 +75,8 @@ def build_model(cfg: SFTConfig, target: Target, seqs: list[tuple[list[int], int]
     if cfg.init_from:
         load_drafter(cfg.init_from, target)  # checks that the drafter fits this target
         model = MODELS[cfg.drafter.kind].load(cfg.init_from)
-        model.set_feature_scale(feature_scale(target, seqs, model.config.target_layer_ids))  # same function
+        if not is_training_checkpoint(cfg.init_from):  # a checkpoint keeps its own scale (its moments match it)
+            model.set_feature_scale(feature_scale(target, seqs, model.config.target_layer_ids))  # same function
         return model
     if cfg.drafter.kind == "eagle3":
         ec = Eagle3Config.from_target(target.config, cfg.drafter.draft_vocab_size, cfg.drafter.target_layer_ids)
@@ -270,10 +273,14 @@ def train_sft(cfg: SFTConfig) -> Path:
         "layers": list(model.config.target_layer_ids),
         "max_len": cfg.max_len,
     }
-    also = Path(cfg.init_from).parent if cfg.init_from else None
+    also = Path(cfg.init_from).parent if cfg.init_from else None  # the features of the run being continued
+    if also is not None and also.name == "checkpoints":
+        also = also.parent
     feats = feature_store(target, seqs, model.config.target_layer_ids, out, key, also)
     eval_prompts = [target.encode_chat(p) for p in load_prompts(cfg.eval.dataset, cfg.eval.limit, cfg.eval.gsm8k_path)]
     opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.steps, cfg.warmup_ratio)
+    if carry_moments(opt, cfg.init_from):
+        log.info("AdamW moments carried over from %s", cfg.init_from)
     start, ckpt, target_tokens = 0, latest_checkpoint(out), 0  # target_tokens: compute spent in target forwards
     if ckpt is not None:
         saved = json.loads((ckpt / "run_config.json").read_text())
