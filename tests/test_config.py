@@ -15,6 +15,8 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.limit == 3 and cfg.sampling.temperature == 0.5 and cfg.sampling.max_new_tokens == 64
     assert cfg.datasets == ("gsm8k", "mtbench") and cfg.target.dtype == "fp32"
     assert cfg.drafter.kind == "pld"  # untouched default
+    # YAML 1.1 reads 1e-4 (no dot) as a string; a float field takes it as the number it is
+    assert load(BenchConfig, None, ["sampling.top_p=1e-1"]).sampling.top_p == pytest.approx(0.1)
     with pytest.raises(AttributeError):
         cfg.limit = 4  # frozen
 
@@ -24,6 +26,8 @@ def test_defaults_and_overrides(tmp_path):
     [
         ("sampling.temprature=0.5", "unknown config key sampling.temprature"),
         ("limit=many", "limit: expected int"),
+        ("sampling.temperature=hot", "sampling.temperature: expected a number"),
+        ("sampling.temperature=[1]", "sampling.temperature: expected a number"),
         ("target.dtype=int8", "target.dtype must be"),
         ("sampling.top_p=0", "sampling: need"),
         ("nonsense", "not of the form"),

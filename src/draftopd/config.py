@@ -104,6 +104,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return tuple(_coerce(v, typing.get_args(tp)[0], key) for v in value)
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if tp is float:  # YAML 1.1 reads "1e-4" (no dot) as a string: accept any string float() parses
+        try:
+            if isinstance(value, str):
+                return float(value)
+        except ValueError:
+            pass
+        raise DraftopdError(f"{key}: expected a number, got {value!r}")
     if tp is str and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     if tp in (bool, int, str) and not (isinstance(value, tp) and (tp is bool or not isinstance(value, bool))):
