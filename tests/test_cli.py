@@ -83,6 +83,8 @@ def test_bench_small_run(tmp_path):
         "16",
         "--json",
         str(out),
+        "--plot",
+        str(tmp_path / "bench.png"),
         "--set",
         "warmup=0",
     )
@@ -94,6 +96,7 @@ def test_bench_small_run(tmp_path):
     assert row["methods"]["pld"]["lossless"] in (0.0, 1.0)
     assert result["dtype"] in ("bfloat16", "float32") and result["threads"] >= 1 and result["commit"]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["datasets"]["gsm8k"]["prompts"] == 1
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @needs_target

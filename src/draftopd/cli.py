@@ -127,6 +127,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = run_bench(cfg)
     if args.json:
         save_result(result, args.json)
+    if args.plot:
+        from draftopd.report import bars
+
+        what = "tau" if cfg.tau_only else "tokens_per_s"
+        bars(result, args.plot, f"{what}: {result['dtype']}, {result['threads']} threads, {result['commit']}", what)
     print(format_table(result))
     print(json.dumps({k: v for k, v in result.items() if k != "config"}))  # machine-readable last line
     return 0
@@ -199,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", help="comma list of gsm8k,humaneval,mtbench")
     p.add_argument("--limit", type=int, help="prompts per data set")
     p.add_argument("--json", metavar="OUT", help="write the full result as JSON")
+    p.add_argument("--plot", metavar="PNG", help="bar chart per method and data set (tau if tau_only, else tokens/s)")
     _model_flags(p)
     _common(p)
     p.set_defaults(func=cmd_bench)

@@ -89,18 +89,23 @@ def histograms(hists: dict[str, dict], out: str | Path, title: str) -> Path:
     return _save(plt, fig, ax, out, title)
 
 
-def speed_bars(result: dict, out: str | Path, title: str) -> Path:
-    """Tokens/s per method (bars) and data set (groups), from a bench result."""
+def bars(result: dict, out: str | Path, title: str, key: str = "tokens_per_s") -> Path:
+    """One value per method (bars) and data set (groups) from a bench result: tokens/s, or tau (a tau_only
+    result has no timings). Values are written on the bars, so small differences stay readable."""
     plt = _plt()
     sets = list(result["datasets"])
     methods = list(next(iter(result["datasets"].values()))["methods"]) if sets else []
-    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=100)
+    fig, ax = plt.subplots(figsize=(min(10.0, max(6.4, 2 + 0.6 * len(sets) * len(methods))), 3.6), dpi=100)
     width = 0.8 / max(1, len(methods))
     for i, m in enumerate(methods):
-        ys = [result["datasets"][d]["methods"][m]["tokens_per_s"] for d in sets]
-        ax.bar([j + i * width for j in range(len(sets))], ys, width, label=m)
+        ys = [result["datasets"][d]["methods"][m][key] for d in sets]
+        drawn = ax.bar([j + i * width for j in range(len(sets))], ys, width, label=m)
+        ax.bar_label(drawn, fmt="%.2f" if key == "tau" else "%.1f", fontsize=7)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sets))], sets)
-    ax.set_ylabel("tokens / s (batch 1)")
+    if key == "tau":
+        low = min(result["datasets"][d]["methods"][m]["tau"] for d in sets for m in methods)
+        ax.set_ylim(max(0.0, low - 0.25), None)  # tau >= 1: start the axis near the data, differences are small
+    ax.set_ylabel({"tau": "acceptance length tau", "tokens_per_s": "tokens / s (batch 1)"}.get(key, key))
     return _save(plt, fig, ax, out, title)
 
 
@@ -152,7 +157,7 @@ def write_report(out: Path, stages: dict[str, dict]) -> Path:
         figs / "acceptance_histogram.png",
         "tokens committed per verification, all held-out sets",
     )
-    speed_bars(result, figs / "tokens_per_s.png", f"decoding speed, {result['dtype']}, {result['threads']} threads")
+    bars(result, figs / "tokens_per_s.png", f"decoding speed, {result['dtype']}, {result['threads']} threads")
     sets = result["datasets"]
     tau = {d: {m: r["methods"][m]["tau"] for m in r["methods"]} for d, r in sets.items()}
     gains = {d: t["Draft-OPD"] / t["SFT"] - 1 for d, t in tau.items()}
