@@ -100,6 +100,37 @@ def test_bench_small_run(tmp_path):
 
 
 @needs_target
+def test_bench_tau_only_pairs_prompts(tmp_path):
+    out = tmp_path / "tau.json"
+    proc = run_cli(
+        *("bench", "--datasets", "gsm8k", "--limit", "3", "--max-new-tokens", "12", "--json", str(out)),
+        *("--set", "tau_only=true", "--set", "batch_size=2", "--set", "methods=[plain=none,lookup=pld]"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["datasets"]["gsm8k"]["methods"]
+    plain, pld = rows["plain"]["per_prompt"], rows["lookup"]["per_prompt"]
+    assert len(plain) == 3 and all(t == n for t, n in plain)  # plain decoding: one token per verify step
+    assert [t for t, _ in pld] == [t for t, _ in plain]  # greedy is lossless: the same tokens per prompt
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("gsm8k") and "lookup" in x)
+    assert "% [" in line  # the gain over the first method, with its interval
+
+
+def test_paired_gain_interval():
+    from draftopd import DraftopdError
+    from draftopd.bench.run import paired_gain
+
+    base = [[10, 8], [20, 15], [5, 5]]
+    assert paired_gain(base, base) == (0.0, 0.0, 0.0)
+    g, lo, hi = paired_gain(base, [[10, 5], [20, 10], [5, 3]])  # fewer verify steps on every prompt
+    assert 0 < lo <= g <= hi
+    # one prompt of ten carries the whole gain: resamples without it show none, so the interval reaches 0
+    g, lo, hi = paired_gain([[10, 8]] * 10, [[10, 8]] * 9 + [[10, 2]])
+    assert lo == 0.0 < g <= hi
+    with pytest.raises(DraftopdError):
+        paired_gain(base, base[:2])
+
+
+@needs_target
 def test_drafter_that_does_not_match_the_target(tmp_path):
     from draftopd.models.dflash import DFlashConfig, DFlashModel
 

@@ -43,6 +43,9 @@ def test_greedy_speculative_is_lossless_batched(tiny_target, drafter_kind):
     # stats and the per-step record agree with the tokens
     assert out.stats.new_tokens == sum(map(len, refs))
     assert sum(out.stats.committed) + len(PROMPTS) == out.stats.new_tokens
+    # per prompt, in prompt order (rows finish and leave the batch in another order)
+    assert [t for t, _ in out.stats.per_prompt] == [len(r) - 1 for r in refs]
+    assert [n for _, n in out.stats.per_prompt] == [len(s) for s in out.steps]
     for toks, steps in zip(out.tokens, out.steps, strict=True):
         rebuilt = toks[:1]
         for s in steps:

@@ -39,6 +39,8 @@ def test_quick_demo_writes_report_with_every_method(quick_demo):
             assert m["lossless"] == 1.0, (ds, name)  # greedy fp32: every drafter reproduces plain decoding
             assert m["new_tokens"] > 0
             assert f"{ds:<10} {name[:14]:<14}" in text
+            assert len(m["per_prompt"]) == r["prompts"]
+        assert f"{ds} " in text and "95% over prompts" in text  # OPD vs SFT with its interval, per set
     for fig in ("tau_vs_compute", "acceptance_histogram", "tokens_per_s"):
         assert (out / "figures" / f"{fig}.png").read_bytes()[:4] == b"\x89PNG"
     for stage in STAGES:

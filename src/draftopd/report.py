@@ -146,7 +146,7 @@ def _step_cost(result: dict, method: str) -> float:
 
 def write_report(out: Path, stages: dict[str, dict]) -> Path:
     """REPORT.md and figures/ of a demo run, rebuilt from its stage outputs (the same inputs, the same report)."""
-    from draftopd.bench.run import format_table
+    from draftopd.bench.run import format_table, paired_gain
 
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
@@ -161,6 +161,11 @@ def write_report(out: Path, stages: dict[str, dict]) -> Path:
     sets = result["datasets"]
     tau = {d: {m: r["methods"][m]["tau"] for m in r["methods"]} for d, r in sets.items()}
     gains = {d: t["Draft-OPD"] / t["SFT"] - 1 for d, t in tau.items()}
+    spans = {  # 95% interval of the gain over the choice of prompts (paired: greedy text is the same)
+        d: paired_gain(r["methods"]["SFT"]["per_prompt"], r["methods"]["Draft-OPD"]["per_prompt"])[1:]
+        for d, r in sets.items()
+        if "per_prompt" in r["methods"]["SFT"]
+    }
     above = [d for d, g in gains.items() if g > 0]
     cont = curves["SFT continued (matched updates)"]
     opd = curves["Draft-OPD"]
@@ -178,7 +183,11 @@ def write_report(out: Path, stages: dict[str, dict]) -> Path:
         "",
         f"**What it means.** Draft-OPD's acceptance length tau is above the SFT drafter's on {len(above)} of "
         f"{len(sets)} held-out sets ("
-        + ", ".join(f"{d} {tau[d]['SFT']:.2f} -> {tau[d]['Draft-OPD']:.2f} ({100 * gains[d]:+.1f}%)" for d in sets)
+        + ", ".join(
+            f"{d} {tau[d]['SFT']:.2f} -> {tau[d]['Draft-OPD']:.2f} ({100 * gains[d]:+.1f}%"
+            + (f", 95% over prompts {100 * spans[d][0]:+.1f}% to {100 * spans[d][1]:+.1f}%)" if d in spans else ")")
+            for d in sets
+        )
         + "). Both drafters start from the same SFT weights; OPD then trained on its own verification "
         "boundaries and rejected proposals"
         + (

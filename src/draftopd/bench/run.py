@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import random
 import subprocess
 import time
 from pathlib import Path
@@ -178,7 +179,8 @@ def run_bench(
                 st = SpecStats()
                 for i in tqdm(range(0, len(prompts), cfg.batch_size), desc=f"tau {ds} {name}", disable=not progress):
                     st.merge(speculative_generate(target, prompts[i : i + cfg.batch_size], drafter, max_new).stats)
-                rows[name] = {k: v for k, v in st.summary().items() if k in ("tau", "new_tokens", "tau_histogram")}
+                keep = ("tau", "new_tokens", "tau_histogram", "per_prompt")
+                rows[name] = {k: v for k, v in st.summary().items() if k in keep}
             result["datasets"][ds] = {"prompts": len(prompts), "methods": rows}
             continue
         for ids in prompts[: cfg.warmup]:  # untimed: first calls pay allocator and kernel warm-up
@@ -190,14 +192,39 @@ def run_bench(
     return result
 
 
+def paired_gain(base: list, other: list, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """tau(other) / tau(base) - 1 over the same prompts, with a 95% bootstrap interval over prompts.
+
+    ``base``/``other``: per-prompt ``[tokens committed, verify steps]`` (a bench result's ``per_prompt``).
+    Greedy decoding is lossless, so both methods commit the same tokens on a prompt and differ only in the
+    number of verify steps: resampling prompts *pairs* them, and the interval shows how much of a gain the
+    choice of prompts alone could make (not run-to-run training noise)."""
+    if len(base) != len(other) or not base:
+        raise DraftopdError(f"paired_gain: {len(base)} vs {len(other)} prompts")
+
+    def gain(idx) -> float:
+        tau_b = sum(base[i][0] for i in idx) / max(1, sum(base[i][1] for i in idx))
+        tau_o = sum(other[i][0] for i in idx) / max(1, sum(other[i][1] for i in idx))
+        return tau_o / tau_b - 1
+
+    rng = random.Random(seed)
+    n = len(base)
+    boots = sorted(gain([rng.randrange(n) for _ in range(n)]) for _ in range(n_boot))
+    return gain(range(n)), boots[int(0.025 * n_boot)], boots[int(0.975 * n_boot) - 1]
+
+
 def format_table(result: dict) -> str:
     """A plain-text table of the result, one line per data set and method."""
-    if result["config"].get("tau_only"):
-        lines = [f"{'dataset':<10} {'method':<24} {'n':>4} {'tau':>6}"]
+    if result["config"].get("tau_only"):  # greedy: every method commits the same tokens, so prompts pair
+        lines = [f"{'dataset':<10} {'method':<24} {'n':>4} {'tau':>6}  vs the first method [95% CI over prompts]"]
         for ds, r in result["datasets"].items():
-            lines += [
-                f"{ds:<10} {name[:24]:<24} {r['prompts']:>4} {m['tau']:>6.3f}" for name, m in r["methods"].items()
-            ]
+            base = next(iter(r["methods"].values()))
+            for name, m in r["methods"].items():
+                vs = ""
+                if m is not base and "per_prompt" in m and "per_prompt" in base:
+                    g, lo, hi = paired_gain(base["per_prompt"], m["per_prompt"])
+                    vs = f"  {100 * g:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+                lines.append(f"{ds:<10} {name[:24]:<24} {r['prompts']:>4} {m['tau']:>6.3f}{vs}")
         return "\n".join(lines) + f"\ndtype={result['dtype']} commit={result['commit']} (tau only, batched)"
     hdr = f"{'dataset':<10} {'method':<14} {'n':>3} {'tau':>6} {'tok/s':>7} {'speedup':>8} {'lossless':>8}"
     lines = [hdr, "-" * len(hdr)]

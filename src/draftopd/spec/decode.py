@@ -48,6 +48,8 @@ class VerifyStep:
 @dataclass
 class SpecStats:
     committed: list[int] = field(default_factory=list)  # tokens committed per (row, verify step)
+    # per prompt, in the caller's order (merged stats append): (tokens committed, verify steps) after prefill
+    per_prompt: list[tuple[int, int]] = field(default_factory=list)
     proposed_at: Counter = field(default_factory=Counter)  # draft position j (1-based) -> times proposed
     accepted_at: Counter = field(default_factory=Counter)  # draft position j -> times accepted
     target_calls: int = 0  # target forwards, prefill included
@@ -86,6 +88,7 @@ class SpecStats:
 
     def merge(self, other: SpecStats) -> SpecStats:
         self.committed += other.committed
+        self.per_prompt += other.per_prompt
         self.proposed_at.update(other.proposed_at)
         self.accepted_at.update(other.accepted_at)
         for name in ("target_calls", "target_tokens", "new_tokens", "rows", "generations", "prefill_s", "decode_s"):
@@ -103,6 +106,7 @@ class SpecStats:
             "seconds": round(self.seconds, 3),
             "tau_histogram": self.histogram(),
             "acceptance_rate": [round(a, 4) for a in self.acceptance_rate()],
+            "per_prompt": [list(x) for x in self.per_prompt],  # [tokens, verify steps]: for paired comparisons
         }
 
 
@@ -144,7 +148,7 @@ def speculative_generate(
     dev, bsz = target.device, len(prompts)
     layer_ids = drafter.layer_ids if drafter is not None else ()
     eos = set(target.eos_ids) if stop_on_eos else set()
-    stats = SpecStats(rows=bsz, generations=1)
+    stats = SpecStats(rows=bsz, generations=1, per_prompt=[(0, 0)] * bsz)
     out_tokens: list[list[int]] = [[] for _ in prompts]
     steps: list[list[VerifyStep]] = [[] for _ in prompts]
 
@@ -236,6 +240,7 @@ def speculative_generate(
             out_tokens[r] += new
             state.history[b] += new
             stats.committed.append(len(new))  # r + 1, unless EOS cut the block short
+            stats.per_prompt[r] = (stats.per_prompt[r][0] + len(new), stats.per_prompt[r][1] + 1)
             for j in range(1, n_draft_l[b] + 1):
                 stats.proposed_at[j] += 1
                 stats.accepted_at[j] += int(j <= n_acc_l[b])
