@@ -76,9 +76,9 @@ def is_training_checkpoint(folder: str) -> bool:
 
 def carry_moments(opt, init_from: str) -> bool:
     """Start AdamW from the moments saved in ``init_from/training_state.pt`` (a training checkpoint of the run
-    being continued); learning rate and schedule stay this run's. A fresh Adam's first updates move every weight
-    by about the learning rate whatever its gradient noise (bias correction), which cost continued runs a 2-7%
-    tau dip here; with the moments carried over, each weight keeps the step size its own history set.
+    being continued); learning rate and schedule stay this run's, so each weight keeps the step size its own
+    history set instead of a fresh Adam's ~lr for every weight. (Measured, docs/RESULTS.md 6: this alone does
+    not remove the tau dip of continued runs at lr 3e-4; a learning rate near where the schedule ended does.)
     Returns False when ``init_from`` is not a training checkpoint (a serving-layout folder)."""
     if not is_training_checkpoint(init_from):
         return False

@@ -217,9 +217,9 @@ def train_opd(cfg: OPDConfig) -> Path:
         feats = feature_scale(target, [(p, len(p)) for p in prompts], model.config.target_layer_ids)
         model.set_feature_scale(feats)
     opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.iterations, cfg.warmup_ratio)
-    if carry_moments(opt, cfg.init_from):
-        log.info("AdamW moments carried over from %s", cfg.init_from)
     start, ckpt = 0, latest_checkpoint(out)
+    if ckpt is None and carry_moments(opt, cfg.init_from):  # a resumed run loads its own optimizer below
+        log.info("AdamW moments carried over from %s", cfg.init_from)
     counters = {"target_tokens": 0, "rollout_tokens": 0}
     if ckpt is not None:
         if json.loads((ckpt / "run_config.json").read_text()) != json.loads(json.dumps(to_dict(cfg))):

@@ -279,9 +279,9 @@ def train_sft(cfg: SFTConfig) -> Path:
     feats = feature_store(target, seqs, model.config.target_layer_ids, out, key, also)
     eval_prompts = [target.encode_chat(p) for p in load_prompts(cfg.eval.dataset, cfg.eval.limit, cfg.eval.gsm8k_path)]
     opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.steps, cfg.warmup_ratio)
-    if carry_moments(opt, cfg.init_from):
-        log.info("AdamW moments carried over from %s", cfg.init_from)
     start, ckpt, target_tokens = 0, latest_checkpoint(out), 0  # target_tokens: compute spent in target forwards
+    if ckpt is None and carry_moments(opt, cfg.init_from):  # a resumed run loads its own optimizer below
+        log.info("AdamW moments carried over from %s", cfg.init_from)
     if ckpt is not None:
         saved = json.loads((ckpt / "run_config.json").read_text())
         if saved != json.loads(json.dumps(to_dict(cfg))):
