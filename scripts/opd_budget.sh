@@ -24,9 +24,9 @@ for LR in 3e-4 1e-4; do  # 10 updates each from the SFT training checkpoint, mom
 done
 # 20 more updates for both 20-update arms (weights and moments from step 20; the schedule restarts)
 $D train opd --config "$DEMO/configs/opd.yaml" --set "init_from=$DEMO/long/opd/checkpoints/step_000020" \
-  --set "out=$OUT/opd40" --set iterations=20 --set eval_every=5
+  --set "out=$OUT/opd40" --set max_steps=20 --set eval_every=5
 $D train sft --config "$DEMO/configs/sft_continued.yaml" --set "data=$DEMO/data" \
-  --set "init_from=$DEMO/long/sft_continued/checkpoints/step_000020" --set "out=$OUT/cont40" --set steps=20 --set eval_every=5
+  --set "init_from=$DEMO/long/sft_continued/checkpoints/step_000020" --set "out=$OUT/cont40" --set max_steps=20 --set eval_every=5
 $D "${TAU[@]}" --json "$OUT/tau_demo_drafters.json" --set "methods=[SFT=$DEMO/sft/final,Draft-OPD 10 (demo)=$DEMO/opd/final,SFT continued 20=$DEMO/long/sft_continued/final,Draft-OPD 20=$DEMO/long/opd/final]"
 $D "${TAU[@]}" --json "$OUT/tau40.json" --set "methods=[SFT=$DEMO/sft/final,SFT continued 40=$OUT/cont40/final,Draft-OPD 40=$OUT/opd40/final]" \
   --plot "$OUT/tau40.png"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from draftopd import assets
 from draftopd.models.target import Target
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# GSM8K comes from the committed 40-record fixture, forced over any user setting: the suite never needs ../shared.
+os.environ["DRAFTOPD_GSM8K"] = str(Path(__file__).resolve().parent / "fixtures" / "gsm8k")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

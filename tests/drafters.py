@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from draftopd.decoding.sampling import logits_to_probs
 from draftopd.models.base import Proposal
-from draftopd.spec.sampling import logits_to_probs
 
 
 class NoisyOracleDrafter:
@@ -33,7 +33,7 @@ class NoisyOracleDrafter:
         pass
 
     @torch.no_grad()
-    def propose(self, state, params):
+    def propose(self, state, params, generator=None):
         bsz = len(state.history)
         n = torch.randint(1, self.k + 1, (bsz,), generator=self.g)
         tokens = torch.zeros(bsz, self.k, dtype=torch.long)

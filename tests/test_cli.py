@@ -51,7 +51,7 @@ def test_folder_that_is_not_a_causal_lm(tmp_path):
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     bad = tmp_path / "test_dev.jsonl"
     bad.write_text('{"question": "What is 1+1?"}\n{"question": oops}\n')
-    proc = run_cli("bench", "--datasets", "gsm8k", "--limit", "5", "--set", f"gsm8k_path={bad}")
+    proc = run_cli("bench", "--datasets", "gsm8k", "--limit", "5", "--gsm8k", str(bad))
     _one_line_error(proc, f"{bad}:2: invalid JSON")
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from draftopd.decoding.loop import speculative_generate
+from draftopd.decoding.sampling import SamplingParams
 from draftopd.models.base import Proposal
 from draftopd.models.pld import PromptLookupDrafter, lookup
-from draftopd.spec.decode import speculative_generate
-from draftopd.spec.sampling import SamplingParams
 
 from conftest import make_tiny_target
 from drafters import NoisyOracleDrafter
@@ -45,8 +45,8 @@ def test_greedy_speculative_is_lossless_batched(tiny_target, drafter_kind):
     assert sum(out.stats.committed) + len(PROMPTS) == out.stats.new_tokens
     # per prompt, in prompt order (rows finish and leave the batch in another order)
     assert [t for t, _ in out.stats.per_prompt] == [len(r) - 1 for r in refs]
-    assert [n for _, n in out.stats.per_prompt] == [len(s) for s in out.steps]
-    for toks, steps in zip(out.tokens, out.steps, strict=True):
+    assert [n for _, n in out.stats.per_prompt] == [len(s) for s in out.records]
+    for toks, steps in zip(out.tokens, out.records, strict=True):
         rebuilt = toks[:1]
         for s in steps:
             assert s.anchor == len(rebuilt) - 1
@@ -128,7 +128,7 @@ class _BatchedMixtureDrafter:
         pass
 
     @torch.no_grad()
-    def propose(self, state, params):
+    def propose(self, state, params, generator=None):
         bsz, vocab = len(state.history), self.target.vocab_size
         tokens, probs = torch.zeros(bsz, self.k, dtype=torch.long), torch.zeros(bsz, self.k, vocab)
         lengths = torch.tensor([len(h) for h in state.history])

@@ -49,7 +49,7 @@ def test_quick_demo_writes_report_with_every_method(quick_demo):
     # the OPD and SFT-continued runs start from the SFT drafter and log tau from step 0
     opd_rows = [json.loads(x) for x in (out / "opd" / "metrics.jsonl").read_text().splitlines()]
     assert opd_rows[0]["step"] == 0 and "tau" in opd_rows[0]
-    assert any(r.get("step") == cfg.opd.iterations and "tau" in r for r in opd_rows)
+    assert any(r.get("step") == cfg.opd.max_steps and "tau" in r for r in opd_rows)
     assert sum(1 for line in said if "started" in line) == len(STAGES)
 
 

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from draftopd import DraftopdError
+from draftopd.decoding.loop import DecodeState, speculative_generate
+from draftopd.decoding.sampling import SamplingParams
 from draftopd.models.dflash import DFlashConfig, DFlashDrafter, DFlashModel, block_hidden, build_target_layer_ids
-from draftopd.spec.decode import DecodeState, speculative_generate
-from draftopd.spec.sampling import SamplingParams
 
 from conftest import make_tiny_target
 
@@ -115,7 +115,7 @@ def test_export_round_trip(tmp_path, tiny_target):
     assert "DFLASH" in hint and "num_speculative_tokens" in hint
     saved = load_file(str(tmp_path / "serve" / "model.safetensors"))
     assert all(t.dtype == torch.bfloat16 for t in saved.values())
-    with pytest.raises(DraftopdError, match="not a drafter folder"):
+    with pytest.raises(DraftopdError, match="drafter not found"):
         export_drafter(tmp_path / "nothing", tmp_path / "x")
 
 

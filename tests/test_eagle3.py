@@ -7,6 +7,8 @@ import json
 import torch
 from safetensors.torch import load_file
 
+from draftopd.decoding.loop import DecodeState, speculative_generate
+from draftopd.decoding.sampling import SamplingParams
 from draftopd.models.eagle3 import (
     Eagle3Config,
     Eagle3Drafter,
@@ -16,8 +18,6 @@ from draftopd.models.eagle3 import (
     eagle3_layer_ids,
     ttt_forward,
 )
-from draftopd.spec.decode import DecodeState, speculative_generate
-from draftopd.spec.sampling import SamplingParams
 
 from conftest import make_tiny_target
 
@@ -71,7 +71,7 @@ def test_first_chain_step_equals_ttt_step0(tiny_target):
     p = 5  # context: pairs 0..p, i.e. tokens 0..p+1 committed, the last one not yet in the target cache
     feats = tiny_target.forward(seq, torch.ones_like(seq), torch.arange(8)[None], None, (0, 1, 1), "none").features
     ref = model.logits(ttt_forward(model, tiny_target.embed, feats, seq, 2)[0][:, p])  # predicts seq[p + 2]
-    drafter = Eagle3Drafter(model, tiny_target, steps=3)
+    drafter = Eagle3Drafter(model, tiny_target, chain_length=3)
     state = DecodeState([seq[0, : p + 2].tolist()], seq[:, p + 1], torch.tensor([p + 1]), torch.tensor([0]))
     drafter.start(state, feats[:, : p + 1])
     prop = drafter.propose(state, SamplingParams())
@@ -86,7 +86,7 @@ def test_branch_with_forced_inputs_reproduces_the_engine_chain(tiny_target):
     seq = torch.tensor([[3, 9, 4, 7, 1, 8, 2, 6, 5, 11, 0, 13]])
     p = 5
     feats = tiny_target.forward(seq, torch.ones_like(seq), torch.arange(12)[None], None, (0, 1, 1), "none").features
-    drafter = Eagle3Drafter(model, tiny_target, steps=4)
+    drafter = Eagle3Drafter(model, tiny_target, chain_length=4)
     state = DecodeState([seq[0, : p + 2].tolist()], seq[:, p + 1], torch.tensor([p + 1]), torch.tensor([0]))
     drafter.start(state, feats[:, : p + 1])
     d = drafter.propose(state, SamplingParams()).tokens[0]  # d_1..d_4, target ids
@@ -108,14 +108,16 @@ def test_greedy_lossless_with_eagle3_batched():
     model = tiny_eagle(target, vd=10)
     prompts = [[5, 6, 7, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2], [9], [3, 3, 3]]
     refs = [speculative_generate(target, [p], None, 30).tokens[0] for p in prompts]
-    out = speculative_generate(target, prompts, Eagle3Drafter(model, target, steps=4), 30)
+    out = speculative_generate(target, prompts, Eagle3Drafter(model, target, chain_length=4), 30)
     assert out.tokens == refs
-    one = [speculative_generate(target, [p], Eagle3Drafter(model, target, steps=4), 30).tokens[0] for p in prompts]
+    one = [
+        speculative_generate(target, [p], Eagle3Drafter(model, target, chain_length=4), 30).tokens[0] for p in prompts
+    ]
     assert one == refs
 
 
 def test_ttt_labels_come_from_each_row():
-    from draftopd.train.sft import ttt_labels
+    from draftopd.models.eagle3 import ttt_labels
 
     ids = torch.tensor([[10, 11, 12, 13, 14, 0], [20, 21, 22, 23, 24, 25]])
     lab, ok = ttt_labels(ids, torch.tensor([5, 6]), torch.tensor([2, 3]), k=1)

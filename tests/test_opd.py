@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from draftopd.spec.decode import VerifyStep
+from draftopd.decoding.loop import VerifyStep
 from draftopd.train.losses import (
     bernoulli_forward_kl,
     expected_acceptance_loss,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from draftopd.decoding.loop import speculative_generate
 from draftopd.models.pld import PromptLookupDrafter
-from draftopd.spec.decode import speculative_generate
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from draftopd.spec.sampling import SamplingParams, logits_to_probs, verify
+from draftopd.decoding.sampling import SamplingParams, logits_to_probs, verify
 
 ALPHA = 1e-3  # significance level of every distribution test here (fixed seeds: deterministic outcome)
 

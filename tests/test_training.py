@@ -84,20 +84,20 @@ def shards(tiny_folder, tmp_path_factory) -> Path:
     return out
 
 
-def sft_args(tiny_folder, shards, out, steps=40):
+def sft_args(tiny_folder, shards, out, steps=40, dtype="fp32"):
     return [
         "train",
         "sft",
         "--target",
         str(tiny_folder),
         "--dtype",
-        "fp32",
+        dtype,
         "--set",
         f"data={shards}",
         "--set",
         f"out={out}",
         "--set",
-        f"steps={steps}",
+        f"max_steps={steps}",
         "--set",
         "batch_size=2",
         "--set",
@@ -111,23 +111,26 @@ def sft_args(tiny_folder, shards, out, steps=40):
         "--set",
         "eval.max_new_tokens=8",
         "--set",
-        "drafter.block_size=4",
-        "--set",
-        "bf16_autocast=false",
+        "arch.block_size=4",
         "--set",
         "log_every=5",
     ]
 
 
-@pytest.fixture(scope="module")
-def sft_run(tiny_folder, shards, tmp_path_factory) -> Path:
+# Training, OPD and export run in both dtypes (bf16: autocast with float32 master weights); exactness tests
+# (resume equals an uninterrupted run) stay in fp32.
+DTYPES = ["fp32", "bf16"]
+
+
+@pytest.fixture(scope="module", params=DTYPES)
+def sft_run(request, tiny_folder, shards, tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("sft") / "run"
-    cli(*sft_args(tiny_folder, shards, out, steps=10))
-    return out
+    cli(*sft_args(tiny_folder, shards, out, steps=10, dtype=request.param))
+    return out, request.param
 
 
 def test_sft_runs_and_writes_everything(sft_run):
-    out = sft_run
+    out, _ = sft_run
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
@@ -163,16 +166,17 @@ def test_sigkill_then_resume_ends_like_uninterrupted(tiny_folder, shards, tmp_pa
     assert steps[-1] == 40
 
 
-def test_eagle3_sft_smoke(tiny_folder, shards, tmp_path):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_eagle3_sft_smoke(tiny_folder, shards, tmp_path, dtype):
     out = tmp_path / "eagle"
-    args = sft_args(tiny_folder, shards, out, steps=4)
+    args = sft_args(tiny_folder, shards, out, steps=4, dtype=dtype)
     args += [
         "--set",
-        "drafter.kind=eagle3",
+        "arch.kind=eagle3",
         "--set",
-        "drafter.draft_vocab_size=64",
+        "arch.draft_vocab_size=64",
         "--set",
-        "drafter.ttt_steps=3",
+        "arch.ttt_steps=3",
         "--set",
         "eval_every=4",
     ]
@@ -194,7 +198,7 @@ def test_resume_refuses_another_config(tiny_folder, shards, tmp_path):
     assert proc.returncode == 2 and "another config" in proc.stderr
 
 
-def run_opd(tiny_folder, init, out, prompts_dir, *extra):
+def run_opd(tiny_folder, init, out, prompts_dir, *extra, dtype="fp32"):
     prompts = prompts_dir / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"Tell me about {w}."}) for w in ("cats", "rain", "maps")))
     cli(
@@ -203,7 +207,7 @@ def run_opd(tiny_folder, init, out, prompts_dir, *extra):
         "--target",
         str(tiny_folder),
         "--dtype",
-        "fp32",
+        dtype,
         "--set",
         f"init_from={init}",
         "--set",
@@ -211,7 +215,7 @@ def run_opd(tiny_folder, init, out, prompts_dir, *extra):
         "--set",
         f"sources=[{prompts}]",
         "--set",
-        "iterations=2",
+        "max_steps=2",
         "--set",
         "rollout_batch=3",
         "--set",
@@ -235,8 +239,9 @@ def run_opd(tiny_folder, init, out, prompts_dir, *extra):
 
 
 def test_opd_from_sft_changes_the_drafter(tiny_folder, sft_run, tmp_path):
+    sft_run, dtype = sft_run
     out = tmp_path / "opd"
-    run_opd(tiny_folder, sft_run / "final", out, tmp_path)
+    run_opd(tiny_folder, sft_run / "final", out, tmp_path, dtype=dtype)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert len(train_rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in train_rows)
@@ -246,17 +251,18 @@ def test_opd_from_sft_changes_the_drafter(tiny_folder, sft_run, tmp_path):
     after = load_file(str(out / "final" / "model.safetensors"))
     changed = [k for k in before if not torch.equal(before[k].float(), after[k].float())]
     assert len(changed) == len(before)  # every trainable tensor moved
-    state = torch.load(out / "checkpoints" / "step_000002" / "training_state.pt", weights_only=False)
+    state = torch.load(out / "checkpoints" / "step_000002" / "training_state.pt", weights_only=True)
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {2}  # a serving folder: fresh AdamW
 
 
 def test_opd_from_a_training_checkpoint_carries_the_moments(tiny_folder, sft_run, tmp_path):
     """From ``checkpoints/step_N`` the AdamW moments (and fc_scale) of the SFT run carry over: N + 2 steps."""
+    sft_run, dtype = sft_run
     ckpt = sft_run / "checkpoints" / "step_000010"
     out = tmp_path / "opd"
-    run_opd(tiny_folder, ckpt, out, tmp_path)
-    sft_state = torch.load(ckpt / "training_state.pt", weights_only=False)["optimizer"]["state"]
-    state = torch.load(out / "checkpoints" / "step_000002" / "training_state.pt", weights_only=False)
+    run_opd(tiny_folder, ckpt, out, tmp_path, dtype=dtype)
+    sft_state = torch.load(ckpt / "training_state.pt", weights_only=True)["optimizer"]["state"]
+    state = torch.load(out / "checkpoints" / "step_000002" / "training_state.pt", weights_only=True)
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {12}
     assert state["optimizer"]["param_groups"][0]["initial_lr"] == 0.01  # the schedule is this run's
     moved = [
@@ -268,13 +274,15 @@ def test_opd_from_a_training_checkpoint_carries_the_moments(tiny_folder, sft_run
     assert torch.equal(before["fc_scale"], after["fc_scale"])  # the checkpoint's own feature scale is kept
 
 
-def test_eagle3_opd_replays_rejected_chains(tiny_folder, shards, tmp_path):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_eagle3_opd_replays_rejected_chains(tiny_folder, shards, tmp_path, dtype):
     """EAGLE-3 Draft-OPD: rollouts with the chain drafter, replay with the rejected tokens fed back."""
     sft = tmp_path / "eagle"
-    extra = ["--set", "drafter.kind=eagle3", "--set", "drafter.draft_vocab_size=64", "--set", "drafter.ttt_steps=3"]
-    cli(*sft_args(tiny_folder, shards, sft, steps=2), *extra, "--set", "eval_every=2")
+    extra = ["--set", "arch.kind=eagle3", "--set", "arch.draft_vocab_size=64", "--set", "arch.ttt_steps=3"]
+    cli(*sft_args(tiny_folder, shards, sft, steps=2, dtype=dtype), *extra, "--set", "eval_every=2")
     out = tmp_path / "opd"
-    run_opd(tiny_folder, sft / "final", out, tmp_path, "--set", "steps=3")
+    opd_extra = ("--set", "chain_length=3", "--set", "eval.chain_length=3")
+    run_opd(tiny_folder, sft / "final", out, tmp_path, *opd_extra, dtype=dtype)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert len(train_rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in train_rows)

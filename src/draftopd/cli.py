@@ -32,6 +32,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="dotted override, e.g. sampling.temperature=0.7 (repeatable)",
     )
+    p.add_argument("--gsm8k", metavar="PATH", help="GSM8K folder (train.jsonl, test_dev.jsonl) or one jsonl file")
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -81,10 +82,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from draftopd.config import GenerateConfig, load
+    from draftopd.decoding.loop import speculative_generate
+    from draftopd.decoding.sampling import SamplingParams
     from draftopd.models import build_drafter
     from draftopd.models.target import load_target
-    from draftopd.spec.decode import speculative_generate
-    from draftopd.spec.sampling import SamplingParams
 
     cfg = load(GenerateConfig, args.config, _overrides(args))
     if cfg.target.threads:
@@ -93,7 +94,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     drafter = build_drafter(cfg.drafter, target)
     ids = target.encode_chat(args.prompt)
     target.check_prompt(ids, cfg.sampling.max_new_tokens)
-    gen = torch.Generator().manual_seed(cfg.sampling.seed)
+    gen = torch.Generator(target.device).manual_seed(cfg.sampling.seed)  # drafts and verification draw from it
     params = SamplingParams(cfg.sampling.temperature, cfg.sampling.top_p)
     out = speculative_generate(
         target, [ids], drafter, cfg.sampling.max_new_tokens, params, gen, record=args.show_acceptance
@@ -105,9 +106,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
         return 0
     if args.show_acceptance:
-        from draftopd.spec.show import render_steps
+        from draftopd.decoding.show import render_steps
 
-        print(render_steps(target.tokenizer, out.tokens[0], out.steps[0]))
+        print(render_steps(target.tokenizer, out.tokens[0], out.records[0]))
     else:
         print(text)
     s = out.stats
@@ -250,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+    if getattr(args, "gsm8k", None):  # the configured GSM8K location, for this process and its children
+        os.environ["DRAFTOPD_GSM8K"] = args.gsm8k
     try:
         return args.func(args)
     except DraftopdError as e:

@@ -5,6 +5,11 @@ applies the overrides (values parsed as YAML scalars), and builds the dataclass 
 dataclass does not declare raises ``DraftopdError`` naming the key and the file. Every field has a default,
 so a recipe states only what differs. ``asdict`` of the result is what we write into every checkpoint and
 benchmark JSON.
+
+One name, one meaning, in every config: ``max_steps`` is a trainer's optimizer steps, ``chain_length`` the
+tokens an EAGLE-3 drafter proposes per verify step, ``ttt_steps`` its training-time-test unroll, ``drafter``
+a drafter to decode with (generate, bench) and ``arch`` the shape of a drafter to train. A key that an older
+version used for something else (``RENAMED``) is refused with a one-line error naming its new key.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -26,8 +31,9 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class TargetConfig:
     path: str = "default"  # 'default' (embedded SmolLM2-135M-Instruct), a local HF folder, or a hub id
-    dtype: str = "auto"  # auto = bf16 where the hardware has it (CUDA, AMX/AVX512-BF16 CPUs), else fp32
-    device: str = "cpu"
+    # auto = $DRAFTOPD_DTYPE when set, else bf16 where the hardware has it (CUDA, AMX/AVX512-BF16 CPUs), else fp32
+    dtype: str = "auto"
+    device: str = "cpu"  # cpu, cuda, cuda:N: the target, the drafter and every training tensor live there
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
 
     def __post_init__(self) -> None:
@@ -37,16 +43,17 @@ class TargetConfig:
 
 @dataclass(frozen=True)
 class DrafterConfig:
+    RENAMED: ClassVar[dict[str, str]] = {"steps": "chain_length"}
     kind: str = "pld"  # 'pld' (prompt lookup), 'none' (plain decoding), or 'path' (a drafter folder)
     path: str | None = None  # drafter folder (DFlash or EAGLE-3 serving layout), used when kind='path'
-    steps: int = 6  # eagle3: chain length drafted per verify step
+    chain_length: int = 6  # eagle3: tokens drafted per verify step
     num_tokens: int = 10  # pld: proposals per step
     max_ngram: int = 2  # pld: longest n-gram matched
     min_ngram: int = 1  # pld: shortest n-gram matched
 
     def __post_init__(self) -> None:
-        if self.num_tokens < 1 or not 1 <= self.min_ngram <= self.max_ngram:
-            raise DraftopdError("drafter: need num_tokens >= 1 and 1 <= min_ngram <= max_ngram")
+        if self.num_tokens < 1 or not 1 <= self.min_ngram <= self.max_ngram or self.chain_length < 1:
+            raise DraftopdError("drafter: need num_tokens >= 1, 1 <= min_ngram <= max_ngram and chain_length >= 1")
 
 
 @dataclass(frozen=True)
@@ -75,7 +82,6 @@ class BenchConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     datasets: tuple[str, ...] = ("gsm8k", "humaneval", "mtbench")
     limit: int = 10  # prompts per data set
-    gsm8k_path: str = ""  # folder or jsonl with GSM8K; '' = $DRAFTOPD_GSM8K or ../shared/data/gsm8k
     hf_baseline: bool = True  # also time transformers' generate(), plain and with prompt lookup
     tau_only: bool = False  # acceptance length only: each method batched over all prompts, nothing timed
     batch_size: int = 16  # rows per batch in tau_only mode (tau does not depend on batching)
@@ -118,6 +124,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+# keys no config has any more, whatever the section
+RENAMED_EVERYWHERE = {"gsm8k_path": "the --gsm8k PATH flag or $DRAFTOPD_GSM8K"}
+
+
 def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
     """Build dataclass ``cls`` from a nested dict; an unknown key raises with its dotted path."""
     data = {} if data is None else data
@@ -125,7 +135,10 @@ def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
         raise DraftopdError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    renamed = {**RENAMED_EVERYWHERE, **getattr(cls, "RENAMED", {})}
     for key in data:
+        if key in renamed and key not in names:
+            raise DraftopdError(f"config key {prefix}{key!s} was renamed: use {renamed[key]}")
         if key not in names:
             raise DraftopdError(f"unknown config key {prefix}{key!s} (known: {', '.join(names)})")
     return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
@@ -182,7 +195,6 @@ class DataConfig:
     batch_size: int = 32  # rows generated together
     chunk_size: int = 64  # prompts per shard (the unit of resumption)
     out: str = "runs/data/trajectories"
-    gsm8k_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -195,8 +207,14 @@ class ArchConfig:
     target_layer_ids: tuple[int, ...] = ()  # () = the architecture's rule for the target's depth
     mask_token_id: int = -1  # dflash: -1 = a special token of the target's tokenizer (not bos/eos/pad)
     draft_vocab_size: int = 32000  # eagle3: most frequent training tokens kept in the draft LM head
-    ttt_steps: int = 6  # eagle3: training-time-test unroll, and the chain length drafted at inference
+    ttt_steps: int = 6  # eagle3: training-time-test unroll (steps trained per position)
     ttt_decay: float = 0.8  # eagle3: weight of TTT step k is ttt_decay ** k
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("dflash", "eagle3"):
+            raise DraftopdError(f"arch.kind must be dflash or eagle3, not {self.kind!r}")
+        if self.num_layers < 1 or self.block_size < 2 or self.ttt_steps < 1 or self.draft_vocab_size < 1:
+            raise DraftopdError("arch: need num_layers >= 1, block_size >= 2, ttt_steps >= 1, draft_vocab_size >= 1")
 
 
 @dataclass(frozen=True)
@@ -206,42 +224,51 @@ class EvalConfig:
     dataset: str = "gsm8k"
     limit: int = 8
     max_new_tokens: int = 96
-    gsm8k_path: str = ""
+    chain_length: int = 6  # eagle3: tokens drafted per verify step
 
 
 @dataclass(frozen=True)
 class SFTConfig:
     """``draftopd train sft``: a drafter trained on target trajectories."""
 
+    RENAMED: ClassVar[dict[str, str]] = {
+        "steps": "max_steps",
+        "drafter": "arch",
+        "bf16_autocast": "target.dtype (autocast follows it)",
+    }
+
     target: TargetConfig = field(default_factory=TargetConfig)
-    drafter: ArchConfig = field(default_factory=ArchConfig)
+    arch: ArchConfig = field(default_factory=ArchConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     data: str = "runs/data/trajectories"  # folder of shards from `draftopd data`
     out: str = "runs/sft-dflash"
     init_from: str = ""  # start from this drafter folder (e.g. to continue SFT) instead of random weights
-    steps: int = 1000  # optimizer steps
+    max_steps: int = 1000  # optimizer steps
     batch_size: int = 8  # sequences per step
-    blocks_per_seq: int = 16  # anchors sampled per sequence
+    blocks_per_seq: int = 16  # dflash: anchors sampled per sequence
     max_len: int = 640  # tokens per sequence (prompt + response), longer ones are cut
     lr: float = 6e-4
     warmup_ratio: float = 0.04
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    loss_decay: float = 7.0  # DFlash slot weight exp(-(k-1)/decay); 0 = uniform
-    bf16_autocast: bool = False  # autocast the drafter to bf16 (fast only with AMX / CUDA)
+    loss_decay: float = 7.0  # dflash: slot weight exp(-(k-1)/decay); 0 = uniform
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100
     save_every: int = 100
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.blocks_per_seq < 1 or self.lr <= 0:
-            raise DraftopdError("train: need steps, batch_size, blocks_per_seq >= 1 and lr > 0")
+        if self.max_steps < 1 or self.batch_size < 1 or self.blocks_per_seq < 1 or not self.lr > 0:
+            raise DraftopdError("train: need max_steps, batch_size, blocks_per_seq >= 1 and lr > 0")
+        if min(self.log_every, self.eval_every, self.save_every) < 1 or self.max_len < 3:
+            raise DraftopdError("train: need log_every, eval_every, save_every >= 1 and max_len >= 3")
 
 
 @dataclass(frozen=True)
 class OPDConfig:
-    """``draftopd train opd``: Draft-OPD from an SFT drafter (draft-opd-method.md section 2)."""
+    """``draftopd train opd``: Draft-OPD from an SFT drafter (the paper's section 3, arXiv 2605.29343)."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"iterations": "max_steps", "steps": "chain_length"}
 
     target: TargetConfig = field(default_factory=TargetConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -250,7 +277,7 @@ class OPDConfig:
     sources: tuple[str, ...] = ("gsm8k",)  # rollout prompts: gsm8k (train), sharegpt, or jsonl paths
     limit_per_source: int = 256
     max_prompt_tokens: int = 256
-    iterations: int = 20  # optimizer steps
+    max_steps: int = 20  # optimizer steps
     rollout_batch: int = 16  # prompts per target-assisted rollout (batched)
     accum: int = 1  # rollout batches per optimizer step (weights are synced to the rollout drafter after it)
     micro_batch: int = 4  # sequences per replay forward
@@ -267,7 +294,7 @@ class OPDConfig:
     # the suffix after it was scored on the draft's own wrong prefix (the authors' switch, off in the paper)
     rej_first_only: bool = False
     random_anchors: bool = False  # the random-response-anchor ablation
-    steps: int = 6  # eagle3: chain length drafted per verify step in the rollouts (replay blocks are steps + 1)
+    chain_length: int = 6  # eagle3: tokens drafted per verify step in the rollouts (replay blocks: chain_length + 1)
     logp_min: float = -10.0  # log-probs are clamped to >= this before the loss (no gradient below it)
     # the teacher's temperature: 1.0 = the target's full distribution (the paper's recipe, right for sampled
     # decoding); 0.0 = the greedy target, one-hot on its argmax (p = 1 on response tokens; on a rejected
@@ -283,8 +310,10 @@ class OPDConfig:
             raise DraftopdError(f"loss must be acceptance_aware, all_forward, full_kl or tv, not {self.loss!r}")
         if self.teacher_temperature not in (0.0, 1.0):
             raise DraftopdError(f"teacher_temperature must be 1.0 or 0.0 (greedy), not {self.teacher_temperature}")
-        if self.iterations < 1 or self.rollout_batch < 1 or self.accum < 1 or self.micro_batch < 1:
-            raise DraftopdError("opd: need iterations, rollout_batch, accum, micro_batch >= 1")
+        if self.max_steps < 1 or self.rollout_batch < 1 or self.accum < 1 or self.micro_batch < 1:
+            raise DraftopdError("opd: need max_steps, rollout_batch, accum, micro_batch >= 1")
+        if min(self.log_every, self.eval_every, self.save_every, self.chain_length) < 1 or not self.lr > 0:
+            raise DraftopdError("opd: need log_every, eval_every, save_every, chain_length >= 1 and lr > 0")
 
 
 @dataclass(frozen=True)

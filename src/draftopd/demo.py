@@ -22,15 +22,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 
+from draftopd import DraftopdError
 from draftopd.config import DemoConfig, load, to_dict
 
 STAGES = ("data", "sft", "opd", "sft_continued", "bench")
@@ -65,7 +68,7 @@ def stage_configs(cfg: DemoConfig) -> dict[str, tuple[list[str], object]]:
         sft,
         init_from=opd.init_from,
         out=str(out / "sft_continued"),
-        steps=opd.iterations,
+        max_steps=opd.max_steps,
         batch_size=opd.rollout_batch * opd.accum,
         lr=opd.lr,
         warmup_ratio=opd.warmup_ratio,
@@ -92,32 +95,51 @@ def estimate(stage: str, c, n_traj: int) -> float:
     if stage == "data":
         return len(c.sources) * c.limit_per_source * c.sampling.max_new_tokens / 200
     if stage in ("sft", "sft_continued"):
-        per_step = 0.0021 * c.batch_size * c.blocks_per_seq * (c.drafter.block_size - 1)
-        evals = c.steps // max(1, c.eval_every) + 1
+        per_step = 0.0021 * c.batch_size * c.blocks_per_seq * (c.arch.block_size - 1)
+        evals = c.max_steps // max(1, c.eval_every) + 1
         feats = 0 if c.init_from else 0.5 * n_traj  # the target's feature pass (reused when continuing)
-        return feats + c.steps * per_step + evals * 0.12 * c.eval.limit * c.eval.max_new_tokens / 8
+        return feats + c.max_steps * per_step + evals * 0.12 * c.eval.limit * c.eval.max_new_tokens / 8
     if stage == "opd":
-        evals = c.iterations // max(1, c.eval_every) + 1
-        return c.iterations * (0.045 * c.rollout_batch * c.max_new_tokens) + evals * 0.12 * c.eval.limit * 12
+        evals = c.max_steps // max(1, c.eval_every) + 1
+        return c.max_steps * (0.045 * c.rollout_batch * c.max_new_tokens) + evals * 0.12 * c.eval.limit * 12
     if stage == "bench":
         return len(c.datasets) * c.limit * (len(c.methods) + 1) * c.sampling.max_new_tokens / 14
     return 0.0
 
 
-def run_stage(cmd: list[str], log_path: Path) -> int:
-    """Run one stage's command; its output goes to the terminal and to the stage's log file."""
+def _lines(stream) -> Iterator[bytes]:
+    """Pieces of a byte stream ending in \n or \r (a progress bar redraws with \r), as soon as they arrive."""
+    pending = b""
+    for chunk in iter(lambda: stream.read1(4096), b""):
+        pending += chunk
+        *done, pending = re.split(rb"(?<=[\r\n])", pending)
+        yield from (piece for piece in done if piece)
+    if pending:
+        yield pending
+
+
+def run_stage(cmd: list[str], log_path: Path) -> tuple[int, str]:
+    """Run one stage's command; its output goes to the terminal and to the stage's log file, except a Python
+    traceback, which only the log keeps. Returns (exit status, the error's one line: the last line of the
+    traceback or the ``error: ...`` line, '' when there was none)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    error, in_traceback = "", False
     with open(log_path, "ab") as log:
         log.write(f"\n$ {' '.join(cmd)}\n".encode())
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             assert proc.stdout is not None
-            for chunk in iter(lambda: proc.stdout.read1(4096), b""):  # type: ignore[union-attr]
-                sys.stderr.buffer.write(chunk)
-                sys.stderr.flush()
-                log.write(chunk)
+            for line in _lines(proc.stdout):
+                log.write(line)
                 log.flush()
-            return proc.wait()
+                text = line.decode(errors="replace").strip()
+                in_traceback = in_traceback or text.startswith("Traceback (most recent call last)")
+                if text and (in_traceback or text.startswith("error: ")):
+                    error = text  # the last line of a traceback is the exception and its message
+                if not in_traceback:
+                    sys.stderr.buffer.write(line)
+                    sys.stderr.flush()
+            return proc.wait(), error
         except KeyboardInterrupt:  # pass it on (a terminal's Ctrl-C reaches both), let the child stop cleanly
             proc.send_signal(signal.SIGINT)
             try:
@@ -165,12 +187,13 @@ def run_demo(cfg: DemoConfig, fresh: bool = False, say=print) -> Path:
         before = float(spent.read_text()) if spent.exists() else 0.0
         t0 = time.perf_counter()
         try:
-            rc = run_stage(cmd, out / "logs" / f"{name}.log")
+            rc, error = run_stage(cmd, out / "logs" / f"{name}.log")
         finally:
             spent.parent.mkdir(parents=True, exist_ok=True)
             spent.write_text(str(before + time.perf_counter() - t0))
         if rc != 0:
-            raise SystemExit(f"error: demo stage {name} failed (exit {rc}); see {out / 'logs' / (name + '.log')}")
+            why = error.removeprefix("error: ") or f"exit status {rc}"
+            raise DraftopdError(f"demo stage {name} failed: {why} (log: {out / 'logs' / (name + '.log')})")
         total = before + time.perf_counter() - t0
         done.write_text(json.dumps({"seconds": total, "command": _shell(cmd)}))
         say(f"[demo] stage {i}/{len(STAGES) + 1} {name}: done in {_fmt(total)}")

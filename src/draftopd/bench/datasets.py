@@ -1,18 +1,36 @@
 """Evaluation prompt sets, one small function each. Each returns a list of user prompts (strings).
 
-Prompt wording follows the Draft-OPD evaluation configs (draft-opd-method.md section 5): math problems
+Prompt wording follows the Draft-OPD evaluation configs (arXiv 2605.29343, section 4): math problems
 ask for step-by-step reasoning with a boxed answer, HumanEval asks for a solution in a code block, MT-bench
 uses the first turn. These sets are evaluation-only: never train on them.
+
+GSM8K is not committed (only a 40-record test fixture is). ``gsm8k_file(split)`` finds ``<split>.jsonl``
+(``train`` or ``test_dev``) and the first of these that exists wins:
+
+1. ``$DRAFTOPD_GSM8K`` (what ``--gsm8k PATH`` sets): a folder holding ``<split>.jsonl``, or one ``.jsonl``
+   used for every split. When it is set but missing, that is an error: no silent fallback.
+2. ``../shared/data/gsm8k`` beside the checkout (a convenience of one workplace).
+3. ``$DRAFTOPD_HOME/data/gsm8k``, the cache a previous hub download filled.
+4. The Hugging Face hub (``openai/gsm8k``, config ``main``) through the ``datasets`` package, when it is
+   installed and the hub is reachable: all train records go to ``train.jsonl`` and the first 660 test records
+   (the dev slice) to ``test_dev.jsonl`` in the cache of (3).
+
+When none works, one error names all four.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from draftopd import DraftopdError, assets
 from draftopd.data.jsonl import read_jsonl
+
+log = logging.getLogger(__name__)
 
 MATH_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 CODE_TEMPLATE = (
@@ -20,25 +38,98 @@ CODE_TEMPLATE = (
 )
 
 
-def gsm8k_dir(path: str = "") -> Path:
-    """GSM8K location: ``path``, else ``$DRAFTOPD_GSM8K``, else ``../shared/data/gsm8k`` beside the checkout."""
-    for cand in (path, os.environ.get("DRAFTOPD_GSM8K", "")):
-        if cand:
-            return Path(cand).expanduser()
+GSM8K_ENV = "DRAFTOPD_GSM8K"  # set by `--gsm8k PATH`
+GSM8K_SPLITS = ("train", "test_dev")
+GSM8K_HUB = "openai/gsm8k"
+GSM8K_DEV_SIZE = 660  # test_dev = the first 660 records of the GSM8K test split
+
+
+def _shared_dir() -> Path:
+    """``../shared/data/gsm8k`` beside the checkout."""
     return Path(__file__).resolve().parents[3].parent / "shared" / "data" / "gsm8k"
 
 
-def gsm8k(limit: int | None = None, split: str = "test_dev", path: str = "") -> list[str]:
-    """GSM8K questions (``test_dev`` for evaluation, ``train`` for training prompts) from a local jsonl."""
-    p = gsm8k_dir(path)
-    file = p if p.is_file() else p / f"{split}.jsonl"
-    if not file.exists():
-        raise DraftopdError(f"GSM8K not found at {file}: pass gsm8k_path=... or set $DRAFTOPD_GSM8K")
+def _cache_dir() -> Path:
+    """``$DRAFTOPD_HOME/data/gsm8k``, where a hub download is kept."""
+    return assets.home() / "data" / "gsm8k"
+
+
+def _from_env(split: str) -> Path | None:
+    """The file ``$DRAFTOPD_GSM8K`` points at for ``split``; None when unset, an error when missing."""
+    value = os.environ.get(GSM8K_ENV, "")
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        file = path / f"{split}.jsonl"
+        if file.is_file():
+            return file
+        raise DraftopdError(f"GSM8K {split} not found: {file} does not exist (from --gsm8k / ${GSM8K_ENV})")
+    raise DraftopdError(f"GSM8K not found: {path} does not exist (from --gsm8k / ${GSM8K_ENV})")
+
+
+def _write_jsonl(file: Path, records: Iterable[dict]) -> None:
+    """Write ``question``/``answer`` records to ``file`` atomically (``<name>.part``, then rename)."""
+    part = file.with_name(file.name + ".part")
+    try:
+        with open(part, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n")
+        os.replace(part, file)
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def _download(dest: Path) -> str:
+    """Fill ``dest`` with GSM8K from the hub; return "" on success, else a short reason it is not available."""
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(GSM8K_HUB, "main")
+        dest.mkdir(parents=True, exist_ok=True)
+        _write_jsonl(dest / "train.jsonl", ds["train"])
+        _write_jsonl(dest / "test_dev.jsonl", itertools.islice(ds["test"], GSM8K_DEV_SIZE))
+    except ImportError as e:
+        return f"datasets not importable: {e}"
+    except Exception as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        return reason if len(reason) <= 200 else reason[:197] + "..."
+    log.info("GSM8K downloaded from the hub (%s) into %s", GSM8K_HUB, dest)
+    return ""
+
+
+def gsm8k_file(split: str) -> Path:
+    """The jsonl of GSM8K ``split`` (``train`` or ``test_dev``), resolved as the module docstring says."""
+    if split not in GSM8K_SPLITS:
+        raise DraftopdError(f"unknown GSM8K split {split!r}: choose from {', '.join(GSM8K_SPLITS)}")
+    env = _from_env(split)
+    if env is not None:
+        return env
+    for folder in (_shared_dir(), _cache_dir()):
+        if (folder / f"{split}.jsonl").is_file():
+            return folder / f"{split}.jsonl"
+    cache = _cache_dir()
+    reason = _download(cache)
+    if not reason and (cache / f"{split}.jsonl").is_file():
+        return cache / f"{split}.jsonl"
+    raise DraftopdError(
+        f"GSM8K {split} not found: pass --gsm8k PATH (or set ${GSM8K_ENV}), put it in ../shared/data/gsm8k, "
+        f"in {cache}, or pip install datasets where the hub is reachable ({reason or 'download wrote no file'})"
+    )
+
+
+def gsm8k(limit: int | None = None, split: str = "test_dev") -> list[str]:
+    """GSM8K questions (``test_dev`` for evaluation, ``train`` for training prompts) as math prompts."""
+    file = gsm8k_file(split)
     out = []
     for i, row in enumerate(read_jsonl(file, limit)):
         if "question" not in row:
             raise DraftopdError(f"{file}: record {i + 1} has no 'question' field")
         out.append(MATH_TEMPLATE.format(problem=row["question"]))
+    if not out:
+        raise DraftopdError(f"{file}: no GSM8K records")
     return out
 
 
@@ -55,7 +146,8 @@ def mtbench(limit: int | None = None) -> list[str]:
 DATASETS: dict[str, Callable[..., list[str]]] = {"gsm8k": gsm8k, "humaneval": humaneval, "mtbench": mtbench}
 
 
-def load_prompts(name: str, limit: int | None = None, gsm8k_path: str = "") -> list[str]:
+def load_prompts(name: str, limit: int | None = None) -> list[str]:
+    """The prompts of evaluation set ``name`` (``gsm8k`` = its ``test_dev`` split), at most ``limit``."""
     if name not in DATASETS:
         raise DraftopdError(f"unknown data set {name!r}: choose from {', '.join(DATASETS)}")
-    return gsm8k(limit, path=gsm8k_path) if name == "gsm8k" else DATASETS[name](limit)
+    return DATASETS[name](limit)

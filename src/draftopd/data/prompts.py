@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from draftopd import DraftopdError, assets
-from draftopd.bench.datasets import MATH_TEMPLATE, gsm8k_dir
+from draftopd.bench.datasets import gsm8k
 from draftopd.data.jsonl import read_jsonl
 
 
@@ -44,9 +44,9 @@ def prompts_from_jsonl(path: str | Path, limit: int | None = None) -> list[str]:
     return out
 
 
-def gsm8k_train(limit: int | None = None, path: str = "") -> list[str]:
-    file = gsm8k_dir(path) / "train.jsonl"
-    return [MATH_TEMPLATE.format(problem=r["question"]) for r in read_jsonl(file, limit)]
+def gsm8k_train(limit: int | None = None) -> list[str]:
+    """GSM8K train questions as math prompts, from ``gsm8k_file("train")`` with the same record checks."""
+    return gsm8k(limit, split="train")
 
 
 def sharegpt(limit: int | None = None, max_chars: int = 2000) -> list[str]:
@@ -69,10 +69,10 @@ def sharegpt(limit: int | None = None, max_chars: int = 2000) -> list[str]:
     return out
 
 
-def load_training_prompts(source: str, limit: int | None, gsm8k_path: str = "") -> list[str]:
+def load_training_prompts(source: str, limit: int | None) -> list[str]:
     """``gsm8k`` (train split), ``sharegpt``, or a path to a jsonl of prompts/conversations."""
     if source == "gsm8k":
-        return gsm8k_train(limit, gsm8k_path)
+        return gsm8k_train(limit)
     if source == "sharegpt":
         return sharegpt(limit)
     if source in ("humaneval", "mtbench", "gsm8k_test"):

@@ -19,9 +19,9 @@ from tqdm import tqdm
 from draftopd import DraftopdError
 from draftopd.config import DataConfig, to_dict
 from draftopd.data.prompts import load_training_prompts
+from draftopd.decoding.loop import speculative_generate
+from draftopd.decoding.sampling import SamplingParams
 from draftopd.models.target import Target, load_target
-from draftopd.spec.decode import speculative_generate
-from draftopd.spec.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,13 @@ def load_shards(folder: str | Path) -> list[dict]:
     files = sorted(Path(folder).glob("shard_*.pt"))
     if not files:
         raise DraftopdError(f"no trajectory shards in {folder}: run `draftopd data` first")
-    return [row for f in files for row in torch.load(f)]
+    return [row for f in files for row in torch.load(f, weights_only=True)]
 
 
 def build_prompt_list(cfg: DataConfig, target: Target) -> list[tuple[str, list[int]]]:
     items = []
     for source in cfg.sources:
-        texts = load_training_prompts(source, cfg.limit_per_source, cfg.gsm8k_path)
+        texts = load_training_prompts(source, cfg.limit_per_source)
         kept = [(source, ids) for ids in map(target.encode_chat, texts) if len(ids) <= cfg.max_prompt_tokens]
         log.info(
             "%s: %d prompts (%d over %d tokens skipped)",
@@ -70,7 +70,7 @@ def generate_trajectories(cfg: DataConfig, target: Target | None = None) -> Path
     log.info("%d prompts in %d shards, %d to generate -> %s", len(items), len(chunks), len(todo), out)
     bar = tqdm(total=sum(len(chunks[i]) for i in todo), desc="trajectories", unit="traj")
     for i in todo:
-        gen = torch.Generator().manual_seed(cfg.sampling.seed + i)  # per shard: resumption reproduces it
+        gen = torch.Generator(target.device).manual_seed(cfg.sampling.seed + i)  # per shard: resumption reproduces it
         rows = []
         for j in range(0, len(chunks[i]), cfg.batch_size):
             batch = chunks[i][j : j + cfg.batch_size]

@@ -1,4 +1,5 @@
-"""Target wrapper and drafters. ``build_drafter`` turns a ``DrafterConfig`` into a drafter for a target."""
+"""Target wrapper and drafters. ``DRAFTERS`` is the one table of learned drafter kinds; everything that
+needs to know which architecture a config or a folder means (training, loading, export) reads it here."""
 
 from __future__ import annotations
 
@@ -7,49 +8,40 @@ from pathlib import Path
 
 from draftopd import DraftopdError
 from draftopd.config import DrafterConfig
-from draftopd.models.base import Drafter, Proposal
+from draftopd.models.base import Drafter, DrafterModel, Proposal
+from draftopd.models.dflash import DFlashModel
+from draftopd.models.eagle3 import Eagle3Model
 from draftopd.models.pld import PromptLookupDrafter
 from draftopd.models.target import Target
 
-__all__ = ["Drafter", "Proposal", "PromptLookupDrafter", "Target", "build_drafter"]
+__all__ = ["DRAFTERS", "Drafter", "Proposal", "PromptLookupDrafter", "Target", "build_drafter", "load_model"]
+
+# kind (the name configs use) -> trainable model class; each class names its `architectures` entry in ARCH
+DRAFTERS: dict[str, type[DrafterModel]] = {"dflash": DFlashModel, "eagle3": Eagle3Model}
 
 
-def load_model(folder: str | Path):
-    """The trainable DFlashModel or Eagle3Model stored in a drafter folder (serving layout or checkpoint)."""
-    from draftopd.models.dflash import DFlashModel
-    from draftopd.models.eagle3 import Eagle3Model
-
-    arch = _architectures(Path(folder) / "config.json")
-    if "DFlashDraftModel" in arch:
-        return DFlashModel.load(folder)
-    if "LlamaForCausalLMEagle3" in arch:
-        return Eagle3Model.load(folder)
-    raise DraftopdError(f"{Path(folder) / 'config.json'}: unknown drafter architecture {arch} (DFlash or EAGLE-3)")
-
-
-def _architectures(cfg_file: Path) -> list[str]:
-    if not cfg_file.exists():
+def drafter_kind(folder: str | Path) -> str:
+    """The kind of the drafter stored in ``folder`` (from ``architectures`` in its config.json)."""
+    cfg_file = Path(folder) / "config.json"
+    if not cfg_file.is_file():
+        what = "is not a drafter folder" if Path(folder).exists() else "not found"
         raise DraftopdError(
-            f"drafter not found: {cfg_file.parent} (expected a folder with config.json and model.safetensors)"
+            f"drafter {what}: {Path(folder)} (expected a drafter folder: config.json + model.safetensors)"
         )
     try:
-        return json.loads(cfg_file.read_text()).get("architectures", [])
-    except json.JSONDecodeError as e:
-        raise DraftopdError(f"{cfg_file}:{e.lineno}: invalid JSON ({e.msg})") from None
+        arch = json.loads(cfg_file.read_text()).get("architectures") or []
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise DraftopdError(f"{cfg_file}: not a JSON object ({e})") from None
+    for kind, cls in DRAFTERS.items():
+        if cls.ARCH in arch:
+            return kind
+    known = ", ".join(f"{cls.ARCH} ({kind})" for kind, cls in DRAFTERS.items())
+    raise DraftopdError(f"{cfg_file}: unknown drafter architecture {arch} (known: {known})")
 
 
-def load_drafter(folder: str | Path, target: Target, steps: int = 6) -> Drafter:
-    """A DFlash or EAGLE-3 drafter from a folder in the serving layout, checked against the target."""
-    from draftopd.models.dflash import DFlashDrafter, DFlashModel
-    from draftopd.models.eagle3 import Eagle3Drafter, Eagle3Model
-
-    cfg_file = Path(folder) / "config.json"
-    arch = _architectures(cfg_file)
-    if "DFlashDraftModel" in arch:
-        return DFlashDrafter(DFlashModel.load(folder), target)
-    if "LlamaForCausalLMEagle3" in arch:
-        return Eagle3Drafter(Eagle3Model.load(folder), target, steps)
-    raise DraftopdError(f"{cfg_file}: unknown drafter architecture {arch} (DFlash or EAGLE-3 expected)")
+def load_model(folder: str | Path) -> DrafterModel:
+    """The trainable drafter stored in a folder (serving layout or training checkpoint), float32 on the CPU."""
+    return DRAFTERS[drafter_kind(folder)].load(folder)
 
 
 def build_drafter(cfg: DrafterConfig, target: Target) -> Drafter | None:
@@ -59,5 +51,5 @@ def build_drafter(cfg: DrafterConfig, target: Target) -> Drafter | None:
     if cfg.kind == "pld":
         return PromptLookupDrafter(cfg.num_tokens, cfg.max_ngram, cfg.min_ngram)
     if cfg.kind == "path" and cfg.path:
-        return load_drafter(cfg.path, target, cfg.steps)
+        return load_model(cfg.path).engine(target, cfg.chain_length)
     raise DraftopdError(f"unknown drafter {cfg.kind!r}: use 'pld', 'none', or a drafter folder")

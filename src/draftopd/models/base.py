@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from draftopd import DraftopdError
 
 if TYPE_CHECKING:
-    from draftopd.spec.decode import DecodeState
-    from draftopd.spec.sampling import SamplingParams
+    from draftopd.decoding.loop import DecodeState
+    from draftopd.decoding.sampling import SamplingParams
 
 
 @dataclass
@@ -36,8 +36,10 @@ class Drafter(Protocol):
     def start(self, state: DecodeState, features: Tensor | None) -> None:
         """After prefill: ``features`` (B, P, F) of the (left-padded) prompt, or None if layer_ids is empty."""
 
-    def propose(self, state: DecodeState, params: SamplingParams) -> Proposal:
-        """Draft a block for every live row of ``state``."""
+    def propose(
+        self, state: DecodeState, params: SamplingParams, generator: torch.Generator | None = None
+    ) -> Proposal:
+        """Draft a block for every live row of ``state`` (sampled drafts draw from ``generator``, the run's)."""
 
     def update(self, state: DecodeState, n_accepted: Tensor, features: Tensor | None) -> None:
         """After verify: row b committed ``n_accepted[b] + 1`` tokens to the target cache (the old last token
@@ -64,17 +66,50 @@ def target_shape(tcfg) -> dict:
     }
 
 
+@dataclass
+class SeqBatch:
+    """A training batch of whole sequences on the drafter's device (right-padded)."""
+
+    ids: Tensor  # (B, S) prompt + response token ids, 0 past each row's length
+    lengths: Tensor  # (B,) tokens per row
+    prompt_len: Tensor  # (B,) prompt tokens per row (labels are supervised only in the response)
+    features: Tensor  # (B, S, K*H) target features of the drafter's layers
+
+
+@dataclass
+class ReplayBatch:
+    """Draft-OPD replay inputs on the drafter's device: rollouts (prompt + response, right-padded), the verify
+    blocks to replay, and the supervised slots as (row, block, block offset) triples."""
+
+    features: Tensor  # (B, S, K*H) target features
+    ids: Tensor  # (B, S) token ids
+    anchors: Tensor  # (B, Nb) full position of each block's anchor, -1 = padding block
+    accepted: Tensor  # (B, Nb) proposals the verifier accepted in that block
+    resp_idx: Tensor  # (N, 3) response-stream slots: offset k's label is the token at anchor + k
+    rej_idx: Tensor  # (M, 3) rejected-stream slots: the drafter's own proposal at offset k was rejected
+    rej_tokens: Tensor  # (M,) those rejected proposals (target ids)
+
+
 class DrafterModel:
-    """Mixin of the learned drafters (DFlash, EAGLE-3): the feature scale of ``fc``, and saving/loading in
-    the serving layout (``config.json`` + ``model.safetensors``).
+    """What the learned drafters (DFlash, EAGLE-3) share, and the interface the trainers and the engine use.
 
-    The feature scale: ``fc`` fuses raw target hidden states.
+    Each architecture implements five methods, so no caller branches on the kind:
 
-    Target hidden states carry "massive activations": a few dims 100-1000x the median (SmolLM2 layer 27:
-    max 24,538 against a median of 11). Fed raw to ``fc`` they dominate its gradient, global clipping then
-    shrinks every other gradient, and training crawls. Training therefore divides each feature dim by a
-    fixed scale (its RMS on real data). Saving for serving folds the scale into the weights,
-    fc(x / s) = (W / s) x, so files keep the serving layout; training checkpoints keep W and ``fc_scale``.
+    * ``build(target, arch, seqs)`` (classmethod): a fresh drafter shaped from the target's config;
+    * ``engine(target, chain_length)``: the engine-side drafter (``Drafter``) for the speculative loop;
+    * ``sft_states(embed, batch, gen, cfg)``: drafter states, labels and loss weights of an SFT batch;
+    * ``replay_states(embed, batch)``: the states of the Draft-OPD replay slots of a ``ReplayBatch``
+      (response stream and rejected stream);
+    * ``replay_block(chain_length)``: tokens per replayed verify step (anchor + proposals);
+    plus the vocabulary maps ``draft_logits``, ``to_draft_ids`` and ``to_target_ids`` (identity for a
+    drafter that predicts over the target's vocabulary).
+
+    The feature scale: ``fc`` fuses raw target hidden states, which carry "massive activations": a few
+    dims 100-1000x the median (SmolLM2 layer 27: max 24,538 against a median of 11). Fed raw to ``fc`` they
+    dominate its gradient, global clipping then shrinks every other gradient, and training crawls.
+    Training therefore divides each feature dim by a fixed scale (its RMS on real data). Saving for serving
+    folds the scale into the weights, fc(x / s) = (W / s) x, so files keep the serving layout; training
+    checkpoints keep W and ``fc_scale``.
     """
 
     fc: nn.Linear
@@ -82,6 +117,44 @@ class DrafterModel:
     config: object  # the drafter's config dataclass (to_hf / from_hf)
     ARCH: str  # its `architectures` entry in config.json
     CONFIG: type  # its config dataclass
+
+    def check_target(self, target) -> None:
+        """One-line error unless this drafter was built for ``target`` (the one compatibility check)."""
+        c = self.config
+        pairs = (
+            ("hidden_size", c.hidden_size, target.hidden_size),
+            ("vocab_size", c.vocab_size, target.vocab_size),
+            ("num_target_layers", c.num_target_layers, target.num_layers),
+        )
+        wrong = [f"{name} {mine} (target: {theirs})" for name, mine, theirs in pairs if mine != theirs]
+        if wrong:
+            raise DraftopdError(f"drafter does not match the target: {', '.join(wrong)}")
+        if any(not 0 <= i < target.num_layers for i in c.target_layer_ids):
+            raise DraftopdError(
+                f"drafter target_layer_ids {list(c.target_layer_ids)} are out of range "
+                f"for a {target.num_layers}-layer target"
+            )
+        mask = getattr(c, "mask_token_id", None)
+        if mask is not None and not 0 <= mask < target.vocab_size:
+            raise DraftopdError(
+                f"drafter mask_token_id {mask} is outside the target's vocabulary ({target.vocab_size})"
+            )
+
+    def draft_logits(self, h: Tensor, target) -> Tensor:
+        """Logits (N, V) of drafter states (N, H) over the drafter's vocabulary (default: the target's head)."""
+        return target.logits(h)
+
+    def to_draft_ids(self, target_ids: Tensor) -> Tensor:
+        """Target ids -> ids of the drafter's vocabulary (-1 where a token has none)."""
+        return target_ids
+
+    def to_target_ids(self, draft_ids: Tensor) -> Tensor:
+        return draft_ids
+
+    @property
+    def full_vocab(self) -> bool:
+        """Whether the drafter predicts over the target's whole vocabulary."""
+        return True
 
     @torch.no_grad()
     def set_feature_scale(self, scale: Tensor) -> None:
@@ -114,7 +187,7 @@ class DrafterModel:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         sd = {
-            k: (v.detach().to(dtype) if v.is_floating_point() else v).contiguous()
+            k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
             for k, v in self.pack_state(fold).items()
         }
         save_file(sd, str(folder / "model.safetensors"))

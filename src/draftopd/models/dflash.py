@@ -1,4 +1,4 @@
-"""DFlash: a block-parallel drafter conditioned on target hidden states (z-lab/dflash; draft-opd-method.md 3.1).
+"""DFlash: a block-parallel drafter conditioned on target hidden states (z-lab/dflash; Draft-OPD, arXiv 2605.29343).
 
 Shapes: ``H`` hidden (= the target's), ``K`` number of target feature layers, ``Bs`` block size.
 
@@ -14,19 +14,21 @@ Shapes: ``H`` hidden (= the target's), ``K`` number of target feature layers, ``
 Parameter names are the z-lab/SGLang/vLLM checkpoint names (``layers.N.self_attn.q_proj.weight``,
 ``fc.weight``, ``hidden_norm.weight``, ``norm.weight``; no embedding, no LM head), so export is a save.
 ``DFlashDrafter`` is the engine side: it keeps the projected context K/V of each row and proposes a block.
+Training reads the same forward through ``block_hidden`` (every block of every sequence in one call).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from draftopd import DraftopdError
-from draftopd.models.base import DrafterModel, Proposal, target_shape
-from draftopd.spec.sampling import logits_to_probs, sample
+from draftopd.decoding.sampling import logits_to_probs, sample
+from draftopd.models.base import DrafterModel, Proposal, ReplayBatch, SeqBatch, target_shape
+from draftopd.models.layers import MLP, apply_rope, gqa_attention, rope_cos_sin
 
 
 def build_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
@@ -76,7 +78,8 @@ class DFlashConfig:
         )
 
     def to_hf(self) -> dict:
-        """config.json in the layout SGLang, vLLM and z-lab load (checkpoint-formats.md 3.2, 9.1)."""
+        """config.json in the layout SGLang, vLLM and z-lab load (their loaders: SGLang ``models/dflash.py``,
+        vLLM ``qwen3_dflash.py``, z-lab ``dflash/model.py``)."""
         n = self.num_hidden_layers
         return {
             "architectures": ["DFlashDraftModel"],
@@ -137,19 +140,6 @@ class DFlashConfig:
         )
 
 
-def rope_cos_sin(pos: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos/sin (B, 1, T, D) for integer positions (B, T), HF's non-interleaved layout."""
-    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
-    ang = pos.float()[..., None] * inv  # (B, T, D/2)
-    emb = torch.cat([ang, ang], -1)[:, None]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], -1) * sin
-
-
 class Attention(nn.Module):
     def __init__(self, c: DFlashConfig) -> None:
         super().__init__()
@@ -174,20 +164,8 @@ class Attention(nn.Module):
         q = apply_rope(self.q_norm(self.q_proj(h).view(b, q_len, self.nh, self.d)).transpose(1, 2), cos, sin)
         k, v = self.kv(h, cos, sin)
         k, v = torch.cat([ctx_k, k], 2), torch.cat([ctx_v, v], 2)  # context keys first, then the block's
-        rep = self.nh // self.nkv  # grouped-query attention: each KV head serves `rep` query heads
-        o = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask)
+        o = gqa_attention(q, k, v, mask)
         return self.o_proj(o.transpose(1, 2).reshape(b, q_len, self.nh * self.d))
-
-
-class MLP(nn.Module):
-    def __init__(self, c: DFlashConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Layer(nn.Module):
@@ -196,7 +174,7 @@ class Layer(nn.Module):
         self.input_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.self_attn = Attention(c)
         self.post_attention_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
-        self.mlp = MLP(c)
+        self.mlp = MLP(c.hidden_size, c.intermediate_size)
 
     def forward(self, h, cos, sin, ctx_k, ctx_v, mask):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, ctx_k, ctx_v, mask)
@@ -238,6 +216,72 @@ class DFlashModel(DrafterModel, nn.Module):
             h = layer(h, cos, sin, k, v, mask)
         return self.norm(h)
 
+    # The DrafterModel interface (see models/base.py).
+
+    @classmethod
+    def build(cls, target, arch, seqs: list[tuple[list[int], int]]) -> DFlashModel:
+        """A fresh drafter: ``arch.num_layers`` layers, block ``arch.block_size``, the rest from the target."""
+        mask = arch.mask_token_id if arch.mask_token_id >= 0 else default_mask_token(target)
+        layer_ids = arch.target_layer_ids
+        return cls(DFlashConfig.from_target(target.config, arch.num_layers, arch.block_size, mask, layer_ids))
+
+    def engine(self, target, chain_length: int = 0) -> DFlashDrafter:
+        return DFlashDrafter(self, target)
+
+    def replay_block(self, chain_length: int) -> int:
+        return self.config.block_size
+
+    def sft_states(
+        self, embed: nn.Module, batch: SeqBatch, gen: torch.Generator, cfg
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``cfg.blocks_per_seq`` random anchors per response, every block in one forward with the inference mask;
+        slot k (1..Bs-1) is supervised by the token k places after its anchor, weighted exp(-(k-1)/loss_decay).
+        Returns states (N, H), labels (N,) and weights (N,) of the supervised slots."""
+        bs, dev = self.config.block_size, batch.ids.device
+        anchors = sample_anchors(batch.prompt_len.tolist(), batch.lengths.tolist(), cfg.blocks_per_seq, gen).to(dev)
+        lab_pos = anchors[..., None] + torch.arange(1, bs, device=dev)  # (B, Nb, Bs-1): each slot's label position
+        ok = (anchors[..., None] >= 0) & (lab_pos < batch.lengths[:, None, None])
+        labels = batch.ids.gather(1, lab_pos.clamp(0, batch.ids.shape[1] - 1).flatten(1)).view_as(lab_pos)
+        h = block_hidden(self, embed, batch.features, batch.ids, anchors)[:, :, 1:]  # slots 1..Bs-1
+        offsets = torch.arange(1, bs, device=dev).expand_as(lab_pos)[ok]
+        return h[ok], labels[ok], position_weights(offsets, cfg.loss_decay)
+
+    def replay_states(self, embed: nn.Module, batch: ReplayBatch) -> tuple[Tensor, Tensor]:
+        """Draft-OPD replay: every verify block re-drafted in one forward (a block's slots see only the anchor and
+        the masks, never the draft's own tokens, so rejected proposals need no special input); returns the
+        states (N, H) and (M, H) at the response and rejected (row, block, slot) triples."""
+        h = block_hidden(self, embed, batch.features, batch.ids, batch.anchors)  # (B, Nb, Bs, H)
+        ri, xi = batch.resp_idx, batch.rej_idx
+        return h[ri[:, 0], ri[:, 1], ri[:, 2]], h[xi[:, 0], xi[:, 1], xi[:, 2]]
+
+
+def default_mask_token(target) -> int:
+    """A special token that never appears inside chat text: not bos/eos/pad (SmolLM2: <|endoftext|> = 0)."""
+    tok = target.tokenizer
+    busy = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id} if tok is not None else set()
+    special = [i for i in (tok.all_special_ids if tok is not None else []) if i not in busy]
+    return min(special) if special else 0
+
+
+def position_weights(offsets: Tensor, decay: float) -> Tensor:
+    """DFlash's per-slot weight exp(-(k - 1) / decay) for 1-based block offsets k; decay <= 0 gives 1."""
+    if decay <= 0:
+        return torch.ones_like(offsets, dtype=torch.float32)
+    return torch.exp(-(offsets.float() - 1) / decay)
+
+
+def sample_anchors(prompt_len: list[int], lengths: list[int], n: int, gen: torch.Generator) -> Tensor:
+    """Up to n distinct anchors per sequence in [prompt_len - 1, length - 2] (a block's first label, anchor + 1,
+    is a response token), sorted; -1 pads rows with fewer positions. (B, n) on the CPU."""
+    rows = []
+    for p, total in zip(prompt_len, lengths, strict=True):
+        lo, span = p - 1, max(0, total - p)  # anchors lo .. total - 2
+        pick = (
+            (torch.randperm(span, generator=gen)[:n] + lo).sort().values if span else torch.zeros(0, dtype=torch.long)
+        )
+        rows.append(torch.cat([pick, torch.full((n - len(pick),), -1, dtype=torch.long)]))
+    return torch.stack(rows)
+
 
 def block_hidden(model: DFlashModel, embed: nn.Module, features: Tensor, ids: Tensor, anchors: Tensor) -> Tensor:
     """The training/replay forward: every block of every sequence in one drafter call.
@@ -266,28 +310,13 @@ def block_hidden(model: DFlashModel, embed: nn.Module, features: Tensor, ids: Te
     return h.view(bsz, nb, bs, -1)
 
 
-def check_compatible(c: DFlashConfig, target) -> None:
-    """A one-line error if a drafter was built for another target."""
-    t = target.config
-    if (
-        c.hidden_size != t.hidden_size
-        or c.vocab_size != target.vocab_size
-        or c.num_target_layers != t.num_hidden_layers
-    ):
-        raise DraftopdError(
-            f"drafter does not match the target: drafter hidden/vocab/layers {c.hidden_size}/{c.vocab_size}/"
-            f"{c.num_target_layers}, target {t.hidden_size}/{target.vocab_size}/{t.num_hidden_layers}"
-        )
-    if max(c.target_layer_ids) >= t.num_hidden_layers or not 0 <= c.mask_token_id < target.vocab_size:
-        raise DraftopdError(f"drafter layer ids {c.target_layer_ids} / mask id {c.mask_token_id} invalid for target")
-
-
 class DFlashDrafter:
     """Engine side of DFlash: per-row context K/V caches, one forward proposes ``block_size - 1`` tokens."""
 
     def __init__(self, model: DFlashModel, target) -> None:
-        check_compatible(model.config, target)
-        self.model = model.to(target.dtype).eval()
+        model.check_target(target)
+        # a copy in the target's dtype and device: the caller's (training) weights stay as they are
+        self.model = copy.deepcopy(model).to(target.device, target.dtype).eval()
         self.target = target
         self.layer_ids = tuple(model.config.target_layer_ids)
         self.bs = model.config.block_size
@@ -317,7 +346,7 @@ class DFlashDrafter:
         self._append(features, (valid.long().cumsum(1) - 1).clamp_min(0), valid)
 
     @torch.inference_mode()
-    def propose(self, state, params) -> Proposal:
+    def propose(self, state, params, generator=None) -> Proposal:
         b, bs, dev = state.last.shape[0], self.bs, state.last.device
         block = torch.full((b, bs), self.model.config.mask_token_id, dtype=torch.long, device=dev)
         block[:, 0] = state.last  # [anchor, MASK x (bs - 1)]
@@ -332,10 +361,11 @@ class DFlashDrafter:
         )
         h = self.model(self.target.embed(block), pos, self.kv, mask)
         logits = self.target.logits(h[:, 1:])  # (B, bs - 1, V): slot k predicts the token k after the anchor
+        n = torch.full((b,), bs - 1, dtype=torch.long, device=dev)
         if params.greedy:
-            return Proposal(logits.argmax(-1), torch.full((b,), bs - 1, dtype=torch.long))
+            return Proposal(logits.argmax(-1), n)
         probs = logits_to_probs(logits, params)
-        return Proposal(sample(probs), torch.full((b,), bs - 1, dtype=torch.long), probs)
+        return Proposal(sample(probs, generator), n, probs)
 
     def update(self, state, n_accepted: Tensor, features: Tensor) -> None:
         k1 = features.shape[1]

@@ -1,4 +1,4 @@
-"""EAGLE-3: an autoregressive draft head on fused low/mid/high target features (draft-opd-method.md 3.2).
+"""EAGLE-3: an autoregressive draft head on fused low/mid/high target features (arXiv 2503.01840; SafeAILab/EAGLE).
 
 Shapes: ``H`` hidden, ``V`` target vocabulary, ``Vd`` draft vocabulary.
 
@@ -19,17 +19,17 @@ Names follow the SGLang / vLLM / SpecForge EAGLE-3 layout (``midlayer.*``, ``fc`
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from draftopd import DraftopdError
-from draftopd.models.base import DrafterModel, Proposal, target_shape
-from draftopd.models.dflash import MLP, apply_rope, rope_cos_sin
-from draftopd.spec.sampling import logits_to_probs, sample
+from draftopd.decoding.sampling import logits_to_probs, sample
+from draftopd.models.base import DrafterModel, Proposal, ReplayBatch, SeqBatch, target_shape
+from draftopd.models.layers import MLP, apply_rope, gqa_attention, rope_cos_sin
 
 
 def eagle3_layer_ids(num_target_layers: int) -> list[int]:
@@ -63,7 +63,7 @@ class Eagle3Config:
         )
 
     def to_hf(self) -> dict:
-        """config.json of the plain EAGLE-3 layout (checkpoint-formats.md 4.1, 9.2)."""
+        """config.json of the plain EAGLE-3 layout (SGLang models/llama_eagle3.py, vLLM llama_eagle3.py)."""
         return {
             "architectures": ["LlamaForCausalLMEagle3"],
             "model_type": "llama",
@@ -133,7 +133,7 @@ class MidLayer(nn.Module):
         attn.v_proj = nn.Linear(2 * c.hidden_size, self.nkv * self.d, bias=False)
         attn.o_proj = nn.Linear(self.nh * self.d, c.hidden_size, bias=False)
         self.self_attn = attn
-        self.mlp = MLP(c)  # same SwiGLU names as DFlash
+        self.mlp = MLP(c.hidden_size, c.intermediate_size)
         self.hidden_norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.input_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
@@ -197,6 +197,110 @@ class Eagle3Model(DrafterModel, nn.Module):
 
     def rope(self, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         return rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, dtype)
+
+    # The DrafterModel interface (see models/base.py).
+
+    @classmethod
+    def build(cls, target, arch, seqs: list[tuple[list[int], int]]) -> Eagle3Model:
+        """A fresh drafter shaped from the target; the draft vocabulary is the ``arch.draft_vocab_size`` most
+        frequent response tokens of ``seqs`` (pairs of ids and prompt length), its head the target's rows."""
+        c = Eagle3Config.from_target(target.config, arch.draft_vocab_size, arch.target_layer_ids)
+        model = cls(c)
+        counts = torch.zeros(target.vocab_size)
+        for ids, prompt_len in seqs:
+            counts += torch.bincount(torch.tensor(ids[prompt_len:]), minlength=target.vocab_size).float()
+        model.set_vocab(*draft_vocab_map(counts, c.draft_vocab_size), target.lm_head.weight.detach().cpu())
+        return model
+
+    def engine(self, target, chain_length: int = 6) -> Eagle3Drafter:
+        return Eagle3Drafter(self, target, chain_length)
+
+    def replay_block(self, chain_length: int) -> int:
+        return chain_length + 1  # the anchor, then one proposal per chain step
+
+    def draft_logits(self, h: Tensor, target) -> Tensor:
+        return self.logits(h)
+
+    def to_target_ids(self, draft_ids: Tensor) -> Tensor:
+        return draft_ids + self.d2t[draft_ids]
+
+    @property
+    def full_vocab(self) -> bool:
+        return self.config.draft_vocab_size == self.config.vocab_size
+
+    def sft_states(
+        self, embed: nn.Module, batch: SeqBatch, gen: torch.Generator, cfg
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The TTT unroll of ``cfg.arch.ttt_steps`` steps over whole sequences; step k at position p is supervised
+        by token p + k + 2 when it lies in the response and in the draft vocabulary. Each step's tokens share
+        the step weight ``ttt_decay ** k`` (a per-step mean, as EAGLE-3 trains). Returns states (N, H), draft
+        labels (N,) and weights (N,)."""
+        outs = ttt_forward(self, embed, batch.features, batch.ids, cfg.arch.ttt_steps)
+        hs, labels, weights = [], [], []
+        for k, h in enumerate(outs):
+            lab, ok = ttt_labels(batch.ids, batch.lengths, batch.prompt_len, k)
+            lab = self.to_draft_ids(lab)
+            ok &= lab >= 0  # only tokens inside the draft vocabulary can be predicted
+            n = int(ok.sum())
+            hs.append(h[ok])
+            labels.append(lab[ok])
+            weights.append(torch.full((n,), cfg.arch.ttt_decay**k / max(n, 1), device=h.device))
+        return torch.cat(hs), torch.cat(labels), torch.cat(weights)
+
+    def replay_states(self, embed: nn.Module, batch: ReplayBatch) -> tuple[Tensor, Tensor]:
+        """Draft-OPD replay, the autoregressive analogue of a DFlash block: drafter states of every response slot
+        (N, H) and rejected slot (M, H) of ``batch``. A block anchored at A is the chain started from the pair at
+        A - 1; block offset k is chain step k - 1. Response slots and the first rejected proposal have the true
+        prefix: the teacher-forced TTT unroll. Later rejected proposals were drafted after the draft's own wrong
+        tokens: ``branch_forward`` feeds the rejected tokens back as inputs, as the drafter did at inference."""
+        ids, anchors, accepted, resp_idx, rej_idx = (
+            batch.ids,
+            batch.anchors,
+            batch.accepted,
+            batch.resp_idx,
+            batch.rej_idx,
+        )
+        features, rej_tokens, dev = batch.features, batch.rej_tokens, batch.ids.device
+        steps = max(int(resp_idx[:, 2].max()) if len(resp_idx) else 1, int(rej_idx[:, 2].max()) if len(rej_idx) else 1)
+        kv: list = []
+        outs = ttt_forward(self, embed, features, ids, steps, keep_kv=kv)
+        stacked = torch.stack(outs, 0)  # (K, B, S, H)
+        pair = (anchors - 1).clamp_min(0)  # (B, Nb) the pair position each block's chain starts from
+        h_resp = stacked[resp_idx[:, 2] - 1, resp_idx[:, 0], pair[resp_idx[:, 0], resp_idx[:, 1]]]
+        if not len(rej_idx):
+            return h_resp, h_resp.new_zeros(0, h_resp.shape[-1])
+        xi = rej_idx
+        r = accepted[xi[:, 0], xi[:, 1]]
+        h_rej = stacked[(xi[:, 2] - 1).clamp(max=steps - 1), xi[:, 0], pair[xi[:, 0], xi[:, 1]]].clone()
+        # branches: one per block with >= 2 rejected proposals; inputs are that block's rejected tokens
+        blocks: dict[tuple[int, int], list[int]] = {}
+        for j, (b, i) in enumerate(xi[:, :2].tolist()):
+            blocks.setdefault((b, i), []).append(j)
+        first = xi[:, 2] == r + 1  # the first rejected proposal of a block: drafted on the true prefix
+        assert bool(first[[items[0] for items in blocks.values()]].all()), "rejected proposals must start at r + 1"
+        branch = [(key, items) for key, items in blocks.items() if len(items) >= 2]
+        if branch:
+            length = max(len(items) for _, items in branch) - 1
+            forced = torch.full((len(branch), length), -1, dtype=torch.long, device=dev)
+            for n, (_, items) in enumerate(branch):
+                forced[n, : len(items) - 1] = rej_tokens[items[:-1]]  # d_{r+1} .. d_{n-1}
+            row = torch.tensor([b for (b, _), _ in branch], device=dev)
+            pos = pair[row, torch.tensor([i for (_, i), _ in branch], device=dev)]
+            rr = torch.stack([r[items[0]] for _, items in branch])
+            hb = branch_forward(self, embed, outs, kv, row, pos, rr, forced)  # (NB, L, H)
+            for n, (_, items) in enumerate(branch):
+                for m, j in enumerate(items[1:]):  # the (m + 2)-th rejected proposal: branch entry m
+                    h_rej[j] = hb[n, m]
+        return h_resp, h_rej
+
+
+def ttt_labels(ids: Tensor, lengths: Tensor, prompt_len: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Labels (B, S) of TTT step k: position p predicts token p + k + 2 of its own row; ``ok`` marks labels
+    that exist and lie in the response."""
+    width = ids.shape[1]
+    lab_pos = (torch.arange(width, device=ids.device)[None] + k + 2).expand_as(ids)
+    ok = (lab_pos < lengths[:, None]) & (lab_pos >= prompt_len[:, None])
+    return ids.gather(1, lab_pos.clamp(max=width - 1)), ok
 
 
 def ttt_forward(
@@ -283,9 +387,7 @@ def branch_forward(
             keys.append(k.repeat_interleave(rep, 1))
             vals.append(v.repeat_interleave(rep, 1))
             masks.append(torch.ones(n, 1, dtype=torch.bool, device=b.device))
-            attn = F.scaled_dot_product_attention(
-                q, torch.cat(keys, 2), torch.cat(vals, 2), attn_mask=torch.cat(masks, 1)[:, None, None, :]
-            )
+            attn = gqa_attention(q, torch.cat(keys, 2), torch.cat(vals, 2), torch.cat(masks, 1)[:, None, None, :])
             g = mid.finish(g[:, None], attn)[:, 0]
             out.append(g)
         res.append(torch.stack(out, 1))
@@ -295,39 +397,33 @@ def branch_forward(
 class Eagle3Drafter:
     """Engine side of EAGLE-3: its own KV cache over committed (feature, token) pairs, then a k-step chain."""
 
-    def __init__(self, model: Eagle3Model, target, steps: int = 5) -> None:
-        c = model.config
-        if c.hidden_size != target.hidden_size or c.vocab_size != target.vocab_size:
-            raise DraftopdError(
-                f"drafter does not match the target: drafter hidden/vocab {c.hidden_size}/{c.vocab_size}, "
-                f"target {target.hidden_size}/{target.vocab_size}"
-            )
-        if max(c.target_layer_ids) >= target.num_layers:
-            raise DraftopdError(f"drafter layer ids {c.target_layer_ids} exceed the target's {target.num_layers}")
-        self.model, self.target, self.steps = model.to(target.dtype).eval(), target, steps
-        self.layer_ids = tuple(c.target_layer_ids)
+    def __init__(self, model: Eagle3Model, target, chain_length: int = 6) -> None:
+        model.check_target(target)
+        # a copy in the target's dtype and device: the caller's (training) weights stay as they are
+        self.model = copy.deepcopy(model).to(target.device, target.dtype).eval()
+        self.target, self.chain_length = target, chain_length
+        self.layer_ids = tuple(model.config.target_layer_ids)
         self.k = self.v = None  # (B, nkv, S, D) committed pairs
         self.mask = None  # (B, S) real slots
         self.pending = None  # (features, tokens, positions, valid) of pairs not yet in the cache
 
     def start(self, state, features: Tensor) -> None:
-        width = features.shape[1]
-        plen = [len(h) - 1 for h in state.history]
-        toks = torch.zeros(len(plen), width, dtype=torch.long, device=features.device)
+        width, dev = features.shape[1], features.device
+        plen = torch.tensor([len(h) - 1 for h in state.history], device=dev)
+        toks = torch.zeros(len(plen), width, dtype=torch.long, device=dev)
         for b, hist in enumerate(state.history):  # pair p = (h_p, x_{p+1}): prompt shifted, then the first token
-            toks[b, width - plen[b] :] = torch.tensor(hist[1:], device=features.device)
-        valid = torch.arange(width, device=features.device)[None] >= (width - torch.tensor(plen))[:, None]
+            toks[b, width - len(hist) + 1 :] = torch.tensor(hist[1:], device=dev)
+        valid = torch.arange(width, device=dev)[None] >= (width - plen)[:, None]
         self.k = self.v = self.mask = None
         self.pending = (features, toks, (valid.long().cumsum(1) - 1).clamp_min(0), valid)
 
     def update(self, state, n_accepted: Tensor, features: Tensor) -> None:
-        k1 = features.shape[1]
-        j = torch.arange(k1, device=features.device)
+        k1, dev = features.shape[1], features.device
+        j = torch.arange(k1, device=dev)
         valid = j[None] <= n_accepted[:, None]
-        toks = torch.zeros(features.shape[0], k1, dtype=torch.long, device=features.device)
-        for b, hist in enumerate(state.history):  # tokens x_{p+1} for the block's pairs: the newly committed ones
-            n = int(n_accepted[b]) + 1
-            toks[b, :n] = torch.tensor(hist[-n:], device=features.device)
+        toks = torch.zeros(features.shape[0], k1, dtype=torch.long, device=dev)
+        for b, (hist, n) in enumerate(zip(state.history, (n_accepted + 1).tolist(), strict=True)):
+            toks[b, :n] = torch.tensor(hist[-n:], device=dev)  # tokens x_{p+1} of the block's newly committed pairs
         start = state.next_pos - n_accepted - 1
         self.pending = (features, toks, start[:, None] + j, valid)
 
@@ -336,32 +432,29 @@ class Eagle3Drafter:
         f, t, p, v = self.pending
         self.pending = (f[rows], t[rows], p[rows], v[rows])
 
-    def _attend(self, q, k, v, mask) -> Tensor:
-        rep = self.model.midlayer.nh // self.model.midlayer.nkv
-        return F.scaled_dot_product_attention(
-            q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask
-        )
-
     @torch.inference_mode()
-    def propose(self, state, params) -> Proposal:
+    def propose(self, state, params, generator=None) -> Proposal:
         m, embed = self.model, self.target.embed
         feats, toks, pos, valid = self.pending
         self.pending = None  # consumed: the next update() brings the next block's pairs
         b, t = toks.shape
+        dev = toks.device
         # 1) Commit the pending pairs: causal among themselves, all earlier committed slots visible.
         h = m.fuse(feats)
         cos, sin = m.rope(pos, h.dtype)
         q, k, v = m.midlayer.qkv(embed(toks), h, cos, sin)
-        own = (torch.arange(t)[None, :] <= torch.arange(t)[:, None])[None] & valid[:, None, :]  # (B, t, t)
-        old = self.mask if self.mask is not None else torch.zeros(b, 0, dtype=torch.bool)
+        ar = torch.arange(t, device=dev)
+        own = (ar[None, :] <= ar[:, None])[None] & valid[:, None, :]  # (B, t, t)
+        old = self.mask if self.mask is not None else torch.zeros(b, 0, dtype=torch.bool, device=dev)
         mask = torch.cat([old[:, None, :].expand(b, t, -1), own], -1)[:, None]
         self.k = k if self.k is None else torch.cat([self.k, k], 2)
         self.v = v if self.v is None else torch.cat([self.v, v], 2)
         self.mask = torch.cat([old, valid], 1)
-        out = m.midlayer.finish(h, self._attend(q, self.k, self.v, mask))
+        out = m.midlayer.finish(h, gqa_attention(q, self.k, self.v, mask))
+        rows = torch.arange(b, device=dev)
         last = valid.long().cumsum(1).argmax(1)  # index of each row's last real pair
-        g = out[torch.arange(b), last][:, None]  # (B, 1, H)
-        p_last = pos[torch.arange(b), last]
+        g = out[rows, last][:, None]  # (B, 1, H)
+        p_last = pos[rows, last]
         used = self.mask.any(0)
         if not bool(used.all()):  # drop slots no row uses
             keep = used.nonzero().squeeze(1)
@@ -369,24 +462,25 @@ class Eagle3Drafter:
         # 2) The chain: each step's output hidden state and drafted token feed the next step.
         ck, cv, tokens, probs = self.k, self.v, [], []
         cmask = self.mask
-        for j in range(self.steps):
+        draft_to_target = torch.arange(m.config.draft_vocab_size, device=dev) + m.d2t
+        for j in range(self.chain_length):
             logits = m.logits(g)[:, 0]  # (B, Vd)
             if params.greedy:
                 d = logits.argmax(-1)
             else:
                 pd = logits_to_probs(logits, params)
-                d = sample(pd)
-                full = torch.zeros(b, m.config.vocab_size, dtype=pd.dtype)
-                full[:, torch.arange(m.config.draft_vocab_size) + m.d2t] = pd  # draft vocab -> target vocab
+                d = sample(pd, generator)
+                full = torch.zeros(b, m.config.vocab_size, dtype=pd.dtype, device=dev)
+                full[:, draft_to_target] = pd  # draft vocab -> target vocab
                 probs.append(full)
             tok = d + m.d2t[d]  # draft id -> target id
             tokens.append(tok)
-            if j == self.steps - 1:
+            if j == self.chain_length - 1:
                 break
             cos, sin = m.rope((p_last + j + 1)[:, None], g.dtype)
             q, k, v = m.midlayer.qkv(embed(tok[:, None]), g, cos, sin)
             ck, cv = torch.cat([ck, k], 2), torch.cat([cv, v], 2)
-            cmask = torch.cat([cmask, torch.ones(b, 1, dtype=torch.bool)], 1)
-            g = m.midlayer.finish(g, self._attend(q, ck, cv, cmask[:, None, None, :]))
-        n = torch.full((b,), self.steps, dtype=torch.long)
+            cmask = torch.cat([cmask, torch.ones(b, 1, dtype=torch.bool, device=dev)], 1)
+            g = m.midlayer.finish(g, gqa_attention(q, ck, cv, cmask[:, None, None, :]))
+        n = torch.full((b,), self.chain_length, dtype=torch.long, device=dev)
         return Proposal(torch.stack(tokens, 1), n, torch.stack(probs, 1) if probs else None)

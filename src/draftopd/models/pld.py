@@ -39,7 +39,7 @@ class PromptLookupDrafter:
     def start(self, state, features: Tensor | None) -> None:
         pass
 
-    def propose(self, state, params) -> Proposal:
+    def propose(self, state, params, generator=None) -> Proposal:
         found = [lookup(h, self.num_tokens, self.max_ngram, self.min_ngram) for h in state.history]
         k = max((len(f) for f in found), default=0)
         tokens = torch.zeros(len(found), k, dtype=torch.long)

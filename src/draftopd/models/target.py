@@ -4,7 +4,9 @@
 ``logits`` (only at the rows asked for: the LM head is the costly part) and, when ``layer_ids`` is given,
 the hidden states *after* those decoder layers concatenated on the last axis (``hidden_states[id + 1]``,
 the convention DFlash and EAGLE-3 checkpoints use). The LM head is always fed 2-D input: a strided 3-D
-input takes a slow bf16 path on CPU (40x slower, see cpu-feasibility.md).
+input takes a slow bf16 path on CPU (~40x slower, measured with torch 2.13 on 2 cores). The head takes its
+input in its own dtype whatever the caller's (a float32 drafter state reaches a bf16 head) and returns
+float32 logits.
 """
 
 from __future__ import annotations
@@ -28,10 +30,15 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
 def resolve_dtype(dtype: str, device: str = "cpu") -> str:
-    """``auto`` -> bf16 where it is fast (CUDA, or a CPU with AMX / AVX512-BF16), else fp32.
+    """``auto`` -> ``$DRAFTOPD_DTYPE`` when set (to force a dtype in every run whose dtype is auto, tests
+    included), else bf16 where it is fast (CUDA, or a CPU with AMX / AVX512-BF16), else fp32.
 
     On a CPU without bf16 instructions (AVX2 only) bf16 matmuls are emulated and 3-8x slower than fp32.
     """
+    if dtype == "auto":
+        dtype = os.environ.get("DRAFTOPD_DTYPE", "") or "auto"
+        if dtype not in (*DTYPES, "auto"):
+            raise DraftopdError(f"$DRAFTOPD_DTYPE={dtype!r}: choose one of {', '.join(DTYPES)}")
     if dtype != "auto":
         return dtype
     if device.startswith("cuda"):
@@ -110,7 +117,7 @@ class Target:
     def logits(self, hidden: Tensor) -> Tensor:
         """LM head on (..., H) hidden states, computed on a 2-D view, returned in float32."""
         shape = hidden.shape[:-1]
-        return self.lm_head(hidden.reshape(-1, hidden.shape[-1])).float().view(*shape, -1)
+        return self.lm_head(hidden.reshape(-1, hidden.shape[-1]).to(self.dtype)).float().view(*shape, -1)
 
     @torch.no_grad()  # not inference_mode: trainers feed these features into autograd graphs
     def forward(
@@ -158,11 +165,24 @@ class Target:
             )
 
 
+def check_device(device: str) -> None:
+    """A one-line error for a device this machine does not have (before any model is loaded)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise DraftopdError(f"target.device {device!r} is not a device ({e})") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise DraftopdError(f"target.device {device!r}: no such CUDA device here (use cpu)")
+    if dev.type not in ("cpu", "cuda"):
+        raise DraftopdError(f"target.device {device!r}: cpu and cuda are supported")
+
+
 def load_target(target: str = DEFAULT_TARGET, dtype: str = "auto", device: str = "cpu") -> Target:
     """Load a target by name (``default``), local folder or hub id, with a one-line error on bad input."""
     dtype = resolve_dtype(dtype, device)
     if dtype not in DTYPES:
         raise DraftopdError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    check_device(device)
     path = resolve_target_path(target)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:

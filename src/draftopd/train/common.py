@@ -1,24 +1,48 @@
-"""Helpers shared by the trainers: optimizer and schedule, checkpoints, metrics, the tau-vs-step plot.
+"""The scaffold both trainers share (``start_or_resume`` -> ``Run``), and its pieces: optimizer and schedule,
+checkpoints, metrics, the feature scale, tau with the real engine.
 
-Checkpoints are folders ``<out>/checkpoints/step_NNNNNN`` holding the drafter (``model.safetensors`` in
-the serving layout, fp32 here so resumption is exact; ``config.json``), ``training_state.pt`` (optimizer,
-scheduler, RNG states, step and data position) and ``run_config.json`` (the resolved config). A folder is
-written as ``.part`` and renamed, then ``latest`` is updated: a run killed at any moment resumes from the
-last complete checkpoint. Only rank 0 writes (``is_writer``).
+A trainer reads top to bottom: load the target and its data, ``run = start_or_resume(...)``, then for each
+step in ``run.steps()``: compute a loss under ``run.autocast()``, ``run.backward(loss)``,
+``run.optimizer_step()``, ``run.end_step(done, **values)`` (which logs, measures tau and checkpoints when
+due); finally ``run.finish()`` writes ``final/`` in the serving layout.
+
+Dtype and device follow the target (``target.dtype``, ``target.device``): the drafter keeps float32 master
+weights on the target's device and computes under autocast in the target's dtype (bf16/fp16; a GradScaler for
+fp16); features and batches are moved there; the engine copy used for tau and rollouts takes the target's
+dtype. Checkpoints are folders ``<out>/checkpoints/step_NNNNNN`` holding the drafter (``model.safetensors``,
+float32 so resumption is exact, and ``config.json``), ``training_state.pt`` (optimizer, scheduler, RNG
+states, step, counters; tensors and plain types only, loaded with ``weights_only=True``) and
+``run_config.json``. A folder is written as ``.part`` and renamed, then ``latest`` is updated: a run killed
+at any moment resumes from the last complete checkpoint. Only rank 0 writes (``is_writer``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import random
 import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from draftopd import DraftopdError
+from draftopd.bench.datasets import load_prompts
+from draftopd.config import to_dict
+from draftopd.decoding.loop import speculative_generate
+from draftopd.models import DRAFTERS, load_model
+from draftopd.models.base import DrafterModel
+from draftopd.models.target import Target, load_target
+from draftopd.report import plot_tau
+
+log = logging.getLogger(__name__)
 
 
 def is_writer() -> bool:
@@ -46,7 +70,7 @@ def save_checkpoint(out: Path, step: int, model, opt, sched, state: dict, run_co
     tmp = ckdir / f"step_{step:06d}.part"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save(tmp, dtype=torch.float32, fold=False)  # exact weights for resumption
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    rng = {"torch": torch.get_rng_state(), "python": list(random.getstate())}
     torch.save(
         {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng, "step": step, **state},
         tmp / "training_state.pt",
@@ -83,22 +107,26 @@ def carry_moments(opt, init_from: str) -> bool:
     if not is_training_checkpoint(init_from):
         return False
     path = Path(init_from) / "training_state.pt"
-    saved = torch.load(path, weights_only=False)["optimizer"]["state"]
+    saved = torch.load(path, weights_only=True)["optimizer"]["state"]
     params = [p for group in opt.param_groups for p in group["params"]]
     for i, p in enumerate(params):
         if i in saved:
             if saved[i]["exp_avg"].shape != p.shape:
                 raise DraftopdError(f"{path}: optimizer state does not match the drafter (parameter {i})")
-            opt.state[p] = {k: v.clone() for k, v in saved[i].items()}
+            opt.state[p] = {k: v.to(p.device) if v.dim() else v.clone() for k, v in saved[i].items()}
     return True
 
 
 def load_training_state(path: Path, opt, sched) -> dict:
-    state = torch.load(path / "training_state.pt", weights_only=False)
+    try:
+        state = torch.load(path / "training_state.pt", weights_only=True)  # never unpickles code
+    except Exception as e:  # noqa: BLE001 - a corrupt or crafted file: one line, nothing executed
+        raise DraftopdError(f"{path / 'training_state.pt'}: not a training state ({str(e).splitlines()[0]})") from None
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
+    version, internal, gauss = state["rng"]["python"]
+    random.setstate((version, tuple(internal), gauss))
     return state
 
 
@@ -116,7 +144,7 @@ class Metrics:
             pass
 
     def truncate(self, step: int) -> None:
-        """Forget rows after ``step`` (logged by a run that was killed before its next checkpoint)."""
+        """Forget rows after ``step`` (logged by a run that was killed before its next checkpoint; -1 = all)."""
         keep = [r for r in self.read() if r["step"] <= step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
@@ -131,3 +159,175 @@ class Metrics:
 
     def read(self) -> list[dict]:
         return [json.loads(ln) for ln in self.path.read_text().splitlines()] if self.path.exists() else []
+
+
+@torch.no_grad()
+def feature_scale(
+    target: Target, seqs: list[tuple[list[int], int]], layer_ids: list[int], n: int = 16
+) -> torch.Tensor:
+    """Per-dim RMS of the target features over a few sequences (position 0, the attention sink, excluded)."""
+    sq, count = 0.0, 0
+    for s, _ in seqs[:n]:
+        ids = torch.tensor([s], device=target.device)
+        pos = torch.arange(len(s), device=target.device)[None]
+        f = target.forward(ids, torch.ones_like(ids), pos, None, tuple(layer_ids), "none")
+        x = f.features[0, 1:].float()
+        sq, count = sq + (x * x).sum(0), count + x.shape[0]
+    return (sq / max(count, 1)).sqrt().cpu()
+
+
+@torch.no_grad()
+def measure_tau(
+    model: DrafterModel, target: Target, prompts: list[list[int]], max_new: int, chain_length: int
+) -> float:
+    """tau of the current weights with the real engine (greedy, batched: tau does not depend on batching)."""
+    return speculative_generate(target, prompts, model.engine(target, chain_length), max_new).stats.tau
+
+
+def load_run_target(cfg) -> Target:
+    """Threads and seed of a training run, then its frozen target (dtype and device from ``cfg.target``)."""
+    if cfg.target.threads:
+        torch.set_num_threads(cfg.target.threads)
+    torch.manual_seed(cfg.seed)
+    return load_target(cfg.target.path, cfg.target.dtype, cfg.target.device)
+
+
+@dataclass
+class Run:
+    """A training run in progress: the target, the drafter on its device, optimizer, counters, metrics."""
+
+    cfg: object  # SFTConfig or OPDConfig
+    out: Path
+    target: Target
+    model: DrafterModel
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    start: int
+    counters: dict[str, int]
+    metrics: Metrics | None
+    eval_prompts: list[list[int]]
+    scaler: torch.amp.GradScaler
+    _since_log: dict = field(default_factory=lambda: {"t": time.perf_counter(), "steps": 0, "tokens": 0})
+    _bar: tqdm | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.target.device
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast to the target's dtype on the target's device type (off for fp32)."""
+        dtype = self.target.dtype
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def steps(self, desc: str) -> Iterator[int]:
+        self._bar = tqdm(
+            range(self.start, self.cfg.max_steps),
+            initial=self.start,
+            total=self.cfg.max_steps,
+            desc=desc,
+            disable=not is_writer(),
+        )
+        self._since_log["t"] = time.perf_counter()
+        return iter(self._bar)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def optimizer_step(self) -> float:
+        """Clip (after unscaling), step, advance the schedule, clear the gradients; returns the grad norm."""
+        self.scaler.unscale_(self.opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def tau(self) -> float:
+        e = self.cfg.eval
+        return measure_tau(self.model, self.target, self.eval_prompts, e.max_new_tokens, e.chain_length)
+
+    def end_step(self, done: int, tokens: int = 0, **values) -> None:
+        """After optimizer step ``done``: log (every ``log_every``), measure tau (``eval_every``), checkpoint
+        (``save_every``); the last step does all three. ``tokens``: sequence tokens this step trained on."""
+        cfg, last, since = self.cfg, done == self.cfg.max_steps, self._since_log
+        since["steps"], since["tokens"] = since["steps"] + 1, since["tokens"] + tokens
+        if self.metrics and (done % cfg.log_every == 0 or last):
+            dt = time.perf_counter() - since["t"]
+            rate = {"tokens_per_s": since["tokens"] / dt} if since["tokens"] else {}
+            lr = self.sched.get_last_lr()[0]
+            self.metrics.log(done, **values, **rate, lr=lr, seconds=dt / since["steps"], **self.counters)
+            shown = {
+                k: f"{v:.4g}" for k, v in {**values, **rate}.items() if k in ("loss", "tokens_per_s", "rollout_tau")
+            }
+            self._bar.set_postfix(shown)
+            since.update(t=time.perf_counter(), steps=0, tokens=0)
+        if self.metrics and (done % cfg.eval_every == 0 or last):
+            tau = self.tau()
+            self.metrics.log(done, tau=tau, **self.counters)
+            self._bar.write(f"step {done}: tau {tau:.3f} on {len(self.eval_prompts)} {cfg.eval.dataset} prompts")
+            plot_tau(
+                self.metrics.read(),
+                self.out / "tau_vs_step.png",
+                f"{self.out.name}: tau on held-out {cfg.eval.dataset}",
+            )
+            since["t"] = time.perf_counter()
+        if is_writer() and (done % cfg.save_every == 0 or last):
+            state = {"counters": self.counters}
+            save_checkpoint(self.out, done, self.model, self.opt, self.sched, state, to_dict(cfg))
+
+    def finish(self) -> Path:
+        if is_writer():
+            self.model.save(self.out / "final")
+        return self.out / "final"
+
+
+def start_or_resume(
+    cfg,
+    target: Target,
+    seqs: list[tuple[list[int], int]],
+    build: Callable[[], DrafterModel] | None,
+    kind: str | None = None,
+) -> Run:
+    """Everything before a trainer's first step, the same for SFT and OPD.
+
+    The drafter comes from the latest checkpoint in ``cfg.out`` (a resumed run: same config required, its
+    optimizer, schedule, RNG and counters restored), else from ``cfg.init_from`` (a serving folder or a
+    training checkpoint, whose AdamW moments are carried over), else from ``build()``. ``seqs`` (token ids,
+    prompt length) give the feature scale of a drafter that has none yet. ``kind``, when given, is the drafter
+    kind the config asks for (an ``init_from`` of another kind is refused). On a fresh start the run config
+    is written and tau of the starting drafter is the first metrics row (step 0)."""
+    out = Path(cfg.out)
+    ckpt = latest_checkpoint(out)
+    run_config = json.loads(json.dumps(to_dict(cfg)))
+    if ckpt is not None and json.loads((ckpt / "run_config.json").read_text()) != run_config:
+        raise DraftopdError(f"{out} holds a run with another config: resume with the same config or another out")
+    if ckpt is None and not cfg.init_from and build is None:
+        raise DraftopdError("this trainer needs init_from=<a drafter folder or training checkpoint>")
+    model = load_model(ckpt or cfg.init_from) if (ckpt or cfg.init_from) else build()
+    if kind is not None and not isinstance(model, DRAFTERS[kind]):
+        raise DraftopdError(f"{cfg.init_from} holds a {type(model).ARCH} drafter, but the config asks for {kind}")
+    model.check_target(target)
+    if ckpt is None and not is_training_checkpoint(cfg.init_from):  # a checkpoint keeps its scale (and moments)
+        model.set_feature_scale(feature_scale(target, seqs, model.config.target_layer_ids))
+    model.to(target.device).train()
+    opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.max_steps, cfg.warmup_ratio)
+    start, counters = 0, {"target_tokens": 0}
+    if ckpt is not None:
+        state = load_training_state(ckpt, opt, sched)
+        start, counters = state["step"], state["counters"]
+        log.info("resumed from %s (step %d)", ckpt, start)
+    elif carry_moments(opt, cfg.init_from):
+        log.info("AdamW moments carried over from %s", cfg.init_from)
+    metrics = Metrics(out) if is_writer() else None
+    if metrics:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics.truncate(start if ckpt is not None else -1)  # a fresh start keeps no rows of an earlier attempt
+        if ckpt is None:
+            (out / "run_config.json").write_text(json.dumps(run_config, indent=2))
+    eval_prompts = [target.encode_chat(p) for p in load_prompts(cfg.eval.dataset, cfg.eval.limit)]
+    scaler = torch.amp.GradScaler(target.device.type, enabled=target.dtype == torch.float16)
+    run = Run(cfg, out, target, model, opt, sched, start, counters, metrics, eval_prompts, scaler)
+    if metrics and start == 0:
+        metrics.log(0, tau=run.tau(), **counters)
+    return run

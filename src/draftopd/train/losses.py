@@ -2,7 +2,7 @@
 
 ``token_logprobs`` is the memory-careful way to get ``log q(label)`` at a few thousand supervised slots
 with a 49k-row LM head: rows go through the head in chunks, log-softmax in float32, and only the label's
-log-probability is kept (draft-opd-method.md 7.2, "LM-head chunking").
+log-probability is kept ("LM-head chunking", as in the Draft-OPD and SpecForge trainers).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def weighted_nll(logp: Tensor, weights: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Draft-OPD losses (draft-opd-method.md 2.8). Per token: s = log q_drafter(token), t = log p_target(token).
+# Draft-OPD losses (arXiv 2605.29343, section 3). Per token: s = log q_drafter(token), t = log p_target(token).
 
 
 def _clamp_logp(x: Tensor, lo: float, eps: float = 1e-6) -> Tensor:

@@ -13,7 +13,7 @@ proposals ``d_1..d_n``, the number accepted ``r_i`` and the target's correction/
 * Random-anchor ablation: same multiset of segment lengths, anchors scattered at random response positions
   (the rejected stream keeps its true anchors), to separate *where* from *how much* is supervised.
 
-(Deviation from the authors' code, noted in draft-opd-method.md 2.5: their first replay block is anchored at
+(Deviation from the authors' released code (Draft-OPD, arXiv 2605.29343): their first replay block is anchored at
 the last prompt token; ours replays the inference blocks exactly, the first anchored at the prefill token.)
 """
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from draftopd.spec.decode import VerifyStep
+from draftopd.decoding.loop import VerifyStep
 
 
 @dataclass

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from draftopd.decoding.sampling import SamplingParams, logits_to_probs, sample, verify
 from draftopd.models.base import Drafter, Proposal
 from draftopd.models.target import Target
-from draftopd.spec.sampling import SamplingParams, logits_to_probs, sample, verify
 
 
 @dataclass
@@ -114,7 +114,7 @@ class SpecStats:
 class Generation:
     tokens: list[list[int]]  # new tokens per prompt (EOS included when it was produced)
     stats: SpecStats
-    steps: list[list[VerifyStep]] | None = None  # per prompt, with record=True
+    records: list[list[VerifyStep]] | None = None  # per prompt, one per verify step, with record=True
 
 
 def _pick(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
@@ -150,7 +150,7 @@ def speculative_generate(
     eos = set(target.eos_ids) if stop_on_eos else set()
     stats = SpecStats(rows=bsz, generations=1, per_prompt=[(0, 0)] * bsz)
     out_tokens: list[list[int]] = [[] for _ in prompts]
-    steps: list[list[VerifyStep]] = [[] for _ in prompts]
+    records: list[list[VerifyStep]] = [[] for _ in prompts]
 
     # 0) Prefill: left-pad the prompts; position ids count real tokens only. Pick the first new token.
     t0 = time.perf_counter()
@@ -197,7 +197,7 @@ def speculative_generate(
 
         # 1) Draft: up to k tokens per row, never more than the row's remaining token budget allows.
         if drafter is not None:
-            prop = drafter.propose(state, params)
+            prop = drafter.propose(state, params, generator)
         else:
             prop = Proposal(torch.zeros(nb, 0, dtype=torch.long, device=dev), torch.zeros(nb, dtype=torch.long))
         budget = torch.tensor([max_new_tokens - len(out_tokens[r]) - 1 for r in rows])
@@ -225,7 +225,7 @@ def speculative_generate(
         for b, r in enumerate(rows):
             new = draft[b, : n_acc_l[b]].tolist() + [nxt_l[b]]
             if record:
-                steps[r].append(
+                records[r].append(
                     VerifyStep(
                         len(out_tokens[r]) - 1,
                         draft[b, : n_draft_l[b]].tolist(),
@@ -257,4 +257,4 @@ def speculative_generate(
 
     stats.decode_s = time.perf_counter() - t0
     stats.new_tokens = sum(len(t) for t in out_tokens)
-    return Generation(out_tokens, stats, steps if record else None)
+    return Generation(out_tokens, stats, records if record else None)

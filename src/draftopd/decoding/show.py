@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from draftopd.spec.decode import VerifyStep
+from draftopd.decoding.loop import VerifyStep
 
 GREEN, YELLOW, CYAN, STRIKE, RESET = "\033[32m", "\033[33m", "\033[36m", "\033[9;2m", "\033[0m"
 
