@@ -16,10 +16,16 @@ from draftopd.models.dflash import DFlashConfig, DFlashDrafter, DFlashModel, blo
 from conftest import make_tiny_target
 
 
+@pytest.fixture
+def tiny_target():
+    """4 layers: the drafter reads layers 0 and 2 (ids above L-2 = 2 are refused)."""
+    return make_tiny_target(layers=4)
+
+
 def tiny_dflash(target, layers=2, block=5, seed=0):
     torch.manual_seed(seed)
     cfg = DFlashConfig.from_target(
-        target.config, num_layers=layers, block_size=block, mask_token_id=1, target_layer_ids=[0, 1]
+        target.config, num_layers=layers, block_size=block, mask_token_id=1, target_layer_ids=[0, 2]
     )
     model = DFlashModel(cfg)
     with torch.no_grad():  # large random weights: sharp, varied proposals
@@ -33,6 +39,18 @@ def test_layer_rule_matches_golden_list():
     assert build_target_layer_ids(30, 2) == [1, 27]  # checkpoint-formats.md 9.1 for SmolLM2-135M
     assert build_target_layer_ids(36, 5) == [1, 9, 17, 25, 33]  # Qwen3-4B/8B drafters
     assert build_target_layer_ids(30, 1) == [15]
+    # small depths: clipped to 0..L-2, ascending (the raw rule gives [1, -1] for L = 2, [1, 0] for L = 3)
+    assert build_target_layer_ids(2, 2) == [0, 0] and build_target_layer_ids(3, 2) == [0, 1]
+    assert build_target_layer_ids(4, 2) == [1, 1] and build_target_layer_ids(4, 1) == [2]
+
+
+def test_layer_ids_above_l_minus_2_are_refused():
+    cfg = make_tiny_target(layers=4).config
+    with pytest.raises(DraftopdError, match=r"0\.\.2 .*post-norm.*input of layer id\+1"):
+        DFlashConfig.from_target(cfg, 2, 4, 1, [0, 3])  # 3 = L-1
+    with pytest.raises(DraftopdError, match="ascending"):
+        DFlashConfig.from_target(cfg, 2, 4, 1, [2, 0])
+    assert DFlashConfig.from_target(cfg, 2, 4, 1, [0, 2]).target_layer_ids == [0, 2]
 
 
 def test_checkpoint_layout_and_round_trip(tmp_path, tiny_target):
@@ -60,17 +78,17 @@ def test_checkpoint_layout_and_round_trip(tmp_path, tiny_target):
     }
     assert names == expected  # 11 n + 3 tensors, no embedding, no LM head
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["architectures"] == ["DFlashDraftModel"] and cfg["dflash_config"]["target_layer_ids"] == [0, 1]
-    assert cfg["eagle_aux_hidden_state_layer_ids"] == [1, 2] and cfg["block_size"] == 5
+    assert cfg["architectures"] == ["DFlashDraftModel"] and cfg["dflash_config"]["target_layer_ids"] == [0, 2]
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == [1, 3] and cfg["block_size"] == 5
     again = DFlashModel.load(tmp_path)
     for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
 
 
 def test_mismatched_checkpoint_is_rejected(tmp_path):
-    model = tiny_dflash(make_tiny_target(hidden=32))
+    model = tiny_dflash(make_tiny_target(hidden=32, layers=4))
     with pytest.raises(DraftopdError, match="does not match the target"):
-        DFlashDrafter(model, make_tiny_target(hidden=64))
+        DFlashDrafter(model, make_tiny_target(hidden=64, layers=4))
 
 
 def test_engine_proposal_equals_training_forward(tiny_target):
@@ -79,7 +97,7 @@ def test_engine_proposal_equals_training_forward(tiny_target):
     seq = torch.tensor([[3, 9, 4, 7, 1, 8, 2, 6, 5, 3, 7]])
     anchor = 6
     feats = tiny_target.forward(
-        seq, torch.ones_like(seq), torch.arange(seq.shape[1])[None], None, (0, 1), "none"
+        seq, torch.ones_like(seq), torch.arange(seq.shape[1])[None], None, (0, 2), "none"
     ).features
     ref = block_hidden(model, tiny_target.embed, feats, seq, torch.tensor([[2, anchor, -1]]))[0, 1]
     drafter = DFlashDrafter(model, tiny_target)
@@ -97,7 +115,7 @@ def test_engine_proposal_equals_training_forward(tiny_target):
 
 @pytest.mark.parametrize("temperature", [0.0])
 def test_greedy_lossless_with_dflash_batched(temperature):
-    target = make_tiny_target(vocab=16, std=0.3, seed=2)
+    target = make_tiny_target(vocab=16, std=0.3, seed=2, layers=4)
     model = tiny_dflash(target, block=4)
     prompts = [[5, 6, 7, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2], [9], [3, 3, 3]]
     refs = [speculative_generate(target, [p], None, 30).tokens[0] for p in prompts]

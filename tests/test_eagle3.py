@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from draftopd import DraftopdError
 from draftopd.decoding.loop import DecodeState, speculative_generate
 from draftopd.decoding.sampling import SamplingParams
 from draftopd.models.eagle3 import (
@@ -22,9 +24,15 @@ from draftopd.models.eagle3 import (
 from conftest import make_tiny_target
 
 
+@pytest.fixture
+def tiny_target():
+    """4 layers: the drafter reads layers 0, 1 and 2 (ids above L-2 = 2 are refused)."""
+    return make_tiny_target(layers=4)
+
+
 def tiny_eagle(target, vd=12, seed=0):
     torch.manual_seed(seed)
-    model = Eagle3Model(Eagle3Config.from_target(target.config, vd, target_layer_ids=[0, 1, 1]))
+    model = Eagle3Model(Eagle3Config.from_target(target.config, vd, target_layer_ids=[0, 1, 2]))
     counts = torch.arange(target.vocab_size).float() % 7  # some frequency profile
     d2t, t2d = draft_vocab_map(counts, vd)
     model.set_vocab(d2t, t2d, target.lm_head.weight)
@@ -37,6 +45,9 @@ def tiny_eagle(target, vd=12, seed=0):
 
 def test_layer_rule_and_vocab_map_invariants():
     assert eagle3_layer_ids(30) == [1, 14, 26] and eagle3_layer_ids(36) == [1, 17, 32]
+    assert eagle3_layer_ids(4) == [0, 1, 1]  # small depths: clipped to 0..L-2, ascending (raw rule: [1, 1, 0])
+    with pytest.raises(DraftopdError, match=r"\[0, 1, 3\] invalid for a 4-layer target"):
+        Eagle3Config.from_target(make_tiny_target(layers=4).config, 8, target_layer_ids=[0, 1, 3])
     counts = torch.tensor([5, 0, 9, 1, 7, 3, 0, 2])
     d2t, t2d = draft_vocab_map(counts, 4)
     used = torch.arange(4) + d2t
@@ -59,7 +70,7 @@ def test_checkpoint_layout_and_round_trip(tmp_path, tiny_target):
     }  # 15 tensors, no embedding
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["tie_word_embeddings"] is False
-    assert cfg["eagle_aux_hidden_state_layer_ids"] == [1, 2, 2] and "target_hidden_size" not in cfg
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3] and "target_hidden_size" not in cfg
     again = Eagle3Model.load(tmp_path)
     for k, v in model.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k
@@ -69,7 +80,7 @@ def test_first_chain_step_equals_ttt_step0(tiny_target):
     model = tiny_eagle(tiny_target)
     seq = torch.tensor([[3, 9, 4, 7, 1, 8, 2, 6]])
     p = 5  # context: pairs 0..p, i.e. tokens 0..p+1 committed, the last one not yet in the target cache
-    feats = tiny_target.forward(seq, torch.ones_like(seq), torch.arange(8)[None], None, (0, 1, 1), "none").features
+    feats = tiny_target.forward(seq, torch.ones_like(seq), torch.arange(8)[None], None, (0, 1, 2), "none").features
     ref = model.logits(ttt_forward(model, tiny_target.embed, feats, seq, 2)[0][:, p])  # predicts seq[p + 2]
     drafter = Eagle3Drafter(model, tiny_target, chain_length=3)
     state = DecodeState([seq[0, : p + 2].tolist()], seq[:, p + 1], torch.tensor([p + 1]), torch.tensor([0]))
@@ -85,7 +96,7 @@ def test_branch_with_forced_inputs_reproduces_the_engine_chain(tiny_target):
     model = tiny_eagle(tiny_target)
     seq = torch.tensor([[3, 9, 4, 7, 1, 8, 2, 6, 5, 11, 0, 13]])
     p = 5
-    feats = tiny_target.forward(seq, torch.ones_like(seq), torch.arange(12)[None], None, (0, 1, 1), "none").features
+    feats = tiny_target.forward(seq, torch.ones_like(seq), torch.arange(12)[None], None, (0, 1, 2), "none").features
     drafter = Eagle3Drafter(model, tiny_target, chain_length=4)
     state = DecodeState([seq[0, : p + 2].tolist()], seq[:, p + 1], torch.tensor([p + 1]), torch.tensor([0]))
     drafter.start(state, feats[:, : p + 1])
@@ -104,7 +115,7 @@ def test_branch_with_forced_inputs_reproduces_the_engine_chain(tiny_target):
 
 
 def test_greedy_lossless_with_eagle3_batched():
-    target = make_tiny_target(vocab=16, std=0.3, seed=2)
+    target = make_tiny_target(vocab=16, std=0.3, seed=2, layers=4)
     model = tiny_eagle(target, vd=10)
     prompts = [[5, 6, 7, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2], [9], [3, 3, 3]]
     refs = [speculative_generate(target, [p], None, 30).tokens[0] for p in prompts]

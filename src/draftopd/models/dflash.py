@@ -32,11 +32,34 @@ from draftopd.models.layers import MLP, apply_rope, gqa_attention, rope_cos_sin
 
 
 def build_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
-    """DFlash's rule: one middle layer for a 1-layer drafter, else spread from layer 1 to L-3."""
+    """DFlash's rule (z-lab ``dflash/model.py``): one middle layer for a 1-layer drafter, else spread from layer 1
+    to L-3. Below 4 target layers the rule leaves the valid range; there its ids are clipped to 0..L-2, ascending."""
     if num_draft_layers == 1:
-        return [num_target_layers // 2]
-    span = num_target_layers - 4
-    return [round(1 + i * span / (num_draft_layers - 1)) for i in range(num_draft_layers)]
+        ids = [num_target_layers // 2]
+    else:
+        span = num_target_layers - 4
+        ids = [round(1 + i * span / (num_draft_layers - 1)) for i in range(num_draft_layers)]
+    return sorted(min(max(i, 0), num_target_layers - 2) for i in ids)
+
+
+def check_layer_ids(ids, num_target_layers: int, what: str = "target_layer_ids") -> list[int]:
+    """One-line error unless every id is a servable target layer: 0 <= id <= L-2, ascending. Ids name the output
+    of decoder layer id (HF ``hidden_states[id + 1]``). L-1 is refused: transformers' last hidden state is taken
+    after the final norm, which no engine captures, and SGLang/vLLM capture the *input* of layer id+1, which does
+    not exist. Ascending: engines concatenate the captured layers in layer order."""
+    ids = [int(i) for i in ids]
+    if not ids:
+        raise DraftopdError(f"{what} is empty")
+    top = num_target_layers - 2
+    if any(not 0 <= i <= top for i in ids):
+        raise DraftopdError(
+            f"{what} {ids} invalid for a {num_target_layers}-layer target: each id must be in 0..{top} "
+            f"(L-2; layer L-1's output is transformers' post-norm last hidden state, and SGLang/vLLM capture the "
+            f"input of layer id+1, which does not exist)"
+        )
+    if ids != sorted(ids):
+        raise DraftopdError(f"{what} {ids} must be ascending (engines concatenate captured layers in layer order)")
+    return ids
 
 
 @dataclass
@@ -67,8 +90,7 @@ class DFlashConfig:
     ) -> DFlashConfig:
         """Everything but the layer count, block size and mask id is derived from the target's HF config."""
         ids = list(target_layer_ids) or build_target_layer_ids(tcfg.num_hidden_layers, num_layers)
-        if any(not 0 <= i < tcfg.num_hidden_layers for i in ids):
-            raise DraftopdError(f"target_layer_ids {ids} out of range for a {tcfg.num_hidden_layers}-layer target")
+        ids = check_layer_ids(ids, tcfg.num_hidden_layers)
         return cls(
             **target_shape(tcfg),
             num_hidden_layers=num_layers,
@@ -115,28 +137,49 @@ class DFlashConfig:
         }
 
     @classmethod
-    def from_hf(cls, d: dict) -> DFlashConfig:
-        dc = d.get("dflash_config", {})
+    def from_hf(cls, d: dict, num_target_layers: int | None = None) -> DFlashConfig:
+        """Our config from a DFlash ``config.json`` (ours, z-lab's, SpecForge's): ids from
+        ``dflash_config.target_layer_ids``, else top-level ``target_layer_ids``, else top-level
+        ``eagle_aux_hidden_state_layer_ids`` - 1 (vLLM's capture-before numbering), else the DFlash rule; a missing
+        ``head_dim`` is hidden_size / num_attention_heads. One-line errors naming the field."""
+        dc = d.get("dflash_config") or {}
+        need = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+        missing = [k for k in need if k not in d]
+        if missing:
+            raise DraftopdError(f"DFlash config.json lacks {', '.join(missing)}")
+        n_target = d.get("num_target_layers", dc.get("num_target_layers", num_target_layers))
+        if n_target is None:
+            raise DraftopdError("DFlash config.json lacks num_target_layers (the target's depth)")
+        top = d.get("eagle_aux_hidden_state_layer_ids")
+        ids = dc.get("target_layer_ids", d.get("target_layer_ids"))
+        if ids is None:
+            ids = [i - 1 for i in top] if top else build_target_layer_ids(n_target, d["num_hidden_layers"])
+        elif top is not None and list(top) != [i + 1 for i in ids]:
+            raise DraftopdError(
+                f"DFlash config.json: eagle_aux_hidden_state_layer_ids {list(top)} must be "
+                f"dflash_config.target_layer_ids {list(ids)} + 1 (vLLM refuses it otherwise)"
+            )
+        if "mask_token_id" not in dc and "mask_token_id" not in d:
+            raise DraftopdError("DFlash config.json lacks dflash_config.mask_token_id (vLLM needs it; write it)")
+        mask = int(dc.get("mask_token_id", d.get("mask_token_id")))
+        if not 0 <= mask < d["vocab_size"]:
+            raise DraftopdError(f"DFlash mask_token_id {mask} is outside the vocabulary ({d['vocab_size']})")
+        rope = d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta") or 1e6
         return cls(
-            **{
-                k: d[k]
-                for k in (
-                    "hidden_size",
-                    "intermediate_size",
-                    "num_attention_heads",
-                    "num_key_value_heads",
-                    "head_dim",
-                    "num_hidden_layers",
-                    "num_target_layers",
-                    "vocab_size",
-                    "rms_norm_eps",
-                    "rope_theta",
-                    "max_position_embeddings",
-                )
-            },
-            block_size=dc.get("block_size", d.get("block_size", 16)),
-            target_layer_ids=list(dc["target_layer_ids"]),
-            mask_token_id=int(dc["mask_token_id"]),
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
+            head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_target_layers=int(n_target),
+            vocab_size=d["vocab_size"],
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope),
+            max_position_embeddings=d.get("max_position_embeddings", 8192),
+            block_size=int(dc.get("block_size", d.get("block_size", 16))),
+            target_layer_ids=check_layer_ids(ids, int(n_target)),
+            mask_token_id=mask,
         )
 
 

@@ -29,11 +29,15 @@ from torch import Tensor, nn
 from draftopd import DraftopdError
 from draftopd.decoding.sampling import logits_to_probs, sample
 from draftopd.models.base import DrafterModel, Proposal, ReplayBatch, SeqBatch, target_shape
+from draftopd.models.dflash import check_layer_ids
 from draftopd.models.layers import MLP, apply_rope, gqa_attention, rope_cos_sin
 
 
 def eagle3_layer_ids(num_target_layers: int) -> list[int]:
-    return [1, num_target_layers // 2 - 1, num_target_layers - 4]
+    """The default low/mid/high layers (SpecForge's [1, L/2 - 1, L - 4], = SGLang's, vLLM's and speculators'
+    capture-before [2, L/2, L - 3]); below 8 target layers clipped to 0..L-2, ascending."""
+    ids = [1, num_target_layers // 2 - 1, num_target_layers - 4]
+    return sorted(min(max(i, 0), num_target_layers - 2) for i in ids)
 
 
 @dataclass
@@ -54,8 +58,9 @@ class Eagle3Config:
     @classmethod
     def from_target(cls, tcfg, draft_vocab_size: int, target_layer_ids=()) -> Eagle3Config:
         ids = list(target_layer_ids) or eagle3_layer_ids(tcfg.num_hidden_layers)
-        if len(ids) != 3 or any(not 0 <= i < tcfg.num_hidden_layers for i in ids):
-            raise DraftopdError(f"eagle3 needs 3 target layer ids within the target's depth, got {ids}")
+        if len(ids) != 3:
+            raise DraftopdError(f"eagle3 needs 3 target layer ids (low, mid, high), got {ids}")
+        ids = check_layer_ids(ids, tcfg.num_hidden_layers)
         return cls(
             **target_shape(tcfg),
             draft_vocab_size=min(draft_vocab_size, tcfg.vocab_size),
@@ -91,25 +96,59 @@ class Eagle3Config:
         }
 
     @classmethod
-    def from_hf(cls, d: dict) -> Eagle3Config:
-        keys = (
-            "hidden_size",
-            "intermediate_size",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "vocab_size",
-            "draft_vocab_size",
-            "rms_norm_eps",
-            "rope_theta",
-            "max_position_embeddings",
-        )
-        ids = d.get("eagle_config", {}).get("eagle_aux_hidden_state_layer_ids")
-        n_target = d.get("num_target_layers", max(ids or [0]) + 4)
+    def from_hf(cls, d: dict, num_target_layers: int | None = None) -> Eagle3Config:
+        """Our config from an EAGLE-3 ``config.json`` (ours, SpecForge's, SafeAILab's). Layer ids: top-level
+        ``eagle_aux_hidden_state_layer_ids`` - 1 (vLLM numbering: the input of layer id), else
+        ``eagle_config.eagle_aux_hidden_state_layer_ids`` (SGLang/SpecForge numbering: the output of layer id; both
+        present: they must agree), else SpecForge's default rule for the target's depth (``num_target_layers`` of
+        the file, else the argument; with neither, an error rather than a guess). A missing ``head_dim`` is
+        hidden_size / num_attention_heads, a missing ``draft_vocab_size`` the full vocabulary (vLLM's default)."""
+        need = ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
+        missing = [k for k in need if k not in d]
+        if missing:
+            raise DraftopdError(f"EAGLE-3 config.json lacks {', '.join(missing)}")
+        if d.get("num_hidden_layers", 1) != 1:
+            raise DraftopdError(f"EAGLE-3 num_hidden_layers {d['num_hidden_layers']}: only a 1-layer head is served")
+        for flag in ("norm_before_residual", "norm_before_fc", "fc_norm"):
+            if d.get(flag):
+                raise DraftopdError(f"EAGLE-3 config.json: {flag}: true is not supported (SGLang has no such layer)")
+        if d.get("target_hidden_size") not in (None, d["hidden_size"]):
+            raise DraftopdError(f"EAGLE-3 target_hidden_size {d['target_hidden_size']} != hidden_size: not supported")
+        nested = (d.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+        top = d.get("eagle_aux_hidden_state_layer_ids")
+        n_target = d.get("num_target_layers", num_target_layers)
+        if top is not None:
+            ids = [i - 1 for i in top]
+            if nested is not None and list(nested) != ids:
+                raise DraftopdError(
+                    f"EAGLE-3 config.json: eagle_aux_hidden_state_layer_ids {list(top)} must be "
+                    f"eagle_config.eagle_aux_hidden_state_layer_ids {list(nested)} + 1"
+                )
+        elif nested is not None:
+            ids = list(nested)
+        elif n_target is not None:
+            ids = eagle3_layer_ids(n_target)
+        else:
+            raise DraftopdError(
+                "EAGLE-3 config.json has no layer ids (eagle_config) and no num_target_layers: the default ids "
+                "depend on the target's depth; import it with init_from (which reads the target) or add them"
+            )
+        if n_target is None:
+            n_target = max(ids) + 4  # the inverse of the default rule (high = L - 4); check_target verifies it
+        rope = d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta") or 1e4
         return cls(
-            **{k: d[k] for k in keys},
-            num_target_layers=n_target,
-            target_layer_ids=list(ids or eagle3_layer_ids(n_target)),
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
+            head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
+            num_target_layers=int(n_target),
+            vocab_size=d["vocab_size"],
+            draft_vocab_size=d.get("draft_vocab_size") or d["vocab_size"],
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope),
+            max_position_embeddings=d.get("max_position_embeddings", 8192),
+            target_layer_ids=check_layer_ids(ids, int(n_target), "eagle_aux_hidden_state_layer_ids"),
         )
 
 
