@@ -179,7 +179,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from draftopd.export import export_drafter
 
-    print(export_drafter(args.drafter, args.out, args.dtype))
+    print(
+        export_drafter(
+            args.drafter, args.out, args.dtype, to=args.to, force=args.force, bench=args.bench, target=args.target
+        )
+    )
     return 0
 
 
@@ -227,10 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="write a drafter in the layout SGLang / vLLM load")
-    p.add_argument("drafter", help="drafter folder (a checkpoint or final/)")
-    p.add_argument("out", help="output folder")
+    p = sub.add_parser("export", help="write a drafter in the layout SGLang / vLLM / speculators load, with a card")
+    p.add_argument("drafter", help="drafter folder (final/, a training checkpoint, or a z-lab/SpecForge folder)")
+    p.add_argument("out", help="output folder (written to a temporary sibling, then renamed)")
+    p.add_argument(
+        "--to",
+        choices=["sglang", "vllm", "speculators", "hf"],
+        default="sglang",
+        help="sglang, vllm, hf: one plain folder every engine reads; speculators: vLLM's self-describing format",
+    )
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
+    p.add_argument("--bench", metavar="RESULT", help="a `draftopd bench --json` result: its tau goes on the card")
+    p.add_argument("--target", help="the target's path or hub id, when no run_config.json says it")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the main job on the embedded default target")

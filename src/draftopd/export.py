@@ -1,8 +1,21 @@
-"""``draftopd export``: write a drafter folder in the layout SGLang and vLLM load, and check the round trip.
+"""``draftopd export --to sglang|vllm|speculators|hf``: write a drafter in the layout its users load, and check it.
 
-Our drafters are named after the serving checkpoints from the start (SGLang, vLLM and z-lab loader code), so export is
-a save: ``model.safetensors`` (bf16 floats; EAGLE-3's ``d2t``/``t2d`` keep their integer/bool dtypes) and
-``config.json``. The exported folder is reloaded and compared tensor by tensor before we report success.
+Sources: a serving folder (``final/``), a training checkpoint (``checkpoints/step_N``: raw weights + ``fc_scale``,
+folded on the way out) or any folder ``interop`` reads (a z-lab, SpecForge or speculators drafter).
+
+Formats (field lists: SGLang ``python/sglang/srt/models/dflash.py`` and ``models/llama_eagle3.py``; vLLM
+``vllm/model_executor/models/qwen3_dflash.py`` and ``llama_eagle3.py``; z-lab ``dflash/model.py``;
+vllm-project/speculators ``src/speculators/models/{eagle3,dflash}/config.py``):
+
+* ``sglang``, ``vllm``, ``hf``: one plain folder that SGLang, vLLM, z-lab's and SpecForge's loaders all read as it is
+  (``config.json`` with the layer ids in both numberings, ``model.safetensors`` without embedding or LM head of
+  the target); the three differ only in the drafter card's first recipe.
+* ``speculators``: vLLM's self-describing format (``speculators_model_type``, ``speculators_config`` with the
+  verifier, ``transformer_layer_config``; EAGLE-3 layer named ``layers.0.*``; layer ids in vLLM's capture-before
+  numbering, ours + 1), served by ``vllm serve OUT`` alone. SGLang cannot read it.
+
+Every export is written to a temporary sibling folder, read back through ``interop`` and compared tensor by tensor
+and field by field with the source, gets a drafter card (README.md), and only then is renamed to OUT.
 """
 
 from __future__ import annotations
@@ -11,33 +24,294 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import save_file
 
-from draftopd import DraftopdError
-from draftopd.models import load_model
+from draftopd import DraftopdError, __version__
+from draftopd.interop import read_drafter
+from draftopd.models.base import DrafterModel, atomic_folder
+from draftopd.models.dflash import DFlashConfig
 
-SERVE_HINTS = {
-    "DFlashDraftModel": "sglang: --speculative-algorithm DFLASH --speculative-draft-model-path {out} "
-    "--speculative-num-draft-tokens {block}\nvllm: --speculative-config "
-    '\'{{"method": "dflash", "model": "{out}", "num_speculative_tokens": {k}}}\'',
-    "LlamaForCausalLMEagle3": "sglang: --speculative-algorithm EAGLE3 --speculative-draft-model-path {out}\n"
-    'vllm: --speculative-config \'{{"method": "eagle3", "model": "{out}", "num_speculative_tokens": 5}}\'',
-}
+FORMATS = ("sglang", "vllm", "speculators", "hf")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SPECULATORS_VERSION = "0.9.0"  # the speculators release whose config layout this writes
+HUB_DEFAULT = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub model the embedded default target was quantised from
 
 
-def export_drafter(src: str | Path, out: str | Path, dtype: str = "bf16") -> str:
-    src, out = Path(src), Path(out)
-    if out.resolve() == src.resolve():
-        raise DraftopdError("export: the output folder must differ from the source")
-    model = load_model(src)
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    model.save(out, dtype=torch_dtype)
-    saved = load_file(str(out / "model.safetensors"))
-    # round trip: every tensor back, same values at the saved dtype (fc.weight with the feature scale folded in)
-    for name, t in model.pack_state(fold=True).items():
-        expect = t.to(torch_dtype) if t.is_floating_point() else t
-        if name not in saved or not torch.equal(saved[name], expect):
+def find_run_config(src: Path) -> tuple[Path | None, dict]:
+    """``run_config.json`` beside the source (a checkpoint) or above it (``final/``, ``checkpoints/step_N``)."""
+    for folder in (src, src.parent, src.parent.parent):
+        f = folder / "run_config.json"
+        if f.is_file():
+            try:
+                return f, json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError):
+                return f, {}
+    return None, {}
+
+
+def resolve_target(target: str | None, run_config: dict) -> str | None:
+    """The target's path as the serving engines should load it (the embedded default: its local folder)."""
+    name = target or (run_config.get("target") or {}).get("path")
+    if name == "default":
+        from draftopd import assets
+
+        return str(assets.default_target_dir())
+    return name
+
+
+def plain_files(model: DrafterModel, dtype: torch.dtype) -> tuple[dict, dict]:
+    """(tensors, config) of the plain layout: the scale folded into fc.weight, floats in ``dtype``."""
+    sd = {
+        k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+        for k, v in model.pack_state(fold=True).items()
+    }
+    cfg = model.config.to_hf()
+    cfg["torch_dtype"] = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
+    return sd, cfg
+
+
+def speculators_files(model: DrafterModel, dtype: torch.dtype, verifier: str, verifier_arch: list[str]) -> tuple:
+    """(tensors, config) of the speculators layout (speculators ``models/eagle3/config.py``,
+    ``models/dflash/config.py``; vLLM ``transformers_utils/configs/speculators/algos.py`` reads it). The target's
+    embedding and LM head are not stored: vLLM shares the verifier's (as speculators does for a tied target)."""
+    sd, plain = plain_files(model, dtype)
+    c = model.config
+    layer = {
+        k: plain[k]
+        for k in (
+            "model_type",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "hidden_act",
+            "rms_norm_eps",
+            "rope_theta",
+            "rope_scaling",
+            "max_position_embeddings",
+            "attention_bias",
+            "tie_word_embeddings",
+            "torch_dtype",
+        )
+    }
+    layer["num_target_layers"] = c.num_target_layers  # ours: the target's depth, so a reader needs no target
+    capture = [i + 1 for i in c.target_layer_ids]  # vLLM/speculators number a layer by its input
+    if isinstance(c, DFlashConfig):
+        layer["layer_types"] = plain["layer_types"]
+        kind, k = "dflash", c.block_size - 1
+        extra = {
+            "architectures": ["DFlashSpeculator"],
+            "speculators_model_type": "dflash",
+            "draft_vocab_size": c.vocab_size,
+            "block_size": c.block_size,
+            "aux_hidden_state_layer_ids": capture,
+            "mask_token_id": c.mask_token_id,
+            "sample_from_anchor": False,
+            "sliding_window_non_causal": False,
+            "target_hidden_size": None,
+        }
+    else:
+        layer["mlp_bias"] = False
+        kind, k = "eagle3", 5
+        extra = {
+            "architectures": ["Eagle3Speculator"],
+            "speculators_model_type": "eagle3",
+            "draft_vocab_size": c.draft_vocab_size,
+            "norm_before_residual": False,
+            "norm_before_fc": False,
+            "fc_norm": False,
+            "norm_output": False,
+            "target_hidden_size": None,
+            "eagle_aux_hidden_state_layer_ids": capture,
+            "embed_requires_grad": False,
+        }
+        sd = {
+            ("layers.0." + n.removeprefix("midlayer.") if n.startswith("midlayer.") else n): t for n, t in sd.items()
+        }
+        if c.draft_vocab_size == c.vocab_size:  # speculators stores the maps only for a reduced vocabulary
+            sd.pop("d2t"), sd.pop("t2d")
+    cfg = {
+        **extra,
+        "speculators_version": SPECULATORS_VERSION,
+        "transformer_layer_config": layer,
+        "speculators_config": {
+            "algorithm": kind,
+            "proposal_methods": [
+                {"proposal_type": "greedy", "speculative_tokens": k, "verifier_accept_k": 1, "accept_tolerance": 0.0}
+            ],
+            "default_proposal_method": "greedy",
+            "verifier": {"name_or_path": verifier, "architectures": verifier_arch},
+        },
+        "torch_dtype": plain["torch_dtype"],
+    }
+    return sd, cfg
+
+
+def serve_lines(model: DrafterModel, out: Path, to: str, target: str) -> list[str]:
+    """The SGLang and vLLM command lines for this export."""
+    c = model.config
+    if to == "speculators":
+        return [f"vllm serve {out}   # target ({target}) and drafter from the folder's speculators_config"]
+    if isinstance(c, DFlashConfig):
+        lines = [
+            f"python -m sglang.launch_server --model-path {target} --speculative-algorithm DFLASH "
+            f"--speculative-draft-model-path {out} --speculative-num-draft-tokens {c.block_size}",
+            f"vllm serve {target} --speculative-config "
+            f'\'{{"method": "dflash", "model": "{out}", "num_speculative_tokens": {c.block_size - 1}}}\'',
+        ]
+    else:
+        lines = [
+            f"python -m sglang.launch_server --model-path {target} --speculative-algorithm EAGLE3 "
+            f"--speculative-draft-model-path {out} --speculative-num-steps 5 --speculative-eagle-topk 1 "
+            "--speculative-num-draft-tokens 6",
+            f"vllm serve {target} --speculative-config "
+            f'\'{{"method": "eagle3", "model": "{out}", "num_speculative_tokens": 5}}\'',
+        ]
+    return lines[::-1] if to == "vllm" else lines  # the format asked for first
+
+
+def bench_lines(bench: Path) -> list[str]:
+    """tau (and speed-up, when timed) of every method of a ``draftopd bench --json`` result, with its commit."""
+    try:
+        r = json.loads(bench.read_text())
+        rows = [
+            f"| {ds} | {name} | {r_ds['prompts']} | {m['tau']:.3f} | "
+            + (f"{m['speedup']:.2f}x |" if m.get("speedup") is not None else "not timed |")
+            for ds, r_ds in r["datasets"].items()
+            for name, m in r_ds["methods"].items()
+        ]
+        head = f"Measured by `draftopd bench` at commit {r['commit']}, {r['dtype']}, {r.get('threads', '?')} threads:"
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DraftopdError(f"--bench {bench}: not a `draftopd bench --json` result ({e})") from None
+    return [head, "", "| data set | method | prompts | tau | speed-up |", "|---|---|---|---|---|", *rows]
+
+
+def drafter_card(
+    model: DrafterModel, src: Path, out: Path, to: str, dtype: str, target: str | None, run_cfg: tuple, bench
+) -> str:
+    c = model.config
+    kind = "DFlash" if isinstance(c, DFlashConfig) else "EAGLE-3"
+    ids = list(c.target_layer_ids)
+    if isinstance(c, DFlashConfig):
+        shape = f"{c.num_hidden_layers} layers, block size {c.block_size}, mask token id {c.mask_token_id}"
+    else:
+        shape = f"1 layer (midlayer), draft vocabulary {c.draft_vocab_size} of {c.vocab_size}"
+    tgt = target or "unknown (no run_config.json; pass --target)"
+    lines = [
+        f"# {kind} drafter for {tgt}",
+        "",
+        f"Written by draftopd {__version__} (`draftopd export --to {to} --dtype {dtype}`).",
+        "",
+        "## What it is",
+        "",
+        f"- kind: {kind} ({model.ARCH}); {shape}; hidden size {c.hidden_size}, {c.num_attention_heads} heads "
+        f"({c.num_key_value_heads} KV) of dim {c.head_dim}",
+        f"- target: `{tgt}`, {c.num_target_layers} layers, vocabulary {c.vocab_size}",
+        f"- target layers read: {ids} as outputs of those layers (SGLang / SpecForge / z-lab numbering), "
+        f"{[i + 1 for i in ids]} as inputs of the next (vLLM / speculators numbering)",
+    ]
+    if target and target.endswith("smollm2-135m-instruct"):
+        lines.append(
+            f"- the target is draftopd's embedded SmolLM2-135M-Instruct, dequantised from a Q4_1 GGUF: serve it with "
+            f"that folder; the hub's `{HUB_DEFAULT}` has slightly different weights"
+        )
+    path, cfg = run_cfg
+    lines += ["", "## Where it came from", "", f"- exported from `{src}`"]
+    if path is not None:
+        lines.append(f"- training run config: `{path}`")
+        arch = cfg.get("arch") or {}
+        for key, what in (("init_from", "started from"), ("data", "data"), ("sources", "rollout prompts")):
+            if cfg.get(key):
+                lines.append(f"- {what}: `{cfg[key]}`")
+        recipe = {k: cfg[k] for k in ("max_steps", "lr", "batch_size", "loss") if k in cfg}
+        if arch:
+            recipe["arch"] = {k: v for k, v in arch.items() if k in ("kind", "num_layers", "block_size")}
+        lines.append(f"- recipe: `{json.dumps(recipe)}`")
+    else:
+        lines.append("- no run_config.json beside or above it: recipe and data unknown")
+    if (src / "training_state.pt").is_file():
+        lines.append("- source is a training checkpoint: its feature scale is folded into `fc.weight`")
+    lines += ["", "## Acceptance", ""]
+    lines += bench_lines(Path(bench)) if bench else ["Not measured for this export (`--bench result.json` adds it)."]
+    lines += ["", "## Serve it", "", "```bash", *serve_lines(model, out, to, target or "TARGET"), "```", ""]
+    lines += ["## Load it in Python", "", "```python"]
+    lines += [
+        "from draftopd.interop import read_drafter  # reads every layout draftopd exports or imports",
+        f'drafter = read_drafter("{out}")',
+    ]
+    if isinstance(c, DFlashConfig) and to != "speculators":
+        lines += [
+            "# z-lab: from dflash.model import DFlashDraftModel; DFlashDraftModel.from_pretrained(path)",
+            "```",
+            "",
+            "Do not load it with `AutoModel.from_pretrained(path, trust_remote_code=True)`: this folder ships",
+            "no `dflash.py`, so transformers builds a plain Qwen3Model with random embeddings and silently drops",
+            "`fc` and `hidden_norm`. Use z-lab's `DFlashDraftModel.from_pretrained` or draftopd's reader.",
+        ]
+    elif to == "speculators":
+        lines += [
+            "# speculators: from speculators import SpeculatorModel; SpeculatorModel.from_pretrained(path)",
+            "```",
+        ]
+    else:
+        lines += ["# SpecForge / SGLang read this folder as it is (LlamaForCausalLMEagle3)", "```"]
+    return "\n".join(lines) + "\n"
+
+
+def verify(written: Path, model: DrafterModel, expect: dict) -> None:
+    """Read the written folder back as any user would (``interop``) and compare every tensor and the config."""
+    again = read_drafter(written, model.config.num_target_layers)
+    if again.config != model.config:
+        raise DraftopdError(f"export round trip failed: config {again.config} != {model.config}")
+    got = again.pack_state(fold=True)
+    for name, t in expect.items():
+        if name not in got or not torch.equal(got[name].to(t.dtype), t):
             raise DraftopdError(f"export round trip failed at {name}")
-    cfg = json.loads((out / "config.json").read_text())
-    block = cfg.get("block_size", 16)
-    return SERVE_HINTS[model.ARCH].format(out=out, block=block, k=block - 1)
+
+
+def export_drafter(
+    src: str | Path,
+    out: str | Path,
+    dtype: str = "bf16",
+    *,
+    to: str = "sglang",
+    force: bool = False,
+    bench: str | Path | None = None,
+    target: str | None = None,
+) -> str:
+    """Export ``src`` to ``out`` in format ``to``; returns what to print (where it went and how to serve it)."""
+    src, out = Path(src), Path(out)
+    if to not in FORMATS:
+        raise DraftopdError(f"export --to {to!r}: use one of {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise DraftopdError(f"export --dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise DraftopdError("export: the output folder must lie outside the source")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise DraftopdError(f"export: {out} exists and is not empty (--force replaces it)")
+    if out.exists() and not out.is_dir():
+        raise DraftopdError(f"export: {out} is a file")
+    model = read_drafter(src)
+    torch_dtype = DTYPES[dtype]
+    run_cfg = find_run_config(src)
+    tgt = resolve_target(target, run_cfg[1])
+    if to == "speculators":
+        if not tgt:
+            raise DraftopdError("export --to speculators needs the target (no run_config.json found): pass --target")
+        arch = ["LlamaForCausalLM"]
+        if (Path(tgt) / "config.json").is_file():
+            arch = json.loads((Path(tgt) / "config.json").read_text()).get("architectures") or arch
+        sd, cfg = speculators_files(model, torch_dtype, tgt, arch)
+    else:
+        sd, cfg = plain_files(model, torch_dtype)
+    expect = plain_files(model, torch_dtype)[0]  # what any reader must get back (a full vocabulary's maps implied)
+    with atomic_folder(out, keep_others=False) as tmp:
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        verify(tmp, model, expect)
+        (tmp / "README.md").write_text(drafter_card(model, src, out, to, dtype, tgt, run_cfg, bench))
+    lines = serve_lines(model, out, to, tgt or "TARGET")
+    return f"exported {src} -> {out} ({to}, {dtype}); drafter card: {out / 'README.md'}\n" + "\n".join(lines)

@@ -7,7 +7,11 @@ target's cache, so feature-conditioned drafters (DFlash, EAGLE-3) can extend the
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -88,6 +92,34 @@ class ReplayBatch:
     resp_idx: Tensor  # (N, 3) response-stream slots: offset k's label is the token at anchor + k
     rej_idx: Tensor  # (M, 3) rejected-stream slots: the drafter's own proposal at offset k was rejected
     rej_tokens: Tensor  # (M,) those rejected proposals (target ids)
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | Path, keep_others: bool = True) -> Iterator[Path]:
+    """Write a folder atomically: yields a temporary sibling to fill, then renames it to ``folder``. An existing
+    ``folder`` is replaced; with ``keep_others`` its files that the new folder does not write are carried over.
+    On an error the temporary folder is removed and ``folder`` is left as it was."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if folder.exists():
+            if keep_others:
+                for f in folder.iterdir():
+                    if not (tmp / f.name).exists():
+                        (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class DrafterModel:
@@ -183,15 +215,15 @@ class DrafterModel:
 
     def save(self, folder: str | Path, dtype: torch.dtype = torch.bfloat16, fold: bool = True) -> None:
         """``fold=True``: the serving layout (scale folded into fc.weight, floats in ``dtype``, integer and
-        bool buffers kept); ``fold=False`` (training checkpoints): raw weights plus ``fc_scale``."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        bool buffers kept); ``fold=False`` (training checkpoints): raw weights plus ``fc_scale``. Atomic: written
+        to a temporary sibling folder and renamed (other files already in ``folder`` are kept)."""
         sd = {
             k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
             for k, v in self.pack_state(fold).items()
         }
-        save_file(sd, str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps(self.config.to_hf(), indent=2))
+        with atomic_folder(folder) as tmp:
+            save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(self.config.to_hf(), indent=2))
 
     @classmethod
     def load(cls, folder: str | Path):

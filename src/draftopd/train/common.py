@@ -37,6 +37,7 @@ from draftopd import DraftopdError
 from draftopd.bench.datasets import load_prompts
 from draftopd.config import to_dict
 from draftopd.decoding.loop import speculative_generate
+from draftopd.interop import import_drafter
 from draftopd.models import DRAFTERS, load_model
 from draftopd.models.base import DrafterModel
 from draftopd.models.target import Target, load_target
@@ -304,7 +305,7 @@ def start_or_resume(
         raise DraftopdError(f"{out} holds a run with another config: resume with the same config or another out")
     if ckpt is None and not cfg.init_from and build is None:
         raise DraftopdError("this trainer needs init_from=<a drafter folder or training checkpoint>")
-    model = load_model(ckpt or cfg.init_from) if (ckpt or cfg.init_from) else build()
+    model = load_model(ckpt) if ckpt else import_drafter(cfg.init_from, target) if cfg.init_from else build()
     if kind is not None and not isinstance(model, DRAFTERS[kind]):
         raise DraftopdError(f"{cfg.init_from} holds a {type(model).ARCH} drafter, but the config asks for {kind}")
     model.check_target(target)
