@@ -29,7 +29,7 @@ def test_defaults_and_overrides(tmp_path):
         ("sampling.temperature=hot", "sampling.temperature: expected a number"),
         ("sampling.temperature=[1]", "sampling.temperature: expected a number"),
         ("target.dtype=int8", "target.dtype must be"),
-        ("sampling.top_p=0", "sampling: need"),
+        ("sampling.top_p=0", "sampling.top_p must be in"),
         ("nonsense", "not of the form"),
     ],
 )

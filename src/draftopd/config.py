@@ -15,6 +15,7 @@ version used for something else (``RENAMED``) is refused with a one-line error n
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,19 @@ import yaml
 from draftopd import DraftopdError
 
 T = TypeVar("T")
+
+DATASETS = ("gsm8k", "humaneval", "mtbench")  # evaluation sets (bench/datasets.py: DATASETS)
+SEED_LIMIT = 2**32  # seeds are combined with step numbers: keep them far from torch's 64-bit limit
+
+
+def need(ok: bool, name: str, rule: str, value: Any) -> None:
+    """One-line error naming the field when a value is out of range: ``name must be rule, not value``."""
+    if not ok:
+        raise DraftopdError(f"{name} must be {rule}, not {value!r}")
+
+
+def finite(x: float) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,8 @@ class TargetConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bf16", "fp32", "fp16"):
             raise DraftopdError(f"target.dtype must be auto, bf16, fp32 or fp16, not {self.dtype!r}")
+        need(0 <= self.threads <= 1024, "target.threads", "between 0 (torch's default) and 1024", self.threads)
+        need(bool(self.path.strip()), "target.path", "'default', a model folder or a hub id", self.path)
 
 
 @dataclass(frozen=True)
@@ -52,8 +68,11 @@ class DrafterConfig:
     min_ngram: int = 1  # pld: shortest n-gram matched
 
     def __post_init__(self) -> None:
-        if self.num_tokens < 1 or not 1 <= self.min_ngram <= self.max_ngram or self.chain_length < 1:
-            raise DraftopdError("drafter: need num_tokens >= 1, 1 <= min_ngram <= max_ngram and chain_length >= 1")
+        need(self.kind in ("pld", "none", "path"), "drafter.kind", "pld, none or path", self.kind)
+        need(self.num_tokens >= 1, "drafter.num_tokens", ">= 1", self.num_tokens)
+        need(self.min_ngram >= 1, "drafter.min_ngram", ">= 1", self.min_ngram)
+        need(self.max_ngram >= self.min_ngram, "drafter.max_ngram", f">= min_ngram ({self.min_ngram})", self.max_ngram)
+        need(self.chain_length >= 1, "drafter.chain_length", ">= 1", self.chain_length)
 
 
 @dataclass(frozen=True)
@@ -64,8 +83,11 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
-            raise DraftopdError("sampling: need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1")
+        t, p = self.temperature, self.top_p
+        need(finite(t) and t >= 0, "sampling.temperature", "a finite number >= 0 (0 = greedy)", t)
+        need(finite(p) and 0 < p <= 1, "sampling.top_p", "in (0, 1]", p)
+        need(self.max_new_tokens >= 1, "sampling.max_new_tokens", ">= 1", self.max_new_tokens)
+        need(0 <= self.seed < SEED_LIMIT, "sampling.seed", f"in [0, {SEED_LIMIT})", self.seed)
 
 
 @dataclass(frozen=True)
@@ -88,6 +110,17 @@ class BenchConfig:
     # several drafters side by side instead of `drafter`: "name=spec", spec = pld | a drafter folder
     methods: tuple[str, ...] = ()
     warmup: int = 1  # untimed generations before measuring
+
+    def __post_init__(self) -> None:
+        need(bool(self.datasets), "datasets", f"a list of {', '.join(DATASETS)}", self.datasets)
+        bad = [d for d in self.datasets if d not in DATASETS]
+        need(not bad, "datasets", f"among {', '.join(DATASETS)} (unknown: {', '.join(bad)})", self.datasets)
+        need(self.limit >= 1, "limit", ">= 1 (prompts per data set)", self.limit)
+        need(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        need(self.warmup >= 0, "warmup", ">= 0", self.warmup)
+        for m in self.methods:
+            name, _, spec = m.partition("=")
+            need(bool(name.strip() and spec.strip()), "methods entry", "name=pld|none|<drafter folder>", m)
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -149,13 +182,23 @@ def apply_override(data: dict, override: str) -> None:
     if "=" not in override:
         raise DraftopdError(f"override {override!r} is not of the form key.path=value")
     key, raw = override.split("=", 1)
-    parts = key.strip().split(".")
+    parts = [p.strip() for p in key.split(".")]
+    if not all(parts):
+        raise DraftopdError(f"override {override!r}: {key.strip()!r} is not a dotted key such as sampling.top_p")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise DraftopdError(
+            f"override {override!r}: invalid YAML value ({getattr(e, 'problem', None) or e})"
+        ) from None
+    except RecursionError:
+        raise DraftopdError(f"override {key.strip()}=...: invalid YAML value (nested too deeply)") from None
     node = data
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise DraftopdError(f"override {override!r}: {p} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    node[parts[-1]] = value
 
 
 def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
@@ -165,12 +208,28 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tu
         p = Path(path)
         if not p.exists():
             raise DraftopdError(f"config file not found: {p}")
+        if not p.is_file():
+            raise DraftopdError(f"config {p} is not a file (a YAML recipe is)")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            raw = p.read_bytes()
+            data = yaml.safe_load(raw.decode("utf-8"))
+        except OSError as e:
+            raise DraftopdError(f"{p}: cannot be read ({e.strerror or e})") from None
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise DraftopdError(f"{p}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save it as UTF-8") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
-            raise DraftopdError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+            raise DraftopdError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+        except RecursionError:
+            raise DraftopdError(f"{p}: invalid YAML (nested too deeply)") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise DraftopdError(
+                f"{p}: expected a mapping of config keys at the top level, not a {type(data).__name__}"
+            )
     for o in overrides:
         apply_override(data, o)
     try:
@@ -196,6 +255,14 @@ class DataConfig:
     chunk_size: int = 64  # prompts per shard (the unit of resumption)
     out: str = "runs/data/trajectories"
 
+    def __post_init__(self) -> None:
+        need(bool(self.sources), "sources", "a list of gsm8k, sharegpt or jsonl paths", self.sources)
+        need(self.limit_per_source >= 1, "limit_per_source", ">= 1", self.limit_per_source)
+        need(self.max_prompt_tokens >= 1, "max_prompt_tokens", ">= 1", self.max_prompt_tokens)
+        need(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        need(self.chunk_size >= 1, "chunk_size", ">= 1", self.chunk_size)
+        need(bool(self.out.strip()), "out", "a folder", self.out)
+
 
 @dataclass(frozen=True)
 class ArchConfig:
@@ -213,8 +280,23 @@ class ArchConfig:
     def __post_init__(self) -> None:
         if self.kind not in ("dflash", "eagle3"):
             raise DraftopdError(f"arch.kind must be dflash or eagle3, not {self.kind!r}")
-        if self.num_layers < 1 or self.block_size < 2 or self.ttt_steps < 1 or self.draft_vocab_size < 1:
-            raise DraftopdError("arch: need num_layers >= 1, block_size >= 2, ttt_steps >= 1, draft_vocab_size >= 1")
+        need(self.num_layers >= 1, "arch.num_layers", ">= 1", self.num_layers)
+        need(
+            self.block_size >= 2,
+            "arch.block_size",
+            ">= 2 (the anchor and at least one drafted token)",
+            self.block_size,
+        )
+        need(self.ttt_steps >= 1, "arch.ttt_steps", ">= 1", self.ttt_steps)
+        need(self.draft_vocab_size >= 1, "arch.draft_vocab_size", ">= 1", self.draft_vocab_size)
+        need(self.mask_token_id >= -1, "arch.mask_token_id", ">= 0, or -1 (a special token)", self.mask_token_id)
+        need(
+            all(i >= 0 for i in self.target_layer_ids),
+            "arch.target_layer_ids",
+            "layer numbers >= 0",
+            self.target_layer_ids,
+        )
+        need(finite(self.ttt_decay) and self.ttt_decay > 0, "arch.ttt_decay", "a finite number > 0", self.ttt_decay)
 
 
 @dataclass(frozen=True)
@@ -225,6 +307,24 @@ class EvalConfig:
     limit: int = 8
     max_new_tokens: int = 96
     chain_length: int = 6  # eagle3: tokens drafted per verify step
+
+    def __post_init__(self) -> None:
+        need(self.dataset in DATASETS, "eval.dataset", ", ".join(DATASETS), self.dataset)
+        need(self.limit >= 1, "eval.limit", ">= 1", self.limit)
+        need(self.max_new_tokens >= 1, "eval.max_new_tokens", ">= 1", self.max_new_tokens)
+        need(self.chain_length >= 1, "eval.chain_length", ">= 1", self.chain_length)
+
+
+def _check_optimizer(cfg: Any) -> None:
+    """The fields SFT and OPD share, each named when out of range."""
+    need(finite(cfg.lr) and cfg.lr > 0, "lr", "a finite number > 0", cfg.lr)
+    need(finite(cfg.warmup_ratio) and 0 <= cfg.warmup_ratio <= 1, "warmup_ratio", "in [0, 1]", cfg.warmup_ratio)
+    need(finite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", "a finite number >= 0", cfg.weight_decay)
+    need(finite(cfg.grad_clip) and cfg.grad_clip > 0, "grad_clip", "a finite number > 0", cfg.grad_clip)
+    need(0 <= cfg.seed < SEED_LIMIT, "seed", f"in [0, {SEED_LIMIT})", cfg.seed)
+    need(bool(cfg.out.strip()), "out", "a folder", cfg.out)
+    for name in ("max_steps", "log_every", "eval_every", "save_every"):
+        need(getattr(cfg, name) >= 1, name, ">= 1", getattr(cfg, name))
 
 
 @dataclass(frozen=True)
@@ -258,10 +358,12 @@ class SFTConfig:
     save_every: int = 100
 
     def __post_init__(self) -> None:
-        if self.max_steps < 1 or self.batch_size < 1 or self.blocks_per_seq < 1 or not self.lr > 0:
-            raise DraftopdError("train: need max_steps, batch_size, blocks_per_seq >= 1 and lr > 0")
-        if min(self.log_every, self.eval_every, self.save_every) < 1 or self.max_len < 3:
-            raise DraftopdError("train: need log_every, eval_every, save_every >= 1 and max_len >= 3")
+        _check_optimizer(self)
+        need(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        need(self.blocks_per_seq >= 1, "blocks_per_seq", ">= 1", self.blocks_per_seq)
+        need(self.max_len >= 3, "max_len", ">= 3 (a prompt token, an anchor and a label)", self.max_len)
+        need(finite(self.loss_decay) and self.loss_decay >= 0, "loss_decay", "a finite number >= 0", self.loss_decay)
+        need(bool(self.data.strip()), "data", "a trajectory folder", self.data)
 
 
 @dataclass(frozen=True)
@@ -310,10 +412,20 @@ class OPDConfig:
             raise DraftopdError(f"loss must be acceptance_aware, all_forward, full_kl or tv, not {self.loss!r}")
         if self.teacher_temperature not in (0.0, 1.0):
             raise DraftopdError(f"teacher_temperature must be 1.0 or 0.0 (greedy), not {self.teacher_temperature}")
-        if self.max_steps < 1 or self.rollout_batch < 1 or self.accum < 1 or self.micro_batch < 1:
-            raise DraftopdError("opd: need max_steps, rollout_batch, accum, micro_batch >= 1")
-        if min(self.log_every, self.eval_every, self.save_every, self.chain_length) < 1 or not self.lr > 0:
-            raise DraftopdError("opd: need log_every, eval_every, save_every, chain_length >= 1 and lr > 0")
+        _check_optimizer(self)
+        for name in ("rollout_batch", "accum", "micro_batch", "chain_length", "limit_per_source"):
+            need(getattr(self, name) >= 1, name, ">= 1", getattr(self, name))
+        need(self.max_prompt_tokens >= 1, "max_prompt_tokens", ">= 1", self.max_prompt_tokens)
+        need(self.max_new_tokens >= 1, "max_new_tokens", ">= 1", self.max_new_tokens)
+        need(bool(self.sources), "sources", "a list of gsm8k, sharegpt or jsonl paths", self.sources)
+        for name in ("gamma", "resp_weight", "rej_weight"):
+            need(
+                finite(getattr(self, name)) and getattr(self, name) >= 0,
+                name,
+                "a finite number >= 0",
+                getattr(self, name),
+            )
+        need(finite(self.logp_min) and self.logp_min < 0, "logp_min", "a finite number < 0", self.logp_min)
 
 
 @dataclass(frozen=True)
@@ -327,3 +439,6 @@ class DemoConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     opd: OPDConfig = field(default_factory=OPDConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+
+    def __post_init__(self) -> None:
+        need(bool(self.out.strip()), "out", "a folder", self.out)
