@@ -121,11 +121,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from draftopd.bench.run import format_table, run_bench, save_result
+    from draftopd.bench.run import check_outputs, format_table, run_bench, save_result
     from draftopd.config import BenchConfig, load
 
     cfg = load(BenchConfig, args.config, _overrides(args))
+    check_outputs(args.json, args.plot)  # before the run: a bad output path fails now, not after an hour
     result = run_bench(cfg)
+    print(format_table(result), flush=True)  # first: whatever happens to the files, the table is shown
     if args.json:
         save_result(result, args.json)
     if args.plot:
@@ -133,7 +135,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         what = "tau" if cfg.tau_only else "tokens_per_s"
         bars(result, args.plot, f"{what}: {result['dtype']}, {result['threads']} threads, {result['commit']}", what)
-    print(format_table(result))
     print(json.dumps({k: v for k, v in result.items() if k != "config"}))  # machine-readable last line
     return 0
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from draftopd import DraftopdError
+from draftopd.atomic import check_output_dir, write_json, write_text
 from draftopd.config import DemoConfig, load, to_dict
 
 STAGES = ("data", "sft", "opd", "sft_continued", "bench")
@@ -150,13 +151,38 @@ def run_stage(cmd: list[str], log_path: Path) -> tuple[int, str]:
             raise
 
 
+MARKER = ".draftopd-demo"  # written by the demo into the folder it made; --fresh removes only such a folder
+
+
+def is_demo_folder(out: Path) -> bool:
+    """``out`` carries the demo's marker (or, from before the marker, the demo's own layout)."""
+    legacy = (out / "demo_config.yaml").is_file() and (out / "done").is_dir() and (out / "configs").is_dir()
+    return (out / MARKER).is_file() or legacy
+
+
+def claim(out: Path, fresh: bool) -> None:
+    """Make ``out`` the demo's folder, or refuse: a missing or empty folder is created and marked; one that
+    carries the marker is resumed (``fresh``: removed and made again); anything else is left untouched."""
+    check_output_dir(out, "demo out")
+    if out.is_dir() and any(out.iterdir()) and not is_demo_folder(out):
+        raise DraftopdError(
+            f"{out} is not empty and was not made by `draftopd demo` (it has no {MARKER}): nothing was changed; "
+            + ("--fresh removes only a demo's own folder; " if fresh else "")
+            + "choose another --out"
+        )
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / MARKER).is_file():
+        write_text(out / MARKER, "made by `draftopd demo`: `draftopd demo --fresh` may remove this folder\n")
+
+
 def run_demo(cfg: DemoConfig, fresh: bool = False, say=print) -> Path:
     """Run (or resume) every stage, then write the report; returns the path of REPORT.md."""
     out = Path(cfg.out)
-    if fresh and out.exists():
-        shutil.rmtree(out)
+    claim(out, fresh)
     (out / "configs").mkdir(parents=True, exist_ok=True)
-    (out / "demo_config.yaml").write_text(yaml.safe_dump(_plain(to_dict(cfg)), sort_keys=False))
+    write_text(out / "demo_config.yaml", yaml.safe_dump(_plain(to_dict(cfg)), sort_keys=False))
     stages = stage_configs(cfg)
     n_traj = len(cfg.data.sources) * cfg.data.limit_per_source
     t_start = time.perf_counter()
@@ -177,7 +203,7 @@ def run_demo(cfg: DemoConfig, fresh: bool = False, say=print) -> Path:
             took = _fmt(json.loads(done.read_text())["seconds"])
             say(f"[demo] stage {i}/{len(STAGES) + 1} {name}: done earlier ({took}), skipped")
             continue
-        conf.write_text(text)
+        write_text(conf, text)
         cmd = [sys.executable, "-m", "draftopd.cli", *verb, "--config", str(conf)]
         say(
             f"[demo] stage {i}/{len(STAGES) + 1} {name}: started, estimate ~{_fmt(estimate(name, c, n_traj))} "
@@ -190,12 +216,12 @@ def run_demo(cfg: DemoConfig, fresh: bool = False, say=print) -> Path:
             rc, error = run_stage(cmd, out / "logs" / f"{name}.log")
         finally:
             spent.parent.mkdir(parents=True, exist_ok=True)
-            spent.write_text(str(before + time.perf_counter() - t0))
+            write_text(spent, str(before + time.perf_counter() - t0))
         if rc != 0:
             why = error.removeprefix("error: ") or f"exit status {rc}"
             raise DraftopdError(f"demo stage {name} failed: {why} (log: {out / 'logs' / (name + '.log')})")
         total = before + time.perf_counter() - t0
-        done.write_text(json.dumps({"seconds": total, "command": _shell(cmd)}))
+        write_json(done, {"seconds": total, "command": _shell(cmd)}, indent=None)
         say(f"[demo] stage {i}/{len(STAGES) + 1} {name}: done in {_fmt(total)}")
     from draftopd.report import write_report
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from draftopd.atomic import replacing, write_text
+
 
 def _plt():
     import matplotlib
@@ -33,8 +35,7 @@ def plot_tau(rows: list[dict], path: Path, title: str, x: str = "step") -> None:
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _savefig(plt, fig, path)
 
 
 def tau_curves(runs: dict[str, str | Path], out: str | Path, title: str, x: str = "target_tokens") -> Path:
@@ -63,9 +64,18 @@ def _save(plt, fig, ax, out, title: str) -> Path:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    _savefig(plt, fig, out)
     return Path(out)
+
+
+def _savefig(plt, fig, out) -> None:
+    """Save atomically (a temporary file renamed): a reader never sees half a figure."""
+    fmt = Path(out).suffix.lower().removeprefix(".") or "png"
+    try:
+        with replacing(out) as tmp:
+            fig.savefig(tmp, format=fmt)
+    finally:
+        plt.close(fig)
 
 
 def histograms(hists: dict[str, dict], out: str | Path, title: str) -> Path:
@@ -216,6 +226,4 @@ def write_report(out: Path, stages: dict[str, dict]) -> Path:
         f"Total {sum(s['seconds'] for s in stages.values()) / 60:.1f} min of stage time. Configs: `configs/` in "
         "this folder; logs: `logs/`.",
     ]
-    path = out / "REPORT.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_text(out / "REPORT.md", "\n".join(lines) + "\n")

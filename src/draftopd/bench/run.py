@@ -11,7 +11,6 @@ bf16 kernels round differently at different block widths, so equality is only gu
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import random
 import subprocess
@@ -22,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from draftopd import DraftopdError
+from draftopd.atomic import check_output_file, write_json
 from draftopd.bench.datasets import load_prompts
 from draftopd.config import BenchConfig, to_dict
 from draftopd.decoding.loop import SpecStats, speculative_generate
@@ -180,10 +180,12 @@ def run_bench(
         "torch": torch.__version__,
         "datasets": {},
     }
+    every = {}  # every data set read and checked before anything runs: a bad one fails first, not last
     for ds in cfg.datasets:
-        prompts = [target.encode_chat(p) for p in load_prompts(ds, cfg.limit)]
-        for i, ids in enumerate(prompts):
+        every[ds] = [target.encode_chat(p) for p in load_prompts(ds, cfg.limit)]
+        for i, ids in enumerate(every[ds]):
             target.check_prompt(ids, max_new, f"{ds} prompt {i + 1}")
+    for ds, prompts in every.items():
         if cfg.tau_only:  # batched, untimed: tau and its histogram per method
             rows = {}
             for name, drafter in methods.items():
@@ -266,8 +268,29 @@ def format_table(result: dict) -> str:
 
 
 def save_result(result: dict, path: str | Path) -> None:
+    """Write the result JSON atomically (a temporary file renamed; nothing is left behind on failure)."""
     path = Path(path)
+    check_output_file(path, "--json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".part")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
+    write_json(path, result)
+
+
+def plot_formats() -> set[str]:
+    """File extensions matplotlib can write (``--plot`` must end in one)."""
+    from matplotlib.figure import Figure
+
+    return set(Figure().canvas.get_supported_filetypes())
+
+
+def check_outputs(json_path: str | None, plot_path: str | None) -> None:
+    """Every output location of a benchmark checked before it runs: one-line errors, nothing written."""
+    if json_path:
+        check_output_file(json_path, "--json")
+    if plot_path:
+        check_output_file(plot_path, "--plot")
+        ext = Path(plot_path).suffix.lower().removeprefix(".")
+        if ext not in plot_formats():
+            raise DraftopdError(
+                f"--plot {plot_path}: cannot write a {ext or 'nameless'} figure "
+                f"(use one of {', '.join(sorted(plot_formats()))})"
+            )

@@ -17,7 +17,7 @@ from draftopd.data.jsonl import read_jsonl
 
 
 def _first_user_turn(turns: list, user_key: str, user_value: str, text_key: str) -> str | None:
-    if turns and isinstance(turns[0], dict) and turns[0].get(user_key) == user_value:
+    if isinstance(turns, list) and turns and isinstance(turns[0], dict) and turns[0].get(user_key) == user_value:
         text = turns[0].get(text_key)
         return text if isinstance(text, str) and text.strip() else None
     return None
@@ -27,7 +27,11 @@ def prompts_from_jsonl(path: str | Path, limit: int | None = None) -> list[str]:
     """User prompts from a jsonl file; a record of no known shape raises with file and line."""
     out = []
     for i, row in enumerate(read_jsonl(path)):
-        if isinstance(row.get("prompt"), str):
+        if "prompt" in row:
+            if not isinstance(row["prompt"], str):
+                raise DraftopdError(
+                    f"{path}: record {i + 1}: 'prompt' is {type(row['prompt']).__name__}, not a string"
+                )
             text = row["prompt"]
         elif "messages" in row:
             text = _first_user_turn(row["messages"], "role", "user", "content")
