@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from draftopd import scaling as sc
+from draftopd.config import OPDConfig, SFTConfig, load
 from draftopd.models.dflash import DFlashConfig, DFlashModel, block_hidden
 from draftopd.models.eagle3 import Eagle3Config, Eagle3Model, ttt_forward
 
@@ -150,3 +157,47 @@ def test_time_estimates_are_positive_and_ordered():
         T70, sc.DFLASH_8B, gpu, 16, 2048, 8
     )
     assert "| Qwen3-8B |" in sc.report()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("kind", ["dflash", "eagle3"])
+def test_gpu_recipes_load_and_fit_an_80gb_gpu_by_the_model(kind):
+    """configs/gpu-*.yaml load, and each fits one 80 GB GPU with the target replicated, per the memory model."""
+    sft = load(SFTConfig, ROOT / f"configs/gpu-sft-{kind}.yaml")
+    opd_cfg = load(OPDConfig, ROOT / f"configs/gpu-opd-{kind}.yaml")
+    assert sft.target.path == opd_cfg.target.path == "Qwen/Qwen3-8B" and sft.target.device == "cuda"
+    assert sft.arch.kind == kind and opd_cfg.init_from.endswith(f"gpu-sft-{kind}/final")
+    d = sc.DFLASH_8B if kind == "dflash" else sc.EAGLE3_8B
+    assert (sft.arch.num_layers, sft.arch.block_size) == (5, 16) or kind == "eagle3"
+    assert (sft.arch.draft_vocab_size, sft.arch.ttt_steps, opd_cfg.chain_length) == (32000, 7, 7) or kind == "dflash"
+    gpu = sc.GPUS["80gb"]
+    m = sc.sft_memory(T8, d, sft.batch_size, sft.max_len, blocks_per_seq=sft.blocks_per_seq)
+    assert m.fits(gpu), m.gib()
+    m = sc.opd_memory(
+        T8, d, opd_cfg.rollout_batch, opd_cfg.micro_batch, opd_cfg.max_prompt_tokens, opd_cfg.max_new_tokens,
+        tau=4.0, rej_first_only=opd_cfg.rej_first_only,
+    )  # fmt: skip
+    assert m.fits(gpu), m.gib()
+
+
+def test_gpu_check_runs_tiny_on_cpu(tmp_path):
+    """scripts/gpu_check.py --tiny --device cpu: every phase runs, greedy output equals transformers' generate
+    token for token (fp32), and the JSON has the fields docs/SCALING.md reads."""
+    out = tmp_path / "gpu_check.json"
+    cmd = [sys.executable, str(ROOT / "scripts/gpu_check.py"), "--tiny", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run(cmd + ["--steps", "1", "--threads", "1"], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = json.loads(out.read_text())
+    assert r["errors"] == {} and r["dtype"] == "fp32" and r["target"]["params"] > 0
+    assert r["greedy"]["exact"] and r["greedy"]["plain"]["match_fraction"] == 1.0
+    for kind in ("dflash", "eagle3"):
+        s = r["sft"][kind]
+        assert s["tokens_per_s"] > 0 and s["peak_gib"] > 0 and s["predicted_gib"] > 0
+        assert all(math.isfinite(x) for x in s["losses"])
+        o = r["opd"][kind]
+        assert o["rollout"]["s_per_verify_step"] > 0 and o["rollout"]["verify_steps"] > 0
+        assert o["replay"]["s_per_update"] > 0 and o["replay"]["last_micro_batch_tokens"]["resp_tokens"] > 0
+        assert o["s_per_update_estimated"] > 0
+    assert "torchrun" not in r  # only with --torchrun
