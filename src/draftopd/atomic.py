@@ -59,7 +59,13 @@ def _first_existing(path: Path) -> Path:
 
 def check_output_dir(path: str | Path, what: str) -> None:
     """One-line error unless ``path`` is (or can be made) a writable folder."""
-    path = Path(path)
+    try:
+        _check_output_dir(Path(path), what)
+    except OSError as e:  # e.g. a name longer than the file system allows
+        raise DraftopdError(f"{what} {str(path)[:80]}: {e.strerror or e}") from None
+
+
+def _check_output_dir(path: Path, what: str) -> None:
     if not str(path).strip():
         raise DraftopdError(f"{what}: an empty path is not a folder")
     if path.exists() and not path.is_dir():
@@ -76,6 +82,8 @@ def check_output_file(path: str | Path, what: str) -> None:
     path = Path(path)
     if not str(path).strip() or path.name in ("", ".", ".."):
         raise DraftopdError(f"{what}: {str(path)!r} is not a file name")
+    if len(os.fsencode(path.name)) > 255:
+        raise DraftopdError(f"{what} {str(path)[:80]}...: file name too long")
     if path.is_dir():
         raise DraftopdError(f"{what} {path} is a folder: give a file name")
     check_output_dir(path.parent, what)

@@ -257,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any("\x00" in a for a in argv):  # no path or value can hold one; open() would raise ValueError
+        print("error: an argument contains a NUL byte", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="[draftopd] %(message)s")
     if not args.verbose:
@@ -273,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system said no (name too long, permission, disk full): one line; -v for more
+        if args.verbose:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or type(e).__name__}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

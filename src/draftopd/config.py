@@ -177,6 +177,11 @@ def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
     return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What a YAML error says, on one line (a ReaderError's text spans several)."""
+    return " ".join(str(getattr(e, "problem", None) or getattr(e, "reason", None) or e).split())
+
+
 def apply_override(data: dict, override: str) -> None:
     """Apply ``a.b.c=value`` (value parsed as a YAML scalar) to a nested dict in place."""
     if "=" not in override:
@@ -188,11 +193,9 @@ def apply_override(data: dict, override: str) -> None:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise DraftopdError(
-            f"override {override!r}: invalid YAML value ({getattr(e, 'problem', None) or e})"
-        ) from None
-    except RecursionError:
-        raise DraftopdError(f"override {key.strip()}=...: invalid YAML value (nested too deeply)") from None
+        raise DraftopdError(f"override {override!r}: invalid YAML value ({_yaml_problem(e)})") from None
+    except (RecursionError, ValueError) as e:  # nesting too deep for the parser, a 5000-digit integer
+        raise DraftopdError(f"override {key.strip()}=...: invalid YAML value ({type(e).__name__})") from None
     node = data
     for p in parts[:-1]:
         node = node.setdefault(p, {})
@@ -221,9 +224,9 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tu
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
-            raise DraftopdError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
-        except RecursionError:
-            raise DraftopdError(f"{p}: invalid YAML (nested too deeply)") from None
+            raise DraftopdError(f"{p}{line}: invalid YAML ({_yaml_problem(e)})") from None
+        except (RecursionError, ValueError) as e:  # nesting too deep for the parser, a 5000-digit integer
+            raise DraftopdError(f"{p}: invalid YAML ({type(e).__name__})") from None
         if data is None:
             data = {}
         if not isinstance(data, dict):
