@@ -223,8 +223,9 @@ def target_weight_bytes(t: TargetShape, gpus: int = 1, sharding: Sharding = SHAR
 def drafter_state_bytes(params: int, gpus: int = 1, sharding: Sharding = SHARDINGS[0]) -> int:
     """Weights, grads and AdamW moments of the drafter per GPU.
 
-    DDP: fp32 weights 4 + fp32 grads 4 + moments 8 + DDP's fp32 gradient buckets 4 + autocast's bf16 weight
-    cache 2 = 22 bytes per parameter. FSDP2 (bf16 compute, fp32 reduce): 16 bytes / N for the sharded fp32
+    Replicated ("ddp"): fp32 weights 4 + fp32 grads 4 + moments 8 + the fp32 buffer of the gradient all-reduce
+    4 (DDP's buckets, or the flat buffer ``train.common.Run.optimizer_step`` all-reduces) + autocast's bf16
+    weight cache 2 = 22 bytes per parameter. FSDP2 (bf16 compute, fp32 reduce): 16 bytes / N for the sharded fp32
     weights, grads and moments, + 4 for the drafter's bf16 weights and grads unsharded around its
     forward/backward (it is small enough to be one FSDP unit)."""
     if sharding.drafter == "ddp":
@@ -652,10 +653,10 @@ def param_table() -> str:
 def report() -> str:
     return "\n\n".join(
         [
-            "## Presets\n\n" + param_table(),
-            "## Memory per GPU, 8 GPUs\n\n" + memory_table(),
-            "## Components, replicated plan (GiB per GPU)\n\n" + parts_table(),
-            "## Time on 8 x H200 (estimate from FLOPs)\n\n" + time_table(),
+            "### Presets\n\n" + param_table(),
+            "### Memory per GPU, 8 GPUs\n\n" + memory_table(),
+            "### Components, replicated plan (GiB per GPU)\n\n" + parts_table(),
+            "### Time on 8 x H200 (estimate from FLOPs)\n\n" + time_table(),
         ]
     )
 
