@@ -12,7 +12,8 @@
 Each stage runs as its own process (the exact ``draftopd`` command, from a config file written under
 ``out/configs``), with its output shown and copied to ``out/logs/<stage>.log``. A stage that finished writes
 ``out/done/<stage>.json`` and is skipped on the next run, unless its config changed (then it and every later
-stage are redone); ``--fresh`` starts over. The trainers checkpoint as
+stage are redone); ``--fresh`` starts over, in a folder the demo made only (it carries ``.draftopd-demo``;
+any other non-empty folder is refused, with or without ``--fresh``). The trainers checkpoint as
 they go, so Ctrl-C (or a crash) in the middle of a stage loses at most a few steps: the next ``make demo``
 resumes it. The report is rebuilt from the stage outputs every time, so an interrupted run and an
 uninterrupted one produce the same report.
