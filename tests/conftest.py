@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from draftopd import assets
 from draftopd.models.target import Target
@@ -53,3 +53,29 @@ def real_target_fp32() -> Target:
     from draftopd.models.target import load_target
 
     return load_target("default", "fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """A random 4-layer Llama with SmolLM2's tokenizer and vocabulary, saved as a normal HF folder (needs the
+    default target set up, for its tokenizer)."""
+    if not (assets.default_target_dir() / "config.json").exists():
+        pytest.skip("default target (its tokenizer) not set up")
+    folder = tmp_path_factory.mktemp("tiny-target")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(assets.default_target_dir()).save_pretrained(folder)
+    return folder

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from draftopd import assets
 from draftopd.cli import main
@@ -46,28 +45,9 @@ def one_line_error(capsys, monkeypatch, *argv: str, text: str = "") -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """A random 4-layer Llama with SmolLM2's tokenizer, saved as an ordinary HF folder."""
-    if not (assets.default_target_dir() / "config.json").exists():
-        pytest.skip("default target (its tokenizer) not set up")
-    folder = tmp_path_factory.mktemp("tiny-target")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(assets.default_target_dir()).save_pretrained(folder)
-    return folder
+def tiny(tiny_folder) -> Path:
+    """The session's random 4-layer Llama with SmolLM2's tokenizer (conftest.tiny_folder)."""
+    return tiny_folder
 
 
 @pytest.fixture(scope="module")
@@ -133,11 +113,6 @@ def test_crafted_init_from_runs_no_code(tiny, drafter, prompts, tmp_path, capsys
     assert rc != 0
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="train/common.py carry_moments() lets torch.load's UnpicklingError through (change reported in "
-    "docs/RELIABILITY.md; owned by the trainer)",
-)
 def test_crafted_init_from_is_a_one_line_error(tiny, drafter, prompts, tmp_path, capsys, monkeypatch):
     proof = tmp_path / "pwned"
     evil = crafted_checkpoint(drafter, tmp_path / "evil", proof)
@@ -338,11 +313,6 @@ def test_drafter_config_without_hidden_size(tiny, drafter, tmp_path, capsys, mon
     one_line_error(capsys, monkeypatch, *gen, "--drafter", str(broken), text="hidden_size")
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="a truncated model.safetensors raises SafetensorError, which models/target.py load_target and "
-    "models/base.py DrafterModel.load do not catch (change reported; owned by the export/models engineer)",
-)
 def test_truncated_safetensors(tiny, drafter, tmp_path, capsys, monkeypatch):
     gen = ["generate", "--prompt", "hi", "--dtype", "fp32", "--max-new-tokens", "2"]
     cut = tmp_path / "cut-drafter"

@@ -14,36 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from draftopd import assets
 
 pytestmark = pytest.mark.skipif(
     not (assets.default_target_dir() / "config.json").exists(), reason="default target (its tokenizer) not set up"
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    """A random 2-layer Llama with SmolLM2's tokenizer and vocabulary, saved as a normal HF folder."""
-    folder = tmp_path_factory.mktemp("tiny-target")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(assets.default_target_dir()).save_pretrained(folder)
-    return folder
 
 
 def cli(*args: str, wait: bool = True):
@@ -198,10 +174,11 @@ def test_resume_refuses_another_config(tiny_folder, shards, tmp_path):
     assert proc.returncode == 2 and "another config" in proc.stderr
 
 
-def run_opd(tiny_folder, init, out, prompts_dir, *extra, dtype="fp32"):
+def run_opd(tiny_folder, init, out, prompts_dir, *extra, dtype="fp32", run=True):
+    """Draft-OPD on the tiny target (2 updates); ``run=False`` returns the arguments instead."""
     prompts = prompts_dir / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"Tell me about {w}."}) for w in ("cats", "rain", "maps")))
-    cli(
+    args = (
         "train",
         "opd",
         "--target",
@@ -236,6 +213,7 @@ def run_opd(tiny_folder, init, out, prompts_dir, *extra, dtype="fp32"):
         "logp_min=-40",  # random tiny target: log p ~ -10.8
         *extra,
     )
+    return cli(*args) if run else args
 
 
 def test_opd_from_sft_changes_the_drafter(tiny_folder, sft_run, tmp_path):

@@ -49,6 +49,7 @@ class TargetConfig:
     dtype: str = "auto"
     device: str = "cpu"  # cpu, cuda, cuda:N: the target, the drafter and every training tensor live there
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    shard: bool = False  # training under torchrun: shard the target's decoder layers over the ranks (FSDP2)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bf16", "fp32", "fp16"):

@@ -154,6 +154,11 @@ def _step_cost(result: dict, method: str) -> float:
     return per_call(method) / per_call("plain")
 
 
+def _target_name(result: dict) -> str:
+    path = result["config"]["target"]["path"]
+    return "embedded SmolLM2-135M-Instruct" if path == "default" else f"`{path}`"
+
+
 def write_report(out: Path, stages: dict[str, dict]) -> Path:
     """REPORT.md and figures/ of a demo run, rebuilt from its stage outputs (the same inputs, the same report)."""
     from draftopd.bench.run import format_table, paired_gain
@@ -183,7 +188,8 @@ def write_report(out: Path, stages: dict[str, dict]) -> Path:
     lines = [
         "# draftopd demo report",
         "",
-        f"Target: embedded SmolLM2-135M-Instruct, {result['dtype']}, {result['threads']} threads, greedy (T=0), "
+        f"Target: {_target_name(result)}, {result['dtype']}, {result['threads']} threads "
+        f"(CPU flags: {result.get('cpu_flags', 'not recorded')}), greedy (T=0), "
         f"batch 1, {result['config']['sampling']['max_new_tokens']} new tokens per prompt, "
         f"{next(iter(sets.values()))['prompts']} prompts per data set; commit {result['commit']}.",
         "",

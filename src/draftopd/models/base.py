@@ -78,6 +78,7 @@ class SeqBatch:
     lengths: Tensor  # (B,) tokens per row
     prompt_len: Tensor  # (B,) prompt tokens per row (labels are supervised only in the response)
     features: Tensor  # (B, S, K*H) target features of the drafter's layers
+    seeds: list[int]  # per row: seeds what the drafter samples for it (DFlash anchors), whatever rank holds it
 
 
 @dataclass
@@ -129,7 +130,7 @@ class DrafterModel:
 
     * ``build(target, arch, seqs)`` (classmethod): a fresh drafter shaped from the target's config;
     * ``engine(target, chain_length)``: the engine-side drafter (``Drafter``) for the speculative loop;
-    * ``sft_states(embed, batch, gen, cfg)``: drafter states, labels and loss weights of an SFT batch;
+    * ``sft_states(embed, batch, cfg)``: drafter states, labels and loss weights of an SFT batch;
     * ``replay_states(embed, batch)``: the states of the Draft-OPD replay slots of a ``ReplayBatch``
       (response stream and rejected stream);
     * ``replay_block(chain_length)``: tokens per replayed verify step (anchor + proposals);
@@ -235,7 +236,13 @@ class DrafterModel:
         if cls.ARCH not in cfg.get("architectures", []):
             raise DraftopdError(f"{folder}/config.json is not a {cls.ARCH} config ({cfg.get('architectures')})")
         model = cls(cls.CONFIG.from_hf(cfg)).float()
-        missing, unexpected, scale = model.unpack_state(load_file(str(folder / "model.safetensors")))
+        try:
+            state = load_file(str(folder / "model.safetensors"))
+        except Exception as e:  # noqa: BLE001 - truncated or not safetensors: one line
+            raise DraftopdError(
+                f"{folder}/model.safetensors: not a safetensors file ({str(e).splitlines()[0]})"
+            ) from None
+        missing, unexpected, scale = model.unpack_state(state)
         if missing or unexpected:
             raise DraftopdError(
                 f"{folder}: weights do not match config (missing {missing[:2]}, extra {unexpected[:2]})"

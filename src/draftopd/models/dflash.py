@@ -274,14 +274,13 @@ class DFlashModel(DrafterModel, nn.Module):
     def replay_block(self, chain_length: int) -> int:
         return self.config.block_size
 
-    def sft_states(
-        self, embed: nn.Module, batch: SeqBatch, gen: torch.Generator, cfg
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def sft_states(self, embed: nn.Module, batch: SeqBatch, cfg) -> tuple[Tensor, Tensor, Tensor]:
         """``cfg.blocks_per_seq`` random anchors per response, every block in one forward with the inference mask;
         slot k (1..Bs-1) is supervised by the token k places after its anchor, weighted exp(-(k-1)/loss_decay).
         Returns states (N, H), labels (N,) and weights (N,) of the supervised slots."""
         bs, dev = self.config.block_size, batch.ids.device
-        anchors = sample_anchors(batch.prompt_len.tolist(), batch.lengths.tolist(), cfg.blocks_per_seq, gen).to(dev)
+        gens = [torch.Generator().manual_seed(s) for s in batch.seeds]
+        anchors = sample_anchors(batch.prompt_len.tolist(), batch.lengths.tolist(), cfg.blocks_per_seq, gens).to(dev)
         lab_pos = anchors[..., None] + torch.arange(1, bs, device=dev)  # (B, Nb, Bs-1): each slot's label position
         ok = (anchors[..., None] >= 0) & (lab_pos < batch.lengths[:, None, None])
         labels = batch.ids.gather(1, lab_pos.clamp(0, batch.ids.shape[1] - 1).flatten(1)).view_as(lab_pos)
@@ -313,11 +312,12 @@ def position_weights(offsets: Tensor, decay: float) -> Tensor:
     return torch.exp(-(offsets.float() - 1) / decay)
 
 
-def sample_anchors(prompt_len: list[int], lengths: list[int], n: int, gen: torch.Generator) -> Tensor:
+def sample_anchors(prompt_len: list[int], lengths: list[int], n: int, gens: list[torch.Generator]) -> Tensor:
     """Up to n distinct anchors per sequence in [prompt_len - 1, length - 2] (a block's first label, anchor + 1,
-    is a response token), sorted; -1 pads rows with fewer positions. (B, n) on the CPU."""
+    is a response token), sorted, each row drawn from its own generator; -1 pads rows with fewer positions.
+    (B, n) on the CPU."""
     rows = []
-    for p, total in zip(prompt_len, lengths, strict=True):
+    for p, total, gen in zip(prompt_len, lengths, gens, strict=True):
         lo, span = p - 1, max(0, total - p)  # anchors lo .. total - 2
         pick = (
             (torch.randperm(span, generator=gen)[:n] + lo).sort().values if span else torch.zeros(0, dtype=torch.long)

@@ -267,23 +267,21 @@ class Eagle3Model(DrafterModel, nn.Module):
     def full_vocab(self) -> bool:
         return self.config.draft_vocab_size == self.config.vocab_size
 
-    def sft_states(
-        self, embed: nn.Module, batch: SeqBatch, gen: torch.Generator, cfg
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def sft_states(self, embed: nn.Module, batch: SeqBatch, cfg) -> tuple[Tensor, Tensor, Tensor]:
         """The TTT unroll of ``cfg.arch.ttt_steps`` steps over whole sequences; step k at position p is supervised
-        by token p + k + 2 when it lies in the response and in the draft vocabulary. Each step's tokens share
-        the step weight ``ttt_decay ** k`` (a per-step mean, as EAGLE-3 trains). Returns states (N, H), draft
-        labels (N,) and weights (N,)."""
+        by token p + k + 2 when it lies in the response and in the draft vocabulary, with weight ``ttt_decay ** k``.
+        Returns states (N, H), draft labels (N,) and weights (N,); the loss is their weighted token mean (EAGLE-3
+        takes a mean per step, then weights the steps: the same up to the few labels later steps lose at the
+        end of each sequence, and a token mean adds up exactly over data-parallel ranks)."""
         outs = ttt_forward(self, embed, batch.features, batch.ids, cfg.arch.ttt_steps)
         hs, labels, weights = [], [], []
         for k, h in enumerate(outs):
             lab, ok = ttt_labels(batch.ids, batch.lengths, batch.prompt_len, k)
             lab = self.to_draft_ids(lab)
             ok &= lab >= 0  # only tokens inside the draft vocabulary can be predicted
-            n = int(ok.sum())
             hs.append(h[ok])
             labels.append(lab[ok])
-            weights.append(torch.full((n,), cfg.arch.ttt_decay**k / max(n, 1), device=h.device))
+            weights.append(torch.full((int(ok.sum()),), cfg.arch.ttt_decay**k, device=h.device))
         return torch.cat(hs), torch.cat(labels), torch.cat(weights)
 
     def replay_states(self, embed: nn.Module, batch: ReplayBatch) -> tuple[Tensor, Tensor]:

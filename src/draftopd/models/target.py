@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 
@@ -188,8 +189,11 @@ def load_target(target: str = DEFAULT_TARGET, dtype: str = "auto", device: str =
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, SafetensorError) as e:  # SafetensorError: a truncated weights file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, SafetensorError):
+            files = ", ".join(f.name for f in sorted(Path(path).glob("*.safetensors"))) or "its *.safetensors"
+            first = f"{files}: damaged or truncated ({first})"
         raise DraftopdError(f"could not load target {target}: {first}") from None
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         raise DraftopdError(f"{target} has no LM head: not a causal LM")

@@ -9,7 +9,20 @@ due); finally ``run.finish()`` writes ``final/`` in the serving layout.
 Dtype and device follow the target (``target.dtype``, ``target.device``): the drafter keeps float32 master
 weights on the target's device and computes under autocast in the target's dtype (bf16/fp16; a GradScaler for
 fp16); features and batches are moved there; the engine copy used for tau and rollouts takes the target's
-dtype. Checkpoints are folders ``<out>/checkpoints/step_NNNNNN`` holding the drafter (``model.safetensors``,
+dtype.
+
+Many processes: under ``torchrun --nproc-per-node N`` (``RANK``/``WORLD_SIZE`` set) a ``torch.distributed``
+process group joins the ranks (gloo on CPU, NCCL on CUDA, one GPU per rank). The frozen target is replicated
+on every rank, or its decoder layers sharded with FSDP2 (``fully_shard``) when ``target.shard`` is set; the
+drafter is replicated and its gradients are all-reduced (summed) before every optimizer step, which is what
+DDP does; done explicitly because the trainers call the drafter through several methods (``sft_states``,
+``replay_states``, ``draft_logits``), not through one ``forward`` that DDP's hooks wrap. Every loss is
+normalised by its *global* denominator (``Run.all_sum``), so N ranks that split a global batch compute the
+gradient one process computes on the whole batch: ``batch_size`` (SFT) and ``rollout_batch`` (OPD) are global.
+Rank 0 writes checkpoints, metrics and plots; every rank loads the same checkpoint; a run may resume with
+another world size (the data order depends on the step, not on the ranks).
+
+Checkpoints are folders ``<out>/checkpoints/step_NNNNNN`` holding the drafter (``model.safetensors``,
 float32 so resumption is exact, and ``config.json``), ``training_state.pt`` (optimizer, scheduler, RNG
 states, step, counters; tensors and plain types only, loaded with ``weights_only=True``) and
 ``run_config.json``. A folder is written as ``.part`` and renamed, then ``latest`` is updated: a run killed
@@ -31,9 +44,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from draftopd import DraftopdError
+from draftopd.atomic import write_text
 from draftopd.bench.datasets import load_prompts
 from draftopd.config import to_dict
 from draftopd.decoding.loop import speculative_generate
@@ -47,8 +62,27 @@ log = logging.getLogger(__name__)
 
 
 def is_writer() -> bool:
-    """Rank 0 of a torch.distributed / accelerate launch, or the only process."""
+    """Rank 0 of a torchrun launch, or the only process."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless launched by torchrun."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device: str) -> str:
+    """Join the process group of a torchrun launch (gloo on CPU, NCCL on CUDA); returns this rank's device
+    (``cuda`` becomes ``cuda:LOCAL_RANK``). A single process does nothing."""
+    _, world = rank_world()
+    if world == 1:
+        return device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, steps: int, warmup_ratio: float):
@@ -95,8 +129,10 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def is_training_checkpoint(folder: str) -> bool:
-    """A ``checkpoints/step_NNNNNN`` folder (raw weights, ``fc_scale``, optimizer state), not a serving folder."""
-    return bool(folder) and (Path(folder) / "training_state.pt").exists()
+    """One of our ``checkpoints/step_NNNNNN`` folders (raw weights with ``fc_scale``, optimizer state), not a
+    serving folder, nor another trainer's checkpoint (SpecForge's ``training_state.pt`` holds the weights)."""
+    f = Path(folder) if folder else None
+    return f is not None and all((f / name).is_file() for name in ("training_state.pt", "model.safetensors"))
 
 
 def carry_moments(opt, init_from: str) -> bool:
@@ -108,7 +144,10 @@ def carry_moments(opt, init_from: str) -> bool:
     if not is_training_checkpoint(init_from):
         return False
     path = Path(init_from) / "training_state.pt"
-    saved = torch.load(path, weights_only=True)["optimizer"]["state"]
+    try:
+        saved = torch.load(path, weights_only=True)["optimizer"]["state"]  # never unpickles code
+    except Exception as e:  # noqa: BLE001 - a corrupt or crafted file: one line, nothing executed
+        raise DraftopdError(f"{path}: not a training state ({str(e).splitlines()[0] if str(e) else e!r})") from None
     params = [p for group in opt.param_groups for p in group["params"]]
     for i, p in enumerate(params):
         if i in saved:
@@ -147,7 +186,7 @@ class Metrics:
     def truncate(self, step: int) -> None:
         """Forget rows after ``step`` (logged by a run that was killed before its next checkpoint; -1 = all)."""
         keep = [r for r in self.read() if r["step"] <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))  # atomic: never half a log
 
     def log(self, step: int, **values) -> None:
         with self.path.open("a") as f:
@@ -186,11 +225,22 @@ def measure_tau(
 
 
 def load_run_target(cfg) -> Target:
-    """Threads and seed of a training run, then its frozen target (dtype and device from ``cfg.target``)."""
+    """Threads, process group and seed of a training run, then its frozen target (dtype and device from
+    ``cfg.target``; decoder layers sharded over the ranks with FSDP2 when ``cfg.target.shard``)."""
     if cfg.target.threads:
         torch.set_num_threads(cfg.target.threads)
+    device = init_distributed(cfg.target.device)
     torch.manual_seed(cfg.seed)
-    return load_target(cfg.target.path, cfg.target.dtype, cfg.target.device)
+    target = load_target(cfg.target.path, cfg.target.dtype, device)
+    if cfg.target.shard and rank_world()[1] > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        # each decoder layer's weights are gathered for its forward and freed after: the target's layers cost
+        # 1/N of their memory per rank. Embedding, final norm and LM head stay whole (the trainers call them
+        # directly, outside the decoder's forward).
+        for layer in target.backbone.layers:
+            fully_shard(layer)
+    return target
 
 
 @dataclass
@@ -234,8 +284,30 @@ class Run:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of ``x`` over the ranks (a detached copy of x in a single process): global loss denominators."""
+        x = x.detach().to(self.device, torch.float32).clone()
+        if rank_world()[1] > 1:
+            dist.all_reduce(x)
+        return x
+
+    def sum_over_ranks(self, **values: float) -> dict[str, float]:
+        """Scalars summed over the ranks (unchanged in a single process): the log's loss and counts."""
+        if rank_world()[1] == 1:
+            return values
+        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return dict(zip(values, t.tolist(), strict=True))
+
     def optimizer_step(self) -> float:
-        """Clip (after unscaling), step, advance the schedule, clear the gradients; returns the grad norm."""
+        """All-reduce the gradients (sum: each rank's loss carries the global denominator), clip (after
+        unscaling), step, advance the schedule, clear the gradients; returns the grad norm."""
+        if rank_world()[1] > 1:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            flat = torch.cat([g.reshape(-1) for g in grads])  # one collective for the whole drafter
+            dist.all_reduce(flat)
+            for g, new in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+                g.copy_(new.view_as(g))
         self.scaler.unscale_(self.opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.scaler.step(self.opt)
@@ -312,6 +384,10 @@ def start_or_resume(
     if ckpt is None and not is_training_checkpoint(cfg.init_from):  # a checkpoint keeps its scale (and moments)
         model.set_feature_scale(feature_scale(target, seqs, model.config.target_layer_ids))
     model.to(target.device).train()
+    if rank_world()[1] > 1:  # every rank starts from rank 0's weights (and fc_scale), as DDP does
+        for t in (*model.parameters(), *model.buffers()):
+            if t.is_floating_point():  # d2t/t2d come from the same data on every rank
+                dist.broadcast(t.data, src=0)
     opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.max_steps, cfg.warmup_ratio)
     start, counters = 0, {"target_tokens": 0}
     if ckpt is not None:
@@ -325,7 +401,7 @@ def start_or_resume(
         out.mkdir(parents=True, exist_ok=True)
         metrics.truncate(start if ckpt is not None else -1)  # a fresh start keeps no rows of an earlier attempt
         if ckpt is None:
-            (out / "run_config.json").write_text(json.dumps(run_config, indent=2))
+            write_text(out / "run_config.json", json.dumps(run_config, indent=2))
     eval_prompts = [target.encode_chat(p) for p in load_prompts(cfg.eval.dataset, cfg.eval.limit)]
     scaler = torch.amp.GradScaler(target.device.type, enabled=target.dtype == torch.float16)
     run = Run(cfg, out, target, model, opt, sched, start, counters, metrics, eval_prompts, scaler)

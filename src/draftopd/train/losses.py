@@ -29,9 +29,12 @@ def position_weights(offsets: Tensor, decay: float) -> Tensor:
     return torch.exp(-(offsets.float() - 1) / decay)
 
 
-def weighted_nll(logp: Tensor, weights: Tensor) -> Tensor:
-    """Weighted mean negative log-likelihood: sum(-w * logp) / sum(w) (0 when nothing is supervised)."""
-    return -(weights * logp).sum() / weights.sum().clamp_min(1e-8)
+def weighted_nll(logp: Tensor, weights: Tensor, total_weight: Tensor | None = None) -> Tensor:
+    """Weighted mean negative log-likelihood: sum(-w * logp) / W (0 when nothing is supervised), W = sum(w) by
+    default; under data parallelism W is the weight summed over all ranks, so the ranks' losses add up to the
+    loss of the whole batch."""
+    total = weights.sum() if total_weight is None else total_weight
+    return -(weights * logp).sum() / total.clamp_min(1e-8)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ Usage: draftopd train opd --config configs/opd-dflash.yaml --set init_from=runs/
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -34,15 +33,17 @@ from draftopd.data.prompts import load_training_prompts
 from draftopd.decoding.loop import VerifyStep, speculative_generate
 from draftopd.models.base import DrafterModel, ReplayBatch
 from draftopd.models.target import Target
-from draftopd.train.common import load_run_target, start_or_resume
+from draftopd.train.common import load_run_target, rank_world, start_or_resume
 from draftopd.train.losses import expected_acceptance_loss, full_forward_kl, opd_loss, token_logprobs
 from draftopd.train.replay import ReplayPlan, build_replay_plan, randomize_anchors
 
 
 def train_opd(cfg: OPDConfig) -> Path:
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world = rank_world()
     if not cfg.init_from:
         raise DraftopdError("train opd needs init_from=<an SFT drafter folder or training checkpoint>")
+    if cfg.rollout_batch % world:
+        raise DraftopdError(f"rollout_batch {cfg.rollout_batch} (global) must be a multiple of the {world} processes")
     target = load_run_target(cfg)
     prompts = [
         ids
@@ -53,37 +54,46 @@ def train_opd(cfg: OPDConfig) -> Path:
     if not prompts:
         raise DraftopdError(f"no rollout prompts of <= {cfg.max_prompt_tokens} tokens in sources {list(cfg.sources)}")
     run = start_or_resume(cfg, target, [(p, len(p)) for p in prompts], build=None)
-    run.counters.setdefault("rollout_tokens", 0)
-    model = run.model
+    run.counters.setdefault("rollout_tokens", 0)  # target_tokens: every token the target processed
+    model, share = run.model, cfg.rollout_batch // world  # rank r rolls out rows [r * share, (r + 1) * share)
+    n_micro = cfg.accum * world * -(-share // cfg.micro_batch)  # micro-batches per update, all ranks
     for step in run.steps("opd"):
-        sums = {"loss": 0.0, "resp_tokens": 0, "rej_tokens": 0, "rollout_tau": 0.0}
+        keys = ("loss", "resp_tokens", "rej_tokens", "committed", "verifies", "target_tokens", "rollout_tokens")
+        sums = dict.fromkeys(keys, 0.0)  # this rank's share; summed over the ranks for the log
         for a in range(cfg.accum):
             batch_no = step * cfg.accum + a
-            first = (batch_no * cfg.rollout_batch * world + rank * cfg.rollout_batch) % len(prompts)
-            batch = [prompts[(first + j) % len(prompts)] for j in range(cfg.rollout_batch)]
+            rows_no = range(
+                batch_no * cfg.rollout_batch + rank * share, batch_no * cfg.rollout_batch + (rank + 1) * share
+            )
+            batch = [prompts[j % len(prompts)] for j in rows_no]
             engine = model.engine(target, cfg.chain_length)  # the current weights, in the target's dtype
             rollout = speculative_generate(target, batch, engine, cfg.max_new_tokens, record=True)  # greedy
-            sums["rollout_tau"] += rollout.stats.tau / cfg.accum
-            run.counters["target_tokens"] += rollout.stats.target_tokens
-            run.counters["rollout_tokens"] += rollout.stats.new_tokens
+            sums["committed"] += sum(rollout.stats.committed)
+            sums["verifies"] += len(rollout.stats.committed)
+            replayed = sum(len(p) + len(r) for p, r in zip(batch, rollout.tokens, strict=True))  # the replay pass
+            sums["target_tokens"] += rollout.stats.target_tokens + replayed
+            sums["rollout_tokens"] += rollout.stats.new_tokens
             rows = list(zip(batch, rollout.tokens, rollout.records, strict=True))
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + batch_no)  # random-anchor ablation
-            micro = [rows[i : i + cfg.micro_batch] for i in range(0, len(rows), cfg.micro_batch)]
-            for mb in micro:
-                plans = replay_plans(
-                    mb, model.replay_block(cfg.chain_length), cfg.rej_first_only, cfg.random_anchors, gen
-                )
+            gens = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + j) for j in rows_no]  # random anchors
+            for i in range(0, len(rows), cfg.micro_batch):
+                mb = rows[i : i + cfg.micro_batch]
+                block = model.replay_block(cfg.chain_length)
+                plans = replay_plans(mb, block, cfg.rej_first_only, cfg.random_anchors, gens[i : i + cfg.micro_batch])
                 with run.autocast():
                     loss, st = replay_loss(
                         model, target, mb, plans, cfg.loss, cfg.gamma, cfg.resp_weight, cfg.rej_weight,
                         cfg.logp_min, cfg.teacher_temperature,
                     )  # fmt: skip
-                run.backward(loss / (cfg.accum * len(micro)))
-                sums["loss"] += loss.item() / (cfg.accum * len(micro))
+                run.backward(loss / n_micro)  # the mean over every micro-batch of the update, on every rank
+                sums["loss"] += loss.item() / n_micro
                 sums["resp_tokens"] += st["resp_tokens"]
                 sums["rej_tokens"] += st["rej_tokens"]
-                run.counters["target_tokens"] += sum(len(p) + len(r) for p, r, _ in mb)
-        run.end_step(step + 1, grad_norm=run.optimizer_step(), **sums)
+        grad_norm = run.optimizer_step()
+        g = run.sum_over_ranks(**sums)
+        for counter in ("target_tokens", "rollout_tokens"):
+            run.counters[counter] += int(g.pop(counter))
+        rollout_tau = g.pop("committed") / max(g.pop("verifies"), 1)
+        run.end_step(step + 1, grad_norm=grad_norm, rollout_tau=rollout_tau, **g)
     return run.finish()
 
 
@@ -92,13 +102,13 @@ def replay_plans(
     block: int,
     rej_first_only: bool,
     random_anchors: bool,
-    gen: torch.Generator,
+    gens: list[torch.Generator],
 ) -> list[ReplayPlan]:
     """The replay plan of each rollout (prompt ids, response ids, verify records); ``block`` = anchor + the
-    proposals of one verify step."""
+    proposals of one verify step; ``gens``: one generator per rollout (the random-anchor ablation)."""
     plans = [build_replay_plan(steps, len(resp), block, rej_first_only) for _, resp, steps in rows]
     if random_anchors:
-        plans = [randomize_anchors(p, len(resp), gen) for p, (_, resp, _) in zip(plans, rows, strict=True)]
+        plans = [randomize_anchors(p, len(r), g) for p, (_, r, _), g in zip(plans, rows, gens, strict=True)]
     return plans
 
 

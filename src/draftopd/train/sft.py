@@ -9,57 +9,70 @@ training-time test), and the loss is the weighted negative log-likelihood of the
 only at supervised rows, in chunks. AdamW, linear warm-up then cosine.
 
 Deterministic by construction: the data order of epoch e is a permutation seeded by (seed, e) and the
-anchors of step s come from a generator seeded by (seed, s), so a resumed run replays exactly what an
-uninterrupted run would have done. Rank r of W takes sequences r, r+W, ... of each global batch.
+anchors of a sequence come from a generator seeded by (seed, its sample index), so a resumed run replays exactly
+what an uninterrupted run would have done, whatever the number of ranks. ``batch_size`` is the global batch:
+rank r of W takes sequences r, r+W, ... of it, and the loss is normalised by the global weight (``all_sum``).
 
 Usage: draftopd train sft --config configs/sft-dflash.yaml --set max_steps=2000
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from draftopd import DraftopdError
 from draftopd.config import SFTConfig
 from draftopd.data.trajectories import load_shards
 from draftopd.models import DRAFTERS
 from draftopd.models.base import SeqBatch
 from draftopd.models.target import Target
-from draftopd.train.common import is_writer, load_run_target, start_or_resume
+from draftopd.train.common import is_writer, load_run_target, rank_world, start_or_resume
 from draftopd.train.losses import token_logprobs, weighted_nll
 
 
 def train_sft(cfg: SFTConfig) -> Path:
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world = rank_world()
+    if cfg.batch_size % world:
+        raise DraftopdError(f"batch_size {cfg.batch_size} (global) must be a multiple of the {world} processes")
     target = load_run_target(cfg)
     seqs = load_sequences(cfg.data, cfg.max_len)
     kind = DRAFTERS[cfg.arch.kind]
     run = start_or_resume(cfg, target, seqs, lambda: kind.build(target, cfg.arch, seqs), cfg.arch.kind)
     model, layer_ids = run.model, run.model.config.target_layer_ids
     feats = feature_store(target, seqs, layer_ids, run.out, data_key(cfg, seqs, layer_ids), init_run(cfg.init_from))
-    n, global_batch = len(seqs), cfg.batch_size * world
+    n = len(seqs)
 
-    def sample(i: int) -> int:  # global sample index -> sequence index (epoch e: a permutation seeded by e)
-        return int(torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + i // n))[i % n])
+    @functools.lru_cache(maxsize=2)
+    def epoch_order(e: int) -> list[int]:  # the data order of epoch e: a permutation seeded by (seed, e)
+        return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + e)).tolist()
+
+    def sequence(i: int) -> int:  # global sample index -> sequence index
+        return epoch_order(i // n)[i % n]
 
     for step in run.steps("sft"):
-        idx = [sample(step * global_batch + rank + world * j) for j in range(cfg.batch_size)]
-        batch = seq_batch([seqs[i] for i in idx], [feats[i] for i in idx], run.device)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # DFlash anchors of this step
+        samples = range(step * cfg.batch_size + rank, (step + 1) * cfg.batch_size, world)  # this rank's share
+        idx = [sequence(i) for i in samples]
+        seeds = [cfg.seed * 1_000_003 + i for i in samples]  # DFlash anchors of each sample
+        batch = seq_batch([seqs[i] for i in idx], [feats[i] for i in idx], seeds, run.device)
         with run.autocast():
-            h, labels, weights = model.sft_states(target.embed, batch, gen, cfg)
+            h, labels, weights = model.sft_states(target.embed, batch, cfg)
             logp = token_logprobs(h, labels, lambda x: model.draft_logits(x, target))
-            loss = weighted_nll(logp, weights)
+            loss = weighted_nll(logp, weights, run.all_sum(weights.sum()))
         run.backward(loss)
         grad_norm = run.optimizer_step()
-        tokens = int(batch.lengths.sum())
-        run.counters["target_tokens"] += tokens
-        slot_acc = (logp.exp() > 0.5).float().mean().item() if logp.numel() else 0.0
-        run.end_step(step + 1, tokens, loss=loss.item(), grad_norm=grad_norm, slot_acc=slot_acc, slots=logp.numel())
+        g = run.sum_over_ranks(
+            loss=loss.item(), tokens=int(batch.lengths.sum()), hits=int((logp.exp() > 0.5).sum()), slots=logp.numel()
+        )
+        run.counters["target_tokens"] += int(g["tokens"])
+        acc = g["hits"] / max(g["slots"], 1)
+        run.end_step(
+            step + 1, int(g["tokens"]), loss=g["loss"], grad_norm=grad_norm, slot_acc=acc, slots=int(g["slots"])
+        )
     return run.finish()
 
 
@@ -70,8 +83,10 @@ def load_sequences(data: str, max_len: int) -> list[tuple[list[int], int]]:
     return [x for x in seqs if len(x[0]) > x[1] + 1]
 
 
-def seq_batch(seqs: list[tuple[list[int], int]], feats: list[torch.Tensor], device: torch.device) -> SeqBatch:
-    """Right-padded ids and features of a few sequences, on ``device``."""
+def seq_batch(
+    seqs: list[tuple[list[int], int]], feats: list[torch.Tensor], seeds: list[int], device: torch.device
+) -> SeqBatch:
+    """Right-padded ids and features of a few sequences, on ``device``; ``seeds`` seed each row's sampling."""
     width = max(len(s) for s, _ in seqs)
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
     for b, (s, _) in enumerate(seqs):
@@ -79,7 +94,7 @@ def seq_batch(seqs: list[tuple[list[int], int]], feats: list[torch.Tensor], devi
     lengths = torch.tensor([len(s) for s, _ in seqs])
     prompt_len = torch.tensor([p for _, p in seqs])
     features = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
-    return SeqBatch(ids.to(device), lengths.to(device), prompt_len.to(device), features.to(device))
+    return SeqBatch(ids.to(device), lengths.to(device), prompt_len.to(device), features.to(device), seeds)
 
 
 def data_key(cfg: SFTConfig, seqs: list[tuple[list[int], int]], layer_ids: list[int]) -> dict:
@@ -132,8 +147,13 @@ def feature_store(
     path = out / "features.pt"
     for f in (path, also / "features.pt" if also else None):
         if f is not None and f.exists():
-            saved = torch.load(f, weights_only=True)
-            if saved.get("key") == json.dumps(key, sort_keys=True):
+            try:
+                saved = torch.load(f, weights_only=True)  # never unpickles code
+            except Exception as e:  # noqa: BLE001 - a corrupt or crafted cache: one line, nothing executed
+                raise DraftopdError(
+                    f"{f}: not a feature cache ({str(e).splitlines()[0] if str(e) else e!r})"
+                ) from None
+            if isinstance(saved, dict) and saved.get("key") == json.dumps(key, sort_keys=True):
                 return saved["features"]
     feats = compute_features(target, seqs, layer_ids, progress=is_writer())
     if is_writer():
