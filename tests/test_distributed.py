@@ -4,6 +4,7 @@ one process to the uninterrupted result."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -57,8 +58,9 @@ def test_two_processes_train_what_one_trains(tiny_folder, shards, tmp_path, kind
         sft, opd = tmp_path / f"sft{n}", tmp_path / f"opd{n}"
         args = [*sft_args(tiny_folder, shards, sft, steps=4), *extra, "--set", "eval_every=4"]
         (cli if n == 1 else torchrun)(*args, *(shard if n == 2 else ()))
+        # both OPD runs start from the one-process SFT drafter (final/ is bf16: a 1e-6 difference could round apart)
         opd_args = run_opd(
-            tiny_folder, sft / "final", opd, tmp_path, *opd_extra, "--set", "rollout_batch=4", run=False
+            tiny_folder, tmp_path / "sft1" / "final", opd, tmp_path, *opd_extra, "--set", "rollout_batch=4", run=False
         )
         (cli if n == 1 else torchrun)(*opd_args)
         runs[n] = (sft, opd)
@@ -81,3 +83,17 @@ def test_two_process_run_killed_then_resumed_in_one(tiny_folder, shards, tmp_pat
     assert (killed / "checkpoints" / "latest").read_text().strip() < "step_000020"  # killed mid-way
     cli(*sft_args(tiny_folder, shards, killed, steps=20))  # one process resumes the two-process run
     same_weights(straight / "checkpoints" / "step_000020", killed / "checkpoints" / "step_000020", atol=1e-6)
+
+
+def test_two_processes_generate_the_same_trajectories(tiny_folder, shards, tmp_path):  # noqa: F811
+    """`draftopd data` under torchrun: rank r writes shards r, r + 2, ...; together the same shards as one process."""
+    manifest = json.loads((shards / "manifest.json").read_text())["config"]
+    out = tmp_path / "traj"
+    torchrun(
+        *("data", "--target", str(tiny_folder), "--dtype", "fp32", "--max-new-tokens", "24", "--out", str(out)),
+        *("--set", f"sources=[{manifest['sources'][0]}]", "--set", "chunk_size=5", "--set", "batch_size=4"),
+    )
+    one, two = sorted(shards.glob("shard_*.pt")), sorted(out.glob("shard_*.pt"))
+    assert [f.name for f in one] == [f.name for f in two]
+    for a, b in zip(one, two, strict=True):
+        assert torch.load(a, weights_only=True) == torch.load(b, weights_only=True)

@@ -24,6 +24,7 @@ from draftopd.config import DataConfig, to_dict
 from draftopd.data.prompts import load_training_prompts
 from draftopd.decoding.loop import speculative_generate
 from draftopd.decoding.sampling import SamplingParams
+from draftopd.distributed import barrier, init_distributed, is_writer, rank_world
 from draftopd.models.target import Target, load_target
 
 log = logging.getLogger(__name__)
@@ -143,18 +144,23 @@ def generate_trajectories(cfg: DataConfig, target: Target | None = None) -> Path
     check_output_dir(out, "data out")  # before the target loads
     if cfg.target.threads:
         torch.set_num_threads(cfg.target.threads)
-    target = target or load_target(cfg.target.path, cfg.target.dtype, cfg.target.device)
+    rank, world = rank_world()  # under torchrun, rank r generates shards r, r + W, ...; rank 0 writes the manifest
+    target = target or load_target(cfg.target.path, cfg.target.dtype, init_distributed(cfg.target.device))
     items = build_prompt_list(cfg, target)
     manifest = provenance(cfg, target, items)
-    if out.is_dir():
+    if is_writer():
+        if out.is_dir():
+            check_manifest(out, manifest)
+        out.mkdir(parents=True, exist_ok=True)  # only once the prompts are known good: bad input writes nothing
+        write_json(out / "manifest.json", {**manifest, "config": to_dict(cfg)})  # config: for the record only
+    barrier()  # the other ranks start once the folder and its manifest are there
+    if not is_writer():
         check_manifest(out, manifest)
-    out.mkdir(parents=True, exist_ok=True)  # only once the prompts are known good: bad input writes nothing
-    write_json(out / "manifest.json", {**manifest, "config": to_dict(cfg)})  # config: for the record only
     params = SamplingParams(cfg.sampling.temperature, cfg.sampling.top_p)
     chunks = [items[i : i + cfg.chunk_size] for i in range(0, len(items), cfg.chunk_size)]
-    todo = [i for i in range(len(chunks)) if not (out / f"shard_{i:05d}.pt").exists()]
+    todo = [i for i in range(rank, len(chunks), world) if not (out / f"shard_{i:05d}.pt").exists()]
     log.info("%d prompts in %d shards, %d to generate -> %s", len(items), len(chunks), len(todo), out)
-    bar = tqdm(total=sum(len(chunks[i]) for i in todo), desc="trajectories", unit="traj")
+    bar = tqdm(total=sum(len(chunks[i]) for i in todo), desc="trajectories", unit="traj", disable=not is_writer())
     for i in todo:
         gen = torch.Generator(target.device).manual_seed(cfg.sampling.seed + i)  # per shard: resumption reproduces it
         rows = []
@@ -166,4 +172,5 @@ def generate_trajectories(cfg: DataConfig, target: Target | None = None) -> Path
         with replacing(out / f"shard_{i:05d}.pt") as tmp:
             torch.save(rows, tmp)
     bar.close()
+    barrier()  # every shard is written before any rank reports the folder
     return out

@@ -35,7 +35,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -52,6 +51,7 @@ from draftopd.atomic import write_text
 from draftopd.bench.datasets import load_prompts
 from draftopd.config import to_dict
 from draftopd.decoding.loop import speculative_generate
+from draftopd.distributed import init_distributed, is_writer, rank_world
 from draftopd.interop import import_drafter
 from draftopd.models import DRAFTERS, load_model
 from draftopd.models.base import DrafterModel
@@ -59,30 +59,6 @@ from draftopd.models.target import Target, load_target
 from draftopd.report import plot_tau
 
 log = logging.getLogger(__name__)
-
-
-def is_writer() -> bool:
-    """Rank 0 of a torchrun launch, or the only process."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def rank_world() -> tuple[int, int]:
-    """(rank, world size) of this process: (0, 1) unless launched by torchrun."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def init_distributed(device: str) -> str:
-    """Join the process group of a torchrun launch (gloo on CPU, NCCL on CUDA); returns this rank's device
-    (``cuda`` becomes ``cuda:LOCAL_RANK``). A single process does nothing."""
-    _, world = rank_world()
-    if world == 1:
-        return device
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return device
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, steps: int, warmup_ratio: float):
@@ -229,9 +205,7 @@ def load_run_target(cfg) -> Target:
     ``cfg.target``; decoder layers sharded over the ranks with FSDP2 when ``cfg.target.shard``)."""
     if cfg.target.threads:
         torch.set_num_threads(cfg.target.threads)
-    device = init_distributed(cfg.target.device)
-    torch.manual_seed(cfg.seed)
-    target = load_target(cfg.target.path, cfg.target.dtype, device)
+    target = load_target(cfg.target.path, cfg.target.dtype, init_distributed(cfg.target.device))
     if cfg.target.shard and rank_world()[1] > 1:
         from torch.distributed.fsdp import fully_shard
 
@@ -240,6 +214,7 @@ def load_run_target(cfg) -> Target:
         # directly, outside the decoder's forward).
         for layer in target.backbone.layers:
             fully_shard(layer)
+    torch.manual_seed(cfg.seed)  # after loading and sharding (either may draw random numbers): the drafter's init
     return target
 
 
@@ -355,6 +330,22 @@ class Run:
         return self.out / "final"
 
 
+# settings of the machine, not of the run: a run may resume with other threads (or processes)
+MACHINE_KEYS = {"target.threads"}
+
+
+def config_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two run configs, machine settings excepted."""
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b, name = saved.get(key), now.get(key), prefix + key
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, name + ".")
+        elif a != b and name not in MACHINE_KEYS:
+            out.append(name)
+    return out
+
+
 def start_or_resume(
     cfg,
     target: Target,
@@ -373,8 +364,13 @@ def start_or_resume(
     out = Path(cfg.out)
     ckpt = latest_checkpoint(out)
     run_config = json.loads(json.dumps(to_dict(cfg)))
-    if ckpt is not None and json.loads((ckpt / "run_config.json").read_text()) != run_config:
-        raise DraftopdError(f"{out} holds a run with another config: resume with the same config or another out")
+    if ckpt is not None:
+        changed = config_changes(json.loads((ckpt / "run_config.json").read_text()), run_config)
+        if changed:
+            raise DraftopdError(
+                f"{out} holds a run with another config ({', '.join(changed[:3])}): resume with the same config "
+                "or another out"
+            )
     if ckpt is None and not cfg.init_from and build is None:
         raise DraftopdError("this trainer needs init_from=<a drafter folder or training checkpoint>")
     model = load_model(ckpt) if ckpt else import_drafter(cfg.init_from, target) if cfg.init_from else build()
