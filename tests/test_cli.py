@@ -139,7 +139,7 @@ def test_drafter_that_does_not_match_the_target(tmp_path):
     tiny = make_tiny_target(hidden=32)
     DFlashModel(DFlashConfig.from_target(tiny.config, 1, 4, 1, [0])).save(tmp_path / "d")
     proc = run_cli("generate", "--prompt", "hi", "--drafter", str(tmp_path / "d"), "--max-new-tokens", "4")
-    _one_line_error(proc, "drafter does not match the target")
+    _one_line_error(proc, "does not match the target: hidden_size 32 (target: 576)")
     _one_line_error(run_cli("generate", "--prompt", "hi", "--drafter", str(tmp_path / "none")), "drafter not found")
 
 

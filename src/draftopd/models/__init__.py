@@ -50,6 +50,8 @@ def build_drafter(cfg: DrafterConfig, target: Target) -> Drafter | None:
         return None
     if cfg.kind == "pld":
         return PromptLookupDrafter(cfg.num_tokens, cfg.max_ngram, cfg.min_ngram)
-    if cfg.kind == "path" and cfg.path:
-        return load_model(cfg.path).engine(target, cfg.chain_length)
+    if cfg.kind == "path" and cfg.path:  # any layout init_from reads (ours, z-lab, SpecForge, speculators)
+        from draftopd.interop import import_drafter  # interop reads this module's table: imported when needed
+
+        return import_drafter(cfg.path, target).engine(target, cfg.chain_length)
     raise DraftopdError(f"unknown drafter {cfg.kind!r}: use 'pld', 'none', or a drafter folder")
