@@ -220,18 +220,7 @@ def read_drafter(src: str | Path, num_target_layers: int | None = None, target=N
         check_against_target(source, target)
     sd = _normalise(_load_tensors(source), source)
     model = DRAFTERS[source.kind](source.config).float()
-    try:
-        missing, unexpected, scale = model.unpack_state(sd)
-    except RuntimeError as e:  # shape mismatches
-        raise DraftopdError(
-            f"{source.weights}: weights do not match its config ({str(e).splitlines()[-1].strip()})"
-        ) from None
-    if missing or unexpected:
-        raise DraftopdError(
-            f"{source.weights}: weights do not match its config (missing {missing[:2]}, extra {unexpected[:2]})"
-        )
-    if scale is not None:
-        model.fc_scale.copy_(scale.float())
+    model.load_checked(sd, source.weights)
     return model.float()
 
 

@@ -242,11 +242,21 @@ class DrafterModel:
             raise DraftopdError(
                 f"{folder}/model.safetensors: not a safetensors file ({str(e).splitlines()[0]})"
             ) from None
-        missing, unexpected, scale = model.unpack_state(state)
+        model.load_checked(state, folder / "model.safetensors")
+        return model.float()
+
+    def load_checked(self, sd: dict[str, Tensor], where: str | Path) -> None:
+        """Load a state dict that must fill every weight (and may carry ``fc_scale``); one-line errors naming
+        ``where`` for a missing, extra or misshaped tensor."""
+        try:
+            missing, unexpected, scale = self.unpack_state(sd)
+        except RuntimeError as e:  # shape mismatches
+            raise DraftopdError(
+                f"{where}: weights do not match its config ({str(e).splitlines()[-1].strip()})"
+            ) from None
         if missing or unexpected:
             raise DraftopdError(
-                f"{folder}: weights do not match config (missing {missing[:2]}, extra {unexpected[:2]})"
+                f"{where}: weights do not match its config (missing {missing[:2]}, extra {unexpected[:2]})"
             )
         if scale is not None:
-            model.fc_scale.copy_(scale.float())
-        return model.float()
+            self.fc_scale.copy_(scale.float())
