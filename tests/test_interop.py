@@ -7,7 +7,6 @@ Tiny train-free drafters on a 4-layer random target (ids above L-2 = 2 are refus
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -393,18 +392,75 @@ def test_save_is_atomic_and_keeps_other_files(tmp_path, target):
 # --- the speculators package's own model class (optional) -----------------------------------------------------------
 
 
-@pytest.mark.skipif(importlib.util.find_spec("speculators") is None, reason="speculators package not installed")
-def test_speculators_package_loads_our_export(tmp_path, target):
-    """vllm-project/speculators: SpeculatorModel.from_pretrained reads the export; its config keeps our layer ids."""
+@pytest.mark.parametrize("vd", [20, V])
+def test_speculators_package_gives_our_first_step_logits(tmp_path, target, vd):
+    """vllm-project/speculators (0.9.0) loads our export with its own class and drafts what we draft.
+
+    speculators ``models/eagle3/core.py`` (``Eagle3DraftModel.forward``: the TTT unroll, one ``lm_head`` call per
+    step), ``models/eagle3/data.py`` (``shift_batch``: pair p = (h_p, x_{p+1}), positions from 1), ``model.py``
+    (``from_pretrained``; embed_tokens from the verifier folder named in speculators_config). Its features are the
+    verifier's hidden states *entering* layers ``eagle_aux_hidden_state_layer_ids`` (HF ``hidden_states[i]``),
+    built here from the HF model, not from our Target. Logits over the draft vocabulary of all 3 TTT steps (step
+    0 = the first draft step) must match ours to fp32 rounding, the argmax token (through each side's d2t) too,
+    and the engine's first proposal at the last pair. The flex-attention block mask of its TTT steps needs a
+    sequence length divisible by 128."""
+    pytest.importorskip("speculators")
     from speculators import SpeculatorModel
 
-    model = make_drafter("eagle3", target)
+    from draftopd.models.eagle3 import ttt_forward
+
+    verifier = tmp_path / "verifier"  # the target as an HF folder: speculators reads its config and embedding
+    target.model.save_pretrained(verifier)
+    model = make_drafter("eagle3", target, vd)
+    model.config.rope_theta = 5e5  # not the target's 1e4: the field must be read
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            if p.dim() == 1:  # the norms: not all ones, so a swapped name shows
+                p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(i))
     out = tmp_path / "spec"
-    export_drafter(training_checkpoint(model, tmp_path / "ck"), out, "fp32", to="speculators")
-    loaded = SpeculatorModel.from_pretrained(str(out), verifier=None)
-    assert list(loaded.config.eagle_aux_hidden_state_layer_ids) == [1, 2, 3]
-    sd = loaded.state_dict()
+    export_drafter(training_checkpoint(model, tmp_path / "ck"), out, "fp32", to="speculators", target=str(verifier))
+    spec = SpeculatorModel.from_pretrained(str(out)).eval()
+    # speculators 0.9.0 takes embed_tokens from the verifier only where it is still NaN (model.py
+    # _load_verifier_weights), but transformers 5 leaves a missing key as torch.empty memory; reload it
+    spec._load_verifier_weights(overwrite_embed_tokens=True)
+    assert torch.equal(spec.embed_tokens.weight, target.embed.weight)
+    assert list(spec.config.eagle_aux_hidden_state_layer_ids) == [i + 1 for i in model.config.target_layer_ids]
+    sd = spec.state_dict()
     for name, t in model.pack_state(fold=True).items():
-        theirs = sd.get("layers.0." + name.removeprefix("midlayer.") if name.startswith("midlayer.") else name)
-        if theirs is not None and t.is_floating_point():
-            assert torch.equal(theirs.float(), t), name
+        if vd == V and name in ("d2t", "t2d"):
+            continue  # not stored for a full vocabulary
+        assert torch.equal(sd["layers.0." + name.removeprefix("midlayer.") if "midlayer." in name else name], t), name
+
+    s = 128
+    seq = torch.randint(0, V, (1, s + 1), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hs = target.model(seq, output_hidden_states=True).hidden_states
+    theirs_feats = torch.cat([hs[i] for i in spec.config.eagle_aux_hidden_state_layer_ids], -1)
+    ours_feats = target.forward(
+        seq, torch.ones_like(seq), torch.arange(s + 1)[None], None, tuple(model.config.target_layer_ids), "none"
+    ).features
+    assert torch.allclose(theirs_feats, ours_feats, atol=1e-6)
+
+    steps, logits = 3, []
+    hook = spec.lm_head.register_forward_hook(lambda _m, _i, o: logits.append(o.detach()))
+    with torch.no_grad():
+        drafted = spec(theirs_feats[:, :s], seq[:, 1:], torch.zeros(1, s, dtype=torch.long), ttt_steps=steps)
+        outs = ttt_forward(model, target.embed, ours_feats, seq, steps)
+    hook.remove()
+    d2t_theirs = spec.d2t if spec.d2t is not None else torch.zeros(vd, dtype=torch.long)
+    for k in range(steps):
+        n = s - k  # positions whose step-k input token exists (speculators pads the rest with 0)
+        ours = model.logits(outs[k][:, :n]).detach()
+        torch.testing.assert_close(logits[k][:, :n], ours, atol=1e-4, rtol=1e-4, msg=f"TTT step {k}")
+        tok = drafted[k][:, :n]
+        assert torch.equal(tok + d2t_theirs[tok], model.to_target_ids(ours.argmax(-1))), k
+
+    # the engine's first proposal from the last pair (h_127, x_128): our sampling distribution = their softmax
+    drafter = model.engine(target, 2)
+    state = DecodeState([seq[0].tolist()], seq[:, s], torch.tensor([s]), torch.tensor([0]))
+    drafter.start(state, ours_feats[:, :s])
+    prop = drafter.propose(state, SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
+    full = torch.zeros(V)
+    full[torch.arange(vd) + d2t_theirs] = torch.softmax(logits[0][0, s - 1], -1)
+    torch.testing.assert_close(prop.probs[0, 0], full, atol=1e-5, rtol=1e-4)
+    assert int(full.argmax()) == int(prop.probs[0, 0].argmax())
