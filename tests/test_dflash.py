@@ -6,12 +6,14 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from draftopd import DraftopdError
+from draftopd.config import ArchConfig
 from draftopd.decoding.loop import DecodeState, speculative_generate
 from draftopd.decoding.sampling import SamplingParams
 from draftopd.models.dflash import DFlashConfig, DFlashDrafter, DFlashModel, block_hidden, build_target_layer_ids
+from draftopd.models.vocab import draft_vocab_ids
 
 from conftest import make_tiny_target
 
@@ -27,8 +29,12 @@ def tiny_dflash(target, layers=2, block=5, seed=0):
     cfg = DFlashConfig.from_target(
         target.config, num_layers=layers, block_size=block, mask_token_id=1, target_layer_ids=[0, 2]
     )
-    model = DFlashModel(cfg)
-    with torch.no_grad():  # large random weights: sharp, varied proposals
+    return sharpen(DFlashModel(cfg))
+
+
+def sharpen(model):
+    """Large random weights: sharp, varied proposals."""
+    with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.3)
@@ -150,3 +156,100 @@ def test_feature_scale_folds_into_the_serving_file(tmp_path, tiny_target):
     model.save(tmp_path / "ckpt", dtype=torch.float32, fold=False)  # training checkpoint: exact weights + scale
     again = DFlashModel.load(tmp_path / "ckpt")
     assert torch.equal(again.fc.weight, model.fc.weight) and torch.equal(again.fc_scale, model.fc_scale)
+
+
+# --- a reduced draft vocabulary (inference only) ---------------------------------------------------------------------
+
+
+def reduced_dflash(target, vd, block=4):
+    """Built as SFT builds it: the draft vocabulary is the ``vd`` most frequent response tokens of the data."""
+    seqs = [([1, 2, 9, 3, 3, 3, 4, 4, 5, 6, 7, 8, 3, 4, 10], 2), ([0, 0, 0, 11, 12, 3, 4, 13], 3)]
+    arch = ArchConfig(num_layers=2, block_size=block, mask_token_id=1, target_layer_ids=(0, 2), draft_vocab_size=vd)
+    torch.manual_seed(0)
+    return sharpen(DFlashModel.build(target, arch, seqs))
+
+
+def test_draft_vocabulary_is_the_most_frequent_response_tokens():
+    target = make_tiny_target(vocab=16, layers=4)
+    model = reduced_dflash(target, 8)
+    # counts in the responses: 3 x5, 4 x4, then 5..13 once (prompt tokens 1, 2, 0 not counted); ties -> lower id
+    assert draft_vocab_ids(model.d2t).tolist() == [3, 4, 5, 6, 7, 8, 9, 10]
+    assert model.config.draft_vocab_size == 8 and model.config.to_hf()["draft_vocab_size"] == 8
+    full = DFlashModel.build(target, ArchConfig(num_layers=1, block_size=4, target_layer_ids=(0, 2)), [])
+    assert full.d2t is None and full.config.draft_vocab_size == 16  # the default 32000 covers this vocabulary
+    assert "draft_vocab_size" not in full.config.to_hf() and "d2t" not in full.state_dict()
+
+
+def test_greedy_lossless_with_a_reduced_draft_vocabulary():
+    """fp32, batched: the output is the target's own greedy output token for token, although the target emits
+    tokens the drafter can never propose."""
+    target = make_tiny_target(vocab=16, std=0.3, seed=2, layers=4)
+    model = reduced_dflash(target, 8)
+    drafter = DFlashDrafter(model, target)
+    assert drafter.head_w.shape == (8, 32) and drafter.head_w.dtype == target.dtype
+    assert torch.equal(drafter.head_w, target.lm_head.weight[draft_vocab_ids(model.d2t)])  # sliced once
+    prompts = [[5, 6, 7, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2], [9], [3, 3, 3]]
+    refs = [speculative_generate(target, [p], None, 30).tokens[0] for p in prompts]
+    draft_set = set(draft_vocab_ids(model.d2t).tolist())
+    assert any(t not in draft_set for r in refs for t in r)  # the target leaves the draft vocabulary
+    out = speculative_generate(target, prompts, drafter, 30)
+    assert out.tokens == refs
+    hist = out.stats.histogram()
+    assert 1 in hist and any(n > 1 for n in hist)  # rejections and acceptances both happened
+
+
+def test_sampled_proposal_is_a_distribution_over_the_draft_vocabulary():
+    """Sampling: q lives on the full target vocabulary, sums to 1, is 0 outside the draft vocabulary (so the
+    rejection sampler stays lossless) and equals the softmax of the target head's draft rows."""
+    target = make_tiny_target(vocab=16, std=0.3, seed=2, layers=4)
+    model = reduced_dflash(target, 8, block=5)
+    drafter = DFlashDrafter(model, target)
+    seq = torch.tensor([[3, 9, 4, 7, 1, 8, 2, 6], [5, 5, 6, 7, 8, 9, 3, 4]])
+    p = 5
+    feats = target.forward(seq, torch.ones_like(seq), torch.arange(8).expand(2, 8), None, (0, 2), "none").features
+    state = DecodeState([r[: p + 1].tolist() for r in seq], seq[:, p], torch.tensor([p, p]), torch.tensor([0, 1]))
+    drafter.start(state, feats[:, :p])
+    prop = drafter.propose(state, SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
+    ids = draft_vocab_ids(model.d2t)
+    outside = torch.ones(16, dtype=torch.bool)
+    outside[ids] = False
+    assert prop.probs.shape == (2, 4, 16) and prop.tokens.shape == (2, 4)
+    assert torch.equal(prop.probs[..., outside], torch.zeros(2, 4, int(outside.sum())))
+    assert torch.allclose(prop.probs.sum(-1), torch.ones(2, 4), atol=1e-6)
+    assert all(t in set(ids.tolist()) for t in prop.tokens.flatten().tolist())
+    assert (prop.probs.gather(-1, prop.tokens[..., None]) > 0).all()  # each token drawn from its own q
+    # the same drafter over the full vocabulary, restricted to the draft rows, gives the same distribution
+    block = torch.full((2, 5), 1)
+    block[:, 0] = seq[:, p]
+    mask = torch.ones(2, 1, 5, p + 5, dtype=torch.bool)
+    h = drafter.model(target.embed(block), p + torch.arange(5).expand(2, 5), drafter.kv, mask)[:, 1:]
+    ref = torch.softmax(target.logits(h)[..., ids], -1)
+    assert torch.allclose(prop.probs[..., ids], ref, atol=1e-6)
+
+
+def test_reduced_vocabulary_round_trip_and_a_checkpoint_without_d2t(tmp_path):
+    target = make_tiny_target(vocab=16, layers=4)
+    model = reduced_dflash(target, 8)
+    model.save(tmp_path / "final", dtype=torch.float32)  # our serving folder keeps the draft vocabulary
+    assert torch.equal(load_file(str(tmp_path / "final" / "model.safetensors"))["d2t"], model.d2t)
+    again = DFlashModel.load(tmp_path / "final")
+    assert again.config == model.config and torch.equal(again.d2t, model.d2t)
+    model.save(tmp_path / "ckpt", dtype=torch.float32, fold=False)  # a training checkpoint too
+    assert torch.equal(DFlashModel.load(tmp_path / "ckpt").d2t, model.d2t)
+    # a folder written before the option: no draft_vocab_size, no d2t -> the full vocabulary, same weights
+    old = tmp_path / "old"
+    old.mkdir()
+    cfg = json.loads((tmp_path / "final" / "config.json").read_text())
+    cfg.pop("draft_vocab_size")
+    (old / "config.json").write_text(json.dumps(cfg))
+    sd = load_file(str(tmp_path / "final" / "model.safetensors"))
+    sd.pop("d2t")
+    save_file(sd, str(old / "model.safetensors"))
+    legacy = DFlashModel.load(old)
+    assert legacy.d2t is None and legacy.config.draft_vocab_size == 16
+    assert DFlashDrafter(legacy, target).draft_ids is None
+    assert torch.equal(legacy.fc.weight, again.fc.weight)
+    # a reduced config whose d2t is missing is refused in one line
+    (old / "config.json").write_text(json.dumps(cfg | {"draft_vocab_size": 8}))
+    with pytest.raises(DraftopdError, match="missing"):
+        DFlashModel.load(old)

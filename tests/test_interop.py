@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from draftopd import DraftopdError
 from draftopd.cli import main
@@ -33,10 +34,13 @@ def target():
     return make_tiny_target(vocab=V, layers=L, hidden=H, std=0.3, seed=3)
 
 
-def make_drafter(kind: str, target, vd: int = 20):
+def make_drafter(kind: str, target, vd: int = 20, dflash_vd: int = 0):
+    """``vd``: EAGLE-3's head; ``dflash_vd``: DFlash's inference-only draft vocabulary (0 = the full one)."""
     torch.manual_seed(0)
     if kind == "dflash":
-        model = DFlashModel(DFlashConfig.from_target(target.config, 2, 4, 5, [0, 2]))
+        model = DFlashModel(DFlashConfig.from_target(target.config, 2, 4, 5, [0, 2], draft_vocab_size=dflash_vd))
+        if model.d2t is not None:
+            model.d2t.copy_(draft_vocab_map(torch.arange(V).float() % 5, dflash_vd)[0])
     else:
         model = Eagle3Model(Eagle3Config.from_target(target.config, vd, [0, 1, 2]))
         model.set_vocab(*draft_vocab_map(torch.arange(V).float() % 5, vd), target.lm_head.weight.detach())
@@ -245,6 +249,38 @@ def test_golden_dflash_speculators(tmp_path, target):
     assert cfg["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 3  # block - 1
 
 
+def test_dflash_draft_vocabulary_stays_in_final_and_leaves_every_export(tmp_path, target):
+    """Our final/ keeps d2t (reloading restores the draft vocabulary); the z-lab/SGLang/vLLM/speculators layouts
+    have none: each export holds exactly the golden tensors and fields and reads back as the same weights over the
+    full vocabulary (lossless there too); a reduced config without its d2t is refused in one line."""
+    model = make_drafter("dflash", target, dflash_vd=20)
+    ckpt = training_checkpoint(model, tmp_path / "ck")
+    model.save(tmp_path / "final", dtype=torch.float32)
+    final = import_drafter(tmp_path / "final", target)
+    assert final.config == model.config and final.config.draft_vocab_size == 20 and torch.equal(final.d2t, model.d2t)
+    full = final.for_engines()
+    assert full.d2t is None and full.config.draft_vocab_size == V and final.d2t is not None  # the source unchanged
+    expect = {f"layers.{n}.{k}": s for n in range(2) for k, s in DFLASH_LAYER.items()}
+    expect |= {"fc.weight": [H, 2 * H], "hidden_norm.weight": [H], "norm.weight": [H]}
+    for fmt in FORMATS:
+        out = tmp_path / f"out-{fmt}"
+        export_drafter(ckpt, out, "fp32", to=fmt)
+        assert {k: s for k, (s, _) in header(out).items()} == expect, fmt  # no d2t
+        cfg = json.loads((out / "config.json").read_text())
+        assert set(cfg) == (SPECULATORS_DFLASH_TOP if fmt == "speculators" else DFLASH_CONFIG), fmt
+        assert "drafts over the full vocabulary" in (out / "README.md").read_text()
+        back = import_drafter(out, target)
+        assert back.config == full.config and back.d2t is None, fmt
+        for name, t in full.pack_state(fold=True).items():
+            assert torch.equal(back.pack_state(fold=True)[name], t), (fmt, name)
+    assert torch.allclose(engine_probs(back, target), engine_probs(full, target), atol=1e-6)
+    sd = load_file(str(tmp_path / "final" / "model.safetensors"))
+    sd.pop("d2t")
+    save_file(sd, str(tmp_path / "final" / "model.safetensors"))
+    with pytest.raises(DraftopdError, match=r"no d2t for a reduced draft vocabulary \(20\)"):
+        import_drafter(tmp_path / "final", target)
+
+
 # --- import of foreign folders -------------------------------------------------------------------------------------
 
 
@@ -261,6 +297,7 @@ def test_import_zlab_dflash_folder_without_head_dim(tmp_path, target):
     (tmp_path / "z" / "config.json").write_text(json.dumps(cfg))
     back = import_drafter(tmp_path / "z", target)
     assert back.config == model.config and detect(tmp_path / "z").layout == "dflash"
+    assert back.d2t is None and back.config.draft_vocab_size == V  # z-lab's: the full vocabulary
     assert torch.allclose(engine_probs(back, target), engine_probs(model, target), atol=1e-5)
 
 

@@ -277,7 +277,12 @@ class ArchConfig:
     block_size: int = 16  # dflash: anchor + block_size - 1 drafted tokens
     target_layer_ids: tuple[int, ...] = ()  # () = the architecture's rule for the target's depth
     mask_token_id: int = -1  # dflash: -1 = a special token of the target's tokenizer (not bos/eos/pad)
-    draft_vocab_size: int = 32000  # eagle3: most frequent training tokens kept in the draft LM head
+    # Most frequent training tokens kept in the draft LM head: the response tokens of the SFT data, one rule and one
+    # default for both kinds (>= the target's vocabulary = all of it; SmolLM2 has 49152). eagle3: the rows of its own
+    # trained head. dflash: training is unchanged (the loss uses the target's full head); the engine drafts over the
+    # target head's rows of these tokens only (lossless; saved as d2t). A DFlash checkpoint without d2t (written
+    # before this option, or imported from z-lab/SGLang/vLLM) drafts over the full vocabulary.
+    draft_vocab_size: int = 32000
     ttt_steps: int = 6  # eagle3: training-time-test unroll (steps trained per position)
     ttt_decay: float = 0.8  # eagle3: weight of TTT step k is ttt_decay ** k
 

@@ -16,6 +16,10 @@ vllm-project/speculators ``src/speculators/models/{eagle3,dflash}/config.py``):
 
 Every export is written to a temporary sibling folder, read back through ``interop`` and compared tensor by tensor
 and field by field with the source, gets a drafter card (README.md), and only then is renamed to OUT.
+
+A DFlash drafter's draft vocabulary (``d2t``, inference only: see ``models/dflash.py``) is not exported: none of
+these layouts has one, so ``DFlashModel.for_engines`` drops it and the engines draft over the target's full
+vocabulary, still lossless. Our own ``final/`` (``DrafterModel.save``) keeps it.
 """
 
 from __future__ import annotations
@@ -190,13 +194,29 @@ def bench_lines(bench: Path) -> list[str]:
 
 
 def drafter_card(
-    model: DrafterModel, src: Path, out: Path, to: str, dtype: str, target: str | None, run_cfg: tuple, bench
+    model: DrafterModel,
+    src: Path,
+    out: Path,
+    to: str,
+    dtype: str,
+    target: str | None,
+    run_cfg: tuple,
+    bench,
+    source_config=None,
 ) -> str:
+    """The README.md of an export; ``source_config``: the source's config when export changed it (DFlash)."""
     c = model.config
     kind = "DFlash" if isinstance(c, DFlashConfig) else "EAGLE-3"
     ids = list(c.target_layer_ids)
     if isinstance(c, DFlashConfig):
         shape = f"{c.num_hidden_layers} layers, block size {c.block_size}, mask token id {c.mask_token_id}"
+        sc = source_config
+        if isinstance(sc, DFlashConfig) and sc.reduced_vocab:
+            shape += (
+                f"; drafts over the full vocabulary ({c.vocab_size}): draftopd's engine drafted over the "
+                f"{sc.draft_vocab_size} most frequent training tokens (d2t), which this layout cannot hold; "
+                "still lossless, acceptance may differ slightly"
+            )
     else:
         shape = f"1 layer (midlayer), draft vocabulary {c.draft_vocab_size} of {c.vocab_size}"
     tgt = target or "unknown (no run_config.json; pass --target)"
@@ -294,7 +314,8 @@ def export_drafter(
         raise DraftopdError(f"export: {out} exists and is not empty (--force replaces it)")
     if out.exists() and not out.is_dir():
         raise DraftopdError(f"export: {out} is a file")
-    model = read_drafter(src)
+    source = read_drafter(src)
+    model = source.for_engines()  # DFlash: without d2t (the engines have none; lossless over the full vocabulary)
     torch_dtype = DTYPES[dtype]
     run_cfg = find_run_config(src)
     tgt = resolve_target(target, run_cfg[1])
@@ -312,6 +333,7 @@ def export_drafter(
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         verify(tmp, model, expect)
-        (tmp / "README.md").write_text(drafter_card(model, src, out, to, dtype, tgt, run_cfg, bench))
+        card = drafter_card(model, src, out, to, dtype, tgt, run_cfg, bench, source.config)
+        (tmp / "README.md").write_text(card)
     lines = serve_lines(model, out, to, tgt or "TARGET")
     return f"exported {src} -> {out} ({to}, {dtype}); drafter card: {out / 'README.md'}\n" + "\n".join(lines)

@@ -14,6 +14,10 @@ Layouts read (``detect`` names them):
 ``import_drafter(src, target)`` reads the config only, checks it against the target (hidden size, vocabulary,
 depth, layer ids, draft vocabulary, mask token) with a one-line error naming the field, and only then loads the
 weights. ``read_drafter(src)`` is the same without a target (export reads its own output back with it).
+
+Draft vocabularies: an EAGLE-3 folder without ``d2t`` must have a full-vocabulary head. A DFlash folder has a
+draft vocabulary only when its config says ``draft_vocab_size`` (ours; then ``d2t`` must be there); z-lab's,
+SpecForge's and every DFlash folder written before the option have none and draft over the full vocabulary.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from draftopd.models import DRAFTERS
 from draftopd.models.base import DrafterModel
 from draftopd.models.dflash import DFlashConfig, check_layer_ids
 from draftopd.models.eagle3 import Eagle3Config
+from draftopd.models.vocab import draft_vocab_ids
 
 EAGLE3_ARCHS = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM", "Eagle3Speculator")
 DROPPED = ("embed_tokens.weight", "verifier_lm_head.weight", "verifier_norm.weight")  # the target's, not ours
@@ -149,7 +154,7 @@ def check_against_target(src: Source, target) -> None:
         if mine != theirs:
             raise DraftopdError(f"{src.folder} does not match the target: {name} {mine} (target: {theirs})")
     check_layer_ids(c.target_layer_ids, target.num_layers, f"{src.folder}: target layer ids")
-    if isinstance(c, Eagle3Config) and not 0 < c.draft_vocab_size <= target.vocab_size:
+    if not 0 < c.draft_vocab_size <= target.vocab_size:
         raise DraftopdError(
             f"{src.folder} does not match the target: draft_vocab_size {c.draft_vocab_size} "
             f"(target vocabulary: {target.vocab_size})"
@@ -183,7 +188,7 @@ def _load_tensors(src: Source) -> dict[str, Tensor]:
 def _normalise(sd: dict[str, Tensor], src: Source) -> dict[str, Tensor]:
     """Foreign tensor names -> ours: strip ``draft_model.``/``model.`` prefixes, EAGLE-3 ``layers.0.`` ->
     ``midlayer.``, drop the target's embedding (and DFlash's LM head: ours is the target's), fill a full-vocabulary
-    EAGLE-3's absent ``d2t``/``t2d``, derive ``t2d`` from ``d2t``."""
+    EAGLE-3's absent ``d2t``/``t2d``, derive ``t2d`` from ``d2t``; a reduced vocabulary's ``d2t`` is checked."""
     c = src.config
     out: dict[str, Tensor] = {}
     for k, v in sd.items():
@@ -194,12 +199,12 @@ def _normalise(sd: dict[str, Tensor], src: Source) -> dict[str, Tensor]:
         if src.kind == "eagle3" and k.startswith("layers.0."):
             k = "midlayer." + k.removeprefix("layers.0.")
         out[k] = v
-    if isinstance(c, Eagle3Config):
-        if "d2t" not in out:
-            if c.draft_vocab_size != c.vocab_size:
-                raise DraftopdError(f"{src.weights}: no d2t for a reduced draft vocabulary ({c.draft_vocab_size})")
-            out["d2t"] = torch.zeros(c.draft_vocab_size, dtype=torch.long)
-        used = torch.arange(c.draft_vocab_size) + out["d2t"].long()
+    if "d2t" not in out and c.draft_vocab_size != c.vocab_size:
+        raise DraftopdError(f"{src.weights}: no d2t for a reduced draft vocabulary ({c.draft_vocab_size})")
+    if isinstance(c, Eagle3Config) and "d2t" not in out:
+        out["d2t"] = torch.zeros(c.draft_vocab_size, dtype=torch.long)
+    if "d2t" in out:
+        used = draft_vocab_ids(out["d2t"].long())
         if (
             len(used) != c.draft_vocab_size
             or bool((used[1:] <= used[:-1]).any())
@@ -207,7 +212,7 @@ def _normalise(sd: dict[str, Tensor], src: Source) -> dict[str, Tensor]:
             or int(used.max()) >= c.vocab_size
         ):
             raise DraftopdError(f"{src.weights}: d2t does not map the draft vocabulary into the target's, ascending")
-        if "t2d" not in out:
+        if isinstance(c, Eagle3Config) and "t2d" not in out:
             out["t2d"] = torch.zeros(c.vocab_size, dtype=torch.bool)
             out["t2d"][used] = True
     return out

@@ -135,7 +135,7 @@ class DrafterModel:
       (response stream and rejected stream);
     * ``replay_block(chain_length)``: tokens per replayed verify step (anchor + proposals);
     plus the vocabulary maps ``draft_logits``, ``to_draft_ids`` and ``to_target_ids`` (identity for a
-    drafter that predicts over the target's vocabulary).
+    drafter trained over the target's vocabulary), and ``for_engines`` (what export writes).
 
     The feature scale: ``fc`` fuses raw target hidden states, which carry "massive activations": a few
     dims 100-1000x the median (SmolLM2 layer 27: max 24,538 against a median of 11). Fed raw to ``fc`` they
@@ -186,8 +186,13 @@ class DrafterModel:
 
     @property
     def full_vocab(self) -> bool:
-        """Whether the drafter predicts over the target's whole vocabulary."""
+        """Whether the drafter is trained over the target's whole vocabulary."""
         return True
+
+    def for_engines(self) -> DrafterModel:
+        """The drafter as the SGLang/vLLM/z-lab layouts hold it (what export writes): itself unless a kind keeps
+        something those layouts cannot (DFlash: its inference-only draft vocabulary)."""
+        return self
 
     @torch.no_grad()
     def set_feature_scale(self, scale: Tensor) -> None:

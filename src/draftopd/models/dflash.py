@@ -10,9 +10,21 @@ Shapes: ``H`` hidden (= the target's), ``K`` number of target feature layers, ``
   block is every position strictly before its anchor. The output ``norm(h)`` goes through the target's LM
   head; slot ``k`` predicts the token ``k`` places after the anchor, all slots in one forward.
 * Layers are Qwen3-style (per-head q_norm/k_norm, SwiGLU MLP, RoPE with the target's theta).
+* Draft vocabulary (``draft_vocab_size`` Vd < V, inference only): the engine scores the bs-1 slots against the
+  target LM head rows of the Vd most frequent response tokens of the SFT data (EAGLE-3's rule,
+  ``vocab.draft_vocab_map``), sliced once, instead of all V rows (the head is most of a small drafter's step:
+  ~80% of the multiply-adds per slot for 2 layers on SmolLM2-135M). The buffer ``d2t`` (Vd,) maps draft id i to
+  target id ``i + d2t[i]`` (EAGLE-3's convention); it exists only when Vd < V. Training is unchanged (the loss
+  scores labels, target ids, against the full head). Lossless: greedy proposals are mapped back to target ids
+  and accepted only where they are the target's argmax; sampled proposals carry their distribution q over the
+  full vocabulary, zero outside the draft vocabulary, so the rejection sampler's residual max(p - q, 0) keeps
+  the target's whole probability on tokens the drafter cannot propose and committed tokens are distributed as
+  the target's own samples (``models/vocab.py``). A checkpoint without ``d2t`` (written before this option, or
+  z-lab's) drafts over the full vocabulary.
 
 Parameter names are the z-lab/SGLang/vLLM checkpoint names (``layers.N.self_attn.q_proj.weight``,
-``fc.weight``, ``hidden_norm.weight``, ``norm.weight``; no embedding, no LM head), so export is a save.
+``fc.weight``, ``hidden_norm.weight``, ``norm.weight``; no embedding, no LM head), so export is a save (less
+``d2t``: those layouts have none, and the engines draft over the full vocabulary, see ``for_engines``).
 ``DFlashDrafter`` is the engine side: it keeps the projected context K/V of each row and proposes a block.
 Training reads the same forward through ``block_hidden`` (every block of every sequence in one call).
 """
@@ -20,15 +32,17 @@ Training reads the same forward through ``block_hidden`` (every block of every s
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from draftopd import DraftopdError
-from draftopd.decoding.sampling import logits_to_probs, sample
 from draftopd.models.base import DrafterModel, Proposal, ReplayBatch, SeqBatch, target_shape
 from draftopd.models.layers import MLP, apply_rope, gqa_attention, rope_cos_sin
+from draftopd.models.vocab import draft_tokens, draft_vocab_ids, draft_vocab_map, response_token_counts
 
 
 def build_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
@@ -78,6 +92,16 @@ class DFlashConfig:
     block_size: int = 16
     target_layer_ids: list[int] = field(default_factory=list)
     mask_token_id: int = 0
+    draft_vocab_size: int = 0  # tokens the engine drafts over (Vd); 0 or >= vocab_size = the full vocabulary
+
+    def __post_init__(self) -> None:
+        if self.draft_vocab_size < 0:
+            raise DraftopdError(f"DFlash draft_vocab_size {self.draft_vocab_size} must be >= 1")
+        self.draft_vocab_size = min(self.draft_vocab_size or self.vocab_size, self.vocab_size)
+
+    @property
+    def reduced_vocab(self) -> bool:
+        return self.draft_vocab_size < self.vocab_size
 
     @classmethod
     def from_target(
@@ -87,8 +111,10 @@ class DFlashConfig:
         block_size: int = 16,
         mask_token_id: int = 0,
         target_layer_ids: list[int] | tuple[int, ...] = (),
+        draft_vocab_size: int = 0,
     ) -> DFlashConfig:
-        """Everything but the layer count, block size and mask id is derived from the target's HF config."""
+        """Everything but the layer count, block size, mask id and draft vocabulary (0 = the target's) is derived
+        from the target's HF config."""
         ids = list(target_layer_ids) or build_target_layer_ids(tcfg.num_hidden_layers, num_layers)
         ids = check_layer_ids(ids, tcfg.num_hidden_layers)
         return cls(
@@ -97,12 +123,15 @@ class DFlashConfig:
             block_size=block_size,
             target_layer_ids=ids,
             mask_token_id=mask_token_id,
+            draft_vocab_size=draft_vocab_size,
         )
 
     def to_hf(self) -> dict:
         """config.json in the layout SGLang, vLLM and z-lab load (their loaders: SGLang ``models/dflash.py``,
-        vLLM ``qwen3_dflash.py``, z-lab ``dflash/model.py``)."""
+        vLLM ``qwen3_dflash.py``, z-lab ``dflash/model.py``), plus ``draft_vocab_size`` only for a reduced draft
+        vocabulary (ours: the engines ignore it and have no ``d2t``; ``for_engines`` drops both for export)."""
         n = self.num_hidden_layers
+        extra = {"draft_vocab_size": self.draft_vocab_size} if self.reduced_vocab else {}
         return {
             "architectures": ["DFlashDraftModel"],
             "model_type": "qwen3",
@@ -133,6 +162,7 @@ class DFlashConfig:
             "max_window_layers": n,
             "tie_word_embeddings": False,
             "vocab_size": self.vocab_size,
+            **extra,
             "torch_dtype": "bfloat16",
         }
 
@@ -141,7 +171,8 @@ class DFlashConfig:
         """Our config from a DFlash ``config.json`` (ours, z-lab's, SpecForge's): ids from
         ``dflash_config.target_layer_ids``, else top-level ``target_layer_ids``, else top-level
         ``eagle_aux_hidden_state_layer_ids`` - 1 (vLLM's capture-before numbering), else the DFlash rule; a missing
-        ``head_dim`` is hidden_size / num_attention_heads. One-line errors naming the field."""
+        ``head_dim`` is hidden_size / num_attention_heads, a missing ``draft_vocab_size`` the full vocabulary (every
+        file written before the option, and z-lab's). One-line errors naming the field."""
         dc = d.get("dflash_config") or {}
         need = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
         missing = [k for k in need if k not in d]
@@ -165,6 +196,9 @@ class DFlashConfig:
         if not 0 <= mask < d["vocab_size"]:
             raise DraftopdError(f"DFlash mask_token_id {mask} is outside the vocabulary ({d['vocab_size']})")
         rope = d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta") or 1e6
+        vd = d.get("draft_vocab_size") or d["vocab_size"]
+        if not 0 < vd <= d["vocab_size"]:
+            raise DraftopdError(f"DFlash draft_vocab_size {vd} is outside 1..vocab_size ({d['vocab_size']})")
         return cls(
             hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"],
@@ -180,6 +214,7 @@ class DFlashConfig:
             block_size=int(dc.get("block_size", d.get("block_size", 16))),
             target_layer_ids=check_layer_ids(ids, int(n_target)),
             mask_token_id=mask,
+            draft_vocab_size=vd,
         )
 
 
@@ -238,6 +273,8 @@ class DFlashModel(DrafterModel, nn.Module):
         self.layers = nn.ModuleList(Layer(c) for _ in range(c.num_hidden_layers))
         self.norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.register_buffer("fc_scale", torch.ones(self.fc.in_features), persistent=False)
+        # the draft vocabulary (target id = i + d2t[i]); None (not in the checkpoint) = the full vocabulary
+        self.register_buffer("d2t", torch.zeros(c.draft_vocab_size, dtype=torch.long) if c.reduced_vocab else None)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
@@ -263,10 +300,29 @@ class DFlashModel(DrafterModel, nn.Module):
 
     @classmethod
     def build(cls, target, arch, seqs: list[tuple[list[int], int]]) -> DFlashModel:
-        """A fresh drafter: ``arch.num_layers`` layers, block ``arch.block_size``, the rest from the target."""
+        """A fresh drafter: ``arch.num_layers`` layers, block ``arch.block_size``, the rest from the target; below
+        the target's vocabulary, ``arch.draft_vocab_size`` most frequent response tokens of ``seqs`` (pairs of ids
+        and prompt length) form the draft vocabulary the engine drafts over (EAGLE-3's rule)."""
         mask = arch.mask_token_id if arch.mask_token_id >= 0 else default_mask_token(target)
-        layer_ids = arch.target_layer_ids
-        return cls(DFlashConfig.from_target(target.config, arch.num_layers, arch.block_size, mask, layer_ids))
+        c = DFlashConfig.from_target(
+            target.config, arch.num_layers, arch.block_size, mask, arch.target_layer_ids, arch.draft_vocab_size
+        )
+        model = cls(c)
+        if model.d2t is not None:
+            model.d2t.copy_(draft_vocab_map(response_token_counts(seqs, c.vocab_size), c.draft_vocab_size)[0])
+        return model
+
+    def for_engines(self) -> DFlashModel:
+        """The same drafter without its draft vocabulary (no ``d2t``; ``draft_vocab_size`` = the vocabulary): the
+        z-lab/SGLang/vLLM layouts have no ``d2t``, so exports write this and those engines draft over the full
+        vocabulary. Still lossless; acceptance may differ slightly from draftopd's engine, only where the
+        drafter's choice falls outside the draft vocabulary (the full head is the one it was trained against)."""
+        if self.d2t is None:
+            return self
+        full = copy.deepcopy(self)
+        full.d2t = None
+        full.config = dataclasses.replace(self.config, draft_vocab_size=self.config.vocab_size)
+        return full
 
     def engine(self, target, chain_length: int = 0) -> DFlashDrafter:
         return DFlashDrafter(self, target)
@@ -354,13 +410,24 @@ def block_hidden(model: DFlashModel, embed: nn.Module, features: Tensor, ids: Te
 
 
 class DFlashDrafter:
-    """Engine side of DFlash: per-row context K/V caches, one forward proposes ``block_size - 1`` tokens."""
+    """Engine side of DFlash: per-row context K/V caches, one forward proposes ``block_size - 1`` tokens.
+
+    With a draft vocabulary (``model.d2t``) the target LM head's rows of those tokens are sliced once here, in
+    the target's dtype and device, and each step scores the slots against them only."""
 
     def __init__(self, model: DFlashModel, target) -> None:
         model.check_target(target)
         # a copy in the target's dtype and device: the caller's (training) weights stay as they are
         self.model = copy.deepcopy(model).to(target.device, target.dtype).eval()
         self.target = target
+        self.draft_ids: Tensor | None = None  # (Vd,) target id of each draft id; None = the full vocabulary
+        self.head_w = self.head_b = None  # (Vd, H), (Vd,): the target head's rows of the draft vocabulary
+        if self.model.d2t is not None:
+            head = target.lm_head
+            self.draft_ids = draft_vocab_ids(self.model.d2t)
+            self.head_w = head.weight.detach()[self.draft_ids]
+            bias = getattr(head, "bias", None)
+            self.head_b = bias.detach()[self.draft_ids] if bias is not None else None
         self.layer_ids = tuple(model.config.target_layer_ids)
         self.bs = model.config.block_size
         self.kv: list[tuple[Tensor, Tensor]] = []
@@ -403,12 +470,18 @@ class DFlashDrafter:
             -1,
         )
         h = self.model(self.target.embed(block), pos, self.kv, mask)
-        logits = self.target.logits(h[:, 1:])  # (B, bs - 1, V): slot k predicts the token k after the anchor
+        logits = self.logits(h[:, 1:])  # (B, bs - 1, Vd): slot k predicts the token k after the anchor
         n = torch.full((b,), bs - 1, dtype=torch.long, device=dev)
-        if params.greedy:
-            return Proposal(logits.argmax(-1), n)
-        probs = logits_to_probs(logits, params)
-        return Proposal(sample(probs, generator), n, probs)
+        tokens, probs = draft_tokens(logits, self.draft_ids, self.target.vocab_size, params, generator)
+        return Proposal(tokens, n, probs)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """float32 logits (..., Vd) of drafter states (..., H) over the draft vocabulary, a 2-D matmul (the
+        target's head when the vocabulary is full)."""
+        if self.head_w is None:
+            return self.target.logits(h)
+        flat = h.reshape(-1, h.shape[-1]).to(self.head_w.dtype)
+        return F.linear(flat, self.head_w, self.head_b).float().view(*h.shape[:-1], -1)
 
     def update(self, state, n_accepted: Tensor, features: Tensor) -> None:
         k1 = features.shape[1]

@@ -6,8 +6,9 @@ Shapes: ``H`` hidden, ``V`` target vocabulary, ``Vd`` draft vocabulary.
 * One decoder layer (``midlayer``) reads the pair (h_p, x_{p+1}): its attention input is
   ``concat(input_layernorm(embed(x_{p+1})), hidden_norm(h_p))`` (2H), RoPE at position p, causal; the
   residual stream is the un-normed h. ``lm_head(norm(out))`` scores the next token x_{p+2} over a reduced
-  draft vocabulary; ``d2t[i]`` is the offset that maps draft id i to target id ``i + d2t[i]``, ``t2d`` marks
-  the target ids in the draft vocabulary.
+  draft vocabulary (the ``arch.draft_vocab_size`` most frequent response tokens of the SFT data); ``d2t[i]`` is
+  the offset that maps draft id i to target id ``i + d2t[i]``, ``t2d`` marks the target ids in the draft
+  vocabulary (``models/vocab.py``).
 * Drafting is a chain: the layer's output hidden state takes the place of h for the next step.
 * Training-time test (TTT): K unrolled steps over a whole sequence; step k at position p feeds token
   x_{p+k+1} and attends to the step-0 keys at positions <= p plus its own chain's keys from steps 1..k at
@@ -27,10 +28,10 @@ import torch
 from torch import Tensor, nn
 
 from draftopd import DraftopdError
-from draftopd.decoding.sampling import logits_to_probs, sample
 from draftopd.models.base import DrafterModel, Proposal, ReplayBatch, SeqBatch, target_shape
 from draftopd.models.dflash import check_layer_ids
 from draftopd.models.layers import MLP, apply_rope, gqa_attention, rope_cos_sin
+from draftopd.models.vocab import draft_tokens, draft_vocab_ids, draft_vocab_map, response_token_counts
 
 
 def eagle3_layer_ids(num_target_layers: int) -> list[int]:
@@ -152,16 +153,6 @@ class Eagle3Config:
         )
 
 
-def draft_vocab_map(token_counts: Tensor, draft_vocab_size: int) -> tuple[Tensor, Tensor]:
-    """(d2t, t2d) from token frequencies (V,): the Vd most frequent ids, sorted ascending (SpecForge rule)."""
-    used = torch.topk(token_counts.float() + 1e-6 * -torch.arange(len(token_counts)), draft_vocab_size).indices
-    used = used.sort().values
-    d2t = used - torch.arange(draft_vocab_size)
-    t2d = torch.zeros(len(token_counts), dtype=torch.bool)
-    t2d[used] = True
-    return d2t, t2d
-
-
 class MidLayer(nn.Module):
     def __init__(self, c: Eagle3Config) -> None:
         super().__init__()
@@ -226,8 +217,7 @@ class Eagle3Model(DrafterModel, nn.Module):
     def to_draft_ids(self, target_ids: Tensor) -> Tensor:
         """Target ids -> draft ids (-1 where the token is not in the draft vocabulary)."""
         lookup = torch.full((self.config.vocab_size,), -1, dtype=torch.long, device=target_ids.device)
-        used = torch.arange(self.config.draft_vocab_size, device=target_ids.device) + self.d2t
-        lookup[used] = torch.arange(self.config.draft_vocab_size, device=target_ids.device)
+        lookup[draft_vocab_ids(self.d2t)] = torch.arange(self.config.draft_vocab_size, device=target_ids.device)
         return lookup[target_ids.clamp_min(0)].masked_fill(target_ids < 0, -1)
 
     def logits(self, h: Tensor) -> Tensor:
@@ -245,9 +235,7 @@ class Eagle3Model(DrafterModel, nn.Module):
         frequent response tokens of ``seqs`` (pairs of ids and prompt length), its head the target's rows."""
         c = Eagle3Config.from_target(target.config, arch.draft_vocab_size, arch.target_layer_ids)
         model = cls(c)
-        counts = torch.zeros(target.vocab_size)
-        for ids, prompt_len in seqs:
-            counts += torch.bincount(torch.tensor(ids[prompt_len:]), minlength=target.vocab_size).float()
+        counts = response_token_counts(seqs, target.vocab_size)
         model.set_vocab(*draft_vocab_map(counts, c.draft_vocab_size), target.lm_head.weight.detach().cpu())
         return model
 
@@ -499,18 +487,12 @@ class Eagle3Drafter:
         # 2) The chain: each step's output hidden state and drafted token feed the next step.
         ck, cv, tokens, probs = self.k, self.v, [], []
         cmask = self.mask
-        draft_to_target = torch.arange(m.config.draft_vocab_size, device=dev) + m.d2t
+        draft_to_target = draft_vocab_ids(m.d2t)
         for j in range(self.chain_length):
-            logits = m.logits(g)[:, 0]  # (B, Vd)
-            if params.greedy:
-                d = logits.argmax(-1)
-            else:
-                pd = logits_to_probs(logits, params)
-                d = sample(pd, generator)
-                full = torch.zeros(b, m.config.vocab_size, dtype=pd.dtype, device=dev)
-                full[:, draft_to_target] = pd  # draft vocab -> target vocab
+            # (B, Vd) logits -> target ids, and when sampling q over the target vocabulary (0 outside the draft's)
+            tok, full = draft_tokens(m.logits(g)[:, 0], draft_to_target, m.config.vocab_size, params, generator)
+            if full is not None:
                 probs.append(full)
-            tok = d + m.d2t[d]  # draft id -> target id
             tokens.append(tok)
             if j == self.chain_length - 1:
                 break
