@@ -1,13 +1,21 @@
 # The two commands of the README. Both run the idempotent set-up first (.venv, default target, data).
 PY := .venv/bin
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench reproduce scaling
 
 setup:
 	@bash scripts/setup.sh
 
 demo: setup
 	$(PY)/draftopd demo
+
+# The scaling study's best recipe, Draft-OPD and its matched SFT control from it, benchmarked (docs/RESULTS.md 8)
+reproduce: setup
+	$(PY)/draftopd demo --config configs/reproduce.yaml
+
+# tau of DFlash and EAGLE-3 against SFT tokens (needs the data of `make reproduce`'s first stage)
+scaling: setup
+	bash scripts/scaling_study.sh runs/reproduce/data runs/scaling
 
 test: setup
 	$(PY)/ruff check src tests

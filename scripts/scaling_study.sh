@@ -8,19 +8,21 @@
 # exists), an interrupted one resumes from its checkpoint, and the target's features are computed once per kind
 # (the later runs of a kind link the first run's `features.pt`, which the trainer checks against its data key).
 # Usage: scripts/scaling_study.sh [DATA] [OUT] [N]   (nohup ... > OUT.log &; `tail -f OUT.log`)
+# Env: STEPS (budgets, default "15 50 160 480": 32x; STEPS_dflash / STEPS_eagle3 per kind), KINDS ("dflash eagle3"), SFT_SET (extra --set flags), BENCH=0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-runs/reproduce/data}
 OUT=${2:-runs/scaling}
 N=${3:-32}
-STEPS=${STEPS:-"20 60 200 640"}
+STEPS=${STEPS:-"15 50 160 480"}
 KINDS=${KINDS:-"dflash eagle3"}
 D=.venv/bin/draftopd
 mkdir -p "$OUT"
 methods=()
 for kind in $KINDS; do
   first=""
-  for s in $STEPS; do
+  per_kind="STEPS_$kind"  # e.g. STEPS_dflash="15 50 160 800": this kind's budgets instead of STEPS
+  for s in ${!per_kind:-$STEPS}; do
     run=$OUT/$kind-$s
     if [ ! -f "$run/final/config.json" ]; then
       if [ -n "$first" ] && [ -f "$first/features.pt" ] && [ ! -e "$run/features.pt" ]; then
@@ -35,6 +37,7 @@ for kind in $KINDS; do
     methods+=("$kind $s=$run/final")
   done
 done
+[ "${BENCH:-1}" = 1 ] || exit 0  # BENCH=0: train only (e.g. a few budgets first)
 list=$(IFS=,; echo "${methods[*]}")
 if [ ! -f "$OUT/tau.json" ]; then
   echo "== $(date +%T) held-out tau, $N prompts per set"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def test_quick_demo_writes_report_with_every_method(quick_demo):
     result = json.loads((out / "bench" / "result.json").read_text())
     assert set(result["datasets"]) == {"gsm8k", "humaneval", "mtbench"}
     for ds, r in result["datasets"].items():
-        assert set(r["methods"]) == {"plain", "prompt lookup", "SFT", "Draft-OPD"}
+        assert set(r["methods"]) == {"plain", "prompt lookup", "SFT", "Draft-OPD", "SFT continued"}
         for name, m in r["methods"].items():
             if result["dtype"] == "float32":
                 assert m["lossless"] == 1.0, (ds, name)  # greedy fp32: every drafter reproduces plain decoding
@@ -46,6 +47,14 @@ def test_quick_demo_writes_report_with_every_method(quick_demo):
             assert len(m["per_prompt"]) == r["prompts"]
         assert f"{ds} " in text and "95% over prompts" in text  # OPD vs SFT with its interval, per set
     assert f"Target: embedded SmolLM2-135M-Instruct, {result['dtype']}" in text  # the report says which dtype ran
+    assert "**Against plain decoding and prompt lookup**" in text and "x prompt lookup's speed" in text
+    # the tau stage: the three drafters on the same prompts, OPD's paired gains over its control and the start
+    tau = json.loads((out / "tau" / "result.json").read_text())
+    assert tau["config"]["tau_only"] is True
+    for ds, r in tau["datasets"].items():
+        assert set(r["methods"]) == {"SFT", "Draft-OPD", "SFT continued"}
+        assert all(len(m["per_prompt"]) == r["prompts"] == cfg.tau.limit for m in r["methods"].values())
+        assert re.search(rf"\| {ds} \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [+-][0-9.]+% \[", text), ds
     for fig in ("tau_vs_compute", "acceptance_histogram", "tokens_per_s"):
         assert (out / "figures" / f"{fig}.png").read_bytes()[:4] == b"\x89PNG"
     for stage in STAGES:
@@ -105,10 +114,13 @@ def test_tiny_demo_in_the_other_dtype(tiny_folder, tmp_path):
         "opd.logp_min=-40",
         "bench.datasets=[gsm8k]",
         "bench.sampling.max_new_tokens=8",
+        "tau.datasets=[gsm8k]",
+        "tau.sampling.max_new_tokens=8",
     ]
     cfg = load(DemoConfig, QUICK, overrides)
     report = run_demo(cfg, say=lambda _: None)
     result = json.loads((tmp_path / "demo" / "bench" / "result.json").read_text())
     assert result["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[other]
-    assert set(result["datasets"]["gsm8k"]["methods"]) == {"plain", "prompt lookup", "SFT", "Draft-OPD"}
+    methods = {"plain", "prompt lookup", "SFT", "Draft-OPD", "SFT continued"}
+    assert set(result["datasets"]["gsm8k"]["methods"]) == methods
     assert result["dtype"] in report.read_text()

@@ -121,11 +121,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from draftopd.bench.run import check_outputs, format_table, run_bench, save_result
+    import torch
+
+    from draftopd.bench.run import check_outputs, cpu_flags, format_table, git_commit, run_bench, save_result
     from draftopd.config import BenchConfig, load
 
     cfg = load(BenchConfig, args.config, _overrides(args))
     check_outputs(args.json, args.plot)  # before the run: a bad output path fails now, not after an hour
+    if args.costs:
+        from draftopd.bench.cost import format_costs, step_costs
+
+        result = step_costs(target_path=cfg.target.path, dataset=cfg.datasets[0], threads=cfg.target.threads)
+        result.update(commit=git_commit(), cpu_flags=cpu_flags(), torch=torch.__version__)
+        print(format_costs(result), flush=True)
+        if args.json:
+            save_result(result, args.json)
+        return 0
     result = run_bench(cfg)
     print(format_table(result), flush=True)  # first: whatever happens to the files, the table is shown
     if args.json:
@@ -211,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="prompts per data set")
     p.add_argument("--json", metavar="OUT", help="write the full result as JSON")
     p.add_argument("--plot", metavar="PNG", help="bar chart per method and data set (tau if tau_only, else tokens/s)")
+    p.add_argument(
+        "--costs",
+        action="store_true",
+        help="instead: ms per draft and verify step of each drafter shape in fp32 and bf16, and the break-even tau",
+    )
     _model_flags(p)
     _common(p)
     p.set_defaults(func=cmd_bench)

@@ -447,7 +447,9 @@ class DemoConfig:
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     opd: OPDConfig = field(default_factory=OPDConfig)
-    bench: BenchConfig = field(default_factory=BenchConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)  # wall clock, batch 1: plain, prompt lookup, drafters
+    # held-out tau of the three drafters, batched and untimed (tau_only is set by the demo), on more prompts
+    tau: BenchConfig = field(default_factory=lambda: BenchConfig(limit=16, hf_baseline=False))
 
     def __post_init__(self) -> None:
         need(bool(self.out.strip()), "out", "a folder", self.out)

@@ -5,9 +5,12 @@
 3. opd             Draft-OPD from the SFT drafter, rollouts on the same prompts (``draftopd train opd``)
 4. sft_continued   SFT continued from the same drafter on the same prompts, with the same number of
                    drafter updates and sequences per update as OPD (the matched-compute control)
-5. bench           tau and speed-up of plain decoding, prompt lookup, SFT, OPD on held-out GSM8K test_dev,
-                   HumanEval and MT-bench prompts, side by side (``draftopd bench``)
-6. report          REPORT.md, figures, printed paths
+5. bench           tokens/s and speed-up of plain decoding, prompt lookup, SFT, OPD and SFT continued on
+                   held-out GSM8K test_dev, HumanEval and MT-bench prompts, batch 1, side by side (``draftopd bench``)
+6. tau             held-out tau of SFT, OPD and SFT continued on more prompts per set, batched and untimed
+                   (``draftopd bench --set tau_only=true``): the prompts pair, so the report gives OPD's gain over
+                   its matched control with a 95% interval
+7. report          REPORT.md, figures, printed paths
 
 Each stage runs as its own process (the exact ``draftopd`` command, from a config file written under
 ``out/configs``), with its output shown and copied to ``out/logs/<stage>.log``. A stage that finished writes
@@ -38,7 +41,7 @@ from draftopd import DraftopdError
 from draftopd.atomic import check_output_dir, write_json, write_text
 from draftopd.config import DemoConfig, load, to_dict
 
-STAGES = ("data", "sft", "opd", "sft_continued", "bench")
+STAGES = ("data", "sft", "opd", "sft_continued", "bench", "tau")
 
 
 def _fmt(seconds: float) -> str:
@@ -78,17 +81,20 @@ def stage_configs(cfg: DemoConfig) -> dict[str, tuple[list[str], object]]:
         save_every=opd.save_every,
         log_every=1,
     )
-    bench = rep(
-        cfg.bench,
-        target=cfg.target,
-        methods=("prompt lookup=pld", f"SFT={out / 'sft' / 'final'}", f"Draft-OPD={out / 'opd' / 'final'}"),
+    drafters = (
+        f"SFT={out / 'sft' / 'final'}",
+        f"Draft-OPD={out / 'opd' / 'final'}",
+        f"SFT continued={out / 'sft_continued' / 'final'}",
     )
+    bench = rep(cfg.bench, target=cfg.target, methods=("prompt lookup=pld", *drafters))
+    tau = rep(cfg.tau, target=cfg.target, methods=drafters, tau_only=True, hf_baseline=False)
     return {
         "data": (["data"], data),
         "sft": (["train", "sft"], sft),
         "opd": (["train", "opd"], opd),
         "sft_continued": (["train", "sft"], cont),
         "bench": (["bench", "--json", str(out / "bench" / "result.json")], bench),
+        "tau": (["bench", "--json", str(out / "tau" / "result.json")], tau),
     }
 
 
@@ -106,6 +112,8 @@ def estimate(stage: str, c, n_traj: int) -> float:
         return c.max_steps * (0.045 * c.rollout_batch * c.max_new_tokens) + evals * 0.12 * c.eval.limit * 12
     if stage == "bench":
         return len(c.datasets) * c.limit * (len(c.methods) + 1) * c.sampling.max_new_tokens / 14
+    if stage == "tau":
+        return len(c.datasets) * c.limit * len(c.methods) * c.sampling.max_new_tokens / 60
     return 0.0
 
 
@@ -187,6 +195,12 @@ def run_demo(cfg: DemoConfig, fresh: bool = False, say=print) -> Path:
     stages = stage_configs(cfg)
     n_traj = len(cfg.data.sources) * cfg.data.limit_per_source
     t_start = time.perf_counter()
+    todo = [n for n in STAGES if not (out / "done" / f"{n}.json").exists()]
+    guess = sum(estimate(n, stages[n][1], n_traj) for n in todo)
+    say(
+        f"[demo] {len(todo)} of {len(STAGES)} stages to run ({', '.join(todo) or 'none'}): estimate ~{_fmt(guess)} "
+        f"(rates of 2 AVX2 cores in fp32; bf16 on an AVX512-BF16 CPU is faster) -> {out}"
+    )
     changed = False
     for i, name in enumerate(STAGES, 1):
         verb, c = stages[name]

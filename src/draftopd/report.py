@@ -159,6 +159,57 @@ def _target_name(result: dict) -> str:
     return "embedded SmolLM2-135M-Instruct" if path == "default" else f"`{path}`"
 
 
+def standing(result: dict) -> str:
+    """One paragraph: where each learned drafter stands against plain decoding and prompt lookup (wall clock)."""
+    parts = []
+    for ds, r in result["datasets"].items():
+        m = r["methods"]
+        pld = m.get("prompt lookup", {}).get("speedup")
+        cells = []
+        for name in ("SFT", "Draft-OPD", "SFT continued"):
+            if name in m:
+                vs_pld = f", {m[name]['speedup'] / pld:.2f}x prompt lookup's speed" if pld else ""
+                cells.append(f"{name} {m[name]['speedup']:.2f}x plain{vs_pld}")
+        parts.append(f"{ds}: " + "; ".join(cells) + (f" (prompt lookup {pld:.2f}x plain)" if pld else ""))
+    return (
+        "**Against plain decoding and prompt lookup** (tokens/s ratios, batch 1, measured side by side): "
+        + ". ".join(parts)
+        + "."
+    )
+
+
+def tau_section(out: Path) -> list[str]:
+    """Markdown lines: held-out tau of SFT, SFT continued and Draft-OPD on the tau stage's prompts, with OPD's
+    paired gains (95% bootstrap interval over prompts) over its matched control and over the SFT start."""
+    from draftopd.bench.run import paired_gain
+
+    path = out / "tau" / "result.json"
+    if not path.exists():
+        return []
+    result = json.loads(path.read_text())
+    sets = result["datasets"]
+    n = next(iter(sets.values()))["prompts"]
+    lines = [
+        f"## Draft-OPD against SFT continued with matched updates: held-out tau, {n} prompts per set",
+        "",
+        f"Batched, greedy, {result['config']['sampling']['max_new_tokens']} new tokens, {result['dtype']}; gains "
+        "paired over the same prompts, [95% bootstrap interval over prompts].",
+        "",
+        "| data set | SFT (start) | SFT continued | Draft-OPD | OPD vs SFT continued | OPD vs SFT |",
+        "|---|---|---|---|---|---|",
+    ]
+    for ds, r in sets.items():
+        m = r["methods"]
+
+        def gain(base: str, m=m) -> str:
+            g, lo, hi = paired_gain(m[base]["per_prompt"], m["Draft-OPD"]["per_prompt"])
+            return f"{100 * g:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+        taus = " | ".join(f"{m[k]['tau']:.3f}" for k in ("SFT", "SFT continued", "Draft-OPD"))
+        lines.append(f"| {ds} | {taus} | {gain('SFT continued')} | {gain('SFT')} |")
+    return [*lines, ""]
+
+
 def write_report(out: Path, stages: dict[str, dict]) -> Path:
     """REPORT.md and figures/ of a demo run, rebuilt from its stage outputs (the same inputs, the same report)."""
     from draftopd.bench.run import format_table, paired_gain
@@ -213,6 +264,9 @@ def write_report(out: Path, stages: dict[str, dict]) -> Path:
             else "."
         ),
         "",
+        standing(result),
+        "",
+        *tau_section(out),
         "**In tokens per second.** Every output above is the target's own greedy text (the `lossless` column "
         "compares each drafter's tokens with plain decoding's). A drafter pays off only when tau exceeds the cost "
         f"of one of its steps (draft + verify) in plain decoding steps: measured here {step_cost:.2f} for the "

@@ -45,6 +45,9 @@ class VerifyStep:
     draft_logprobs_target: list[float]  # log p_target(d_j | prefix, d_<j) at T=1, from the same verify pass
 
 
+_SUMMED = ("target_calls", "target_tokens", "new_tokens", "rows", "generations")
+
+
 @dataclass
 class SpecStats:
     committed: list[int] = field(default_factory=list)  # tokens committed per (row, verify step)
@@ -59,6 +62,8 @@ class SpecStats:
     generations: int = 0  # speculative_generate calls merged into these stats
     prefill_s: float = 0.0  # time to first token (prefill + first token), whole batch
     decode_s: float = 0.0
+    draft_s: float = 0.0  # of decode_s: the drafter's propose calls
+    verify_s: float = 0.0  # of decode_s: the target's verify forwards (the rest: accept, commit, drafter update)
 
     @property
     def tau(self) -> float:
@@ -72,6 +77,11 @@ class SpecStats:
         """P(draft token j accepted | it was proposed), for j = 1..max proposed."""
         n = max(self.proposed_at, default=0)
         return [self.accepted_at[j] / self.proposed_at[j] if self.proposed_at[j] else 0.0 for j in range(1, n + 1)]
+
+    @property
+    def steps(self) -> int:
+        """Verify steps (target calls after each generation's prefill)."""
+        return self.target_calls - self.generations
 
     @property
     def seconds(self) -> float:
@@ -91,7 +101,7 @@ class SpecStats:
         self.per_prompt += other.per_prompt
         self.proposed_at.update(other.proposed_at)
         self.accepted_at.update(other.accepted_at)
-        for name in ("target_calls", "target_tokens", "new_tokens", "rows", "generations", "prefill_s", "decode_s"):
+        for name in (*_SUMMED, "prefill_s", "decode_s", "draft_s", "verify_s"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
 
@@ -104,6 +114,9 @@ class SpecStats:
             "ttft_s": round(self.prefill_s / max(1, self.generations), 4),
             "tpot_ms": round(1000 * self.tpot_s, 3),
             "seconds": round(self.seconds, 3),
+            # per verify step (all rows of the batch together): drafting and the verify forward
+            "draft_ms": round(1000 * self.draft_s / max(1, self.steps), 3),
+            "verify_ms": round(1000 * self.verify_s / max(1, self.steps), 3),
             "tau_histogram": self.histogram(),
             "acceptance_rate": [round(a, 4) for a in self.acceptance_rate()],
             "per_prompt": [list(x) for x in self.per_prompt],  # [tokens, verify steps]: for paired comparisons
@@ -196,6 +209,7 @@ def speculative_generate(
         nb = len(rows)
 
         # 1) Draft: up to k tokens per row, never more than the row's remaining token budget allows.
+        t_draft = time.perf_counter()
         if drafter is not None:
             prop = drafter.propose(state, params, generator)
         else:
@@ -210,12 +224,16 @@ def speculative_generate(
         block = torch.cat([state.last[:, None], draft], dim=1)  # (B, k + 1)
         block_pos = state.next_pos[:, None] + torch.arange(k + 1, device=dev)  # (B, k + 1)
         attn = torch.cat([kv_mask, torch.ones(nb, k + 1, dtype=kv_mask.dtype, device=dev)], dim=1)
+        t_verify = time.perf_counter()
         out = target.forward(block, attn, block_pos, cache, layer_ids, "all")
+        n_acc, nxt = verify(draft, n_draft, out.logits, params, p_draft, generator)
+        stats.draft_s += t_verify - t_draft
+        stats.verify_s += time.perf_counter() - t_verify
         stats.target_calls += 1
         stats.target_tokens += block.numel()
 
-        # 3) Accept: the pure rule in spec.sampling (greedy match or lossless rejection sampling).
-        n_acc, nxt = verify(draft, n_draft, out.logits, params, p_draft, generator)
+        # 3) Accept: the pure rule in spec.sampling (greedy match or lossless rejection sampling), run above
+        #    inside the verify timer. On a GPU, kernels run asynchronously: the draft/verify split is rough there.
         if record and k:
             logp = torch.log_softmax(out.logits[:, :k], dim=-1).gather(-1, draft[..., None]).squeeze(-1)
 
