@@ -270,7 +270,7 @@ def write_report(out: Path, stages: dict[str, dict]) -> Path:
         "**In tokens per second.** Every output above is the target's own greedy text (the `lossless` column "
         "compares each drafter's tokens with plain decoding's). A drafter pays off only when tau exceeds the cost "
         f"of one of its steps (draft + verify) in plain decoding steps: measured here {step_cost:.2f} for the "
-        "DFlash drafters, so that is the tau where they break even. The speed-up column is the wall-clock ratio "
+        "learned drafters, so that is the tau where they break even. The speed-up column is the wall-clock ratio "
         "against plain decoding, measured in the same process, prompt by prompt.",
         "",
         "![tau vs compute](figures/tau_vs_compute.png)",

@@ -7,7 +7,9 @@ previous budget of the same kind), a log-x figure, and an extrapolation.
 
 The extrapolation fits a power law to the *excess* acceptance length, ``tau - 1 = c * N**b`` (N: SFT training
 tokens), i.e. a straight line in log-log coordinates, by least squares over the budgets of one kind and data
-set, and solves it for tau = 3 and tau = 6. It is a trend line, not a law: tau is capped at the draft length
+set, and solves it for tau = 3 and tau = 6. The smallest budget is left out of the fit (when there are three or
+more): a drafter that has barely trained accepts by chance (tau - 1 of a few thousandths), and on a log scale that
+noise would set the slope. It is a trend line, not a law: tau is capped at the draft length
 + 1 (DFlash block_size, EAGLE-3 chain_length + 1), so a fit that keeps rising is optimistic near the cap, and
 four points fix a slope only roughly. The table reports the slope so a reader can judge.
 
@@ -130,10 +132,11 @@ def scaling_report(out: str | Path) -> Path:
             prev = row
         lines.append("")
         for ds in sets:
+            pts = [(n, t) for n, t, _, _ in curves[(kind, ds)]]
             with contextlib.suppress(DraftopdError):  # fewer than 2 usable points: no fit, no row
-                fits[(kind, ds)] = fit_power([(n, t) for n, t, _, _ in curves[(kind, ds)]])
+                fits[(kind, ds)] = fit_power(pts[1:] if len(pts) > 2 else pts)
     lines += [
-        "## Extrapolation: tau - 1 = c * N^b fitted per kind and data set",
+        "## Extrapolation: tau - 1 = c * N^b fitted per kind and data set (all budgets but the smallest)",
         "",
         "| kind | data set | b (slope, log-log) | SFT tokens for tau 3 | SFT tokens for tau 6 |",
         "|---|---|---|---|---|",
