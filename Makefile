@@ -13,7 +13,7 @@ demo: setup
 reproduce: setup
 	$(PY)/draftopd demo --config configs/reproduce.yaml
 
-# tau of DFlash and EAGLE-3 against SFT tokens (needs the data of `make reproduce`'s first stage)
+# tau of DFlash and EAGLE-3 against SFT tokens (after `make reproduce`: its data, and its SFT as the largest EAGLE-3 budget)
 scaling: setup
 	bash scripts/scaling_study.sh runs/reproduce/data runs/scaling
 

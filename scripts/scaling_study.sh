@@ -7,22 +7,34 @@
 # (`python -m draftopd.study OUT`). Every stage is resumable: a finished run is skipped (its `final/`
 # exists), an interrupted one resumes from its checkpoint, and the target's features are computed once per kind
 # (the later runs of a kind link the first run's `features.pt`, which the trainer checks against its data key).
+# A budget can be a finished run made elsewhere: REUSE="eagle3-960=runs/reproduce/sft" (the default: `make
+# reproduce`'s SFT stage is the same recipe at 960 steps) links it as OUT/eagle3-960 when it has a final/.
 # Usage: scripts/scaling_study.sh [DATA] [OUT] [N]   (nohup ... > OUT.log &; `tail -f OUT.log`)
-# Env: STEPS (budgets, default "15 50 160 480": 32x; STEPS_dflash / STEPS_eagle3 per kind), KINDS ("dflash eagle3"), SFT_SET (extra --set flags), BENCH=0.
+# Env: STEPS_dflash (default "5 15 60 240": 48x), STEPS_eagle3 ("15 60 240 960": 64x), KINDS ("dflash eagle3"),
+#      REUSE, SFT_SET (extra --set flags for every run), BENCH=0 (train only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-runs/reproduce/data}
 OUT=${2:-runs/scaling}
 N=${3:-32}
-STEPS=${STEPS:-"15 50 160 480"}
+STEPS_dflash=${STEPS_dflash:-"5 15 60 240"}
+STEPS_eagle3=${STEPS_eagle3:-"15 60 240 960"}
 KINDS=${KINDS:-"dflash eagle3"}
+REUSE=${REUSE:-"eagle3-960=runs/reproduce/sft"}
 D=.venv/bin/draftopd
 mkdir -p "$OUT"
+for pair in $REUSE; do
+  name=${pair%%=*} src=${pair#*=}
+  if [ ! -e "$OUT/$name" ] && [ -f "$src/final/config.json" ]; then ln -s "$(realpath "$src")" "$OUT/$name"; fi
+done
 methods=()
 for kind in $KINDS; do
-  first=""
-  per_kind="STEPS_$kind"  # e.g. STEPS_dflash="15 50 160 800": this kind's budgets instead of STEPS
-  for s in ${!per_kind:-$STEPS}; do
+  first=""  # a run of this kind whose target features exist (a reused run, else the first one trained)
+  per_kind="STEPS_$kind"
+  for s in ${!per_kind}; do
+    if [ -z "$first" ] && [ -f "$OUT/$kind-$s/features.pt" ]; then first=$OUT/$kind-$s; fi
+  done
+  for s in ${!per_kind}; do
     run=$OUT/$kind-$s
     if [ ! -f "$run/final/config.json" ]; then
       if [ -n "$first" ] && [ -f "$first/features.pt" ] && [ ! -e "$run/features.pt" ]; then

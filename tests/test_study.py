@@ -65,3 +65,18 @@ def test_step_costs_time_draft_and_verify_of_every_shape(tiny_folder):
             assert r["draft_ms"] > 0 and r["break_even_tau"] > 0, label
     table = format_costs(result)
     assert table.count("\n") == len(rows) + 1 and "dflash block 16, draft vocab 8k" in table
+
+
+def test_best_chain_length_trades_reach_against_step_cost():
+    from draftopd.bench.cost import best_chain_length
+
+    # reach halves per position; a step costs 60 ms + 6 ms per drafted token; plain 50 ms
+    reach = [0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625]
+    best, speed = best_chain_length(reach, {2: 72.0, 6: 96.0}, 50.0)
+    expect = {n: (1 + sum(reach[:n])) * 50 / (60 + 6 * n) for n in range(1, 7)}
+    assert speed == pytest.approx(expect)
+    assert best == max(expect, key=expect.get) == 2
+    # a free draft step: the longest chain wins; a single measured cost is taken as flat
+    assert best_chain_length(reach, {4: 60.0}, 50.0)[0] == 6
+    with pytest.raises(ValueError):
+        best_chain_length(reach, {}, 50.0)

@@ -131,7 +131,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.costs:
         from draftopd.bench.cost import format_costs, step_costs
 
-        result = step_costs(target_path=cfg.target.path, dataset=cfg.datasets[0], threads=cfg.target.threads)
+        # target.dtype auto (the default): fp32 and bf16 side by side; a set dtype: that one only
+        dtypes = ("fp32", "bf16") if cfg.target.dtype == "auto" else (cfg.target.dtype,)
+        result = step_costs(dtypes, cfg.target.path, cfg.datasets[0], threads=cfg.target.threads)
         result.update(commit=git_commit(), cpu_flags=cpu_flags(), torch=torch.__version__)
         print(format_costs(result), flush=True)
         if args.json:
@@ -225,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--costs",
         action="store_true",
-        help="instead: ms per draft and verify step of each drafter shape in fp32 and bf16, and the break-even tau",
+        help="instead: ms per draft and verify step of each drafter shape (fp32 and bf16, or target.dtype if set), "
+        "and the break-even tau",
     )
     _model_flags(p)
     _common(p)

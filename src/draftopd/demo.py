@@ -103,7 +103,10 @@ def estimate(stage: str, c, n_traj: int) -> float:
     if stage == "data":
         return len(c.sources) * c.limit_per_source * c.sampling.max_new_tokens / 200
     if stage in ("sft", "sft_continued"):
-        per_step = 0.0021 * c.batch_size * c.blocks_per_seq * (c.arch.block_size - 1)
+        if c.arch.kind == "eagle3":  # every position of every sequence, once per TTT step (2.5 s at 4 x 384 x 6)
+            per_step = 0.00027 * c.batch_size * c.max_len * c.arch.ttt_steps
+        else:  # dflash: the drafted slots of the sampled blocks
+            per_step = 0.0021 * c.batch_size * c.blocks_per_seq * (c.arch.block_size - 1)
         evals = c.max_steps // max(1, c.eval_every) + 1
         feats = 0 if c.init_from else 0.5 * n_traj  # the target's feature pass (reused when continuing)
         return feats + c.max_steps * per_step + evals * 0.12 * c.eval.limit * c.eval.max_new_tokens / 8

@@ -32,8 +32,8 @@ from torch import Tensor
 
 from draftopd import DraftopdError
 from draftopd.models import DRAFTERS
-from draftopd.models.base import DrafterModel
-from draftopd.models.dflash import DFlashConfig, check_layer_ids
+from draftopd.models.base import DrafterModel, check_layer_ids
+from draftopd.models.dflash import DFlashConfig
 from draftopd.models.eagle3 import Eagle3Config
 from draftopd.models.vocab import draft_vocab_ids
 

@@ -265,3 +265,23 @@ class DrafterModel:
             )
         if scale is not None:
             self.fc_scale.copy_(scale.float())
+
+
+def check_layer_ids(ids, num_target_layers: int, what: str = "target_layer_ids") -> list[int]:
+    """One-line error unless every id is a servable target layer: 0 <= id <= L-2, ascending. Ids name the output
+    of decoder layer id (HF ``hidden_states[id + 1]``). L-1 is refused: transformers' last hidden state is taken
+    after the final norm, which no engine captures, and SGLang/vLLM capture the *input* of layer id+1, which does
+    not exist. Ascending: engines concatenate the captured layers in layer order."""
+    ids = [int(i) for i in ids]
+    if not ids:
+        raise DraftopdError(f"{what} is empty")
+    top = num_target_layers - 2
+    if any(not 0 <= i <= top for i in ids):
+        raise DraftopdError(
+            f"{what} {ids} invalid for a {num_target_layers}-layer target: each id must be in 0..{top} "
+            f"(L-2; layer L-1's output is transformers' post-norm last hidden state, and SGLang/vLLM capture the "
+            f"input of layer id+1, which does not exist)"
+        )
+    if ids != sorted(ids):
+        raise DraftopdError(f"{what} {ids} must be ascending (engines concatenate captured layers in layer order)")
+    return ids

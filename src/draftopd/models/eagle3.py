@@ -28,8 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from draftopd import DraftopdError
-from draftopd.models.base import DrafterModel, Proposal, ReplayBatch, SeqBatch, target_shape
-from draftopd.models.dflash import check_layer_ids
+from draftopd.models.base import DrafterModel, Proposal, ReplayBatch, SeqBatch, check_layer_ids, target_shape
 from draftopd.models.layers import MLP, apply_rope, gqa_attention, rope_cos_sin
 from draftopd.models.vocab import draft_tokens, draft_vocab_ids, draft_vocab_map, response_token_counts
 
