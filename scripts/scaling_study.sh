@@ -10,7 +10,7 @@
 # A budget can be a finished run made elsewhere: REUSE="eagle3-960=runs/reproduce/sft" (the default: `make
 # reproduce`'s SFT stage is the same recipe at 960 steps) links it as OUT/eagle3-960 when it has a final/.
 # Usage: scripts/scaling_study.sh [DATA] [OUT] [N]   (nohup ... > OUT.log &; `tail -f OUT.log`)
-# Env: STEPS_dflash (default "5 15 60 240": 48x), STEPS_eagle3 ("15 60 240 960": 64x), KINDS ("dflash eagle3"),
+# Env: STEPS_dflash (default "5 15 60 240": 48x), STEPS_eagle3 ("15 40 120 960": 64x), KINDS ("dflash eagle3"),
 #      REUSE, SFT_SET (extra --set flags for every run), BENCH=0 (train only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,7 @@ DATA=${1:-runs/reproduce/data}
 OUT=${2:-runs/scaling}
 N=${3:-32}
 STEPS_dflash=${STEPS_dflash:-"5 15 60 240"}
-STEPS_eagle3=${STEPS_eagle3:-"15 60 240 960"}
+STEPS_eagle3=${STEPS_eagle3:-"15 40 120 960"}
 KINDS=${KINDS:-"dflash eagle3"}
 REUSE=${REUSE:-"eagle3-960=runs/reproduce/sft"}
 D=.venv/bin/draftopd
