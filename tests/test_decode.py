@@ -10,7 +10,7 @@ from scipy.stats import chisquare
 
 from draftopd.decoding.loop import speculative_generate
 from draftopd.decoding.sampling import SamplingParams
-from draftopd.models.base import Proposal
+from draftopd.models.base import Proposal, confident_length, top_prob
 from draftopd.models.pld import PromptLookupDrafter, lookup
 
 from conftest import make_tiny_target
@@ -71,6 +71,29 @@ def test_prompt_lookup_rule():
     assert lookup([7, 8, 7], 2, 2, 1) == [8, 7]  # falls back to a 1-gram
 
 
+def test_confident_length_ends_a_proposal_at_its_first_unsure_token():
+    conf = torch.tensor([[0.9, 0.8, 0.2, 0.9], [0.1, 0.9, 0.9, 0.9], [0.9, 0.9, 0.9, 0.9], [0.5, 0.49, 0.1, 0.1]])
+    assert confident_length(conf, 0.5).tolist() == [3, 1, 4, 2]  # the unsure token itself is still proposed
+    assert confident_length(conf, 0.0).tolist() == [4, 4, 4, 4]
+    assert confident_length(conf, 0.95).tolist() == [1, 1, 1, 1]
+    assert top_prob(torch.tensor([[0.0, 0.0], [10.0, -10.0]])).tolist() == pytest.approx([0.5, 1.0])
+
+
+def joint_law_pvalue(target, prompt, samples: list[list[int]], params) -> float:
+    """Chi-square p-value of sampled continuations (all of one length) against the target's exact joint law."""
+    n_tokens, n = len(samples[0]), len(samples)
+    tuples, probs = _exact_joint(target, prompt, n_tokens, params)
+    index = {t: i for i, t in enumerate(tuples)}
+    counts = torch.zeros(len(tuples), dtype=torch.float64)
+    for toks in samples:
+        counts[index[tuple(toks)]] += 1
+    expected = probs / probs.sum() * n
+    big = expected >= 5  # pool the rare cells so the chi-square approximation holds
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
+
+
 def _exact_joint(target, prompt, n_tokens, params):
     """p(t_1..t_n | prompt) for every token tuple, from full forwards of the target."""
     vocab = target.vocab_size
@@ -94,16 +117,7 @@ def test_sampling_end_to_end_matches_target_joint_distribution():
     out = speculative_generate(
         target, [prompt] * n, drafter, 4, params, torch.Generator().manual_seed(0), stop_on_eos=False
     )
-    tuples, probs = _exact_joint(target, prompt, 4, params)
-    index = {t: i for i, t in enumerate(tuples)}
-    counts = torch.zeros(len(tuples), dtype=torch.float64)
-    for toks in out.tokens:
-        counts[index[tuple(toks)]] += 1
-    expected = probs / probs.sum() * n
-    big = expected >= 5  # pool the rare cells so the chi-square approximation holds
-    obs = torch.cat([counts[big], counts[~big].sum()[None]])
-    exp = torch.cat([expected[big], expected[~big].sum()[None]])
-    assert chisquare(obs.numpy(), exp.numpy()).pvalue > 1e-3
+    assert joint_law_pvalue(target, prompt, out.tokens, params) > 1e-3
     assert 1.0 < out.stats.tau < 3.0  # some drafts accepted, some rejected
 
 

@@ -130,6 +130,19 @@ def test_greedy_lossless_with_dflash_batched(temperature):
     assert 1 in out.stats.histogram()  # rejections happened
 
 
+def test_confidence_threshold_trims_dflash_blocks_losslessly():
+    target = make_tiny_target(vocab=16, std=0.3, seed=2, layers=4)
+    model = tiny_dflash(target, block=5)
+    prompts = [[5, 6, 7, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2], [9], [3, 3, 3]]
+    refs = [speculative_generate(target, [p], None, 30).tokens[0] for p in prompts]
+    out = speculative_generate(target, prompts, model.engine(target, confidence=0.3), 30)
+    assert out.tokens == refs
+    st = out.stats
+    rows = len(st.committed)  # verify steps summed over rows
+    assert st.proposed_at[1] >= rows - len(prompts)  # never emptied (but a row's last step, at its budget)
+    assert st.proposed_at[4] < rows  # some blocks were trimmed
+
+
 def test_export_round_trip(tmp_path, tiny_target):
     from draftopd.export import export_drafter
 

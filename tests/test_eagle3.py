@@ -127,6 +127,40 @@ def test_greedy_lossless_with_eagle3_batched():
     assert one == refs
 
 
+def test_confidence_threshold_stops_chains_early_and_stays_lossless():
+    """Greedy (fp32): the same tokens as plain decoding, with proposals cut per row at the first unsure token; the
+    chain stops drafting once every row is cut (fewer proposals than chains of full length)."""
+    target = make_tiny_target(vocab=16, std=0.3, seed=2, layers=4)
+    model = tiny_eagle(target, vd=10)
+    prompts = [[5, 6, 7, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2], [9], [3, 3, 3]]
+    refs = [speculative_generate(target, [p], None, 30).tokens[0] for p in prompts]
+    for conf in (0.3, 0.6):
+        out = speculative_generate(target, prompts, Eagle3Drafter(model, target, 4, confidence=conf), 30)
+        assert out.tokens == refs, conf
+        st = out.stats
+        rows = len(st.committed)  # verify steps summed over rows
+        assert st.proposed_at[1] >= rows - len(prompts)  # a token every step (but a row's last, at its budget)
+        assert st.proposed_at[4] < rows, conf  # some proposals were cut
+
+
+def test_sampling_with_a_confidence_threshold_keeps_the_target_distribution():
+    """Speculative sampling with EAGLE-3 chains cut by confidence: 4 tokens follow the target's joint law."""
+    from test_decode import joint_law_pvalue
+
+    target = make_tiny_target(vocab=6, std=0.6, seed=1, layers=4)
+    model = tiny_eagle(target, vd=4)
+    params = SamplingParams(temperature=0.8)
+    prompt, n = [1, 4, 2], 20_000
+    drafter = Eagle3Drafter(model, target, chain_length=3, confidence=0.5)
+    out = speculative_generate(
+        target, [prompt] * n, drafter, 4, params, torch.Generator().manual_seed(0), stop_on_eos=False
+    )
+    assert joint_law_pvalue(target, prompt, out.tokens, params) > 1e-3
+    st = out.stats
+    assert st.proposed_at[3] < st.proposed_at[1]  # the threshold cut some chains
+    assert st.tau > 1.0
+
+
 def test_ttt_labels_come_from_each_row():
     from draftopd.models.eagle3 import ttt_labels
 

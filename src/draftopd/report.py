@@ -171,10 +171,18 @@ def standing(result: dict) -> str:
                 vs_pld = f", {m[name]['speedup'] / pld:.2f}x prompt lookup's speed" if pld else ""
                 cells.append(f"{name} {m[name]['speedup']:.2f}x plain{vs_pld}")
         parts.append(f"{ds}: " + "; ".join(cells) + (f" (prompt lookup {pld:.2f}x plain)" if pld else ""))
+    d = result.get("config", {}).get("drafter", {})
+    rule = ""
+    if d.get("confidence"):
+        rule = (
+            f" The learned drafters proposed up to {d.get('chain_length')} tokens a step (EAGLE-3; DFlash: its"
+            f" block), each proposal ending at its first token drafted with probability below {d['confidence']}."
+        )
     return (
         "**Against plain decoding and prompt lookup** (tokens/s ratios, batch 1, measured side by side): "
         + ". ".join(parts)
         + "."
+        + rule
     )
 
 

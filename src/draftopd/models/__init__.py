@@ -53,5 +53,5 @@ def build_drafter(cfg: DrafterConfig, target: Target) -> Drafter | None:
     if cfg.kind == "path" and cfg.path:  # any layout init_from reads (ours, z-lab, SpecForge, speculators)
         from draftopd.interop import import_drafter  # interop reads this module's table: imported when needed
 
-        return import_drafter(cfg.path, target).engine(target, cfg.chain_length)
+        return import_drafter(cfg.path, target).engine(target, cfg.chain_length, cfg.confidence)
     raise DraftopdError(f"unknown drafter {cfg.kind!r}: use 'pld', 'none', or a drafter folder")

@@ -34,6 +34,23 @@ class Proposal:
     probs: Tensor | None = None  # (B, k, V) the distributions the tokens were drawn from; None = deterministic
 
 
+def top_prob(logits: Tensor) -> Tensor:
+    """The drafter's confidence in its proposal: the top-1 probability of its logits (..., Vd) at temperature 1."""
+    return torch.softmax(logits.float(), -1).amax(-1)
+
+
+def confident_length(conf: Tensor, threshold: float) -> Tensor:
+    """Proposals kept per row (B,) from confidences (B, k): a proposal ends at its first token whose confidence
+    is below ``threshold`` (that token still proposed: it was drafted already and verifying it costs little);
+    threshold 0 keeps all k. Lossless whatever the threshold: how many tokens are proposed depends only on the
+    draft, and each proposed token is verified as before (HF assisted generation's
+    ``assistant_confidence_threshold`` does the same)."""
+    k = conf.shape[1]
+    low = conf < threshold  # (B, k)
+    first = torch.where(low.any(1), low.float().argmax(1), torch.full_like(low[:, 0], k - 1, dtype=torch.long))
+    return first + 1
+
+
 class Drafter(Protocol):
     layer_ids: tuple[int, ...]  # target layers whose hidden states (after the layer) the drafter reads
 
@@ -129,7 +146,8 @@ class DrafterModel:
     Each architecture implements five methods, so no caller branches on the kind:
 
     * ``build(target, arch, seqs)`` (classmethod): a fresh drafter shaped from the target's config;
-    * ``engine(target, chain_length)``: the engine-side drafter (``Drafter``) for the speculative loop;
+    * ``engine(target, chain_length, confidence)``: the engine-side drafter (``Drafter``) for the speculative
+      loop (``confidence``: see ``confident_length``);
     * ``sft_states(embed, batch, cfg)``: drafter states, labels and loss weights of an SFT batch;
     * ``replay_states(embed, batch)``: the states of the Draft-OPD replay slots of a ``ReplayBatch``
       (response stream and rejected stream);

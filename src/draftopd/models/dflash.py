@@ -40,7 +40,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from draftopd import DraftopdError
-from draftopd.models.base import DrafterModel, Proposal, ReplayBatch, SeqBatch, check_layer_ids, target_shape
+from draftopd.models.base import (
+    DrafterModel,
+    Proposal,
+    ReplayBatch,
+    SeqBatch,
+    check_layer_ids,
+    confident_length,
+    target_shape,
+    top_prob,
+)
 from draftopd.models.layers import MLP, apply_rope, gqa_attention, rope_cos_sin
 from draftopd.models.vocab import draft_tokens, draft_vocab_ids, draft_vocab_map, response_token_counts
 
@@ -304,8 +313,8 @@ class DFlashModel(DrafterModel, nn.Module):
         full.config = dataclasses.replace(self.config, draft_vocab_size=self.config.vocab_size)
         return full
 
-    def engine(self, target, chain_length: int = 0) -> DFlashDrafter:
-        return DFlashDrafter(self, target)
+    def engine(self, target, chain_length: int = 0, confidence: float = 0.0) -> DFlashDrafter:
+        return DFlashDrafter(self, target, confidence)
 
     def replay_block(self, chain_length: int) -> int:
         return self.config.block_size
@@ -395,11 +404,11 @@ class DFlashDrafter:
     With a draft vocabulary (``model.d2t``) the target LM head's rows of those tokens are sliced once here, in
     the target's dtype and device, and each step scores the slots against them only."""
 
-    def __init__(self, model: DFlashModel, target) -> None:
+    def __init__(self, model: DFlashModel, target, confidence: float = 0.0) -> None:
         model.check_target(target)
         # a copy in the target's dtype and device: the caller's (training) weights stay as they are
         self.model = copy.deepcopy(model).to(target.device, target.dtype).eval()
-        self.target = target
+        self.target, self.confidence = target, confidence
         self.draft_ids: Tensor | None = None  # (Vd,) target id of each draft id; None = the full vocabulary
         self.head_w = self.head_b = None  # (Vd, H), (Vd,): the target head's rows of the draft vocabulary
         if self.model.d2t is not None:
@@ -451,8 +460,11 @@ class DFlashDrafter:
         )
         h = self.model(self.target.embed(block), pos, self.kv, mask)
         logits = self.logits(h[:, 1:])  # (B, bs - 1, Vd): slot k predicts the token k after the anchor
-        n = torch.full((b,), bs - 1, dtype=torch.long, device=dev)
         tokens, probs = draft_tokens(logits, self.draft_ids, self.target.vocab_size, params, generator)
+        # the whole block is drafted in one pass; a confidence threshold only trims what the target verifies
+        n = torch.full((b,), bs - 1, dtype=torch.long, device=dev)
+        if self.confidence > 0:
+            n = confident_length(top_prob(logits), self.confidence)
         return Proposal(tokens, n, probs)
 
     def logits(self, h: Tensor) -> Tensor:

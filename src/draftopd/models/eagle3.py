@@ -28,7 +28,16 @@ import torch
 from torch import Tensor, nn
 
 from draftopd import DraftopdError
-from draftopd.models.base import DrafterModel, Proposal, ReplayBatch, SeqBatch, check_layer_ids, target_shape
+from draftopd.models.base import (
+    DrafterModel,
+    Proposal,
+    ReplayBatch,
+    SeqBatch,
+    check_layer_ids,
+    confident_length,
+    target_shape,
+    top_prob,
+)
 from draftopd.models.layers import MLP, apply_rope, gqa_attention, rope_cos_sin
 from draftopd.models.vocab import draft_tokens, draft_vocab_ids, draft_vocab_map, response_token_counts
 
@@ -238,8 +247,8 @@ class Eagle3Model(DrafterModel, nn.Module):
         model.set_vocab(*draft_vocab_map(counts, c.draft_vocab_size), target.lm_head.weight.detach().cpu())
         return model
 
-    def engine(self, target, chain_length: int = 6) -> Eagle3Drafter:
-        return Eagle3Drafter(self, target, chain_length)
+    def engine(self, target, chain_length: int = 6, confidence: float = 0.0) -> Eagle3Drafter:
+        return Eagle3Drafter(self, target, chain_length, confidence)
 
     def replay_block(self, chain_length: int) -> int:
         return chain_length + 1  # the anchor, then one proposal per chain step
@@ -421,11 +430,12 @@ def branch_forward(
 class Eagle3Drafter:
     """Engine side of EAGLE-3: its own KV cache over committed (feature, token) pairs, then a k-step chain."""
 
-    def __init__(self, model: Eagle3Model, target, chain_length: int = 6) -> None:
+    def __init__(self, model: Eagle3Model, target, chain_length: int = 6, confidence: float = 0.0) -> None:
         model.check_target(target)
         # a copy in the target's dtype and device: the caller's (training) weights stay as they are
         self.model = copy.deepcopy(model).to(target.device, target.dtype).eval()
-        self.target, self.chain_length = target, chain_length
+        self.target, self.chain_length, self.confidence = target, chain_length, confidence
+        self.draft_ids = draft_vocab_ids(self.model.d2t)  # (Vd,) target id of each draft id
         self.layer_ids = tuple(model.config.target_layer_ids)
         self.k = self.v = None  # (B, nkv, S, D) committed pairs
         self.mask = None  # (B, S) real slots
@@ -483,16 +493,22 @@ class Eagle3Drafter:
         if not bool(used.all()):  # drop slots no row uses
             keep = used.nonzero().squeeze(1)
             self.k, self.v, self.mask = self.k[:, :, keep], self.v[:, :, keep], self.mask[:, keep]
-        # 2) The chain: each step's output hidden state and drafted token feed the next step.
-        ck, cv, tokens, probs = self.k, self.v, [], []
+        # 2) The chain: each step's output hidden state and drafted token feed the next step. With a confidence
+        #    threshold a row's proposal ends at its first token the drafter is unsure of (``confident_length``),
+        #    and the chain stops early once every row has ended: steps nobody would verify are never drafted.
+        ck, cv, tokens, probs, confs = self.k, self.v, [], [], []
         cmask = self.mask
-        draft_to_target = draft_vocab_ids(m.d2t)
         for j in range(self.chain_length):
-            # (B, Vd) logits -> target ids, and when sampling q over the target vocabulary (0 outside the draft's)
-            tok, full = draft_tokens(m.logits(g)[:, 0], draft_to_target, m.config.vocab_size, params, generator)
+            logits = m.logits(g)[:, 0]  # (B, Vd)
+            # -> target ids, and when sampling q over the target vocabulary (0 outside the draft's)
+            tok, full = draft_tokens(logits, self.draft_ids, m.config.vocab_size, params, generator)
             if full is not None:
                 probs.append(full)
             tokens.append(tok)
+            if self.confidence > 0:
+                confs.append(top_prob(logits))
+                if bool((torch.stack(confs, 1) < self.confidence).any(1).all()):
+                    break
             if j == self.chain_length - 1:
                 break
             cos, sin = m.rope((p_last + j + 1)[:, None], g.dtype)
@@ -500,5 +516,8 @@ class Eagle3Drafter:
             ck, cv = torch.cat([ck, k], 2), torch.cat([cv, v], 2)
             cmask = torch.cat([cmask, torch.ones(b, 1, dtype=torch.bool, device=dev)], 1)
             g = m.midlayer.finish(g, gqa_attention(q, ck, cv, cmask[:, None, None, :]))
-        n = torch.full((b,), self.chain_length, dtype=torch.long, device=dev)
+        if confs:
+            n = confident_length(torch.stack(confs, 1), self.confidence)
+        else:
+            n = torch.full((b,), len(tokens), dtype=torch.long, device=dev)
         return Proposal(torch.stack(tokens, 1), n, torch.stack(probs, 1) if probs else None)

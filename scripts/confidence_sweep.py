@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Confidence-gated drafting: tau and wall-clock speed-up of one drafter at several (chain length, threshold)
+settings, against plain decoding and prompt lookup, every arm interleaved prompt by prompt in one process.
+
+Batch 1, greedy, the dtype ``auto`` picks (bf16 only where the CPU has it). A setting ``L:c`` drafts chains of up
+to ``L`` tokens (EAGLE-3; DFlash ignores ``L``) and ends a proposal at its first token drafted with top-1
+probability below ``c`` (``draftopd.models.base.confident_length``). Prints one line per arm and, with ``--json``,
+writes them. RESULTS.md 8.5 has the figures this made.
+
+    .venv/bin/python scripts/confidence_sweep.py runs/reproduce/sft/final --dataset gsm8k 4:0 6:0.5 6:0.7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+
+import torch
+
+from draftopd.bench.datasets import load_prompts
+from draftopd.decoding.loop import SpecStats, speculative_generate
+from draftopd.interop import import_drafter
+from draftopd.models.pld import PromptLookupDrafter
+from draftopd.models.target import load_target
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("drafter", help="a drafter folder (DFlash or EAGLE-3)")
+    ap.add_argument("settings", nargs="+", help="chain_length:confidence pairs, e.g. 6:0.5")
+    ap.add_argument("--dataset", default="gsm8k")
+    ap.add_argument("--limit", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default="")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    target = load_target("default", "auto")
+    model = import_drafter(a.drafter, target)
+    arms = {"plain": None, "prompt lookup": PromptLookupDrafter(10, 2, 1)}
+    for s in a.settings:
+        length, conf = s.split(":")
+        arms[f"chain {length}, confidence {conf}"] = model.engine(target, int(length), float(conf))
+    prompts = [target.encode_chat(p) for p in load_prompts(a.dataset, a.limit)]
+    for d in arms.values():  # warm-up
+        speculative_generate(target, [prompts[0]], d, 12)
+    stats = {k: SpecStats() for k in arms}
+    for i, ids in enumerate(prompts):
+        for name, d in arms.items():
+            stats[name].merge(speculative_generate(target, [ids], d, a.max_new_tokens).stats)
+        print(f"prompt {i + 1}/{len(prompts)}", flush=True)
+    plain = stats["plain"].tokens_per_s
+    rows = {}
+    for name, st in stats.items():
+        n = max(1, st.steps)
+        rows[name] = {
+            "tau": round(st.tau, 3),
+            "speedup": round(st.tokens_per_s / plain, 3),
+            "tokens_per_s": round(st.tokens_per_s, 2),
+            "step_ms": round(1000 * st.decode_s / n, 1),
+            "draft_ms": round(1000 * st.draft_s / n, 1),
+            "verify_ms": round(1000 * st.verify_s / n, 1),
+        }
+        r = rows[name]
+        print(
+            f"{name:26s} tau {r['tau']:.3f}  {r['speedup']:.3f}x  step {r['step_ms']} ms "
+            f"(draft {r['draft_ms']}, verify {r['verify_ms']})"
+        )
+    if a.json:
+        meta = {
+            "drafter": a.drafter,
+            "dataset": a.dataset,
+            "limit": a.limit,
+            "max_new_tokens": a.max_new_tokens,
+            "dtype": str(target.dtype),
+            "threads": torch.get_num_threads(),
+            "cpu": platform.processor(),
+            "commit": subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+            ).stdout.strip(),
+        }
+        with open(a.json, "w") as f:
+            json.dump({**meta, "arms": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
