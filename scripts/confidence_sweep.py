@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
+from pathlib import Path
 
 import torch
 
@@ -24,6 +24,14 @@ from draftopd.decoding.loop import SpecStats, speculative_generate
 from draftopd.interop import import_drafter
 from draftopd.models.pld import PromptLookupDrafter
 from draftopd.models.target import load_target
+
+
+def cpu() -> str:
+    """The CPU's model name and the flags that decide the dtype (``auto`` = bf16 with avx512_bf16 or amx_bf16)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
+    flags = sorted({"avx2", "avx512f", "avx512_bf16", "amx_bf16"} & set(text.split()))
+    return f"{name} ({' '.join(flags)})"
 
 
 def main() -> None:
@@ -76,9 +84,9 @@ def main() -> None:
             "max_new_tokens": a.max_new_tokens,
             "dtype": str(target.dtype),
             "threads": torch.get_num_threads(),
-            "cpu": platform.processor(),
+            "cpu": cpu(),
             "commit": subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+                ["git", "describe", "--always", "--dirty"], capture_output=True, text=True
             ).stdout.strip(),
         }
         with open(a.json, "w") as f:

@@ -48,9 +48,12 @@ def test_quick_demo_writes_report_with_every_method(quick_demo):
         assert f"{ds} " in text and "95% over prompts" in text  # OPD vs SFT with its interval, per set
     assert f"Target: embedded SmolLM2-135M-Instruct, {result['dtype']}" in text  # the report says which dtype ran
     assert "**Against plain decoding and prompt lookup**" in text and "x prompt lookup's speed" in text
+    # the bench drafts with the default gate, the tau stage without: the report says so
+    assert result["config"]["drafter"]["confidence"] == 0.5
+    assert "first token drafted with probability below 0.5" in text
     # the tau stage: the three drafters on the same prompts, OPD's paired gains over its control and the start
     tau = json.loads((out / "tau" / "result.json").read_text())
-    assert tau["config"]["tau_only"] is True
+    assert tau["config"]["tau_only"] is True and tau["config"]["drafter"]["confidence"] == 0
     for ds, r in tau["datasets"].items():
         assert set(r["methods"]) == {"SFT", "Draft-OPD", "SFT continued"}
         assert all(len(m["per_prompt"]) == r["prompts"] == cfg.tau.limit for m in r["methods"].values())

@@ -270,6 +270,13 @@ def write_report(out: Path, stages: dict[str, dict]) -> Path:
             f"same prompts for the same number of updates went {cont[0][1]:.2f} -> {cont[-1][1]:.2f}."
             if opd and cont
             else "."
+        )
+        + (
+            f" These are the benchmark's tau with proposals gated at drafter.confidence"
+            f" {result['config']['drafter']['confidence']} (the gate treats the drafters differently); the"
+            " shipped recipes' tau stage (below) measures them ungated."
+            if result["config"].get("drafter", {}).get("confidence")
+            else ""
         ),
         "",
         standing(result),
