@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from draftopd import DraftopdError
 from draftopd.bench.datasets import load_prompts
 from draftopd.decoding.loop import SpecStats, speculative_generate
 from draftopd.interop import import_drafter
@@ -34,10 +35,22 @@ def cpu() -> str:
     return f"{name} ({' '.join(flags)})"
 
 
+def setting(text: str) -> tuple[int, float]:
+    """``L:c`` -> (chain length >= 1, or 0 for DFlash; threshold in [0, 1)), else a one-line argparse error."""
+    try:
+        length, conf = text.split(":")
+        out = int(length), float(conf)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected chain_length:confidence, e.g. 6:0.5") from None
+    if out[0] < 0 or not 0 <= out[1] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: chain length >= 0 and confidence in [0, 1)")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("drafter", help="a drafter folder (DFlash or EAGLE-3)")
-    ap.add_argument("settings", nargs="+", help="chain_length:confidence pairs, e.g. 6:0.5")
+    ap.add_argument("settings", nargs="+", type=setting, help="chain_length:confidence pairs, e.g. 6:0.5")
     ap.add_argument("--dataset", default="gsm8k")
     ap.add_argument("--limit", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=96)
@@ -48,9 +61,8 @@ def main() -> None:
     target = load_target("default", "auto")
     model = import_drafter(a.drafter, target)
     arms = {"plain": None, "prompt lookup": PromptLookupDrafter(10, 2, 1)}
-    for s in a.settings:
-        length, conf = s.split(":")
-        arms[f"chain {length}, confidence {conf}"] = model.engine(target, int(length), float(conf))
+    for length, conf in a.settings:
+        arms[f"chain {length}, confidence {conf}"] = model.engine(target, length, conf)
     prompts = [target.encode_chat(p) for p in load_prompts(a.dataset, a.limit)]
     for d in arms.values():  # warm-up
         speculative_generate(target, [prompts[0]], d, 12)
@@ -94,4 +106,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DraftopdError as e:  # bad drafter folder, target not set up: one line, no traceback
+        raise SystemExit(f"confidence_sweep.py: error: {e}") from None

@@ -497,7 +497,7 @@ class Eagle3Drafter:
         #    threshold a row's proposal ends at its first token the drafter is unsure of (``confident_length``),
         #    and the chain stops early once every row has ended: steps nobody would verify are never drafted.
         ck, cv, tokens, probs, confs = self.k, self.v, [], [], []
-        cmask = self.mask
+        cmask, ended = self.mask, torch.zeros(b, dtype=torch.bool, device=dev)  # ended: (B,) rows past an unsure token
         for j in range(self.chain_length):
             logits = m.logits(g)[:, 0]  # (B, Vd)
             # -> target ids, and when sampling q over the target vocabulary (0 outside the draft's)
@@ -507,7 +507,8 @@ class Eagle3Drafter:
             tokens.append(tok)
             if self.confidence > 0:
                 confs.append(top_prob(logits))
-                if bool((torch.stack(confs, 1) < self.confidence).any(1).all()):
+                ended |= confs[-1] < self.confidence
+                if bool(ended.all()):
                     break
             if j == self.chain_length - 1:
                 break
