@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import os
 import platform
@@ -111,9 +110,7 @@ def recipes(tiny: bool) -> dict:
             sft["eagle3"], arch=ArchConfig(kind="eagle3", draft_vocab_size=256, ttt_steps=3), batch_size=2, max_len=48
         )
         for k in opd_:
-            opd_[k] = dataclasses.replace(
-                opd_[k], rollout_batch=2, micro_batch=1, max_prompt_tokens=16, max_new_tokens=24, chain_length=3
-            )
+            opd_[k] = dataclasses.replace(opd_[k], rollout_batch=2, micro_batch=1, max_new_tokens=24, chain_length=3)
     return {"sft": sft, "opd": opd_}
 
 
@@ -254,7 +251,7 @@ def sft_phase(target: Target, cfg: SFTConfig, args, all_reduce=None) -> dict:
     prompt_len = min(256, cfg.max_len // 4)
     seqs = synthetic_seqs(cfg.batch_size, cfg.max_len, prompt_len, vocab, gen)
     model = new_drafter(target, cfg.arch, seqs)
-    opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, 1000, cfg.warmup_ratio)
+    opt, sched = make_optimizer(dataclasses.replace(cfg, max_steps=1000), model)
     batch, anchor_gen = sft_batch(target, model.config.target_layer_ids, seqs, list(range(len(seqs))), args.seed)
     reset_peak(args.device)
     losses, times = [], []
@@ -316,19 +313,12 @@ def synthetic_rollouts(n: int, prompt_len: int, response_len: int, tau: float, p
     return rows
 
 
-def call_replay_plans(rows, block: int, rej_first_only: bool, seed: int):
-    """``opd.replay_plans`` with one generator per rollout (``gens``) or one for all (older ``gen``)."""
-    if "gens" in inspect.signature(opd.replay_plans).parameters:
-        gens = [torch.Generator().manual_seed(seed + i) for i in range(len(rows))]
-        return opd.replay_plans(rows, block, rej_first_only, False, gens)
-    return opd.replay_plans(rows, block, rej_first_only, False, torch.Generator().manual_seed(seed))
-
-
 def opd_phase(target: Target, cfg: OPDConfig, kind: str, sft_cfg: SFTConfig, args) -> dict:
     """A real rollout (seconds per verify step) and timed Draft-OPD updates on synthetic rollouts."""
     gen = torch.Generator().manual_seed(args.seed + 2)
     vocab = min(target.vocab_size, sft_cfg.arch.draft_vocab_size)
-    plen, resp = cfg.max_prompt_tokens, cfg.max_new_tokens
+    cfg = cfg.for_kind(kind)  # fields left at None: the kind's recipe
+    plen, resp = (16 if args.tiny else 512), cfg.max_new_tokens  # prompts as the paper's (<= 512 tokens)
     tau = args.tau if args.tau else (6.0 if kind == "dflash" else 4.0)
     model = new_drafter(target, sft_cfg.arch, synthetic_seqs(8, min(plen + resp, 512), 16, vocab, gen))
     # (a) rollout: the engine with this (untrained: tau ~ 1) drafter, a short budget, timed per verify step
@@ -351,7 +341,7 @@ def opd_phase(target: Target, cfg: OPDConfig, kind: str, sft_cfg: SFTConfig, arg
         **peak_gib(args.device),
     }
     # (b) replay updates: cfg.rollout_batch synthetic rollouts per update, micro-batches of cfg.micro_batch
-    opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, 1000, cfg.warmup_ratio)
+    opt, sched = make_optimizer(dataclasses.replace(cfg, max_steps=1000), model)
     block = model.replay_block(cfg.chain_length)
     rows = synthetic_rollouts(cfg.rollout_batch, plen, resp, tau, block - 1, vocab, gen)
     micro = [rows[i : i + cfg.micro_batch] for i in range(0, len(rows), cfg.micro_batch)]
@@ -362,14 +352,12 @@ def opd_phase(target: Target, cfg: OPDConfig, kind: str, sft_cfg: SFTConfig, arg
         t0 = time.perf_counter()
         total = 0.0
         for j, mb in enumerate(micro):
-            plans = call_replay_plans(mb, block, cfg.rej_first_only, step * 1000 + j)
+            gens = [torch.Generator().manual_seed(step * 1000 + j * 100 + i) for i in range(len(mb))]
+            slots = opd.replay_slots(model, mb, opd.replay_plans(mb, block, cfg, gens), cfg.gamma, target.device)
             with torch.autocast(target.device.type, dtype=target.dtype, enabled=target.dtype != torch.float32):
-                loss, counts = opd.replay_loss(
-                    model, target, mb, plans, cfg.loss, cfg.gamma, cfg.resp_weight, cfg.rej_weight, cfg.logp_min,
-                    cfg.teacher_temperature,
-                )  # fmt: skip
-            (loss / len(micro)).backward()
-            total += loss.item() / len(micro)
+                loss, counts = opd.replay_loss(model, target, mb, slots, cfg, slots.denominator(cfg) * len(micro))
+            loss.backward()
+            total += loss.item()
         optimizer_step(model, opt, sched, cfg.grad_clip)
         sync(args.device)
         if step >= args.warmup:

@@ -16,10 +16,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_training import cli, run_opd, sft_args, shards  # noqa: F401 (shards is a fixture)
+from test_training import cli, metric_rows, run_opd, sft_args, shards  # noqa: F401 (shards is a fixture)
 
 EAGLE = ("--set", "arch.kind=eagle3", "--set", "arch.draft_vocab_size=64", "--set", "arch.ttt_steps=3")
-OPD_EAGLE = ("--set", "chain_length=3", "--set", "eval.chain_length=3")
+OPD_EAGLE = (
+    "--set",
+    "chain_length=3",
+    "--set",
+    "eval.chain_length=3",
+    "--set",
+    "anchors=verify",
+    "--set",
+    "rej_weight=1",
+)
+OPD_EAGLE += ("--set", "loss=acceptance_aware")  # Draft-OPD's replay of the verify blocks, rejected chains included
 
 
 def torchrun(*args: str, wait: bool = True):
@@ -60,7 +70,7 @@ def test_two_processes_train_what_one_trains(tiny_folder, shards, tmp_path, kind
         (cli if n == 1 else torchrun)(*args, *(shard if n == 2 else ()))
         # both OPD runs start from the one-process SFT drafter (final/ is bf16: a 1e-6 difference could round apart)
         opd_args = run_opd(
-            tiny_folder, tmp_path / "sft1" / "final", opd, tmp_path, *opd_extra, "--set", "rollout_batch=4", run=False
+            tiny_folder, tmp_path / "sft1" / "final", opd, shards, *opd_extra, "--set", "rollout_batch=4", run=False
         )
         (cli if n == 1 else torchrun)(*opd_args)
         runs[n] = (sft, opd)
@@ -68,6 +78,12 @@ def test_two_processes_train_what_one_trains(tiny_folder, shards, tmp_path, kind
     # OPD: the two ranks roll out 2 prompts each instead of 4 together, and Adam divides each gradient by its own
     # running RMS, which magnifies summation-order noise in near-zero gradients: 1e-4 is 1% of one step (lr 0.01)
     same_weights(runs[1][1] / "checkpoints" / "step_000002", runs[2][1] / "checkpoints" / "step_000002", atol=1e-4)
+    # the rows are of different lengths, split 2 + 2: with the update's global denominator the loss and the gradient
+    # (its norm, before clipping) of step 1 are the one-process ones
+    one, two = ([r for r in metric_rows(runs[n][1]) if "loss" in r][0] for n in (1, 2))
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-4) and two["grad_norm"] == pytest.approx(
+        one["grad_norm"], rel=1e-4
+    )
 
 
 def test_two_process_run_killed_then_resumed_in_one(tiny_folder, shards, tmp_path):  # noqa: F811

@@ -94,8 +94,7 @@ def test_one_sft_step_and_one_opd_update_on_cuda(cuda_target, tiny_folder, tmp_p
     from draftopd.train.sft import train_sft
 
     target, dtype = cuda_target
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text("\n".join(json.dumps({"prompt": q}) for q in ("Tell me about cats.", "Why is it raining?")))
+    data = _shards(tmp_path, target)
     common = {"target": {"path": str(tiny_folder), "dtype": dtype, "device": DEVICE}}
     eval_cfg = {"limit": 2, "max_new_tokens": 8, "chain_length": 3}
     from draftopd.config import from_dict
@@ -105,7 +104,7 @@ def test_one_sft_step_and_one_opd_update_on_cuda(cuda_target, tiny_folder, tmp_p
         {
             **common,
             "arch": {"kind": kind, "num_layers": 1, "block_size": 4, "draft_vocab_size": 64, "ttt_steps": 3},
-            "data": _shards(tmp_path, target),
+            "data": data,
             "out": str(tmp_path / "sft"),
             "max_steps": 1,
             "batch_size": 2,
@@ -122,7 +121,7 @@ def test_one_sft_step_and_one_opd_update_on_cuda(cuda_target, tiny_folder, tmp_p
             **common,
             "init_from": str(final),
             "out": str(tmp_path / "opd"),
-            "sources": [str(prompts)],
+            "data": str(data),
             "max_steps": 1,
             "rollout_batch": 2,
             "micro_batch": 2,

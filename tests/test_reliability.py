@@ -72,6 +72,15 @@ def prompts(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def traj(tmp_path_factory) -> Path:
+    """A trajectory folder (what `draftopd data` writes) for OPD to draw its rows from."""
+    out = tmp_path_factory.mktemp("traj")
+    rows = [{"prompt": [1, 2, 3, 4], "response": [5, 6, 7, 8, 9]}, {"prompt": [1, 2], "response": [7, 8, 9, 10]}]
+    torch.save(rows, out / "shard_00000.pt")
+    return out
+
+
 class Payload:
     """Unpickling this calls ``os.system``: a crafted checkpoint's way to run code."""
 
@@ -89,10 +98,10 @@ def crafted_checkpoint(drafter: Path, where: Path, proof: Path) -> Path:
     return where
 
 
-def opd_args(tiny: Path, prompts: Path, out: Path, init_from: Path) -> list[str]:
+def opd_args(tiny: Path, data: Path, out: Path, init_from: Path) -> list[str]:
     return [
         "train", "opd", "--target", str(tiny), "--dtype", "fp32",
-        "--set", f"init_from={init_from}", "--set", f"out={out}", "--set", f"sources=[{prompts}]",
+        "--set", f"init_from={init_from}", "--set", f"out={out}", "--set", f"data={data}",
         "--set", "max_steps=1", "--set", "rollout_batch=2", "--set", "max_new_tokens=8",
         "--set", "eval.limit=1", "--set", "eval.max_new_tokens=4",
     ]  # fmt: skip
@@ -101,33 +110,34 @@ def opd_args(tiny: Path, prompts: Path, out: Path, init_from: Path) -> list[str]
 # --- 1. nothing executed ------------------------------------------------------------------------------------
 
 
-def test_crafted_init_from_runs_no_code(tiny, drafter, prompts, tmp_path, capsys, monkeypatch):
+def test_crafted_init_from_runs_no_code(tiny, drafter, traj, tmp_path, capsys, monkeypatch):
     """init_from a checkpoint whose training_state.pt carries a pickle payload: the payload never runs."""
     proof = tmp_path / "pwned"
     evil = crafted_checkpoint(drafter, tmp_path / "evil", proof)
     try:
-        rc = cli(capsys, monkeypatch, *opd_args(tiny, prompts, tmp_path / "opd", evil))[0]
+        rc = cli(capsys, monkeypatch, *opd_args(tiny, traj, tmp_path / "opd", evil))[0]
     except Exception as e:  # noqa: BLE001 - whether it fails in one line is the next test's question
         rc = e
     assert not proof.exists(), "the crafted checkpoint ran code"
     assert rc != 0
 
 
-def test_crafted_init_from_is_a_one_line_error(tiny, drafter, prompts, tmp_path, capsys, monkeypatch):
+def test_crafted_init_from_is_a_one_line_error(tiny, drafter, traj, tmp_path, capsys, monkeypatch):
     proof = tmp_path / "pwned"
     evil = crafted_checkpoint(drafter, tmp_path / "evil", proof)
-    one_line_error(capsys, monkeypatch, *opd_args(tiny, prompts, tmp_path / "opd", evil), text="training_state.pt")
+    one_line_error(capsys, monkeypatch, *opd_args(tiny, traj, tmp_path / "opd", evil), text="training_state.pt")
     assert not proof.exists()
 
 
-def test_crafted_resume_checkpoint_runs_no_code(tiny, drafter, prompts, tmp_path, capsys, monkeypatch):
+def test_crafted_resume_checkpoint_runs_no_code(tiny, drafter, traj, tmp_path, capsys, monkeypatch):
     """The resume path: a crafted checkpoint planted as the run's latest is refused in one line, unexecuted."""
     from draftopd.config import OPDConfig, load, to_dict
 
     out, proof = tmp_path / "opd", tmp_path / "pwned"
-    args = opd_args(tiny, prompts, out, drafter)
+    args = opd_args(tiny, traj, out, drafter)
     cfg = load(OPDConfig, None, [a for a in args[2:] if "=" in a] + [f"target.path={tiny}", "target.dtype=fp32"])
     crafted_checkpoint(drafter, out / "checkpoints" / "step_000001", proof)
+    cfg = cfg.for_kind("dflash")  # what the run records: the recipe of its drafter kind filled in
     (out / "checkpoints" / "step_000001" / "run_config.json").write_text(json.dumps(to_dict(cfg)))
     (out / "checkpoints" / "latest").write_text("step_000001")
     one_line_error(capsys, monkeypatch, *args, text="not a training state")

@@ -176,7 +176,7 @@ def test_gpu_recipes_load_and_fit_an_80gb_gpu_by_the_model(kind):
     m = sc.sft_memory(T8, d, sft.batch_size, sft.max_len, blocks_per_seq=sft.blocks_per_seq)
     assert m.fits(gpu), m.gib()
     m = sc.opd_memory(
-        T8, d, opd_cfg.rollout_batch, opd_cfg.micro_batch, opd_cfg.max_prompt_tokens, opd_cfg.max_new_tokens,
+        T8, d, opd_cfg.rollout_batch, opd_cfg.micro_batch, 512, opd_cfg.max_new_tokens,
         tau=4.0, rej_first_only=opd_cfg.rej_first_only,
     )  # fmt: skip
     assert m.fits(gpu), m.gib()

@@ -135,7 +135,7 @@ def test_killed_at_random_moments_resumes_exactly(tiny_folder, shards, tmp_path,
     else:
         sft_final = cli(*sft_args(tiny_folder, shards, tmp_path / "sft", steps=4)) and tmp_path / "sft" / "final"
         extra = ("--set", "max_steps=6", "--set", "save_every=1", "--set", "log_every=1", "--set", "eval_every=3")
-        args = lambda out: run_opd(tiny_folder, sft_final, out, tmp_path, *extra, run=False)  # noqa: E731
+        args = lambda out: run_opd(tiny_folder, sft_final, out, shards, *extra, run=False)  # noqa: E731
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     cli(*args(straight))
     rng = random.Random(0)
@@ -190,10 +190,9 @@ def test_resume_refuses_another_config(tiny_folder, shards, tmp_path):
     assert proc.returncode == 2 and "another config" in proc.stderr
 
 
-def run_opd(tiny_folder, init, out, prompts_dir, *extra, dtype="fp32", run=True):
-    """Draft-OPD on the tiny target (2 updates); ``run=False`` returns the arguments instead."""
-    prompts = prompts_dir / "p.jsonl"
-    prompts.write_text("\n".join(json.dumps({"prompt": f"Tell me about {w}."}) for w in ("cats", "rain", "maps")))
+def run_opd(tiny_folder, init, out, data, *extra, dtype="fp32", run=True):
+    """Draft-OPD on the tiny target (2 updates of 3 rows drawn from the trajectories in ``data``); ``run=False``
+    returns the arguments instead."""
     args = (
         "train",
         "opd",
@@ -206,7 +205,7 @@ def run_opd(tiny_folder, init, out, prompts_dir, *extra, dtype="fp32", run=True)
         "--set",
         f"out={out}",
         "--set",
-        f"sources=[{prompts}]",
+        f"data={data}",
         "--set",
         "max_steps=2",
         "--set",
@@ -232,10 +231,10 @@ def run_opd(tiny_folder, init, out, prompts_dir, *extra, dtype="fp32", run=True)
     return cli(*args) if run else args
 
 
-def test_opd_from_sft_changes_the_drafter(tiny_folder, sft_run, tmp_path):
+def test_opd_from_sft_changes_the_drafter(tiny_folder, shards, sft_run, tmp_path):
     sft_run, dtype = sft_run
     out = tmp_path / "opd"
-    run_opd(tiny_folder, sft_run / "final", out, tmp_path, dtype=dtype)
+    run_opd(tiny_folder, sft_run / "final", out, shards, dtype=dtype)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert len(train_rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in train_rows)
@@ -251,12 +250,12 @@ def test_opd_from_sft_changes_the_drafter(tiny_folder, sft_run, tmp_path):
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {2}  # a serving folder: fresh AdamW
 
 
-def test_opd_from_a_training_checkpoint_carries_the_moments(tiny_folder, sft_run, tmp_path):
+def test_opd_from_a_training_checkpoint_carries_the_moments(tiny_folder, shards, sft_run, tmp_path):
     """From ``checkpoints/step_N`` the AdamW moments (and fc_scale) of the SFT run carry over: N + 2 steps."""
     sft_run, dtype = sft_run
     ckpt = sft_run / "checkpoints" / "step_000010"
     out = tmp_path / "opd"
-    run_opd(tiny_folder, ckpt, out, tmp_path, dtype=dtype)
+    run_opd(tiny_folder, ckpt, out, shards, dtype=dtype)
     sft_state = torch.load(ckpt / "training_state.pt", weights_only=True)["optimizer"]["state"]
     state = torch.load(out / "checkpoints" / "step_000002" / "training_state.pt", weights_only=True)
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {12}
@@ -272,13 +271,15 @@ def test_opd_from_a_training_checkpoint_carries_the_moments(tiny_folder, sft_run
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_eagle3_opd_replays_rejected_chains(tiny_folder, shards, tmp_path, dtype):
-    """EAGLE-3 Draft-OPD: rollouts with the chain drafter, replay with the rejected tokens fed back."""
+    """EAGLE-3 Draft-OPD (the verify blocks replayed, not the EAGLE-3 recipe's whole-sequence TTT): replay with the
+    rejected tokens fed back."""
     sft = tmp_path / "eagle"
     extra = ["--set", "arch.kind=eagle3", "--set", "arch.draft_vocab_size=64", "--set", "arch.ttt_steps=3"]
     cli(*sft_args(tiny_folder, shards, sft, steps=2, dtype=dtype), *extra, "--set", "eval_every=2")
     out = tmp_path / "opd"
-    opd_extra = ("--set", "chain_length=3", "--set", "eval.chain_length=3")
-    run_opd(tiny_folder, sft / "final", out, tmp_path, *opd_extra, dtype=dtype)
+    opd_extra = ("--set", "chain_length=3", "--set", "eval.chain_length=3", "--set", "anchors=verify")
+    opd_extra += ("--set", "rej_weight=1", "--set", "loss=acceptance_aware")
+    run_opd(tiny_folder, sft / "final", out, shards, *opd_extra, dtype=dtype)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert len(train_rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in train_rows)

@@ -328,13 +328,21 @@ class EvalConfig:
 
 
 def _check_optimizer(cfg: Any) -> None:
-    """The fields SFT and OPD share, each named when out of range."""
-    need(finite(cfg.lr) and cfg.lr > 0, "lr", "a finite number > 0", cfg.lr)
+    """The fields SFT and OPD share, each named when out of range (an OPD ``lr`` of None: the kind's recipe)."""
+    need(cfg.lr is None or (finite(cfg.lr) and cfg.lr > 0), "lr", "a finite number > 0", cfg.lr)
     need(finite(cfg.warmup_ratio) and 0 <= cfg.warmup_ratio <= 1, "warmup_ratio", "in [0, 1]", cfg.warmup_ratio)
+    need(finite(cfg.min_lr_ratio) and 0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]", cfg.min_lr_ratio)
+    need(
+        len(cfg.adam_betas) == 2 and all(finite(b) and 0 <= b < 1 for b in cfg.adam_betas),
+        "adam_betas",
+        "two numbers in [0, 1), e.g. [0.9, 0.999]",
+        cfg.adam_betas,
+    )
     need(finite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", "a finite number >= 0", cfg.weight_decay)
     need(finite(cfg.grad_clip) and cfg.grad_clip > 0, "grad_clip", "a finite number > 0", cfg.grad_clip)
     need(0 <= cfg.seed < SEED_LIMIT, "seed", f"in [0, {SEED_LIMIT})", cfg.seed)
     need(bool(cfg.out.strip()), "out", "a folder", cfg.out)
+    need(cfg.keep_every >= 0, "keep_every", ">= 0", cfg.keep_every)
     for name in ("max_steps", "log_every", "eval_every", "save_every"):
         need(getattr(cfg, name) >= 1, name, ">= 1", getattr(cfg, name))
 
@@ -361,6 +369,8 @@ class SFTConfig:
     max_len: int = 640  # tokens per sequence (prompt + response), longer ones are cut
     lr: float = 6e-4
     warmup_ratio: float = 0.04
+    min_lr_ratio: float = 0.1  # the cosine ends at this fraction of lr
+    adam_betas: tuple[float, ...] = (0.9, 0.95)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     loss_decay: float = 7.0  # dflash: slot weight exp(-(k-1)/decay); 0 = uniform
@@ -368,6 +378,7 @@ class SFTConfig:
     log_every: int = 10
     eval_every: int = 100
     save_every: int = 100
+    keep_every: int = 0  # checkpoints at multiples of this are never pruned (0: only the newest two are kept)
 
     def __post_init__(self) -> None:
         _check_optimizer(self)
@@ -378,38 +389,63 @@ class SFTConfig:
         need(bool(self.data.strip()), "data", "a trajectory folder", self.data)
 
 
+# Draft-OPD's recipes per drafter kind (the authors' released scripts, docs/RESULTS.md 9): the values an OPDConfig
+# field left at None takes. DFlash: replay of the verify blocks, Bernoulli forward KL on the response stream + k3 on
+# the rejected proposals, lr 3e-4. EAGLE-3: training-time test over whole sequences with soft labels (the target's
+# distribution over the draft vocabulary), no rejected stream, lr 1e-4.
+OPD_RECIPES: dict[str, dict[str, Any]] = {
+    "dflash": {"lr": 3e-4, "loss": "acceptance_aware", "anchors": "verify", "rej_weight": 1.0},
+    "eagle3": {"lr": 1e-4, "loss": "full_kl", "anchors": "all", "rej_weight": 0.0},
+}
+OPD_LOSSES = ("acceptance_aware", "all_forward", "hard_ce", "full_kl", "tv")
+OPD_DATA = "data (OPD draws its rollout prompts, and in replay mode the trajectories, from the SFT data folder)"
+
+
 @dataclass(frozen=True)
 class OPDConfig:
     """``draftopd train opd``: Draft-OPD from an SFT drafter (the paper's section 3, arXiv 2605.29343)."""
 
-    RENAMED: ClassVar[dict[str, str]] = {"iterations": "max_steps", "steps": "chain_length"}
+    RENAMED: ClassVar[dict[str, str]] = {
+        "iterations": "max_steps",
+        "steps": "chain_length",
+        "sources": OPD_DATA,
+        "limit_per_source": OPD_DATA,
+        "max_prompt_tokens": OPD_DATA,
+        "random_anchors": "anchors: random",
+    }
 
     target: TargetConfig = field(default_factory=TargetConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     init_from: str = ""  # the SFT drafter folder to start from (ours or an imported DFlash checkpoint)
     out: str = "runs/opd-dflash"
-    sources: tuple[str, ...] = ("gsm8k",)  # rollout prompts: gsm8k (train), sharegpt, or jsonl paths
-    limit_per_source: int = 256
-    max_prompt_tokens: int = 256
+    data: str = "runs/data/trajectories"  # the SFT data folder: rows drawn from it as SFT draws them (sample_order)
+    # replay: the greedy trajectories of `data` are the rollouts, verify records derived for the current drafter (exact
+    # at temperature 0, train/replay.py); live: target-assisted rollouts regenerated from their prompts (the reference)
+    rollouts: str = "replay"
     max_steps: int = 20  # optimizer steps
     rollout_batch: int = 16  # prompts per target-assisted rollout (batched)
     accum: int = 1  # rollout batches per optimizer step (weights are synced to the rollout drafter after it)
-    micro_batch: int = 4  # sequences per replay forward
-    max_new_tokens: int = 256
-    lr: float = 1e-4
+    micro_batch: int = 4  # sequences per replay forward (the gradient does not depend on it)
+    max_new_tokens: int = 256  # the rollouts' token budget (replay: the trajectories cut to it; <= the data's)
+    lr: float | None = None  # None: the kind's recipe (OPD_RECIPES)
     warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
+    min_lr_ratio: float = 0.0  # cosine to 0, as the authors
+    adam_betas: tuple[float, ...] = (0.9, 0.999)  # AdamW's defaults (verl's)
+    weight_decay: float = 0.01
     grad_clip: float = 1.0
-    loss: str = "acceptance_aware"  # acceptance_aware | all_forward | full_kl | tv
+    # response stream per slot: acceptance_aware / all_forward = Bernoulli forward KL on the realised token,
+    # hard_ce = cross-entropy on it, full_kl = KL from the target's distribution over the drafter's vocabulary; the
+    # rejected stream: k3 (all_forward: Bernoulli); tv = the expected-acceptance loss. None: the kind's recipe
+    loss: str | None = None
+    anchors: str | None = None  # verify (the verify blocks) | random (ablation) | all (every position); None: recipe
     gamma: float = 0.8  # rejected-stream position decay gamma^(k-1)
     resp_weight: float = 1.0
-    rej_weight: float = 1.0  # 0 = the no-rejected-stream ablation
+    rej_weight: float | None = None  # 0 = no rejected stream (the ablation; EAGLE-3's recipe); None: the recipe
     # True: only the first rejected proposal of each block (scored by the verify pass on the true prefix);
     # the suffix after it was scored on the draft's own wrong prefix (the authors' switch, off in the paper)
     rej_first_only: bool = False
-    random_anchors: bool = False  # the random-response-anchor ablation
     chain_length: int = 6  # eagle3: tokens drafted per verify step in the rollouts (replay blocks: chain_length + 1)
-    logp_min: float = -10.0  # log-probs are clamped to >= this before the loss (no gradient below it)
+    logp_min: float = -10.0  # response-stream log-probs are clamped to >= this (no gradient below it)
     # the teacher's temperature: 1.0 = the target's full distribution (the paper's recipe, right for sampled
     # decoding); 0.0 = the greedy target, one-hot on its argmax (p = 1 on response tokens; on a rejected
     # proposal p = 1 if the verify pass gave it p > 1/2, else 0 -> logp_min): what greedy verification checks
@@ -418,26 +454,29 @@ class OPDConfig:
     log_every: int = 1
     eval_every: int = 5
     save_every: int = 5
+    keep_every: int = 0  # checkpoints at multiples of this are never pruned (0: only the newest two are kept)
 
     def __post_init__(self) -> None:
-        if self.loss not in ("acceptance_aware", "all_forward", "full_kl", "tv"):
-            raise DraftopdError(f"loss must be acceptance_aware, all_forward, full_kl or tv, not {self.loss!r}")
+        need(self.rollouts in ("replay", "live"), "rollouts", "replay or live", self.rollouts)
+        need(self.loss is None or self.loss in OPD_LOSSES, "loss", " | ".join(OPD_LOSSES), self.loss)
+        need(self.anchors is None or self.anchors in ("verify", "random", "all"), "anchors", "verify, random or all",
+             self.anchors)  # fmt: skip
         if self.teacher_temperature not in (0.0, 1.0):
             raise DraftopdError(f"teacher_temperature must be 1.0 or 0.0 (greedy), not {self.teacher_temperature}")
         _check_optimizer(self)
-        for name in ("rollout_batch", "accum", "micro_batch", "chain_length", "limit_per_source"):
+        for name in ("rollout_batch", "accum", "micro_batch", "chain_length"):
             need(getattr(self, name) >= 1, name, ">= 1", getattr(self, name))
-        need(self.max_prompt_tokens >= 1, "max_prompt_tokens", ">= 1", self.max_prompt_tokens)
         need(self.max_new_tokens >= 1, "max_new_tokens", ">= 1", self.max_new_tokens)
-        need(bool(self.sources), "sources", "a list of gsm8k, sharegpt or jsonl paths", self.sources)
+        need(bool(self.data.strip()), "data", "a trajectory folder", self.data)
         for name in ("gamma", "resp_weight", "rej_weight"):
-            need(
-                finite(getattr(self, name)) and getattr(self, name) >= 0,
-                name,
-                "a finite number >= 0",
-                getattr(self, name),
-            )
+            value = getattr(self, name)
+            need(value is None or (finite(value) and value >= 0), name, "a finite number >= 0", value)
         need(finite(self.logp_min) and self.logp_min < 0, "logp_min", "a finite number < 0", self.logp_min)
+
+    def for_kind(self, kind: str) -> OPDConfig:
+        """This config with every field left at None taken from the recipe of drafter ``kind``."""
+        unset = {k: v for k, v in OPD_RECIPES[kind].items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **unset)
 
 
 @dataclass(frozen=True)

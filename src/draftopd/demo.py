@@ -49,34 +49,36 @@ def _fmt(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+# the optimizer and schedule an SFT control copies from the OPD run it is matched to
+MATCHED = ("lr", "warmup_ratio", "min_lr_ratio", "adam_betas", "weight_decay", "grad_clip")
+
+
 def stage_configs(cfg: DemoConfig) -> dict[str, tuple[list[str], object]]:
     """Per stage: the ``draftopd`` verb and its config, every path filled in from ``cfg.out``."""
     out = Path(cfg.out)
     rep = dataclasses.replace
     data = rep(cfg.data, target=cfg.target, out=str(out / "data"))
     sft = rep(cfg.sft, target=cfg.target, data=data.out, out=str(out / "sft"), init_from="")
-    # OPD rolls out on exactly the prompts of the SFT data (same sources, limits and response budget), so
-    # the SFT-continued control trains on the target's text for the same prompts: greedy verification is
-    # lossless, the rollout text *is* that trajectory.
+    # OPD draws its rows from the SFT data as SFT draws them (sample_order): in replay mode the greedy trajectories are
+    # its rollouts, so the SFT-continued control trains on the same target text, update for update, with the same
+    # optimizer and schedule (OPD's, the recipe of the drafter kind filled in).
     opd = rep(
         cfg.opd,
         target=cfg.target,
         init_from=str(out / "sft" / "final"),
         out=str(out / "opd"),
-        sources=data.sources,
-        limit_per_source=data.limit_per_source,
-        max_prompt_tokens=data.max_prompt_tokens,
+        data=data.out,
         max_new_tokens=data.sampling.max_new_tokens,
         eval=sft.eval,
-    )
+    ).for_kind(sft.arch.kind)
     cont = rep(
         sft,
         init_from=opd.init_from,
         out=str(out / "sft_continued"),
         max_steps=opd.max_steps,
         batch_size=opd.rollout_batch * opd.accum,
-        lr=opd.lr,
-        warmup_ratio=opd.warmup_ratio,
+        seed=opd.seed,
+        **{k: getattr(opd, k) for k in MATCHED},
         eval_every=opd.eval_every,
         save_every=opd.save_every,
         log_every=1,

@@ -467,6 +467,20 @@ class DFlashDrafter:
             n = confident_length(top_prob(logits), self.confidence)
         return Proposal(tokens, n, probs)
 
+    @torch.inference_mode()
+    def propose_at(self, features: Tensor, ids: Tensor, anchors: Tensor, chunk: int = 64) -> Tensor:
+        """The greedy block ``propose`` would draft at each of many anchors of known sequences, in batched passes:
+        features (B, S, F) and ids (B, S) of whole sequences (the target's features of the true text), anchors
+        (B, Na) full positions (-1 = padding). Returns target ids (B, Na, bs - 1). At an anchor the engine's
+        context is the target's features of every position before it and its block is [anchor token, MASK...] at
+        the anchor's position: exactly ``block_hidden``'s mask, so one pass drafts every anchor."""
+        out = []
+        for i in range(0, anchors.shape[1], chunk):
+            h = block_hidden(self.model, self.target.embed, features, ids, anchors[:, i : i + chunk])
+            d = self.logits(h[:, :, 1:]).argmax(-1)  # (B, n, bs - 1) over the draft vocabulary
+            out.append(d if self.draft_ids is None else self.draft_ids[d])
+        return torch.cat(out, 1)
+
     def logits(self, h: Tensor) -> Tensor:
         """float32 logits (..., Vd) of drafter states (..., H) over the draft vocabulary, a 2-D matmul (the
         target's head when the vocabulary is full)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -337,14 +338,22 @@ def ttt_labels(ids: Tensor, lengths: Tensor, prompt_len: Tensor, k: int) -> tupl
 
 
 def ttt_forward(
-    model: Eagle3Model, embed: nn.Module, features: Tensor, ids: Tensor, steps: int, keep_kv: list | None = None
+    model: Eagle3Model,
+    embed: nn.Module,
+    features: Tensor,
+    ids: Tensor,
+    steps: int,
+    keep_kv: list | None = None,
+    own_inputs: Callable[[Tensor], Tensor] | None = None,
 ) -> list[Tensor]:
     """Training-time test over whole sequences: output hidden states (B, S, H) of each of ``steps`` steps.
 
     Step k at position p reads token ids[p + k + 1] (shifted ids; past the end: the last id, unsupervised)
     and predicts ids[p + k + 2]. Keys: step-0 keys of positions <= p (causal) and, for k >= 1, the keys of
     steps 1..k at the same position p (the diagonal "chain"), in one softmax. ``keep_kv``, when a list, receives
-    the keys/values (k0, v0, chain_k, chain_v), each (B, nh, S, D), for ``branch_forward``.
+    the keys/values (k0, v0, chain_k, chain_v), each (B, nh, S, D), for ``branch_forward``. ``own_inputs``, when
+    given, maps a step's output states (B, S, H) to the token ids the drafter itself drafts from them (B, S), and
+    steps k >= 1 read those instead of the true tokens: the chain the engine drafts at every position at once.
     """
     bsz, seq = ids.shape
     mid = model.midlayer
@@ -355,7 +364,7 @@ def ttt_forward(
     k0 = v0 = None
     chain_k, chain_v, outs = [], [], []
     for k in range(steps):
-        x_in = ids[:, (pos + k + 1).clamp(max=seq - 1)]
+        x_in = ids[:, (pos + k + 1).clamp(max=seq - 1)] if own_inputs is None or k == 0 else own_inputs(h)
         cos, sin = model.rope((pos + k).expand(bsz, seq), h.dtype)
         q, kk, vv = mid.qkv(embed(x_in), h, cos, sin)
         kk, vv = kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1)  # (B, nh, S, D)
@@ -462,9 +471,29 @@ class Eagle3Drafter:
         self.pending = (features, toks, start[:, None] + j, valid)
 
     def select(self, rows: Tensor) -> None:
-        self.k, self.v, self.mask = self.k[rows], self.v[rows], self.mask[rows]
+        if self.k is not None:  # None before the first proposal (a row ended at its first token)
+            self.k, self.v, self.mask = self.k[rows], self.v[rows], self.mask[rows]
         f, t, p, v = self.pending
         self.pending = (f[rows], t[rows], p[rows], v[rows])
+
+    @torch.inference_mode()
+    def propose_at(self, features: Tensor, ids: Tensor, anchors: Tensor) -> Tensor:
+        """The greedy chain ``propose`` would draft at each of many anchors of known sequences, in one unroll:
+        features (B, S, F) and ids (B, S) of whole sequences, anchors (B, Na) full positions (-1 = padding).
+        Returns target ids (B, Na, chain_length). At anchor A the engine's cache holds the pairs before A - 1 and
+        its chain starts from the pair at A - 1 (h_{A-1}, x_A), then feeds its own drafted tokens: the TTT unroll
+        with the drafter's own tokens as inputs (``ttt_forward(own_inputs=...)``)."""
+        m, drafts = self.model, []
+
+        def drafted(h: Tensor) -> Tensor:  # a step's states (B, S, H) -> target ids of its greedy drafts (B, S)
+            drafts.append(self.draft_ids[m.logits(h).argmax(-1)])
+            return drafts[-1]
+
+        outs = ttt_forward(m, self.target.embed, features, ids, self.chain_length, own_inputs=drafted)
+        drafted(outs[-1])  # steps 0..K-2 were drafted as the next steps' inputs
+        toks = torch.stack(drafts, -1)  # (B, S, chain_length)
+        pair = (anchors - 1).clamp_min(0)  # the pair each anchor's chain starts from
+        return toks.gather(1, pair[..., None].expand(-1, -1, toks.shape[-1]))
 
     @torch.inference_mode()
     def propose(self, state, params, generator=None) -> Proposal:

@@ -32,6 +32,7 @@ at any moment resumes from the last complete checkpoint. Only rank 0 writes (``i
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -50,6 +51,7 @@ from draftopd import DraftopdError
 from draftopd.atomic import write_text
 from draftopd.bench.datasets import load_prompts
 from draftopd.config import to_dict
+from draftopd.data.trajectories import load_shards
 from draftopd.decoding.loop import speculative_generate
 from draftopd.distributed import init_distributed, is_writer, rank_world
 from draftopd.interop import import_drafter
@@ -61,21 +63,47 @@ from draftopd.report import plot_tau
 log = logging.getLogger(__name__)
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, steps: int, warmup_ratio: float):
+def make_optimizer(cfg, model: torch.nn.Module):
+    """AdamW (``cfg.adam_betas``, ``cfg.weight_decay``) with linear warm-up over ``cfg.warmup_ratio`` of
+    ``cfg.max_steps``, then cosine from ``cfg.lr`` down to ``cfg.min_lr_ratio`` of it (SFT and OPD alike)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
-    warm = max(1, int(steps * warmup_ratio))
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    steps, floor = cfg.max_steps, cfg.min_lr_ratio
+    warm = max(1, int(steps * cfg.warmup_ratio))
 
-    def factor(step: int) -> float:  # linear warm-up, then cosine down to 10% of the peak
+    def factor(step: int) -> float:  # linear warm-up, then cosine down to floor x the peak
         if step < warm:
             return (step + 1) / warm
         t = min(1.0, (step - warm) / max(1, steps - warm))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def save_checkpoint(out: Path, step: int, model, opt, sched, state: dict, run_config: dict, keep: int = 2) -> Path:
+def load_sequences(data: str, max_len: int = 1 << 30) -> list[tuple[list[int], int]]:
+    """(prompt + response ids cut to ``max_len``, prompt length) of every trajectory of a data folder with a response
+    token after the first anchor: the pool SFT trains on and Draft-OPD rolls out from (``sample_order``)."""
+    seqs = [((r["prompt"] + r["response"])[:max_len], len(r["prompt"])) for r in load_shards(data)]
+    return [x for x in seqs if len(x[0]) > x[1] + 1]
+
+
+def sample_order(n: int, seed: int) -> Callable[[int], int]:
+    """Global sample index -> index into a pool of ``n`` sequences: epoch e is a permutation seeded by (seed, e).
+    SFT and Draft-OPD draw through it, so an OPD run and its SFT control with the same seed and rows per update see
+    the same sequences at every update, whatever the number of processes."""
+
+    @functools.lru_cache(maxsize=2)
+    def epoch_order(e: int) -> list[int]:
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + e)).tolist()
+
+    return lambda i: epoch_order(i // n)[i % n]
+
+
+def save_checkpoint(
+    out: Path, step: int, model, opt, sched, state: dict, run_config: dict, keep: int = 2, keep_every: int = 0
+) -> Path:
+    """Write ``checkpoints/step_NNNNNN`` atomically, point ``latest`` at it, prune all but the newest ``keep`` (steps
+    that are multiples of ``keep_every`` > 0 are kept for good: the checkpoints a study evaluates)."""
     ckdir = out / "checkpoints"
     final = ckdir / f"step_{step:06d}"
     tmp = ckdir / f"step_{step:06d}.part"
@@ -92,7 +120,8 @@ def save_checkpoint(out: Path, step: int, model, opt, sched, state: dict, run_co
     (ckdir / "latest.part").write_text(final.name)
     (ckdir / "latest.part").replace(ckdir / "latest")
     for old in sorted(ckdir.glob("step_??????"))[:-keep]:  # keep the newest few
-        shutil.rmtree(old, ignore_errors=True)
+        if not (keep_every and int(old.name[5:]) % keep_every == 0):
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -322,7 +351,9 @@ class Run:
             since["t"] = time.perf_counter()
         if is_writer() and (done % cfg.save_every == 0 or last):
             state = {"counters": self.counters}
-            save_checkpoint(self.out, done, self.model, self.opt, self.sched, state, to_dict(cfg))
+            save_checkpoint(
+                self.out, done, self.model, self.opt, self.sched, state, to_dict(cfg), keep_every=cfg.keep_every
+            )
 
     def finish(self) -> Path:
         if is_writer():
@@ -384,7 +415,7 @@ def start_or_resume(
         for t in (*model.parameters(), *model.buffers()):
             if t.is_floating_point():  # d2t/t2d come from the same data on every rank
                 dist.broadcast(t.data, src=0)
-    opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.max_steps, cfg.warmup_ratio)
+    opt, sched = make_optimizer(cfg, model)
     start, counters = 0, {"target_tokens": 0}
     if ckpt is not None:
         state = load_training_state(ckpt, opt, sched)

@@ -55,9 +55,22 @@ def bernoulli_forward_kl(s: Tensor, t: Tensor) -> Tensor:
 
 def k3_reverse_kl(s: Tensor, t: Tensor) -> Tensor:
     """Sampled reverse-KL estimator k3 = e^(t - s) - (t - s) - 1 >= 0 for a token drawn from q.
-    d/ds = 1 - p/q: pushes down q(token) where the drafter is more confident than the target."""
+    d/ds = 1 - p/q: pushes down q(token) where the drafter is more confident than the target. The log-ratio is
+    clamped to +-20 as verl's ``kl_penalty(..., "k3")`` clamps it (the authors' code)."""
     d = (t - s).clamp(-20.0, 20.0)
     return d.exp() - d - 1
+
+
+def hard_ce(s: Tensor) -> Tensor:
+    """Cross-entropy on the realised token, -s: the response stream with the target's greedy token as a hard label
+    (SFT's loss on the replayed slots; pulls q(token) toward 1, unlike the Bernoulli forward KL's p)."""
+    return -s
+
+
+def stream_denominator(n_resp: int | float, w_rej_sum: float, resp_weight: float, rej_weight: float) -> float:
+    """The two-stream token mean's denominator, lam_a * N + lam_r * sum w; summed over a whole update (every
+    micro-batch, every rank), so the gradient does not depend on how the update's rows are split."""
+    return resp_weight * n_resp + rej_weight * w_rej_sum
 
 
 def opd_loss(
@@ -71,20 +84,34 @@ def opd_loss(
     rej_reverse_kl: bool = True,  # False = "all-forward": Bernoulli forward KL on rejected tokens too
     logp_min: float = -10.0,
     loss_clamp: float = 10.0,
+    den: float | None = None,  # the update's global denominator (stream_denominator); None = this batch's own
+    l_resp: Tensor | None = None,  # per-token response-stream losses to use instead of the Bernoulli forward KL
 ) -> Tensor:
     """The two-stream Draft-OPD loss, a token mean over both streams:
-    L = (lam_a * sum l_acc + lam_r * sum w * l_rej) / (lam_a * N + lam_r * sum w)."""
-    s_resp, t_resp = _clamp_logp(s_resp, logp_min), _clamp_logp(t_resp, logp_min)
-    s_rej, t_rej = _clamp_logp(s_rej, logp_min), _clamp_logp(t_rej, logp_min)
-    l_acc = bernoulli_forward_kl(s_resp, t_resp).clamp(-loss_clamp, loss_clamp)
-    l_rej = (k3_reverse_kl if rej_reverse_kl else bernoulli_forward_kl)(s_rej, t_rej).clamp(-loss_clamp, loss_clamp)
+    L = (lam_a * sum l_acc + lam_r * sum w * l_rej) / (lam_a * N + lam_r * sum w).
+
+    Clamping as the authors' code clamps: on the response stream log-probs are clamped to [logp_min, ~0] (the
+    Bernoulli KL needs log(1 - P) finite); the rejected stream's k3 sees the raw log-ratio (clamped to +-20) and its
+    value is clamped to ``loss_clamp``, so a proposal the target finds absurd (k3 > 10) gets no gradient. Every
+    per-token value is clamped to +-loss_clamp."""
+    if l_resp is None:
+        l_resp = bernoulli_forward_kl(_clamp_logp(s_resp, logp_min), _clamp_logp(t_resp, logp_min))
+    if rej_reverse_kl:
+        l_rej = k3_reverse_kl(s_rej, t_rej)
+    else:
+        l_rej = bernoulli_forward_kl(_clamp_logp(s_rej, logp_min), _clamp_logp(t_rej, logp_min))
+    l_acc, l_rej = l_resp.clamp(-loss_clamp, loss_clamp), l_rej.clamp(-loss_clamp, loss_clamp)
     num = resp_weight * l_acc.sum() + rej_weight * (w_rej * l_rej).sum()
-    den = resp_weight * s_resp.numel() + rej_weight * w_rej.sum()
-    return num / den.clamp_min(1e-8) if torch.is_tensor(den) else num / max(den, 1e-8)
+    if den is None:
+        den = stream_denominator(l_acc.numel(), float(w_rej.sum()), resp_weight, rej_weight)
+    return num / max(float(den), 1e-8)
 
 
 def full_forward_kl(drafter_logits: Tensor, target_logits: Tensor) -> Tensor:
-    """KL(p_target || q_drafter) over the whole vocabulary per row (N, V) -> (N,), float32."""
+    """KL(p_target || q_drafter) per row (N, Vd) -> (N,), float32, over the drafter's vocabulary: ``target_logits``
+    are the target's logits of the same Vd tokens (its rows of the draft vocabulary; all V for a full-vocabulary
+    drafter), so p is the target's distribution renormalised over the tokens the drafter can propose (the EAGLE-3
+    recipe's soft labels). Same gradient in q as the soft-label cross-entropy."""
     lp, lq = torch.log_softmax(target_logits.float(), -1), torch.log_softmax(drafter_logits.float(), -1)
     return (lp.exp() * (lp - lq)).sum(-1)
 

@@ -1,95 +1,132 @@
 """``draftopd train opd``: Draft-OPD, on-policy distillation of a DFlash or EAGLE-3 drafter. Read top to bottom.
 
-What this OPD is (Draft-OPD, arXiv 2605.29343, section 3): the rollouts are target-assisted, i.e. produced by the
-same lossless ``speculative_generate`` used at inference, with the *current* drafter proposing and the
-target verifying greedily, so the text is the target's own and stable. The on-policy signal is in the
-verify records: where each block ended (the boundary exposed by verification) and which proposals were
-rejected. We replay drafting from exactly those blocks (``train.replay``) and distil the target into the
-drafter on two streams: the response stream (accepted tokens + corrections; Bernoulli forward KL on the
-realised token against the target's T=1 log-prob) and the rejected stream (the drafter's own wrong
-proposals; k3 reverse-KL estimator with the target's log-prob from the verify pass, weighted gamma^(k-1)).
-No rewards, no policy gradient: the target is the teacher, the drafter the only trainable part.
+What this OPD is (Draft-OPD, arXiv 2605.29343, section 3): the rollouts are target-assisted, i.e. what the lossless
+``speculative_generate`` produces with the *current* drafter proposing and the target verifying greedily, so the text
+is the target's own and stable. The on-policy signal is in the verify records: where each block ended (the boundary
+exposed by verification) and which proposals were rejected. We replay drafting from exactly those blocks
+(``train.replay``) and distil the target into the drafter on two streams: the response stream (accepted tokens +
+corrections; by default a Bernoulli forward KL on the realised token against the target's T=1 log-prob) and the
+rejected stream (the drafter's own wrong proposals; k3 reverse-KL estimator with the target's log-prob on the draft's
+prefix, weighted gamma^(k-1)). No rewards, no policy gradient: the target is the teacher, the drafter the only
+trainable part.
 
-Per optimizer step: ``accum`` rollout batches of ``rollout_batch`` prompts; for each, a replay forward per
-``micro_batch`` sequences (one target forward for features and teacher log-probs, one drafter forward over
-all replay blocks with the block-local mask); gradients accumulate; then AdamW steps and the rollout drafter
-gets the new weights. Ablations: ``random_anchors``, ``rej_weight=0``, ``loss=all_forward|full_kl|tv``.
-Nothing here depends on the architecture: each drafter offers ``replay_block`` and ``replay_states``.
-Rank-aware like the SFT trainer (rank r takes prompts r, r+W, ...; rank 0 writes).
+Rollouts (``rollouts``): ``replay`` (default) takes the greedy trajectories of the SFT data as the rollouts, since at
+temperature 0 the committed text is the target's greedy output whatever the drafter proposes, and derives the verify
+records the live engine would record with the current drafter (``replay.derive_records``; exact, tested against
+``live``); ``live`` regenerates the rollouts with ``speculative_generate`` from the same prompts. Rows are drawn from
+the data pool exactly as SFT draws them (``sample_order``), so an SFT control with ``batch_size`` = rows per update
+and the same seed sees the same sequences at every update.
+
+Per optimizer step: ``accum`` x ``rollout_batch`` rows (global); their verify records (all with the weights at the
+start of the step, the authors' accumulation window); their replay plans; the update's global loss denominator
+(lam_a N_resp + lam_r sum w over every micro-batch and rank, so the gradient does not depend on ``micro_batch`` or the
+number of processes); then per ``micro_batch`` one target forward (reused from the derivation in replay mode), one
+drafter forward over its replay slots, backward; then AdamW steps. Ablations: ``anchors: random``, ``rej_weight: 0``,
+``loss: all_forward | hard_ce | full_kl | tv``. Nothing here depends on the architecture: each drafter offers
+``replay_block`` and ``replay_states``, and its engine ``propose_at``. Recipes per kind: ``config.OPD_RECIPES``.
 
 Usage: draftopd train opd --config configs/opd-dflash.yaml --set init_from=runs/sft-dflash/final
 """
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from draftopd import DraftopdError
 from draftopd.config import OPDConfig
-from draftopd.data.prompts import load_training_prompts
 from draftopd.decoding.loop import VerifyStep, speculative_generate
+from draftopd.interop import detect
 from draftopd.models.base import DrafterModel, ReplayBatch
-from draftopd.models.target import Target
-from draftopd.train.common import load_run_target, rank_world, start_or_resume
-from draftopd.train.losses import expected_acceptance_loss, full_forward_kl, opd_loss, token_logprobs
-from draftopd.train.replay import ReplayPlan, build_replay_plan, randomize_anchors
+from draftopd.models.target import Target, TargetOutput
+from draftopd.train.common import (
+    latest_checkpoint,
+    load_run_target,
+    load_sequences,
+    rank_world,
+    sample_order,
+    start_or_resume,
+)
+from draftopd.train.losses import (
+    expected_acceptance_loss,
+    full_forward_kl,
+    hard_ce,
+    opd_loss,
+    stream_denominator,
+    token_logprobs,
+)
+from draftopd.train.replay import ReplayPlan, all_anchors, build_replay_plan, derive_records, randomize_anchors
+
+Row = tuple[list[int], list[int], list[VerifyStep]]  # prompt ids, response ids, verify records
 
 
 def train_opd(cfg: OPDConfig) -> Path:
     rank, world = rank_world()
     if not cfg.init_from:
         raise DraftopdError("train opd needs init_from=<an SFT drafter folder or training checkpoint>")
-    if cfg.rollout_batch % world:
-        raise DraftopdError(f"rollout_batch {cfg.rollout_batch} (global) must be a multiple of the {world} processes")
+    update_rows = cfg.rollout_batch * cfg.accum  # global rows per optimizer step
+    if update_rows % world:
+        raise DraftopdError(f"rollout_batch x accum = {update_rows} (global) must be a multiple of {world} processes")
+    cfg = cfg.for_kind(detect(latest_checkpoint(Path(cfg.out)) or cfg.init_from).kind)  # None fields: the recipe
     target = load_run_target(cfg)
-    prompts = [
-        ids
-        for source in cfg.sources
-        for ids in map(target.encode_chat, load_training_prompts(source, cfg.limit_per_source))
-        if len(ids) <= cfg.max_prompt_tokens
-    ]
-    if not prompts:
-        raise DraftopdError(f"no rollout prompts of <= {cfg.max_prompt_tokens} tokens in sources {list(cfg.sources)}")
-    run = start_or_resume(cfg, target, [(p, len(p)) for p in prompts], build=None)
-    run.counters.setdefault("rollout_tokens", 0)  # target_tokens: every token the target processed
-    model, share = run.model, cfg.rollout_batch // world  # rank r rolls out rows [r * share, (r + 1) * share)
-    n_micro = cfg.accum * world * -(-share // cfg.micro_batch)  # micro-batches per update, all ranks
+    seqs = load_sequences(cfg.data)
+    check_budget(cfg)
+    pool = [(ids[:p], ids[p : p + cfg.max_new_tokens]) for ids, p in seqs]  # (prompt, target's greedy response)
+    for prompt, _ in pool:
+        target.check_prompt(prompt, cfg.max_new_tokens, f"a prompt of {cfg.data}")
+    sequence = sample_order(len(pool), cfg.seed)  # the same draw as SFT's
+    run = start_or_resume(cfg, target, seqs, build=None)
+    run.counters.setdefault("rollout_tokens", 0)
+    model, share = run.model, update_rows // world  # rank r takes rows [r * share, (r + 1) * share) of each update
     for step in run.steps("opd"):
-        keys = ("loss", "resp_tokens", "rej_tokens", "committed", "verifies", "target_tokens", "rollout_tokens")
-        sums = dict.fromkeys(keys, 0.0)  # this rank's share; summed over the ranks for the log
-        for a in range(cfg.accum):
-            batch_no = step * cfg.accum + a
-            rows_no = range(
-                batch_no * cfg.rollout_batch + rank * share, batch_no * cfg.rollout_batch + (rank + 1) * share
-            )
-            batch = [prompts[j % len(prompts)] for j in rows_no]
-            engine = model.engine(target, cfg.chain_length)  # the current weights, in the target's dtype
-            rollout = speculative_generate(target, batch, engine, cfg.max_new_tokens, record=True)  # greedy
-            sums["committed"] += sum(rollout.stats.committed)
-            sums["verifies"] += len(rollout.stats.committed)
-            replayed = sum(len(p) + len(r) for p, r in zip(batch, rollout.tokens, strict=True))  # the replay pass
-            sums["target_tokens"] += rollout.stats.target_tokens + replayed
-            sums["rollout_tokens"] += rollout.stats.new_tokens
-            rows = list(zip(batch, rollout.tokens, rollout.records, strict=True))
-            gens = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + j) for j in rows_no]  # random anchors
-            for i in range(0, len(rows), cfg.micro_batch):
-                mb = rows[i : i + cfg.micro_batch]
-                block = model.replay_block(cfg.chain_length)
-                plans = replay_plans(mb, block, cfg.rej_first_only, cfg.random_anchors, gens[i : i + cfg.micro_batch])
-                with run.autocast():
-                    loss, st = replay_loss(
-                        model, target, mb, plans, cfg.loss, cfg.gamma, cfg.resp_weight, cfg.rej_weight,
-                        cfg.logp_min, cfg.teacher_temperature,
-                    )  # fmt: skip
-                run.backward(loss / n_micro)  # the mean over every micro-batch of the update, on every rank
-                sums["loss"] += loss.item() / n_micro
-                sums["resp_tokens"] += st["resp_tokens"]
-                sums["rej_tokens"] += st["rej_tokens"]
+        samples = range(step * update_rows + rank * share, step * update_rows + (rank + 1) * share)
+        batch = [pool[sequence(i)] for i in samples]
+        engine = model.engine(target, cfg.chain_length)  # the current weights, in the target's dtype, ungated
+        # 1) Rollouts and their verify records (one drafter for the whole update), grouped in micro-batches.
+        jobs, committed, verifies, target_tokens = [], 0, 0, 0
+        if cfg.rollouts == "live":
+            chunk = -(-share // cfg.accum)  # this rank's rows of one rollout batch
+            for a in range(0, len(batch), chunk):
+                prompts = [p for p, _ in batch[a : a + chunk]]
+                gen = speculative_generate(target, prompts, engine, cfg.max_new_tokens, record=True)  # greedy
+                committed, verifies = committed + sum(gen.stats.committed), verifies + len(gen.stats.committed)
+                target_tokens += gen.stats.target_tokens
+                rows = list(zip(prompts, gen.tokens, gen.records, strict=True))
+                jobs += [(rows[i : i + cfg.micro_batch], None) for i in range(0, len(rows), cfg.micro_batch)]
+        else:
+            suffix = not cfg.rej_first_only and cfg.rej_weight > 0
+            for i in range(0, len(batch), cfg.micro_batch):
+                d = derive_records(target, engine, batch[i : i + cfg.micro_batch], cfg.max_new_tokens, suffix)
+                rows = [(p, y, rec) for (p, y), rec in zip(batch[i : i + cfg.micro_batch], d.records, strict=True)]
+                committed += sum(len(y) - 1 for _, y in batch[i : i + cfg.micro_batch])
+                verifies += sum(len(rec) for rec in d.records)
+                target_tokens += d.target_tokens
+                jobs.append((rows, d.out))
+        del engine
+        # 2) Replay plans and the update's global denominator, before any backward.
+        block = model.replay_block(cfg.chain_length)
+        slots = []
+        for rows, _ in jobs:
+            gens = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + hash_row(p, y)) for p, y, _ in rows]
+            slots.append(replay_slots(model, rows, replay_plans(rows, block, cfg, gens), cfg.gamma, target.device))
+        den = float(run.all_sum(torch.tensor(sum(s.denominator(cfg) for s in slots))))
+        # 3) Loss and gradients per micro-batch (the target forward reused in replay mode).
+        sums = dict.fromkeys(("loss", "resp_tokens", "rej_tokens"), 0.0)
+        for (rows, out), sl in zip(jobs, slots, strict=True):
+            with run.autocast():
+                loss, st = replay_loss(model, target, rows, sl, cfg, den, out)
+            run.backward(loss)
+            sums["loss"] += loss.item()
+            sums["resp_tokens"] += st["resp_tokens"]
+            sums["rej_tokens"] += st["rej_tokens"]
         grad_norm = run.optimizer_step()
-        g = run.sum_over_ranks(**sums)
+        replayed = sum(len(p) + len(y) for rows, out in jobs if out is None for p, y, _ in rows)  # live: replay pass
+        g = run.sum_over_ranks(**sums, committed=committed, verifies=verifies, target_tokens=target_tokens + replayed,
+                               rollout_tokens=sum(len(y) for _, y in batch))  # fmt: skip
         for counter in ("target_tokens", "rollout_tokens"):
             run.counters[counter] += int(g.pop(counter))
         rollout_tau = g.pop("committed") / max(g.pop("verifies"), 1)
@@ -97,47 +134,68 @@ def train_opd(cfg: OPDConfig) -> Path:
     return run.finish()
 
 
-def replay_plans(
-    rows: list[tuple[list[int], list[int], list[VerifyStep]]],
-    block: int,
-    rej_first_only: bool,
-    random_anchors: bool,
-    gens: list[torch.Generator],
-) -> list[ReplayPlan]:
-    """The replay plan of each rollout (prompt ids, response ids, verify records); ``block`` = anchor + the
-    proposals of one verify step; ``gens``: one generator per rollout (the random-anchor ablation)."""
-    plans = [build_replay_plan(steps, len(resp), block, rej_first_only) for _, resp, steps in rows]
-    if random_anchors:
+def check_budget(cfg: OPDConfig) -> None:
+    """Replay cuts the trajectories to ``max_new_tokens``: a greedy response to a budget N is the first N tokens of
+    the response to a larger one, never more; a budget past the data's cannot be replayed."""
+    manifest = Path(cfg.data) / "manifest.json"
+    try:
+        made = json.loads(manifest.read_text())["settings"]["max_new_tokens"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # an older or hand-made data folder: its responses are taken as they are
+    if cfg.rollouts == "replay" and cfg.max_new_tokens > made:
+        raise DraftopdError(
+            f"max_new_tokens {cfg.max_new_tokens} exceeds the {made} tokens the trajectories of {cfg.data} were "
+            "generated with: replay cannot know what the target writes past them (lower it, or rollouts=live)"
+        )
+
+
+def hash_row(prompt: list[int], response: list[int]) -> int:
+    """A seed from a row's tokens (random anchors: the same row gets the same draw whatever its batch or rank)."""
+    return sum((t + 1) * (i + 1) for i, t in enumerate(prompt + response)) % 1_000_003
+
+
+def replay_plans(rows: list[Row], block: int, cfg: OPDConfig, gens: list[torch.Generator]) -> list[ReplayPlan]:
+    """The replay plan of each rollout; ``block`` = anchor + the proposals of one verify step; ``gens``: one
+    generator per rollout (the random-anchor ablation)."""
+    plans = [build_replay_plan(steps, len(resp), block, cfg.rej_first_only) for _, resp, steps in rows]
+    if cfg.anchors == "random":
         plans = [randomize_anchors(p, len(r), g) for p, (_, r, _), g in zip(plans, rows, gens, strict=True)]
+    elif cfg.anchors == "all":
+        plans = [all_anchors(p, len(r), block) for p, (_, r, _) in zip(plans, rows, strict=True)]
     return plans
 
 
-def replay_loss(
-    model: DrafterModel,
-    target: Target,
-    rows: list[tuple[list[int], list[int], list[VerifyStep]]],
-    plans: list[ReplayPlan],
-    loss: str = "acceptance_aware",
-    gamma: float = 0.8,
-    resp_weight: float = 1.0,
-    rej_weight: float = 1.0,
-    logp_min: float = -10.0,
-    teacher_temperature: float = 1.0,
-) -> tuple[torch.Tensor, dict]:
-    """The Draft-OPD loss of a micro-batch of rollouts: plans -> one target forward -> drafter states of the
-    replay slots -> log-probs -> the two-stream loss (or a distribution-level alternative, ``loss``)."""
-    dev = target.device
-    # 1) One target forward over prompt + response: features for the drafter, hidden states for the teacher.
+@dataclass
+class Slots:
+    """The supervised slots of a micro-batch's replay plans, as index tensors on the target's device."""
+
+    ids: torch.Tensor  # (B, S) prompt + response, right-padded
+    valid: torch.Tensor  # (B, S)
+    anchors: torch.Tensor  # (B, Nb) full position of each block's anchor, -1 = padding
+    accepted: torch.Tensor  # (B, Nb)
+    ri: torch.Tensor  # (N, 3) response slots (row, block, offset), only those whose label the drafter can predict
+    xi: torch.Tensor  # (M, 3) rejected slots, likewise
+    rej_tokens: torch.Tensor  # (M,) target ids of the rejected proposals
+    t_rej: torch.Tensor  # (M,) the target's log-probs of them (from the verify records)
+    w_rej: torch.Tensor  # (M,) gamma^(k-1)
+    n_blocks: int  # blocks with a response slot (the tv loss is a mean over them)
+
+    def denominator(self, cfg: OPDConfig) -> float:
+        """This micro-batch's share of the update's loss denominator."""
+        if cfg.loss == "tv":
+            return float(self.n_blocks)
+        return stream_denominator(len(self.ri), float(self.w_rej.sum()), cfg.resp_weight, cfg.rej_weight)
+
+
+def replay_slots(model: DrafterModel, rows: list[Row], plans: list[ReplayPlan], gamma: float, dev) -> Slots:
+    """Plans -> index tensors of the response slots (label = the token ``offset`` places after the anchor) and the
+    rejected slots; slots whose label is outside the drafter's vocabulary are dropped (a reduced EAGLE-3 head cannot
+    predict them)."""
     width = max(len(p) + len(r) for p, r, _ in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     valid = torch.zeros_like(ids)
     for b, (p, r, _) in enumerate(rows):
         ids[b, : len(p) + len(r)], valid[b, : len(p) + len(r)] = torch.tensor(p + r), 1
-    ids, valid = ids.to(dev), valid.to(dev)
-    pos = torch.arange(width, device=dev).expand_as(ids)
-    out = target.forward(ids, valid, pos, None, tuple(model.config.target_layer_ids), "none")
-    # 2) Replay blocks in full coordinates (anchor = prompt length + response index), and the supervised slots
-    #    as (row, block, block offset) triples: response stream ri, rejected stream xi.
     nb = max(1, max(len(p.anchors) for p in plans))
     anchors = torch.full((len(rows), nb), -1, dtype=torch.long)
     accepted = torch.full((len(rows), nb), -1, dtype=torch.long)
@@ -150,51 +208,86 @@ def replay_loss(
         rej_tok += plan.rej_token
         t_rej += plan.rej_logp_target
         rej_off += plan.rej_offset
-    anchors, accepted = anchors.to(dev), accepted.to(dev)
-    ri = torch.tensor(resp_idx, dtype=torch.long, device=dev).view(-1, 3)
-    xi = torch.tensor(rej_idx, dtype=torch.long, device=dev).view(-1, 3)
-    rej_labels = torch.tensor(rej_tok, dtype=torch.long, device=dev)
-    t_rej = torch.tensor(t_rej, dtype=torch.float32, device=dev)
-    w_rej = gamma ** (torch.tensor(rej_off, dtype=torch.float32, device=dev) - 1)  # gamma^(k-1)
-    label_pos = anchors[ri[:, 0], ri[:, 1]] + ri[:, 2]  # full position of each response label
+    ri = torch.tensor(resp_idx, dtype=torch.long).view(-1, 3)
+    labels = ids[ri[:, 0], anchors[ri[:, 0], ri[:, 1]] + ri[:, 2]]
+    ri = ri[model.to_draft_ids(labels.to(dev)).cpu() >= 0]
+    xi = torch.tensor(rej_idx, dtype=torch.long).view(-1, 3)
+    rej_tok = torch.tensor(rej_tok, dtype=torch.long)
+    keep = model.to_draft_ids(rej_tok.to(dev)).cpu() >= 0
+    t_rej = torch.tensor(t_rej, dtype=torch.float32)
+    w_rej = gamma ** (torch.tensor(rej_off, dtype=torch.float32) - 1)  # gamma^(k-1)
+    n_blocks = len({(b, i) for b, i, _ in ri.tolist()})
+    return Slots(*(t.to(dev) for t in (ids, valid, anchors, accepted, ri, xi[keep], rej_tok[keep], t_rej[keep],
+                                       w_rej[keep])), n_blocks)  # fmt: skip
+
+
+def replay_loss(
+    model: DrafterModel,
+    target: Target,
+    rows: list[Row],
+    sl: Slots,
+    cfg: OPDConfig,
+    den: float,
+    out: TargetOutput | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """The Draft-OPD loss of a micro-batch, divided by the update's global denominator ``den``: (the target forward
+    over prompt + response, unless ``out`` is given) -> drafter states of the replay slots -> log-probs -> the
+    two-stream loss (or a distribution-level alternative, ``cfg.loss``)."""
+    # 1) The target over prompt + response: features for the drafter, last hidden states for the teacher.
+    if out is None:
+        pos = torch.arange(sl.ids.shape[1], device=sl.ids.device).expand_as(sl.ids)
+        out = target.forward(sl.ids, sl.valid, pos, None, tuple(model.config.target_layer_ids), "none")
+    ri = sl.ri
+    label_pos = sl.anchors[ri[:, 0], ri[:, 1]] + ri[:, 2]  # full position of each response label
     teacher_h = out.hidden[ri[:, 0], label_pos - 1]  # the target's state that predicts the label
+    # 2) Drafter states of every response and rejected slot (one forward with the inference mask).
     h_resp, h_rej = model.replay_states(
-        target.embed, ReplayBatch(out.features, ids, anchors, accepted, ri, xi, rej_labels)
+        target.embed, ReplayBatch(out.features, sl.ids, sl.anchors, sl.accepted, ri, sl.xi, sl.rej_tokens)
     )
-    # 3) Labels in the drafter's vocabulary (a reduced EAGLE-3 head cannot predict tokens outside it).
-    labels = model.to_draft_ids(ids[ri[:, 0], label_pos])
-    keep = labels >= 0
-    h_resp, labels, teacher_h = h_resp[keep], labels[keep], teacher_h[keep]
-    rej_labels = model.to_draft_ids(rej_labels)
-    keep_rej = rej_labels >= 0
-    h_rej, rej_labels, t_rej, w_rej = h_rej[keep_rej], rej_labels[keep_rej], t_rej[keep_rej], w_rej[keep_rej]
+    labels = model.to_draft_ids(sl.ids[ri[:, 0], label_pos])  # in the drafter's vocabulary
+    rej_labels = model.to_draft_ids(sl.rej_tokens)
     stats = {"resp_tokens": len(labels), "rej_tokens": len(rej_labels)}
 
     def head(h: torch.Tensor) -> torch.Tensor:
         return model.draft_logits(h, target)
 
-    # 4) The loss: the default two-stream one, or an alternative distribution-level loss.
-    if loss in ("acceptance_aware", "all_forward"):
-        s_resp = token_logprobs(h_resp, labels, head)
-        if teacher_temperature == 0:  # greedy teacher: one-hot on the target's argmax
-            # response tokens are the argmax (greedy rollouts); a proposal is taken as the argmax of its
-            # (possibly wrong) prefix when the verify pass gave it p > 1/2, else p = 0 (clamped to logp_min)
-            t_resp = torch.zeros_like(s_resp)
-            t_rej = torch.where(t_rej > math.log(0.5), 0.0, logp_min)
-        else:
-            t_resp = token_logprobs(teacher_h, model.to_target_ids(labels), target.logits)
-        s_rej = token_logprobs(h_rej, rej_labels, head)
-        value = opd_loss(
-            s_resp, t_resp, s_rej, t_rej, w_rej, resp_weight, rej_weight,
-            rej_reverse_kl=loss == "acceptance_aware", logp_min=logp_min,
-        )  # fmt: skip
-        stats["resp_q_of_target_token"] = s_resp.exp().mean().item() if len(s_resp) else 0.0
-        return value, stats
-    if not model.full_vocab:
-        raise DraftopdError(
-            f"loss={loss} compares full-vocabulary distributions: needs a drafter over the whole vocabulary"
-        )
-    dl, tl = head(h_resp), target.logits(teacher_h).detach()
-    if loss == "full_kl":
-        return full_forward_kl(dl, tl).mean(), stats
-    return expected_acceptance_loss(dl, tl, (ri[:, 0] * nb + ri[:, 1])[keep]), stats
+    # 3) The loss: the two-stream one (response stream per cfg.loss, rejected stream k3), or expected acceptance.
+    if cfg.loss == "tv":
+        if not model.full_vocab:
+            raise DraftopdError("loss=tv compares full-vocabulary distributions: needs a drafter over the whole vocab")
+        block = ri[:, 0] * sl.anchors.shape[1] + ri[:, 1]
+        tv = expected_acceptance_loss(head(h_resp), target.logits(teacher_h).detach(), block)
+        return tv * (len(block.unique()) / max(den, 1e-8)), stats  # a block mean over the whole update
+    s_resp = token_logprobs(h_resp, labels, head)
+    s_rej = token_logprobs(h_rej, rej_labels, head)
+    t_rej = sl.t_rej
+    if cfg.teacher_temperature == 0:  # greedy teacher: one-hot on the target's argmax
+        # response tokens are the argmax (greedy rollouts); a proposal is taken as the argmax of its (possibly
+        # wrong) prefix when the verify pass gave it p > 1/2, else p = 0 (clamped to logp_min)
+        t_resp = torch.zeros_like(s_resp)
+        t_rej = torch.where(t_rej > math.log(0.5), 0.0, cfg.logp_min)
+    else:
+        t_resp = token_logprobs(teacher_h, model.to_target_ids(labels), target.logits)
+    l_resp = None  # acceptance_aware / all_forward: the Bernoulli forward KL, inside opd_loss
+    if cfg.loss == "hard_ce":
+        l_resp = hard_ce(s_resp)
+    elif cfg.loss == "full_kl":
+        l_resp = soft_kl(h_resp, teacher_h, model, target)
+    stats["resp_q_of_target_token"] = s_resp.exp().mean().item() if len(s_resp) else 0.0
+    value = opd_loss(
+        s_resp, t_resp, s_rej, t_rej, sl.w_rej, cfg.resp_weight, cfg.rej_weight,
+        rej_reverse_kl=cfg.loss != "all_forward", logp_min=cfg.logp_min, den=den, l_resp=l_resp,
+    )  # fmt: skip
+    return value, stats
+
+
+def soft_kl(h: torch.Tensor, teacher_h: torch.Tensor, model: DrafterModel, target: Target, chunk: int = 256):
+    """Per slot KL(p_target || q_drafter) over the drafter's vocabulary (the EAGLE-3 recipe's soft labels: the target's
+    distribution renormalised over the tokens the drafter can propose), in chunks of rows. (N,) float32."""
+    n = model.config.draft_vocab_size
+    vocab = None if model.full_vocab else model.to_target_ids(torch.arange(n, device=h.device))
+    out = []
+    for i in range(0, len(h), chunk):
+        t = target.logits(teacher_h[i : i + chunk]).detach()
+        out.append(full_forward_kl(model.draft_logits(h[i : i + chunk], target), t if vocab is None else t[:, vocab]))
+    return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)

@@ -15,15 +15,30 @@ proposals ``d_1..d_n``, the number accepted ``r_i`` and the target's correction/
 
 (Deviation from the authors' released code (Draft-OPD, arXiv 2605.29343): their first replay block is anchored at
 the last prompt token; ours replays the inference blocks exactly, the first anchored at the prefill token.)
+
+Replay rollouts (``derive_records``): at temperature 0 the committed text of a target-assisted rollout is the target's
+greedy output whatever the drafter proposes, so a cached greedy trajectory *is* the rollout, and every verify record
+is a function of that text and the current drafter. Anchors follow from the accepted counts (a_{i+1} = a_i + r_i + 1,
+a_0 = 0, the prefill token); the drafter's proposal at every response position comes from one batched pass over the
+true text (``propose_at``: its context there is exactly what the engine's was); r_i is the length of the proposal's
+prefix that matches the trajectory; the correction/bonus is the next trajectory token. The target's log-probs of the
+proposals up to the first rejected one are on the true prefix: one forward over the trajectory. Only the proposals
+*after* the first rejection were scored by the live verify pass on the draft's own wrong prefix: they need one more
+batched target forward over those branches (each branch attends to the trajectory's cached keys before it, and
+causally to itself: a custom 4-D mask). The same branch forward settles the one case the text does not: proposals
+past a trajectory that ended at EOS (accepted or not by the target's argmax after EOS).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 from draftopd.decoding.loop import VerifyStep
+from draftopd.models.target import Target, TargetOutput
 
 
 @dataclass
@@ -64,6 +79,34 @@ def build_replay_plan(
     return plan
 
 
+def all_anchors(plan: ReplayPlan, response_len: int, block_size: int) -> ReplayPlan:
+    """Every response position as an anchor, each block supervising up to ``block_size - 1`` labels (training-time test
+    over the whole sequence: the EAGLE-3 recipe); the rejected stream stays at the verify blocks' true anchors, as
+    rejected-only blocks."""
+    out = ReplayPlan()
+    for a in range(response_len - 1):
+        out.anchors.append(a)
+        out.segments.append(min(block_size - 1, response_len - 1 - a))
+        out.accepted.append(-1)
+    _keep_rejected(plan, out)
+    return out
+
+
+def _keep_rejected(plan: ReplayPlan, out: ReplayPlan) -> None:
+    """Append ``plan``'s rejected stream to ``out`` as rejected-only blocks (segment 0) at their true anchors."""
+    for b in sorted(set(plan.rej_block)):
+        nb = len(out.anchors)
+        out.anchors.append(plan.anchors[b])
+        out.segments.append(0)
+        out.accepted.append(plan.accepted[b])
+        for i, rb in enumerate(plan.rej_block):
+            if rb == b:
+                out.rej_block.append(nb)
+                out.rej_offset.append(plan.rej_offset[i])
+                out.rej_token.append(plan.rej_token[i])
+                out.rej_logp_target.append(plan.rej_logp_target[i])
+
+
 def randomize_anchors(plan: ReplayPlan, response_len: int, gen: torch.Generator) -> ReplayPlan:
     """Random-anchor ablation: response segments of the same lengths at random, non-overlapping positions.
 
@@ -82,15 +125,147 @@ def randomize_anchors(plan: ReplayPlan, response_len: int, gen: torch.Generator)
         out.segments.append(seg)
         out.accepted.append(-1)
         pos += seg
-    for b in sorted(set(plan.rej_block)):  # rejected-only blocks at the true anchors
-        nb = len(out.anchors)
-        out.anchors.append(plan.anchors[b])
-        out.segments.append(0)
-        out.accepted.append(plan.accepted[b])
-        for i, rb in enumerate(plan.rej_block):
-            if rb == b:
-                out.rej_block.append(nb)
-                out.rej_offset.append(plan.rej_offset[i])
-                out.rej_token.append(plan.rej_token[i])
-                out.rej_logp_target.append(plan.rej_logp_target[i])
+    _keep_rejected(plan, out)  # rejected-only blocks at the true anchors
     return out
+
+
+@dataclass
+class Derived:
+    """What ``derive_records`` computed for a batch of trajectories, reused by the replay loss."""
+
+    records: list[list[VerifyStep]]  # per row, one per verify step, as the live loop records them
+    ids: Tensor  # (B, S) prompt + response, right-padded
+    valid: Tensor  # (B, S) 1 on real tokens
+    out: TargetOutput  # the target's forward over ``ids``: features of the drafter's layers, last hidden states
+    target_tokens: int  # tokens the target processed (trajectories + branches)
+
+
+@torch.no_grad()
+def derive_records(
+    target: Target,
+    engine,
+    rows: list[tuple[list[int], list[int]]],
+    max_new_tokens: int,
+    suffix: bool = True,
+) -> Derived:
+    """The verify records a greedy live rollout of ``engine`` would produce on ``rows`` (prompt ids, the target's
+    greedy response to it within ``max_new_tokens``, EOS included when produced), without generating anything.
+
+    ``engine`` is a drafter's engine side (``model.engine(target, ...)``, ungated) with ``propose_at``.
+    ``suffix=False`` skips the branch forward: proposals after a first rejection get NaN log-probs
+    (``rej_first_only`` uses none of them), and past an EOS only the first proposal is checked (the loss never reads
+    past the response)."""
+    dev = target.device
+    width = max(len(p) + len(r) for p, r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    valid = torch.zeros_like(ids)
+    for b, (p, r) in enumerate(rows):
+        ids[b, : len(p) + len(r)], valid[b, : len(p) + len(r)] = torch.tensor(p + r), 1
+    ids, valid = ids.to(dev), valid.to(dev)
+    cache = target.new_cache()
+    pos = torch.arange(width, device=dev).expand_as(ids)
+    out = target.forward(ids, valid, pos, cache, engine.layer_ids, "none")
+    # 1) The drafter's proposal at every response position a = 0 .. R-2 (full position P + a), in batched passes.
+    n_anchor = max(1, max(len(r) for _, r in rows) - 1)
+    anchors = torch.full((len(rows), n_anchor), -1, dtype=torch.long)
+    for b, (p, r) in enumerate(rows):
+        anchors[b, : len(r) - 1] = len(p) + torch.arange(len(r) - 1)
+    drafts = engine.propose_at(out.features, ids, anchors.to(dev)).tolist()  # (B, Na, k)
+    k = len(drafts[0][0]) if drafts and drafts[0] else 0
+    last_best = target.logits(out.hidden[torch.arange(len(rows)), valid.sum(1) - 1]).argmax(-1).tolist()
+    # 2) Walk each trajectory as the live loop would: accepted prefix, correction/bonus, next anchor.
+    records: list[list[VerifyStep]] = []
+    need: list[tuple[int, int, int, int, int]] = []  # (row, step, slot j, full position of its logits, token)
+    branches: list[tuple[int, int, int, list[int]]] = []  # (row, step, first offset c, inputs d_c .. d_n or d_{n-1})
+    for b, (p, y) in enumerate(rows):
+        steps, a, big_r = [], 0, len(y)
+        while a < big_r - 1:
+            n = max(0, min(k, max_new_tokens - a - 2))  # the row's remaining token budget caps the proposal
+            d = drafts[b][a][:n]
+            inside = min(n, big_r - 1 - a)  # proposals that have a trajectory token at their offset
+            r = 0
+            while r < inside and d[r] == y[a + r + 1]:
+                r += 1
+            if r < inside:  # rejected at offset r + 1: the correction is the trajectory's token there
+                c, token = r + 1, y[a + r + 1]
+                if suffix and n > c:
+                    branches.append((b, len(steps), c, d[c - 1 : n - 1]))
+            elif n <= big_r - 1 - a:  # all n accepted; the bonus is the next token (after EOS: the target's argmax)
+                c, token = n, (y[a + n + 1] if a + n + 1 < big_r else last_best[b])
+            else:  # the whole rest of the trajectory (through EOS) accepted; proposals go on past it
+                c = inside + 1
+                r, token = (c, None) if d[c - 1] == last_best[b] else (inside, last_best[b])
+                if token is None and not suffix:
+                    r, token = c, None  # unknown without the branch forward; never read by the loss
+                if suffix:
+                    branches.append((b, len(steps), c, d[c - 1 : n]))
+            need += [(b, len(steps), j, len(p) + a + j - 1, d[j - 1]) for j in range(1, min(n, c) + 1)]
+            steps.append(VerifyStep(a, d, r, token if token is not None else -1, [math.nan] * n))
+            a += r + 1
+        records.append(steps)
+    # 3) log p_target of proposals on the true prefix: the trajectory forward's states, one head pass.
+    if need:
+        rows_t = torch.tensor([x[0] for x in need], device=dev)
+        pos_t = torch.tensor([x[3] for x in need], device=dev)
+        tok_t = torch.tensor([x[4] for x in need], device=dev)
+        lp = _logprobs(target, out.hidden[rows_t, pos_t], tok_t).tolist()
+        for (b, i, j, _, _), v in zip(need, lp, strict=True):
+            records[b][i].draft_logprobs_target[j - 1] = v
+    extra = _score_branches(target, cache, records, rows, branches, width) if branches else 0
+    return Derived(records, ids, valid, out, int(valid.sum()) + extra)
+
+
+def _logprobs(target: Target, hidden: Tensor, tokens: Tensor, chunk: int = 512) -> Tensor:
+    """log softmax(target head(hidden))[token] per row, float32, in chunks of the head."""
+    out = [
+        torch.log_softmax(target.logits(hidden[i : i + chunk]), -1).gather(-1, tokens[i : i + chunk, None])[:, 0]
+        for i in range(0, len(tokens), chunk)
+    ]
+    return torch.cat(out) if out else hidden.new_zeros(0)
+
+
+def _score_branches(target, cache, records, rows, branches, width: int) -> int:
+    """The target's scores of proposals after a first rejection (or past EOS), on the draft's own prefix.
+
+    Each branch (row, step, c, inputs d_c ..) sits at positions P + a + c ..; a branch token attends to the row's
+    cached trajectory keys before the branch's first position and causally to its own branch: all branches of a row
+    are one query sequence under a (B, 1, T, S + T) mask, one forward for the batch. Fills the records' log-probs of
+    d_{c+1}.., and for branches past EOS the accepted count and the correction/bonus by the target's argmax."""
+    dev = target.device
+    per_row: dict[int, list[tuple[int, int, list[int]]]] = {}
+    for b, i, c, inputs in branches:
+        per_row.setdefault(b, []).append((i, c, inputs))
+    big_t = max(sum(len(x[2]) for x in br) for br in per_row.values())
+    inp = torch.zeros(len(rows), big_t, dtype=torch.long)
+    posid = torch.zeros(len(rows), big_t, dtype=torch.long)
+    mask = torch.zeros(len(rows), 1, big_t, width + big_t, dtype=torch.bool)
+    mask[:, :, :, 0] = True  # padding queries attend to something (their output is never read)
+    where: list[tuple[int, int, int, int, int]] = []  # (row, step, c, first query index, length)
+    for b, brs in per_row.items():
+        o = 0
+        for i, c, inputs in brs:
+            start = len(rows[b][0]) + records[b][i].anchor + c  # full position of the branch's first input d_c
+            n_in = len(inputs)
+            inp[b, o : o + n_in] = torch.tensor(inputs)
+            posid[b, o : o + n_in] = start + torch.arange(n_in)
+            mask[b, 0, o : o + n_in, :start] = True  # the true prefix, cached
+            mask[b, 0, o : o + n_in, width + o : width + o + n_in] = torch.ones(n_in, n_in, dtype=torch.bool).tril()
+            where.append((b, i, c, o, n_in))
+            o += n_in
+    if target.model.config._attn_implementation == "eager":  # eager attention adds its mask: 0 / -inf
+        mask = torch.zeros(mask.shape, dtype=target.dtype).masked_fill(~mask, torch.finfo(target.dtype).min)
+    hidden = target.forward(inp.to(dev), mask.to(dev), posid.to(dev), cache, (), "none").hidden
+    for b, i, c, o, n_in in where:
+        rec = records[b][i]
+        logits = target.logits(hidden[b, o : o + n_in])  # entry t scores offset c + t + 1
+        logp = torch.log_softmax(logits, -1)
+        d = rec.draft
+        for t in range(min(n_in, len(d) - c)):
+            rec.draft_logprobs_target[c + t] = float(logp[t, d[c + t]])
+        if rec.token == -1:  # past EOS, d_1 .. d_c accepted: the target's argmax decides the rest
+            best = logits.argmax(-1).tolist()
+            r = c
+            while r < len(d) and d[r] == best[r - c]:
+                r += 1
+            rec.n_accepted, rec.token = r, best[r - c]
+    return int(sum(x[4] for x in where))

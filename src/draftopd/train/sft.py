@@ -18,7 +18,6 @@ Usage: draftopd train sft --config configs/sft-dflash.yaml --set max_steps=2000
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -27,11 +26,10 @@ from tqdm import tqdm
 
 from draftopd import DraftopdError
 from draftopd.config import SFTConfig
-from draftopd.data.trajectories import load_shards
 from draftopd.models import DRAFTERS
 from draftopd.models.base import SeqBatch
 from draftopd.models.target import Target
-from draftopd.train.common import is_writer, load_run_target, rank_world, start_or_resume
+from draftopd.train.common import is_writer, load_run_target, load_sequences, rank_world, sample_order, start_or_resume
 from draftopd.train.losses import token_logprobs, weighted_nll
 
 
@@ -45,14 +43,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     run = start_or_resume(cfg, target, seqs, lambda: kind.build(target, cfg.arch, seqs), cfg.arch.kind)
     model, layer_ids = run.model, run.model.config.target_layer_ids
     feats = feature_store(target, seqs, layer_ids, run.out, data_key(cfg, seqs, layer_ids), init_run(cfg.init_from))
-    n = len(seqs)
-
-    @functools.lru_cache(maxsize=2)
-    def epoch_order(e: int) -> list[int]:  # the data order of epoch e: a permutation seeded by (seed, e)
-        return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + e)).tolist()
-
-    def sequence(i: int) -> int:  # global sample index -> sequence index
-        return epoch_order(i // n)[i % n]
+    sequence = sample_order(len(seqs), cfg.seed)  # global sample index -> sequence index (the same draw as OPD's)
 
     for step in run.steps("sft"):
         samples = range(step * cfg.batch_size + rank, (step + 1) * cfg.batch_size, world)  # this rank's share
@@ -74,13 +65,6 @@ def train_sft(cfg: SFTConfig) -> Path:
             step + 1, int(g["tokens"]), loss=g["loss"], grad_norm=grad_norm, slot_acc=acc, slots=int(g["slots"])
         )
     return run.finish()
-
-
-def load_sequences(data: str, max_len: int) -> list[tuple[list[int], int]]:
-    """(prompt + response ids cut to ``max_len``, prompt length) of every trajectory with a response token
-    after the first anchor."""
-    seqs = [((r["prompt"] + r["response"])[:max_len], len(r["prompt"])) for r in load_shards(data)]
-    return [x for x in seqs if len(x[0]) > x[1] + 1]
 
 
 def seq_batch(

@@ -1,0 +1,252 @@
+"""The paper's Figure 1 on the embedded default target: does Draft-OPD keep raising tau where SFT has plateaued?
+
+For each drafter kind (DFlash, EAGLE-3): SFT on one pool of greedy target trajectories until its held-out tau stops
+rising, then from that drafter (a) Draft-OPD in replay mode and (b) SFT continued, with the same rows per update (the
+same draw), the same seed, optimizer and schedule, 256 updates of 16 rows each; held-out tau (32 prompts each of GSM8K
+test_dev, HumanEval and MT-bench, ungated, batched) of the start and of 4 checkpoints of each run, and OPD's paired
+gain over its control at the end with 95% bootstrap intervals over prompts. Then, for the kind where OPD did best, the
+random-anchor and no-rejected-stream ablations and the hard-CE response stream at the same budget.
+
+Every stage is a ``draftopd`` command with its config written under ``HOME/configs``, its log in ``HOME/logs`` (tail
+them), a done marker in ``HOME/done``; trainers checkpoint, so a killed run resumes with the same command:
+
+    python scripts/figure1.py                 # everything, resumable (HOME = $DRAFTOPD_HOME/figure1)
+    python scripts/figure1.py --until tau-dflash
+    python scripts/figure1.py --report        # the tables and docs/figures/figure1.png from what has finished
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from draftopd.assets import home as cache_root
+from draftopd.bench.run import paired_gain
+from draftopd.config import BenchConfig, DataConfig, OPDConfig, SFTConfig, load, to_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "configs" / "figure1"
+KINDS = ("dflash", "eagle3")
+STEPS = (64, 128, 192, 256)  # the checkpoints whose held-out tau is measured (keep_every 64)
+DATASETS = ("gsm8k", "humaneval", "mtbench")
+ABLATIONS = {  # name -> OPD overrides, for the kind where OPD does best
+    "random-anchors": {"anchors": "random"},
+    "no-rejected": {"rej_weight": 0.0},
+    "hard-ce": {"loss": "hard_ce"},
+}
+MATCHED = ("lr", "warmup_ratio", "min_lr_ratio", "adam_betas", "weight_decay", "grad_clip", "seed")
+
+
+def configs(home: Path) -> dict[str, tuple[list[str], object]]:
+    """Every stage: its ``draftopd`` verb and config, paths under ``home``."""
+    rep = dataclasses.replace
+    data = rep(load(DataConfig, CONF / "data.yaml"), out=str(home / "data"))
+    stages: dict[str, tuple[list[str], object]] = {"data": (["data"], data)}
+    for kind in KINDS:
+        sft = rep(load(SFTConfig, CONF / f"sft-{kind}.yaml"), data=data.out, out=str(home / f"sft-{kind}"))
+        start = str(home / f"sft-{kind}" / "final")
+        opd = rep(load(OPDConfig, CONF / "opd.yaml"), data=data.out, init_from=start, out=str(home / f"opd-{kind}"))
+        opd = opd.for_kind(kind)
+        cont = rep(
+            sft,
+            init_from=start,
+            out=str(home / f"cont-{kind}"),
+            max_steps=opd.max_steps,
+            batch_size=opd.rollout_batch * opd.accum,  # the same rows per update, drawn the same way (sample_order)
+            max_len=1 << 16,  # whole trajectories, as OPD replays them
+            eval=rep(sft.eval, limit=opd.eval.limit, max_new_tokens=opd.eval.max_new_tokens),
+            **{k: getattr(opd, k) for k in MATCHED},
+            **{k: getattr(opd, k) for k in ("log_every", "eval_every", "save_every", "keep_every")},
+        )
+        stages[f"sft-{kind}"] = (["train", "sft"], sft)
+        stages[f"opd-{kind}"] = (["train", "opd"], opd)
+        stages[f"cont-{kind}"] = (["train", "sft"], cont)
+        methods = [f"SFT start={start}"] + [
+            f"{arm} {s}={home / f'{arm.lower()}-{kind}' / 'checkpoints' / f'step_{s:06d}'}"
+            for arm in ("OPD", "Cont")
+            for s in STEPS
+        ]
+        stages[f"tau-{kind}"] = (["bench", "--json", str(home / f"tau-{kind}.json")], tau_config(methods))
+    return stages
+
+
+def tau_config(methods: list[str]) -> BenchConfig:
+    return load(
+        BenchConfig,
+        None,
+        ["tau_only=true", "hf_baseline=false", "limit=32", "batch_size=16", "sampling.max_new_tokens=96",
+         "drafter.confidence=0", f"datasets=[{','.join(DATASETS)}]", "target.threads=2",
+         f"methods=[{','.join(methods)}]"],
+    )  # fmt: skip
+
+
+def ablation_stages(home: Path, kind: str, stages: dict) -> dict:
+    """The ablations of ``kind``'s OPD run, and their tau bench against its OPD and control at the end."""
+    _, opd = stages[f"opd-{kind}"]
+    out = {}
+    for name, over in ABLATIONS.items():
+        out[f"{name}-{kind}"] = (["train", "opd"], dataclasses.replace(opd, out=str(home / f"{name}-{kind}"), **over))
+    last = f"step_{STEPS[-1]:06d}"
+    methods = [
+        f"Cont={home / f'cont-{kind}' / 'checkpoints' / last}",
+        f"OPD={home / f'opd-{kind}' / 'checkpoints' / last}",
+    ]
+    methods += [f"{name}={home / f'{name}-{kind}' / 'checkpoints' / last}" for name in ABLATIONS]
+    out[f"tau-ablations-{kind}"] = (["bench", "--json", str(home / f"tau-ablations-{kind}.json")], tau_config(methods))
+    return out
+
+
+def run_stage(home: Path, name: str, verb: list[str], cfg) -> None:
+    done = home / "done" / f"{name}.json"
+    record = json.dumps(to_dict(cfg), sort_keys=True, default=str)
+    if done.exists() and json.loads(done.read_text()).get("config") == record:
+        return
+    conf = home / "configs" / f"{name}.yaml"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg))), sort_keys=False))
+    log = home / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "draftopd.cli", *verb, "--config", str(conf)]
+    print(f"[figure1] {name}: {' '.join(cmd[2:])}  (log: {log})", flush=True)
+    t0 = time.time()
+    with log.open("a") as f:
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if rc:
+        sys.exit(f"[figure1] {name} failed (exit {rc}): see {log}")
+    done.parent.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps({"config": record, "seconds": round(time.time() - t0, 1)}))
+    print(f"[figure1] {name} done in {(time.time() - t0) / 60:.1f} min", flush=True)
+
+
+def pooled_tau(per_prompt: list) -> float:
+    return sum(t for t, _ in per_prompt) / max(1, sum(s for _, s in per_prompt))
+
+
+def report(home: Path, figure: Path | None) -> str:
+    """Markdown tables (tau per checkpoint and data set; OPD's paired gain over its control at each step) and the
+    figure: tau vs update, OPD and its control, one panel per data set and kind, the SFT curve before it."""
+    lines, curves = [], {}
+    for kind in KINDS:
+        path = home / f"tau-{kind}.json"
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        lines += [
+            f"### {kind}",
+            "",
+            "| data set | SFT start | " + " | ".join(f"OPD {s} / Cont {s}" for s in STEPS) + " |",
+        ]
+        lines.append("|---" * (2 + len(STEPS)) + "|")
+        for ds in DATASETS:
+            m = r["datasets"][ds]["methods"]
+            start = m["SFT start"]
+            cells = []
+            for s in STEPS:
+                o, c = m[f"OPD {s}"], m[f"Cont {s}"]
+                g, lo, hi = paired_gain(c["per_prompt"], o["per_prompt"])
+                cells.append(f"{o['tau']:.3f} / {c['tau']:.3f} ({100 * g:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}])")
+            lines.append(f"| {ds} | {start['tau']:.3f} | " + " | ".join(cells) + " |")
+            curves[(kind, ds)] = {
+                "OPD": [start["tau"]] + [m[f"OPD {s}"]["tau"] for s in STEPS],
+                "SFT continued": [start["tau"]] + [m[f"Cont {s}"]["tau"] for s in STEPS],
+            }
+        lines.append("")
+        abl = home / f"tau-ablations-{kind}.json"
+        if abl.exists():
+            a = json.loads(abl.read_text())
+            lines += [f"Ablations ({kind}, step {STEPS[-1]}), paired gain over SFT continued:", ""]
+            for ds in DATASETS:
+                m = a["datasets"][ds]["methods"]
+                base = m["Cont"]["per_prompt"]
+                cells = []
+                for name in ("OPD", *ABLATIONS):
+                    g, lo, hi = paired_gain(base, m[name]["per_prompt"])
+                    cells.append(f"{name} {m[name]['tau']:.3f} ({100 * g:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}])")
+                lines.append(f"- {ds}: Cont {m['Cont']['tau']:.3f}; " + "; ".join(cells))
+            lines.append("")
+    if figure is not None and curves:
+        draw(home, curves, figure)
+    return "\n".join(lines)
+
+
+def sft_curve(home: Path, kind: str) -> list[tuple[int, float]]:
+    path = home / f"sft-{kind}" / "metrics.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return [(r["step"], r["tau"]) for r in rows if "tau" in r]
+
+
+def draw(home: Path, curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({k for k, _ in curves}, key=KINDS.index)
+    fig, axes = plt.subplots(len(kinds), 1 + len(DATASETS), figsize=(4 * (1 + len(DATASETS)), 3.2 * len(kinds)))
+    axes = [axes] if len(kinds) == 1 else axes
+    x = [0, *STEPS]
+    for row, kind in zip(axes, kinds, strict=True):
+        steps, taus = zip(*sft_curve(home, kind), strict=True) if sft_curve(home, kind) else ((), ())
+        row[0].plot(steps, taus, "o-", color="gray")
+        row[0].set(title=f"{kind}: SFT (GSM8K, 32 prompts)", xlabel="SFT step", ylabel="tau")
+        for ax, ds in zip(row[1:], DATASETS, strict=True):
+            for name, style in (("OPD", "o-"), ("SFT continued", "s--")):
+                ax.plot(x, curves[(kind, ds)][name], style, label=name)
+            ax.set(title=f"{kind}: {ds} (32 prompts)", xlabel="update after SFT", ylabel="tau")
+            ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--home", default=str(cache_root() / "figure1"))
+    ap.add_argument("--until", default="", help="stop after this stage")
+    ap.add_argument("--report", action="store_true", help="only print the tables and draw the figure")
+    ap.add_argument("--ablate", choices=KINDS, help="the kind whose OPD run is ablated (default: where OPD did best)")
+    args = ap.parse_args()
+    home = Path(args.home)
+    figure = ROOT / "docs" / "figures" / "figure1.png"
+    if args.report:
+        print(report(home, figure))
+        return
+    stages = configs(home)
+    order = ["data", *[f"{s}-{k}" for k in KINDS for s in ("sft", "opd", "cont", "tau")]]
+    for name in order:
+        run_stage(home, name, *stages[name])
+        if name == args.until:
+            return
+    kind = args.ablate or best_kind(home)
+    for name, (verb, cfg) in ablation_stages(home, kind, stages).items():
+        run_stage(home, name, verb, cfg)
+        if name == args.until:
+            return
+    print(report(home, figure))
+
+
+def best_kind(home: Path) -> str:
+    """The kind whose OPD gained most over its control at the last step, averaged over the data sets."""
+
+    def gain(kind: str) -> float:
+        r = json.loads((home / f"tau-{kind}.json").read_text())["datasets"]
+        last = f"{STEPS[-1]}"
+        return sum(
+            pooled_tau(r[ds]["methods"][f"OPD {last}"]["per_prompt"])
+            / pooled_tau(r[ds]["methods"][f"Cont {last}"]["per_prompt"])
+            for ds in DATASETS
+        )
+
+    return max(KINDS, key=gain)
+
+
+if __name__ == "__main__":
+    main()

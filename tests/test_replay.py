@@ -1,0 +1,217 @@
+"""Draft-OPD replay rollouts: the verify records derived from a cached greedy trajectory equal the live engine's, for
+both drafter kinds (fp32, tiny targets, and the default target for DFlash); OPD updates in replay and live mode give
+the same weights; the update's gradient does not depend on micro-batching."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from draftopd.decoding.loop import speculative_generate
+from draftopd.models.dflash import DFlashConfig, DFlashModel
+from draftopd.models.eagle3 import Eagle3Config, Eagle3Model, draft_vocab_map
+from draftopd.train.replay import derive_records
+
+from conftest import make_tiny_target
+
+
+def tiny_drafter(kind: str, target, seed: int):
+    torch.manual_seed(seed)
+    if kind == "dflash":
+        cfg = DFlashConfig.from_target(
+            target.config, num_layers=2, block_size=5, mask_token_id=1, target_layer_ids=[0, 2]
+        )
+        model = DFlashModel(cfg)
+    else:
+        model = Eagle3Model(Eagle3Config.from_target(target.config, 7, target_layer_ids=[0, 1, 2]))
+        d2t, t2d = draft_vocab_map(torch.arange(target.vocab_size).float() % 5, 7)
+        model.set_vocab(d2t, t2d, target.lm_head.weight)
+    with torch.no_grad():  # sharp, varied proposals
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+def assert_same_records(live, derived) -> dict:
+    """Anchors, proposals, accepted counts and tokens exactly; the target's log-probs of the proposals within 1e-5
+    (relative to their size above 1: the live verify and the replay forward sum in another order, ~2e-6 relative).
+    Returns how often each path of the derivation was taken (so the test can check it covered them)."""
+    seen = {"accepted": 0, "suffix": 0, "steps": 0}
+    for row_live, row_derived in zip(live, derived, strict=True):
+        assert len(row_live) == len(row_derived)
+        for a, b in zip(row_live, row_derived, strict=True):
+            assert (a.anchor, a.draft, a.n_accepted, a.token) == (b.anchor, b.draft, b.n_accepted, b.token)
+            assert len(a.draft_logprobs_target) == len(b.draft_logprobs_target)
+            for x, y in zip(a.draft_logprobs_target, b.draft_logprobs_target, strict=True):
+                assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (a, b)
+            seen["steps"] += 1
+            seen["accepted"] += a.n_accepted > 0
+            seen["suffix"] += len(a.draft) > a.n_accepted + 1
+    return seen
+
+
+def past_eos(records, responses, eos: int) -> int:
+    """Verify steps whose accepted proposals run through the trajectory's final EOS (the target's argmax after EOS
+    decides them: the branch forward's case)."""
+    return sum(
+        r.anchor + r.n_accepted >= len(y) - 1
+        for recs, y in zip(records, responses, strict=True)
+        if y[-1] == eos
+        for r in recs
+    )
+
+
+@pytest.mark.parametrize("kind", ["dflash", "eagle3"])
+def test_replay_records_equal_live_records(kind):
+    """Many small random targets with an EOS token, so every path is taken: accepted prefixes, rejections with a
+    suffix scored on the draft's own prefix, budget cuts, and proposals past an accepted EOS."""
+    seen = dict.fromkeys(("accepted", "suffix", "past_eos", "steps"), 0)
+    for seed in range(6):
+        target = make_tiny_target(vocab=8, layers=4, std=0.5, seed=seed, eos=3)
+        model = tiny_drafter(kind, target, seed)
+        g = torch.Generator().manual_seed(seed)
+        prompts = [torch.randint(0, 8, (n,), generator=g).tolist() for n in (3, 7, 1, 5)]
+        live = speculative_generate(target, prompts, model.engine(target, 4), 20, record=True)
+        plain = speculative_generate(target, prompts, None, 20)
+        assert live.tokens == plain.tokens  # the rollout text is the target's greedy output (lossless)
+        rows = list(zip(prompts, plain.tokens, strict=True))  # the cached trajectories
+        derived = derive_records(target, model.engine(target, 4), rows, 20)
+        for k, v in assert_same_records(live.records, derived.records).items():
+            seen[k] += v
+        seen["past_eos"] += past_eos(live.records, plain.tokens, 3)
+    assert seen["accepted"] > 5 and seen["suffix"] > 20 and seen["past_eos"] >= 1, seen
+
+
+def test_replay_records_on_the_default_target(real_target_fp32):
+    """SmolLM2-135M in fp32 with a DFlash drafter over a reduced draft vocabulary, proposing the target's own text
+    often enough (trained for a few steps on it would take too long here: it reuses the target's head)."""
+    target = real_target_fp32
+    cfg = DFlashConfig.from_target(target.config, num_layers=1, block_size=4, mask_token_id=2, draft_vocab_size=4096)
+    torch.manual_seed(0)
+    model = DFlashModel(cfg)
+    model.d2t.copy_(torch.arange(4096) * 0)  # the first 4096 ids
+    prompts = [target.encode_chat(q) for q in ("What is 2 + 3?", "Name three colours.")]
+    live = speculative_generate(target, prompts, model.engine(target), 24, record=True)
+    derived = derive_records(target, model.engine(target), list(zip(prompts, live.tokens, strict=True)), 24)
+    seen = assert_same_records(live.records, derived.records)
+    assert seen["steps"] > 10
+
+
+def test_suffix_free_derivation_leaves_the_suffix_unscored():
+    target = make_tiny_target(vocab=8, layers=4, std=0.5, seed=1, eos=3)
+    model = tiny_drafter("dflash", target, 1)
+    prompts = [[1, 2, 4], [5, 6]]
+    rows = list(zip(prompts, speculative_generate(target, prompts, None, 16).tokens, strict=True))
+    full = derive_records(target, model.engine(target), rows, 16)
+    cheap = derive_records(target, model.engine(target), rows, 16, suffix=False)
+    assert cheap.target_tokens < full.target_tokens
+    for a, b in zip(sum(full.records, []), sum(cheap.records, []), strict=True):
+        assert (a.anchor, a.draft) == (b.anchor, b.draft)
+        first = a.n_accepted + 1  # up to the first rejected proposal: on the true prefix, the same
+        assert a.draft_logprobs_target[:first] == pytest.approx(b.draft_logprobs_target[:first], abs=1e-6)
+        assert all(math.isnan(x) for x in b.draft_logprobs_target[first:])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train opd in both modes, in process, on a tiny target folder with the real tokenizer
+
+
+@pytest.fixture(scope="module")
+def opd_setup(tiny_folder, tmp_path_factory):
+    """Greedy trajectories of the tiny target (a data folder as `draftopd data` writes it) and a DFlash and an
+    EAGLE-3 drafter folder to start from."""
+    from draftopd.config import ArchConfig
+    from draftopd.models import DRAFTERS
+    from draftopd.models.target import load_target
+
+    root = tmp_path_factory.mktemp("opd-modes")
+    target = load_target(str(tiny_folder), "fp32")
+    prompts = [target.encode_chat(f"Question {i}: what is {i} + {2 * i}?" + " and then?" * (i % 3)) for i in range(6)]
+    resp = speculative_generate(target, prompts, None, 14).tokens
+    data = root / "data"
+    data.mkdir()
+    torch.save([{"prompt": p, "response": r} for p, r in zip(prompts, resp, strict=True)], data / "shard_00000.pt")
+    (data / "manifest.json").write_text(json.dumps({"settings": {"max_new_tokens": 14}}))
+    seqs = [(p + r, len(p)) for p, r in zip(prompts, resp, strict=True)]
+    inits = {}
+    for kind, arch in (
+        ("dflash", ArchConfig(kind="dflash", num_layers=1, block_size=4, draft_vocab_size=512)),
+        ("eagle3", ArchConfig(kind="eagle3", draft_vocab_size=512)),
+    ):
+        torch.manual_seed(0)
+        model = DRAFTERS[kind].build(target, arch, seqs)
+        model.save(root / f"init-{kind}", dtype=torch.float32)
+        inits[kind] = root / f"init-{kind}"
+    return tiny_folder, data, inits
+
+
+def opd_cfg(opd_setup, kind: str, out, **over):
+    from draftopd.config import OPDConfig, TargetConfig
+
+    folder, data, inits = opd_setup
+    base = {
+        "target": TargetConfig(path=str(folder), dtype="fp32", threads=1),
+        "init_from": str(inits[kind]),
+        "out": str(out),
+        "data": str(data),
+        "max_steps": 2,
+        "rollout_batch": 4,
+        "micro_batch": 4,
+        "max_new_tokens": 14,
+        "chain_length": 3,
+        "lr": 0.01,
+        "warmup_ratio": 0.0,
+        "logp_min": -40.0,
+        "eval_every": 100,
+        "save_every": 1,
+        "loss": "acceptance_aware",
+        "anchors": "verify",
+        "rej_weight": 1.0,
+    }
+    from draftopd.config import EvalConfig
+
+    base["eval"] = EvalConfig(limit=1, max_new_tokens=4, chain_length=3)
+    return OPDConfig(**{**base, **over})
+
+
+def metrics(out) -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def weights(out, step: int) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "checkpoints" / f"step_{step:06d}" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("kind", ["dflash", "eagle3"])
+def test_two_updates_give_the_same_weights_in_replay_and_live_mode(opd_setup, tmp_path, kind):
+    from draftopd.train.opd import train_opd
+
+    train_opd(opd_cfg(opd_setup, kind, tmp_path / "live", rollouts="live"))
+    train_opd(opd_cfg(opd_setup, kind, tmp_path / "replay", rollouts="replay"))
+    a, b = metrics(tmp_path / "live"), metrics(tmp_path / "replay")
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
+    assert [r["rej_tokens"] for r in a] == [r["rej_tokens"] for r in b] and a[0]["rej_tokens"] > 0
+    wa, wb = weights(tmp_path / "live", 2), weights(tmp_path / "replay", 2)
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), (k, (wa[k] - wb[k]).abs().max())
+
+
+@pytest.mark.parametrize("kind", ["dflash", "eagle3"])
+def test_first_update_does_not_depend_on_micro_batching(opd_setup, tmp_path, kind):
+    """Rows of different lengths: a mean of micro-batch means would weigh them differently; the global denominator
+    does not. Loss and gradient norm at step 1 (before clipping: Adam's first step hides a gradient's scale)."""
+    from draftopd.train.opd import train_opd
+
+    rows = {}
+    for mb in (1, 4):
+        out = tmp_path / f"mb{mb}"
+        train_opd(opd_cfg(opd_setup, kind, out, micro_batch=mb, max_steps=1, grad_clip=1e9))
+        rows[mb] = metrics(out)[0]
+    assert rows[1]["loss"] == pytest.approx(rows[4]["loss"], rel=1e-5)
+    assert rows[1]["grad_norm"] == pytest.approx(rows[4]["grad_norm"], rel=1e-5)
