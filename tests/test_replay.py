@@ -215,3 +215,16 @@ def test_first_update_does_not_depend_on_micro_batching(opd_setup, tmp_path, kin
         rows[mb] = metrics(out)[0]
     assert rows[1]["loss"] == pytest.approx(rows[4]["loss"], rel=1e-5)
     assert rows[1]["grad_norm"] == pytest.approx(rows[4]["grad_norm"], rel=1e-5)
+
+
+def test_eagle3_recipe_trains_whole_sequences_without_a_rejected_stream(opd_setup, tmp_path):
+    """The EAGLE-3 default (config.OPD_RECIPES): every response position supervised (TTT over the whole rollout), soft
+    labels, no rejected stream, lr 1e-4; recorded resolved in the run config."""
+    from draftopd.train.opd import train_opd
+
+    out = tmp_path / "eagle3-recipe"
+    train_opd(opd_cfg(opd_setup, "eagle3", out, loss=None, anchors=None, rej_weight=None, lr=None, max_steps=1))
+    row = metrics(out)[0]
+    assert row["rej_tokens"] == 0 and row["resp_tokens"] > 0 and math.isfinite(row["loss"])
+    saved = json.loads((out / "run_config.json").read_text())
+    assert (saved["loss"], saved["anchors"], saved["rej_weight"], saved["lr"]) == ("full_kl", "all", 0.0, 1e-4)

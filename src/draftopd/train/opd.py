@@ -158,6 +158,9 @@ def replay_plans(rows: list[Row], block: int, cfg: OPDConfig, gens: list[torch.G
     """The replay plan of each rollout; ``block`` = anchor + the proposals of one verify step; ``gens``: one
     generator per rollout (the random-anchor ablation)."""
     plans = [build_replay_plan(steps, len(resp), block, cfg.rej_first_only) for _, resp, steps in rows]
+    if cfg.rej_weight == 0:  # no rejected stream: nothing of it is replayed (nor scored: derive_records skips it)
+        for p in plans:
+            p.rej_block, p.rej_offset, p.rej_token, p.rej_logp_target = [], [], [], []
     if cfg.anchors == "random":
         plans = [randomize_anchors(p, len(r), g) for p, (_, r, _), g in zip(plans, rows, gens, strict=True)]
     elif cfg.anchors == "all":
