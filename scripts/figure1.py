@@ -61,7 +61,7 @@ def configs(home: Path) -> dict[str, tuple[list[str], object]]:
             out=str(home / f"cont-{kind}"),
             max_steps=opd.max_steps,
             batch_size=opd.rollout_batch * opd.accum,  # the same rows per update, drawn the same way (sample_order)
-            max_len=1 << 16,  # whole trajectories, as OPD replays them
+            max_len=max(sft.max_len, 640),  # whole trajectories (<= 256 + 256 tokens), as OPD replays them
             eval=rep(sft.eval, limit=opd.eval.limit, max_new_tokens=opd.eval.max_new_tokens),
             **{k: getattr(opd, k) for k in MATCHED},
             **{k: getattr(opd, k) for k in ("log_every", "eval_every", "save_every", "keep_every")},

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16, help="rows per update / SFT batch")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shards", type=int, default=2, help="data shards the runs draw from (the SFT feature pass)")
     ap.add_argument("--sft-config", default=None, help="SFT recipe (default configs/figure1/sft-KIND.yaml)")
     args = ap.parse_args()
     sft_cfg = args.sft_config or str(ROOT / "configs" / "figure1" / f"sft-{args.kind}.yaml")
@@ -49,8 +51,15 @@ def main() -> None:
     times = {}
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
+        pool = t / "data"  # a few shards spread over the data (length-sorted): the SFT feature pass covers these
+        pool.mkdir()
+        files = sorted(Path(args.data).glob("shard_*.pt"))
+        for f in files[:: max(1, len(files) // args.shards)][: args.shards]:
+            shutil.copy(f, pool / f.name)
+        shutil.copy(Path(args.data) / "manifest.json", pool / "manifest.json")
+        common[0] = f"data={pool}"
         times["SFT step"] = run(
-            ["train", "sft", "--config", sft_cfg], [*common, f"batch_size={args.rows}", "max_len=65536"], t / "sft"
+            ["train", "sft", "--config", sft_cfg], [*common, f"batch_size={args.rows}", "max_len=640"], t / "sft"
         )
         opd = ["train", "opd", "--config", str(ROOT / "configs" / "figure1" / "opd.yaml")]
         rows = [*common, f"rollout_batch={args.rows}"]
