@@ -2,9 +2,10 @@
 
 1. data            target trajectories of GSM8K-train and ShareGPT prompts    (``draftopd data``)
 2. sft             a DFlash drafter trained by SFT on them                     (``draftopd train sft``)
-3. opd             Draft-OPD from the SFT drafter, rollouts on the same prompts (``draftopd train opd``)
-4. sft_continued   SFT continued from the same drafter on the same prompts, with the same number of
-                   drafter updates and sequences per update as OPD (the matched-compute control)
+3. opd             Draft-OPD from the SFT drafter, the data's greedy trajectories replayed as its rollouts
+                   (``draftopd train opd``, replay mode)
+4. sft_continued   SFT continued from the same drafter on the same sequences, update for update, with OPD's
+                   optimizer and schedule (the matched control)
 5. bench           tokens/s and speed-up of plain decoding, prompt lookup, SFT, OPD and SFT continued on
                    held-out GSM8K test_dev, HumanEval and MT-bench prompts, batch 1, side by side (``draftopd bench``)
 6. tau             held-out tau of SFT, OPD and SFT continued on more prompts per set, batched and untimed
