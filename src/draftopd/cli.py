@@ -32,7 +32,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="dotted override, e.g. sampling.temperature=0.7 (repeatable)",
     )
-    p.add_argument("--gsm8k", metavar="PATH", help="GSM8K folder (train.jsonl, test_dev.jsonl) or one jsonl file")
+    p.add_argument(
+        "--gsm8k",
+        metavar="PATH",
+        help="GSM8K folder (train.jsonl, test_dev.jsonl), one jsonl, or 'hub' (default: the shipped copy)",
+    )
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
