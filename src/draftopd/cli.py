@@ -61,6 +61,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         "max_new_tokens": "sampling.max_new_tokens",
         "limit": "limit",
         "datasets": "datasets",
+        "engine": "engine",
     }
     for flag, key in pairs.items():
         if getattr(args, flag, None) is not None:
@@ -244,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"])
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--threads", type=int)
+    p.add_argument("--engine", choices=["hf", "vllm"], help="hf (default) or vllm (where vllm is importable)")
     _common(p)
     p.set_defaults(func=cmd_data)
 
