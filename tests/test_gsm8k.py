@@ -1,4 +1,4 @@
-"""GSM8K resolution: the committed fixture, the one-line error when nothing is found, the hub cache (faked)."""
+"""GSM8K resolution: the shipped copy (no ../shared, no hub), the committed fixture, the hub option (faked)."""
 
 from __future__ import annotations
 
@@ -23,12 +23,28 @@ def _first_question(file: Path) -> str:
 
 
 @pytest.fixture
-def nowhere(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """No $DRAFTOPD_GSM8K, no shared folder, an empty home cache; returns the cache folder."""
-    monkeypatch.delenv("DRAFTOPD_GSM8K", raising=False)
-    monkeypatch.setattr(ds, "_shared_dir", lambda: tmp_path / "no-shared")
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """``$DRAFTOPD_GSM8K=hub`` with an empty home cache; returns the cache folder."""
+    monkeypatch.setenv("DRAFTOPD_GSM8K", "hub")
     monkeypatch.setenv("DRAFTOPD_HOME", str(tmp_path / "home"))
     return tmp_path / "home" / "data" / "gsm8k"
+
+
+def test_shipped_copy_needs_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No $DRAFTOPD_GSM8K, an empty home, no hub: the copy shipped in the package serves both splits."""
+    monkeypatch.delenv("DRAFTOPD_GSM8K", raising=False)
+    monkeypatch.setenv("DRAFTOPD_HOME", str(tmp_path / "home"))
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    shipped = Path(ds.__file__).resolve().parents[1] / "data" / "gsm8k"
+    assert gsm8k_file("train") == shipped / "train.jsonl.gz"
+    assert gsm8k_file("test_dev") == shipped / "test_dev.jsonl.gz"
+    assert len(gsm8k(split="train")) == 7473 and len(gsm8k(split="test_dev")) == 660
+    assert load_prompts("gsm8k", 3) == gsm8k(3)
+    assert load_training_prompts("gsm8k", 2) == gsm8k(2, split="train")
+    assert gsm8k(1)[0].startswith("Janet’s ducks lay 16 eggs per day.")  # the first GSM8K test question
+    notice = (shipped / "LICENSE").read_text(encoding="utf-8")
+    assert "MIT License" in notice and "Copyright (c) 2021 OpenAI" in notice
+    assert not (tmp_path / "home").exists()  # nothing fetched, nothing cached
 
 
 def test_fixture_loads() -> None:
@@ -48,17 +64,24 @@ def test_single_file_serves_every_split(monkeypatch: pytest.MonkeyPatch) -> None
     assert gsm8k_file("test_dev") == gsm8k_file("train") == FIXTURE / "train.jsonl"
 
 
-def test_nothing_found_is_one_line(nowhere: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_unavailable_is_one_line(hub: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(DraftopdError) as e:
         gsm8k_file("test_dev")
     msg = str(e.value)
     assert "\n" not in msg
-    for word in ("test_dev", "--gsm8k", "DRAFTOPD_GSM8K", "shared", str(nowhere), "datasets"):
+    for word in ("test_dev", "--gsm8k hub", "DRAFTOPD_GSM8K", "shipped", str(hub), "datasets"):
         assert word in msg, word
 
 
-def test_hub_download_is_cached(nowhere: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shipped_copy_missing_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("DRAFTOPD_GSM8K", raising=False)
+    monkeypatch.setattr(ds, "shipped_dir", lambda: tmp_path / "gone")
+    with pytest.raises(DraftopdError, match="shipped .*gone/train.jsonl.gz is missing"):
+        gsm8k_file("train")
+
+
+def test_hub_download_is_cached(hub: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
     def load_dataset(name: str, config: str) -> dict[str, list[dict]]:
@@ -72,8 +95,8 @@ def test_hub_download_is_cached(nowhere: Path, monkeypatch: pytest.MonkeyPatch) 
 
     assert gsm8k(split="test_dev") == [MATH_TEMPLATE.format(problem=f"q{i}") for i in range(660)]
     assert calls == [("openai/gsm8k", "main")]
-    assert sorted(p.name for p in nowhere.iterdir()) == ["test_dev.jsonl", "train.jsonl"]  # no .part left
-    with open(nowhere / "train.jsonl", encoding="utf-8") as f:
+    assert sorted(p.name for p in hub.iterdir()) == ["test_dev.jsonl", "train.jsonl"]  # no .part left
+    with open(hub / "train.jsonl", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     assert rows[0] == {"question": "q0", "answer": "a0"} and len(rows) == 30
 
@@ -82,13 +105,13 @@ def test_hub_download_is_cached(nowhere: Path, monkeypatch: pytest.MonkeyPatch) 
     assert calls == [("openai/gsm8k", "main")]
 
 
-def test_failed_download_leaves_no_file(nowhere: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_download_leaves_no_file(hub: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = types.ModuleType("datasets")
     fake.load_dataset = lambda *a: {"train": [{"question": "q"}], "test": []}  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "datasets", fake)
     with pytest.raises(DraftopdError, match="KeyError"):
         gsm8k_file("train")
-    assert not list(nowhere.iterdir())
+    assert not list(hub.iterdir())
 
 
 def test_missing_env_path_named_exactly(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -32,7 +32,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="dotted override, e.g. sampling.temperature=0.7 (repeatable)",
     )
-    p.add_argument("--gsm8k", metavar="PATH", help="GSM8K folder (train.jsonl, test_dev.jsonl) or one jsonl file")
+    p.add_argument(
+        "--gsm8k",
+        metavar="PATH",
+        help="GSM8K folder (train.jsonl, test_dev.jsonl), one jsonl, or 'hub' (default: the shipped copy)",
+    )
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -57,6 +61,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         "max_new_tokens": "sampling.max_new_tokens",
         "limit": "limit",
         "datasets": "datasets",
+        "engine": "engine",
     }
     for flag, key in pairs.items():
         if getattr(args, flag, None) is not None:
@@ -240,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"])
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--threads", type=int)
+    p.add_argument("--engine", choices=["hf", "vllm"], help="hf (default) or vllm (where vllm is importable)")
     _common(p)
     p.set_defaults(func=cmd_data)
 

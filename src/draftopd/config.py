@@ -261,9 +261,11 @@ class DataConfig:
     batch_size: int = 32  # rows generated together
     chunk_size: int = 64  # prompts per shard (the unit of resumption)
     out: str = "runs/data/trajectories"
+    engine: str = "hf"  # hf (our decoding loop) | vllm (vLLM's offline API where vllm is importable)
 
     def __post_init__(self) -> None:
         need(bool(self.sources), "sources", "a list of gsm8k, sharegpt or jsonl paths", self.sources)
+        need(self.engine in ("hf", "vllm"), "engine", "hf or vllm", self.engine)
         need(self.limit_per_source >= 1, "limit_per_source", ">= 1", self.limit_per_source)
         need(self.max_prompt_tokens >= 1, "max_prompt_tokens", ">= 1", self.max_prompt_tokens)
         need(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)

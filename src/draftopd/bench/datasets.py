@@ -4,18 +4,16 @@ Prompt wording follows the Draft-OPD evaluation configs (arXiv 2605.29343, secti
 ask for step-by-step reasoning with a boxed answer, HumanEval asks for a solution in a code block, MT-bench
 uses the first turn. These sets are evaluation-only: never train on them.
 
-GSM8K is not committed (only a 40-record test fixture is). ``gsm8k_file(split)`` finds ``<split>.jsonl``
-(``train`` or ``test_dev``) and the first of these that exists wins:
+GSM8K ships with draftopd (``draftopd/data/gsm8k``: the train split and ``test_dev``, the first 660 test
+records, gzipped, with their MIT notice), so nothing beyond the package index is needed. ``gsm8k_file(split)``
+(``train`` or ``test_dev``) returns, in this order:
 
-1. ``$DRAFTOPD_GSM8K`` (what ``--gsm8k PATH`` sets): a folder holding ``<split>.jsonl``, or one ``.jsonl``
-   used for every split. When it is set but missing, that is an error: no silent fallback.
-2. ``../shared/data/gsm8k`` beside the checkout (a convenience of one workplace).
-3. ``$DRAFTOPD_HOME/data/gsm8k``, the cache a previous hub download filled.
-4. The Hugging Face hub (``openai/gsm8k``, config ``main``) through the ``datasets`` package, when it is
-   installed and the hub is reachable: all train records go to ``train.jsonl`` and the first 660 test records
-   (the dev slice) to ``test_dev.jsonl`` in the cache of (3).
-
-When none works, one error names all four.
+1. ``$DRAFTOPD_GSM8K`` (what ``--gsm8k PATH`` sets): a folder holding ``<split>.jsonl`` (or ``.jsonl.gz``), or
+   one ``.jsonl`` used for every split. When it is set but missing, that is an error: no silent fallback.
+   The value ``hub`` takes it from the Hugging Face hub instead (``openai/gsm8k``, config ``main``, through the
+   ``datasets`` package): all train records to ``train.jsonl`` and the first 660 test records to
+   ``test_dev.jsonl`` in ``$DRAFTOPD_HOME/data/gsm8k``, downloaded once.
+2. The shipped copy.
 """
 
 from __future__ import annotations
@@ -44,9 +42,9 @@ GSM8K_HUB = "openai/gsm8k"
 GSM8K_DEV_SIZE = 660  # test_dev = the first 660 records of the GSM8K test split
 
 
-def _shared_dir() -> Path:
-    """``../shared/data/gsm8k`` beside the checkout."""
-    return Path(__file__).resolve().parents[3].parent / "shared" / "data" / "gsm8k"
+def shipped_dir() -> Path:
+    """The GSM8K copy shipped in the package (``train.jsonl.gz``, ``test_dev.jsonl.gz``, ``LICENSE``)."""
+    return Path(__file__).resolve().parents[1] / "data" / "gsm8k"
 
 
 def _cache_dir() -> Path:
@@ -59,14 +57,18 @@ def _from_env(split: str) -> Path | None:
     value = os.environ.get(GSM8K_ENV, "")
     if not value:
         return None
+    if value == "hub":
+        return _from_hub(split)
     path = Path(value).expanduser()
     if path.is_file():
         return path
     if path.is_dir():
-        file = path / f"{split}.jsonl"
-        if file.is_file():
-            return file
-        raise DraftopdError(f"GSM8K {split} not found: {file} does not exist (from --gsm8k / ${GSM8K_ENV})")
+        for name in (f"{split}.jsonl", f"{split}.jsonl.gz"):
+            if (path / name).is_file():
+                return path / name
+        raise DraftopdError(
+            f"GSM8K {split} not found: {path / f'{split}.jsonl'} does not exist (from --gsm8k / ${GSM8K_ENV})"
+        )
     raise DraftopdError(f"GSM8K not found: {path} does not exist (from --gsm8k / ${GSM8K_ENV})")
 
 
@@ -100,6 +102,19 @@ def _download(dest: Path) -> str:
     return ""
 
 
+def _from_hub(split: str) -> Path:
+    """``split`` from the hub cache, downloading it once (``--gsm8k hub``)."""
+    cache = _cache_dir()
+    if not (cache / f"{split}.jsonl").is_file():
+        reason = _download(cache)
+        if reason or not (cache / f"{split}.jsonl").is_file():
+            raise DraftopdError(
+                f"GSM8K {split} not in {cache} and not downloadable from the hub "
+                f"({reason or 'download wrote no file'}): drop --gsm8k hub / ${GSM8K_ENV}=hub to use the shipped copy"
+            )
+    return cache / f"{split}.jsonl"
+
+
 def gsm8k_file(split: str) -> Path:
     """The jsonl of GSM8K ``split`` (``train`` or ``test_dev``), resolved as the module docstring says."""
     if split not in GSM8K_SPLITS:
@@ -107,17 +122,12 @@ def gsm8k_file(split: str) -> Path:
     env = _from_env(split)
     if env is not None:
         return env
-    for folder in (_shared_dir(), _cache_dir()):
-        if (folder / f"{split}.jsonl").is_file():
-            return folder / f"{split}.jsonl"
-    cache = _cache_dir()
-    reason = _download(cache)
-    if not reason and (cache / f"{split}.jsonl").is_file():
-        return cache / f"{split}.jsonl"
-    raise DraftopdError(
-        f"GSM8K {split} not found: pass --gsm8k PATH (or set ${GSM8K_ENV}), put it in ../shared/data/gsm8k, "
-        f"in {cache}, or pip install datasets where the hub is reachable ({reason or 'download wrote no file'})"
-    )
+    shipped = shipped_dir() / f"{split}.jsonl.gz"
+    if not shipped.is_file():
+        raise DraftopdError(
+            f"GSM8K {split} not found: the shipped {shipped} is missing (reinstall draftopd, or pass --gsm8k PATH)"
+        )
+    return shipped
 
 
 def gsm8k(limit: int | None = None, split: str = "test_dev") -> list[str]:

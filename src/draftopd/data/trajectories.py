@@ -6,6 +6,7 @@ everywhere else), batched, and saved as ``shard_NNNNN.pt`` (write to ``.part``, 
 leaves no half shard). A rerun skips finished shards. ``manifest.json`` records a sha256 of the prompt list
 and the settings that change the output (``provenance``), so a rerun after the prompts or those settings
 changed is refused with what changed, never resumed into stale shards; a changed thread count is accepted.
+``engine: vllm`` generates the same shards with vLLM's offline API instead (``data/vllm_engine.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -25,7 +28,10 @@ from draftopd.data.prompts import load_training_prompts
 from draftopd.decoding.loop import speculative_generate
 from draftopd.decoding.sampling import SamplingParams
 from draftopd.distributed import barrier, init_distributed, is_writer, rank_world
-from draftopd.models.target import Target, load_target
+from draftopd.models.target import Target, load_target, resolve_target_path
+
+if TYPE_CHECKING:
+    from draftopd.data.vllm_engine import VllmEngine
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +71,9 @@ def provenance(cfg: DataConfig, target: Target, items: list[tuple[str, list[int]
     prompt file, limit, length cap or tokenizer changes it) and the settings that change the generated text.
     Not hashed, because they do not change it: ``threads``, the sampling ``seed`` and ``top_p`` under greedy
     decoding, and ``batch_size`` under greedy fp32 decoding (fp32 kernels give the same tokens at every batch
-    shape; bf16/fp16 do not, and sampled decoding draws per batch). The target is identified by its path."""
+    shape; bf16/fp16 do not, and sampled decoding draws per batch). The target is identified by its path. The
+    engine is hashed when it is not ``hf`` (so folders made before the option resume), with ``batch_size``
+    (vLLM schedules its batches itself: no batch-shape guarantee)."""
     h = hashlib.sha256()
     for source, ids in items:
         h.update(json.dumps([source, ids]).encode() + b"\n")
@@ -82,7 +90,9 @@ def provenance(cfg: DataConfig, target: Target, items: list[tuple[str, list[int]
     }
     if not greedy:
         settings |= {"top_p": s.top_p, "seed": s.seed}
-    if not (greedy and dtype == "float32"):
+    if cfg.engine != "hf":
+        settings["engine"] = cfg.engine
+    if not (greedy and dtype == "float32" and cfg.engine == "hf"):
         settings["batch_size"] = cfg.batch_size
     return {"prompts": len(items), "prompts_sha256": h.hexdigest(), "settings": settings}
 
@@ -139,6 +149,17 @@ def build_prompt_list(cfg: DataConfig, target: Target) -> list[tuple[str, list[i
     return sorted(items, key=lambda x: len(x[1]))  # length buckets: neighbours pad little
 
 
+def _start_vllm(cfg: DataConfig, target: Target, items: list[tuple[str, list[int]]], world: int) -> VllmEngine:
+    """The vLLM engine for ``engine: vllm`` (one process: vLLM batches by itself)."""
+    from draftopd.data.vllm_engine import VllmEngine
+
+    if world > 1:
+        raise DraftopdError("engine vllm runs in one process (vLLM batches by itself): run it without torchrun")
+    max_len = max(len(ids) for _, ids in items) + cfg.sampling.max_new_tokens
+    path = resolve_target_path(cfg.target.path)
+    return VllmEngine(path, target.dtype, target.eos_ids, max_len, cfg.batch_size, cfg.target.threads)
+
+
 def generate_trajectories(cfg: DataConfig, target: Target | None = None) -> Path:
     out = Path(cfg.out)
     check_output_dir(out, "data out")  # before the target loads
@@ -160,17 +181,31 @@ def generate_trajectories(cfg: DataConfig, target: Target | None = None) -> Path
     chunks = [items[i : i + cfg.chunk_size] for i in range(0, len(items), cfg.chunk_size)]
     todo = [i for i in range(rank, len(chunks), world) if not (out / f"shard_{i:05d}.pt").exists()]
     log.info("%d prompts in %d shards, %d to generate -> %s", len(items), len(chunks), len(todo), out)
+    vllm = _start_vllm(cfg, target, items, world) if cfg.engine == "vllm" and todo else None
+    new_tokens, seconds = 0, 0.0
     bar = tqdm(total=sum(len(chunks[i]) for i in todo), desc="trajectories", unit="traj", disable=not is_writer())
     for i in todo:
         gen = torch.Generator(target.device).manual_seed(cfg.sampling.seed + i)  # per shard: resumption reproduces it
         rows = []
         for j in range(0, len(chunks[i]), cfg.batch_size):
             batch = chunks[i][j : j + cfg.batch_size]
-            g = speculative_generate(target, [ids for _, ids in batch], None, cfg.sampling.max_new_tokens, params, gen)
-            rows += [{"source": s, "prompt": ids, "response": r} for (s, ids), r in zip(batch, g.tokens, strict=True)]
+            prompts, start = [ids for _, ids in batch], time.perf_counter()
+            if vllm is not None:
+                sp = cfg.sampling
+                seed = sp.seed + i * cfg.chunk_size + j  # per prompt (seed + its index): resumption reproduces it
+                tokens = vllm.generate(prompts, sp.max_new_tokens, sp.temperature, sp.top_p, seed)
+            else:
+                tokens = speculative_generate(target, prompts, None, cfg.sampling.max_new_tokens, params, gen).tokens
+            seconds += time.perf_counter() - start
+            new_tokens += sum(map(len, tokens))
+            rows += [{"source": s, "prompt": ids, "response": r} for (s, ids), r in zip(batch, tokens, strict=True)]
             bar.update(len(batch))
         with replacing(out / f"shard_{i:05d}.pt") as tmp:
             torch.save(rows, tmp)
     bar.close()
+    if new_tokens:
+        log.info(
+            "engine %s: %d new tokens in %.1f s (%.1f tok/s)", cfg.engine, new_tokens, seconds, new_tokens / seconds
+        )
     barrier()  # every shard is written before any rank reports the folder
     return out
