@@ -10,6 +10,7 @@ changed is refused with what changed, never resumed into stale shards; a changed
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ from draftopd.decoding.loop import speculative_generate
 from draftopd.decoding.sampling import SamplingParams
 from draftopd.distributed import barrier, init_distributed, is_writer, rank_world
 from draftopd.models.target import Target, load_target
+from draftopd.owner import owning
 
 log = logging.getLogger(__name__)
 
@@ -140,13 +142,22 @@ def build_prompt_list(cfg: DataConfig, target: Target) -> list[tuple[str, list[i
 
 
 def generate_trajectories(cfg: DataConfig, target: Target | None = None) -> Path:
+    """Generate (or resume) the shards of ``cfg.out``; the writing rank holds the folder's lock throughout (a
+    second ``data`` on it stops in one line) and first removes what killed runs left there."""
     out = Path(cfg.out)
     check_output_dir(out, "data out")  # before the target loads
+    with owning(out, "data") if is_writer() else contextlib.nullcontext():
+        return _generate(cfg, out, target)
+
+
+def _generate(cfg: DataConfig, out: Path, target: Target | None) -> Path:
     if cfg.target.threads:
         torch.set_num_threads(cfg.target.threads)
     rank, world = rank_world()  # under torchrun, rank r generates shards r, r + W, ...; rank 0 writes the manifest
     target = target or load_target(cfg.target.path, cfg.target.dtype, init_distributed(cfg.target.device))
     items = build_prompt_list(cfg, target)
+    source, longest = max(items, key=lambda x: len(x[1]))
+    target.check_prompt(longest, cfg.sampling.max_new_tokens, f"the longest prompt (of {source})")  # before any work
     manifest = provenance(cfg, target, items)
     if is_writer():
         if out.is_dir():

@@ -53,6 +53,7 @@ def train_opd(cfg: OPDConfig) -> Path:
     ]
     if not prompts:
         raise DraftopdError(f"no rollout prompts of <= {cfg.max_prompt_tokens} tokens in sources {list(cfg.sources)}")
+    target.check_prompt(max(prompts, key=len), cfg.max_new_tokens, "the longest rollout prompt")  # before any work
     run = start_or_resume(cfg, target, [(p, len(p)) for p in prompts], build=None)
     run.counters.setdefault("rollout_tokens", 0)  # target_tokens: every token the target processed
     model, share = run.model, cfg.rollout_batch // world  # rank r rolls out rows [r * share, (r + 1) * share)
