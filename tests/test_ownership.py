@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 
 from draftopd import DraftopdError
 from draftopd.atomic import atomic_folder, replacing, write_text
-from draftopd.owner import FOLDER, PART, acquire, lock_file, sweep
+from draftopd.owner import FOLDER, LEGACY, PART, acquire, lock_file, sweep
 from test_reliability import cli, needs_tokenizer, one_line_error
 
 COMMON = {"deadline": None, "database": None, "suppress_health_check": [HealthCheck.too_slow]}
@@ -43,8 +43,8 @@ def stray(*folders: Path) -> list[str]:
         str(p)
         for f in folders
         if f.exists()
-        for p in f.rglob(".*")
-        if PART.match(p.name) or FOLDER.match(p.name) or p.name.endswith((".lock", ".part"))
+        for p in f.rglob("*")
+        if PART.match(p.name) or FOLDER.match(p.name) or LEGACY.match(p.name) or p.name.endswith((".lock", ".part"))
     )
 
 
@@ -53,7 +53,11 @@ def run(*args: str, **kw) -> subprocess.CompletedProcess:
 
 
 def error_lines(stderr: str) -> list[str]:
-    return [ln for ln in stderr.splitlines() if ln.strip() and "it/s]" not in ln and "%|" not in ln]
+    """What stderr says beyond progress bars and ``[draftopd]`` log lines."""
+    skip = ("it/s]", "%|")
+    return [
+        ln for ln in stderr.splitlines() if ln.strip() and not any(x in ln for x in skip) and ln[:10] != "[draftopd]"
+    ]
 
 
 def dead_pid() -> int:
@@ -216,14 +220,15 @@ def test_two_concurrent_exports_to_one_folder_end_with_one_refused(drafter, tmp_
 @needs_tokenizer
 def test_two_concurrent_train_sft_end_with_one_refused_and_each_step_logged_once(tiny, data, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "draftopd.cli", *sft_args(tiny, data, out, 30, "--set", "save_every=10")]
+    cmd = [sys.executable, "-m", "draftopd.cli", *sft_args(tiny, data, out, 100, "--set", "save_every=25")]
+    # started together: the first to lock trains ~5 s (100 steps), the other arrives within a second and is refused
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p.wait(timeout=600), *p.communicate()) for p in procs]
     assert sorted(r[0] for r in results) == [0, 2], [(r[0], r[2][-800:]) for r in results]
     lost = next(r[2] for r in results if r[0] == 2)
     assert len(error_lines(lost)) == 1 and "in use by another draftopd process (pid" in lost, lost
     keys = [(r["step"], tuple(sorted(r))) for r in rows(out)]
-    assert len(keys) == len(set(keys)) and max(k[0] for k in keys) == 30  # every row once
+    assert len(keys) == len(set(keys)) and max(k[0] for k in keys) == 100  # every row once
     assert stray(tmp_path) == []
 
 
@@ -373,10 +378,11 @@ def test_a_full_disk_in_data_train_and_export_is_one_line(tiny, data, drafter, t
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(4)))
     cases = [
-        (data_args(tiny, tmp_path / "traj", prompts), 600, str(tmp_path / "traj")),
-        (sft_args(tiny, data, tmp_path / "run", 2), 20_000, str(tmp_path / "run")),
+        (data_args(tiny, tmp_path / "traj", prompts), 600, str(tmp_path / "traj" / "manifest.json")),  # json
+        (data_args(tiny, tmp_path / "traj", prompts), 1000, str(tmp_path / "traj" / "shard_00000.pt")),  # torch
+        (sft_args(tiny, data, tmp_path / "run", 2), 20_000, str(tmp_path / "run" / "features.pt")),  # torch
         (["export", str(drafter), str(tmp_path / "serve"), "--dtype", "fp32"], 20_000, str(tmp_path / "serve")),
-    ]
+    ]  # safetensors, the last
     for argv, size, name in cases:
         proc = subprocess.run(
             [sys.executable, "-m", "draftopd.cli", *argv],

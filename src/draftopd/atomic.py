@@ -43,7 +43,8 @@ def write_failure(path: str | Path, e: BaseException) -> DraftopdError:
         why = e.strerror or str(e) or type(e).__name__
     else:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        why = (lines[0] if lines else type(e).__name__).split("] ", 1)[-1].strip(" .") or type(e).__name__
+        first = (lines[0] if lines else type(e).__name__).split("] ", 1)[-1].strip(" .") or type(e).__name__
+        why = f"the write failed ({first}): check free space, quotas and the device"
         with contextlib.suppress(OSError):
             if shutil.disk_usage(_existing(Path(path).parent)).free < 1 << 20:
                 why = f"No space left on device ({why})"

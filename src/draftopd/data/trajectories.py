@@ -171,17 +171,17 @@ def _generate(cfg: DataConfig, out: Path, target: Target | None) -> Path:
     chunks = [items[i : i + cfg.chunk_size] for i in range(0, len(items), cfg.chunk_size)]
     todo = [i for i in range(rank, len(chunks), world) if not (out / f"shard_{i:05d}.pt").exists()]
     log.info("%d prompts in %d shards, %d to generate -> %s", len(items), len(chunks), len(todo), out)
-    bar = tqdm(total=sum(len(chunks[i]) for i in todo), desc="trajectories", unit="traj", disable=not is_writer())
-    for i in todo:
-        gen = torch.Generator(target.device).manual_seed(cfg.sampling.seed + i)  # per shard: resumption reproduces it
-        rows = []
-        for j in range(0, len(chunks[i]), cfg.batch_size):
-            batch = chunks[i][j : j + cfg.batch_size]
-            g = speculative_generate(target, [ids for _, ids in batch], None, cfg.sampling.max_new_tokens, params, gen)
-            rows += [{"source": s, "prompt": ids, "response": r} for (s, ids), r in zip(batch, g.tokens, strict=True)]
-            bar.update(len(batch))
-        with replacing(out / f"shard_{i:05d}.pt") as tmp:
-            torch.save(rows, tmp)
-    bar.close()
+    total = sum(len(chunks[i]) for i in todo)
+    with tqdm(total=total, desc="trajectories", unit="traj", disable=not is_writer()) as bar:  # closed on errors too
+        for i in todo:
+            gen = torch.Generator(target.device).manual_seed(cfg.sampling.seed + i)  # per shard: resumption redoes it
+            rows = []
+            for j in range(0, len(chunks[i]), cfg.batch_size):
+                batch = chunks[i][j : j + cfg.batch_size]
+                g = speculative_generate(target, [x for _, x in batch], None, cfg.sampling.max_new_tokens, params, gen)
+                rows += [{"source": s, "prompt": x, "response": r} for (s, x), r in zip(batch, g.tokens, strict=True)]
+                bar.update(len(batch))
+            with replacing(out / f"shard_{i:05d}.pt") as tmp:
+                torch.save(rows, tmp)
     barrier()  # every shard is written before any rank reports the folder
     return out
