@@ -149,6 +149,10 @@ def test_killed_at_random_moments_resumes_exactly(tiny_folder, shards, tmp_path,
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     cli(*args(killed))  # resumes from the last complete checkpoint and finishes
+    from draftopd.owner import FOLDER, LEGACY, PART
+
+    left = [p for p in tmp_path.rglob("*") if any(r.match(p.name) for r in (PART, FOLDER, LEGACY))]
+    assert left == [] and not list(tmp_path.rglob(".*.lock"))  # what the kills left, the next run removed
     last = "step_000040" if trainer == "sft" else "step_000006"
     a = load_file(str(straight / "checkpoints" / last / "model.safetensors"))
     b = load_file(str(killed / "checkpoints" / last / "model.safetensors"))

@@ -8,6 +8,7 @@ Bad input ends in one line on stderr (``error: ...``) and exit status 2; Ctrl-C 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -66,6 +67,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     for flag, key in pairs.items():
         if getattr(args, flag, None) is not None:
             o.append(f"{key}={getattr(args, flag)}")
+    if getattr(args, "drafter", None) is not None and not args.drafter.strip():  # an unset shell variable
+        raise DraftopdError(f"--drafter {args.drafter!r}: give pld, none or a drafter folder")
     if getattr(args, "drafter", None) is not None:  # a name, or a drafter folder
         o += (
             [f"drafter.kind={args.drafter}"]
@@ -73,6 +76,15 @@ def _overrides(args: argparse.Namespace) -> list[str]:
             else ["drafter.kind=path", f"drafter.path={args.drafter}"]
         )
     return o
+
+
+def _out(args: argparse.Namespace) -> list[str]:
+    """``--out`` as an override; ``--out ''`` (an unset shell variable) is refused, never dropped."""
+    if args.out is None:
+        return []
+    if not args.out.strip():
+        raise DraftopdError(f"--out {args.out!r}: give a folder")
+    return [f"out={args.out}"]
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
@@ -130,6 +142,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from draftopd.bench.run import check_outputs, cpu_flags, format_table, git_commit, run_bench, save_result
     from draftopd.config import BenchConfig, load
+    from draftopd.owner import owning
 
     cfg = load(BenchConfig, args.config, _overrides(args))
     check_outputs(args.json, args.plot)  # before the run: a bad output path fails now, not after an hour
@@ -144,15 +157,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.json:
             save_result(result, args.json)
         return 0
-    result = run_bench(cfg)
-    print(format_table(result), flush=True)  # first: whatever happens to the files, the table is shown
-    if args.json:
-        save_result(result, args.json)
-    if args.plot:
-        from draftopd.report import bars
+    with contextlib.ExitStack() as outputs:  # each output file is this run's alone (owner.py)
+        for path in {args.json, args.plot} - {None}:
+            outputs.enter_context(owning(path, "bench"))
+        result = run_bench(cfg)
+        print(format_table(result), flush=True)  # first: whatever happens to the files, the table is shown
+        if args.json:
+            save_result(result, args.json)
+        if args.plot:
+            from draftopd.report import bars
 
-        what = "tau" if cfg.tau_only else "tokens_per_s"
-        bars(result, args.plot, f"{what}: {result['dtype']}, {result['threads']} threads, {result['commit']}", what)
+            what = "tau" if cfg.tau_only else "tokens_per_s"
+            title = f"{what}: {result['dtype']}, {result['threads']} threads, {result['commit']}"
+            bars(result, args.plot, title, what)
     print(json.dumps({k: v for k, v in result.items() if k != "config"}))  # machine-readable last line
     return 0
 
@@ -163,7 +180,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     recipes = Path(__file__).resolve().parents[2] / "configs"  # the repository's recipes (src layout)
     config = args.config or str(recipes / ("demo-quick.yaml" if args.quick else "demo.yaml"))
-    cfg = load(DemoConfig, config, _overrides(args) + ([f"out={args.out}"] if args.out else []))
+    cfg = load(DemoConfig, config, _overrides(args) + _out(args))
     try:
         run_demo(cfg, fresh=args.fresh)
     except KeyboardInterrupt:
@@ -176,7 +193,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from draftopd.config import DataConfig, load
     from draftopd.data.trajectories import generate_trajectories
 
-    o = _overrides(args) + ([f"out={args.out}"] if args.out else [])
+    o = _overrides(args) + _out(args)
     print(generate_trajectories(load(DataConfig, args.config, o)))
     return 0
 

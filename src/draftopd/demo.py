@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import signal
@@ -41,6 +42,7 @@ import yaml
 from draftopd import DraftopdError
 from draftopd.atomic import check_output_dir, write_json, write_text
 from draftopd.config import DemoConfig, load, to_dict
+from draftopd.owner import owning, sweep
 
 STAGES = ("data", "sft", "opd", "sft_continued", "bench", "tau")
 
@@ -179,6 +181,11 @@ def claim(out: Path, fresh: bool) -> None:
     """Make ``out`` the demo's folder, or refuse: a missing or empty folder is created and marked; one that
     carries the marker is resumed (``fresh``: removed and made again); anything else is left untouched."""
     check_output_dir(out, "demo out")
+    if fresh and out.is_symlink():
+        raise DraftopdError(
+            f"demo --fresh --out {out}: a symbolic link (to {os.readlink(out)}); --fresh removes only a real "
+            "folder: give the folder it points to, or drop --fresh to resume in it"
+        )
     if out.is_dir() and any(out.iterdir()) and not is_demo_folder(out):
         raise DraftopdError(
             f"{out} is not empty and was not made by `draftopd demo` (it has no {MARKER}): nothing was changed; "
@@ -193,9 +200,18 @@ def claim(out: Path, fresh: bool) -> None:
 
 
 def run_demo(cfg: DemoConfig, fresh: bool = False, say=print) -> Path:
-    """Run (or resume) every stage, then write the report; returns the path of REPORT.md."""
+    """Run (or resume) every stage, then write the report; returns the path of REPORT.md. The demo folder's lock
+    is held throughout (a second demo on it stops in one line); each stage locks its own folder."""
     out = Path(cfg.out)
-    claim(out, fresh)
+    check_output_dir(out, "demo out")
+    with owning(out, "demo", sweep_inside=False):
+        claim(out, fresh)
+        for folder in (out, out / "configs", out / "done", out / "figures"):  # the demo's own files
+            sweep(folder)
+        return _run(cfg, out, say)
+
+
+def _run(cfg: DemoConfig, out: Path, say) -> Path:
     (out / "configs").mkdir(parents=True, exist_ok=True)
     write_text(out / "demo_config.yaml", yaml.safe_dump(_plain(to_dict(cfg)), sort_keys=False))
     stages = stage_configs(cfg)

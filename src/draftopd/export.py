@@ -25,15 +25,18 @@ vocabulary, still lossless. Our own ``final/`` (``DrafterModel.save``) keeps it.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from draftopd import DraftopdError, __version__
+from draftopd.atomic import atomic_folder, check_output_dir
 from draftopd.interop import read_drafter
-from draftopd.models.base import DrafterModel, atomic_folder
+from draftopd.models.base import DrafterModel
 from draftopd.models.dflash import DFlashConfig
+from draftopd.owner import owning
 
 FORMATS = ("sglang", "vllm", "speculators", "hf")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -303,17 +306,37 @@ def export_drafter(
     target: str | None = None,
 ) -> str:
     """Export ``src`` to ``out`` in format ``to``; returns what to print (where it went and how to serve it)."""
+    for what, value in (("DRAFTER", src), ("OUT", out)):
+        if not str(value).strip():
+            raise DraftopdError(f"export: {what} is empty ({str(value)!r}): give a folder")
     src, out = Path(src), Path(out)
     if to not in FORMATS:
         raise DraftopdError(f"export --to {to!r}: use one of {', '.join(FORMATS)}")
     if dtype not in DTYPES:
         raise DraftopdError(f"export --dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-        raise DraftopdError("export: the output folder must lie outside the source")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise DraftopdError(f"export: {out} exists and is not empty (--force replaces it)")
-    if out.exists() and not out.is_dir():
-        raise DraftopdError(f"export: {out} is a file")
+    check_overlap(src, out)
+    if out.is_symlink():
+        raise DraftopdError(f"export: {out} is a symbolic link (to {os.readlink(out)}): give a real folder path")
+    check_output_dir(out, "export OUT")
+    with owning(out, "export", sweep_inside=False):  # a second export to OUT stops here, in one line
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:  # checked under the lock
+            raise DraftopdError(f"export: {out} exists and is not empty (--force replaces it)")
+        return _export(src, out, dtype, to, bench, target)
+
+
+def check_overlap(src: Path, out: Path) -> None:
+    """One line unless SRC and OUT are disjoint: OUT replaced whole must not hold SRC, nor lie inside it (the
+    slip ``export runs/sft/final runs/sft --force`` would replace the whole run with the export)."""
+    s, o = src.resolve(), out.resolve()
+    if s == o or s in o.parents or o in s.parents:
+        where = "is" if s == o else "lies inside" if s in o.parents else "holds"
+        raise DraftopdError(
+            f"export: OUT {out} {where} the source {src}: nothing was changed; choose an OUT outside the source "
+            "(e.g. a sibling folder)"
+        )
+
+
+def _export(src: Path, out: Path, dtype: str, to: str, bench, target: str | None) -> str:
     source = read_drafter(src)
     model = source.for_engines()  # DFlash: without d2t (the engines have none; lossless over the full vocabulary)
     torch_dtype = DTYPES[dtype]

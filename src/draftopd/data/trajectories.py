@@ -11,6 +11,7 @@ changed is refused with what changed, never resumed into stale shards; a changed
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ from draftopd.decoding.loop import speculative_generate
 from draftopd.decoding.sampling import SamplingParams
 from draftopd.distributed import barrier, init_distributed, is_writer, rank_world
 from draftopd.models.target import Target, load_target, resolve_target_path
+from draftopd.owner import owning
 
 if TYPE_CHECKING:
     from draftopd.data.vllm_engine import VllmEngine
@@ -161,13 +163,22 @@ def _start_vllm(cfg: DataConfig, target: Target, items: list[tuple[str, list[int
 
 
 def generate_trajectories(cfg: DataConfig, target: Target | None = None) -> Path:
+    """Generate (or resume) the shards of ``cfg.out``; the writing rank holds the folder's lock throughout (a
+    second ``data`` on it stops in one line) and first removes what killed runs left there."""
     out = Path(cfg.out)
     check_output_dir(out, "data out")  # before the target loads
+    with owning(out, "data") if is_writer() else contextlib.nullcontext():
+        return _generate(cfg, out, target)
+
+
+def _generate(cfg: DataConfig, out: Path, target: Target | None) -> Path:
     if cfg.target.threads:
         torch.set_num_threads(cfg.target.threads)
     rank, world = rank_world()  # under torchrun, rank r generates shards r, r + W, ...; rank 0 writes the manifest
     target = target or load_target(cfg.target.path, cfg.target.dtype, init_distributed(cfg.target.device))
     items = build_prompt_list(cfg, target)
+    source, longest = max(items, key=lambda x: len(x[1]))
+    target.check_prompt(longest, cfg.sampling.max_new_tokens, f"the longest prompt (of {source})")  # before any work
     manifest = provenance(cfg, target, items)
     if is_writer():
         if out.is_dir():
@@ -183,26 +194,28 @@ def generate_trajectories(cfg: DataConfig, target: Target | None = None) -> Path
     log.info("%d prompts in %d shards, %d to generate -> %s", len(items), len(chunks), len(todo), out)
     vllm = _start_vllm(cfg, target, items, world) if cfg.engine == "vllm" and todo else None
     new_tokens, seconds = 0, 0.0
-    bar = tqdm(total=sum(len(chunks[i]) for i in todo), desc="trajectories", unit="traj", disable=not is_writer())
-    for i in todo:
-        gen = torch.Generator(target.device).manual_seed(cfg.sampling.seed + i)  # per shard: resumption reproduces it
-        rows = []
-        for j in range(0, len(chunks[i]), cfg.batch_size):
-            batch = chunks[i][j : j + cfg.batch_size]
-            prompts, start = [ids for _, ids in batch], time.perf_counter()
-            if vllm is not None:
-                sp = cfg.sampling
-                seed = sp.seed + i * cfg.chunk_size + j  # per prompt (seed + its index): resumption reproduces it
-                tokens = vllm.generate(prompts, sp.max_new_tokens, sp.temperature, sp.top_p, seed)
-            else:
-                tokens = speculative_generate(target, prompts, None, cfg.sampling.max_new_tokens, params, gen).tokens
-            seconds += time.perf_counter() - start
-            new_tokens += sum(map(len, tokens))
-            rows += [{"source": s, "prompt": ids, "response": r} for (s, ids), r in zip(batch, tokens, strict=True)]
-            bar.update(len(batch))
-        with replacing(out / f"shard_{i:05d}.pt") as tmp:
-            torch.save(rows, tmp)
-    bar.close()
+    total = sum(len(chunks[i]) for i in todo)
+    with tqdm(total=total, desc="trajectories", unit="traj", disable=not is_writer()) as bar:  # closed on errors too
+        for i in todo:
+            gen = torch.Generator(target.device).manual_seed(cfg.sampling.seed + i)  # per shard: resumption redoes it
+            rows = []
+            for j in range(0, len(chunks[i]), cfg.batch_size):
+                batch = chunks[i][j : j + cfg.batch_size]
+                prompts, start = [ids for _, ids in batch], time.perf_counter()
+                if vllm is not None:
+                    sp = cfg.sampling
+                    seed = sp.seed + i * cfg.chunk_size + j  # per prompt (seed + its index): resumption reproduces it
+                    tokens = vllm.generate(prompts, sp.max_new_tokens, sp.temperature, sp.top_p, seed)
+                else:
+                    tokens = speculative_generate(
+                        target, prompts, None, cfg.sampling.max_new_tokens, params, gen
+                    ).tokens
+                seconds += time.perf_counter() - start
+                new_tokens += sum(map(len, tokens))
+                rows += [{"source": s, "prompt": x, "response": r} for (s, x), r in zip(batch, tokens, strict=True)]
+                bar.update(len(batch))
+            with replacing(out / f"shard_{i:05d}.pt") as tmp:
+                torch.save(rows, tmp)
     if new_tokens:
         log.info(
             "engine %s: %d new tokens in %.1f s (%.1f tok/s)", cfg.engine, new_tokens, seconds, new_tokens / seconds

@@ -7,11 +7,7 @@ target's cache, so feature-conditioned drafters (DFlash, EAGLE-3) can extend the
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -21,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from draftopd import DraftopdError
+from draftopd.atomic import atomic_folder  # noqa: F401 - also imported from here
 
 if TYPE_CHECKING:
     from draftopd.decoding.loop import DecodeState
@@ -110,34 +107,6 @@ class ReplayBatch:
     resp_idx: Tensor  # (N, 3) response-stream slots: offset k's label is the token at anchor + k
     rej_idx: Tensor  # (M, 3) rejected-stream slots: the drafter's own proposal at offset k was rejected
     rej_tokens: Tensor  # (M,) those rejected proposals (target ids)
-
-
-@contextlib.contextmanager
-def atomic_folder(folder: str | Path, keep_others: bool = True) -> Iterator[Path]:
-    """Write a folder atomically: yields a temporary sibling to fill, then renames it to ``folder``. An existing
-    ``folder`` is replaced; with ``keep_others`` its files that the new folder does not write are carried over.
-    On an error the temporary folder is removed and ``folder`` is left as it was."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if folder.exists():
-            if keep_others:
-                for f in folder.iterdir():
-                    if not (tmp / f.name).exists():
-                        (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
-            shutil.rmtree(old, ignore_errors=True)
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class DrafterModel:
@@ -255,10 +224,19 @@ class DrafterModel:
         folder = Path(folder)
         if not (folder / "config.json").exists() or not (folder / "model.safetensors").exists():
             raise DraftopdError(f"{folder} is not a drafter folder (config.json + model.safetensors)")
-        cfg = json.loads((folder / "config.json").read_text())
-        if cls.ARCH not in cfg.get("architectures", []):
-            raise DraftopdError(f"{folder}/config.json is not a {cls.ARCH} config ({cfg.get('architectures')})")
-        model = cls(cls.CONFIG.from_hf(cfg)).float()
+        try:
+            cfg = json.loads((folder / "config.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DraftopdError(f"{folder}/config.json: not a JSON config ({e})") from None
+        if not isinstance(cfg, dict) or cls.ARCH not in (cfg.get("architectures") or []):
+            raise DraftopdError(f"{folder}/config.json is not a {cls.ARCH} config")
+        try:
+            config = cls.CONFIG.from_hf(cfg)  # sizes bounded before anything is allocated
+        except DraftopdError as e:
+            raise DraftopdError(f"{folder}/config.json: {e}") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise DraftopdError(f"{folder}/config.json: malformed ({type(e).__name__}: {e})") from None
+        model = cls(config).float()
         try:
             state = load_file(str(folder / "model.safetensors"))
         except Exception as e:  # noqa: BLE001 - truncated or not safetensors: one line

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from draftopd import DraftopdError
+from draftopd.config import check_sizes
 from draftopd.models.base import (
     DrafterModel,
     Proposal,
@@ -163,6 +164,9 @@ class DFlashConfig:
         ``head_dim`` is hidden_size / num_attention_heads, a missing ``draft_vocab_size`` the full vocabulary (every
         file written before the option, and z-lab's). One-line errors naming the field."""
         dc = d.get("dflash_config") or {}
+        if not isinstance(dc, dict):
+            raise DraftopdError(f"DFlash config.json: dflash_config must be an object, not {str(dc)[:40]!r}")
+        check_sizes({**d, **dc}, "DFlash config.json", 4)  # before anything is allocated
         need = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
         missing = [k for k in need if k not in d]
         if missing:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from draftopd import DraftopdError
+from draftopd.config import check_sizes
 from draftopd.models.base import (
     DrafterModel,
     Proposal,
@@ -113,6 +114,7 @@ class Eagle3Config:
         present: they must agree), else SpecForge's default rule for the target's depth (``num_target_layers`` of
         the file, else the argument; with neither, an error rather than a guess). A missing ``head_dim`` is
         hidden_size / num_attention_heads, a missing ``draft_vocab_size`` the full vocabulary (vLLM's default)."""
+        check_sizes(d, "EAGLE-3 config.json", 4)  # before anything is allocated
         need = ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
         missing = [k for k in need if k not in d]
         if missing:

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 
 from draftopd import DraftopdError
 from draftopd.assets import DEFAULT_TARGET, default_target_dir
+from draftopd.config import check_sizes
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,23 @@ def resolve_target_path(target: str) -> str:
     if not cfg.exists():
         raise DraftopdError(f"{target} is not a Hugging Face model folder: it has no config.json")
     try:
-        arch = json.loads(cfg.read_text()).get("architectures") or []
+        d = json.loads(cfg.read_text())
     except json.JSONDecodeError as e:
         raise DraftopdError(f"{cfg}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DraftopdError(f"{cfg}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    if not isinstance(d, dict):
+        raise DraftopdError(f"{cfg}: not a JSON object")
+    check_sizes(d, str(cfg))  # before transformers allocates anything from them
+    arch = d.get("architectures") or []
+    if not isinstance(arch, list):
+        raise DraftopdError(f"{cfg}: architectures must be a list, not {str(arch)[:40]!r}")
+    pickles = [f.name for f in path.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    if pickles and not any(path.glob("*.safetensors")):
+        raise DraftopdError(
+            f"{target}: its weights are pickle files ({', '.join(sorted(pickles)[:2])}), which can run code when "
+            "loaded and are not read: convert them to safetensors (e.g. save_pretrained(..., safe_serialization=True))"
+        )
     if arch and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in arch):
         raise DraftopdError(f"{target} is not a causal LM (architectures: {', '.join(arch)})")
     return str(path)
@@ -188,7 +203,7 @@ def load_target(target: str = DEFAULT_TARGET, dtype: str = "auto", device: str =
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True).to(device)
     except (OSError, ValueError, KeyError, SafetensorError) as e:  # SafetensorError: a truncated weights file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if isinstance(e, SafetensorError):

@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -48,7 +49,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from draftopd import DraftopdError
-from draftopd.atomic import write_text
+from draftopd.atomic import atomic_folder, check_output_dir, write_text, writing
 from draftopd.bench.datasets import load_prompts
 from draftopd.config import to_dict
 from draftopd.data.trajectories import load_shards
@@ -58,6 +59,7 @@ from draftopd.interop import import_drafter
 from draftopd.models import DRAFTERS, load_model
 from draftopd.models.base import DrafterModel
 from draftopd.models.target import Target, load_target
+from draftopd.owner import OutputLock, acquire, sweep
 from draftopd.report import plot_tau
 
 log = logging.getLogger(__name__)
@@ -99,38 +101,86 @@ def sample_order(n: int, seed: int) -> Callable[[int], int]:
     return lambda i: epoch_order(i // n)[i % n]
 
 
+CHECKPOINT_FILES = ("model.safetensors", "config.json", "training_state.pt", "run_config.json")
+STEP = re.compile(r"^step_\d{6}$")
+
+
 def save_checkpoint(
     out: Path, step: int, model, opt, sched, state: dict, run_config: dict, keep: int = 2, keep_every: int = 0
 ) -> Path:
-    """Write ``checkpoints/step_NNNNNN`` atomically, point ``latest`` at it, prune all but the newest ``keep`` (steps
-    that are multiples of ``keep_every`` > 0 are kept for good: the checkpoints a study evaluates)."""
+    """Write ``checkpoints/step_NNNNNN`` (a temporary folder, renamed), point ``latest`` at it, then prune
+    older checkpoints of the same config (one that is not, or cannot be read, is left alone) down to the newest
+    ``keep``; steps that are multiples of ``keep_every`` > 0 are kept for good (the checkpoints a study evaluates)."""
     ckdir = out / "checkpoints"
     final = ckdir / f"step_{step:06d}"
-    tmp = ckdir / f"step_{step:06d}.part"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp, dtype=torch.float32, fold=False)  # exact weights for resumption
     rng = {"torch": torch.get_rng_state(), "python": list(random.getstate())}
-    torch.save(
-        {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng, "step": step, **state},
-        tmp / "training_state.pt",
-    )
-    (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    (ckdir / "latest.part").write_text(final.name)
-    (ckdir / "latest.part").replace(ckdir / "latest")
-    for old in sorted(ckdir.glob("step_??????"))[:-keep]:  # keep the newest few
-        if not (keep_every and int(old.name[5:]) % keep_every == 0):
-            shutil.rmtree(old, ignore_errors=True)
+    with atomic_folder(final, keep_others=False) as tmp:
+        model.save(tmp, dtype=torch.float32, fold=False)  # exact weights for resumption
+        torch.save(
+            {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng, "step": step, **state},
+            tmp / "training_state.pt",
+        )
+        (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2))
+    write_text(ckdir / "latest", final.name)
+    older = [p for p in complete_checkpoints(out) if p.name < final.name and same_config(p, run_config)]
+    older = [p for p in older if not (keep_every and int(p.name[5:]) % keep_every == 0)]
+    for old in older[: max(0, len(older) - (keep - 1))]:  # keep the newest few, this one included
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def complete_checkpoints(out: Path) -> list[Path]:
+    """The checkpoint folders of ``out`` that hold every file a resume reads, oldest first."""
+    ckdir = out / "checkpoints"
+    if not ckdir.is_dir():
+        return []
+    found = [p for p in ckdir.iterdir() if STEP.match(p.name) and p.is_dir()]
+    return sorted(p for p in found if all((p / n).is_file() for n in CHECKPOINT_FILES))
+
+
+def read_run_config(path: Path) -> dict:
+    """A ``run_config.json``, or a one-line error naming it (empty, torn, not JSON, not an object)."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DraftopdError(
+            f"{path}:{e.lineno}: not a run config ({e.msg}); remove it or choose another out"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DraftopdError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    if not isinstance(d, dict):
+        raise DraftopdError(f"{path}: not a run config (a JSON object); remove it or choose another out")
+    return d
+
+
+def same_config(ckpt: Path, run_config: dict) -> bool:
+    try:
+        return not config_changes(read_run_config(ckpt / "run_config.json"), run_config)
+    except DraftopdError:
+        return False
+
+
 def latest_checkpoint(out: Path) -> Path | None:
+    """The checkpoint to resume from: the one ``latest`` names when it is complete, else the newest complete one
+    (``latest`` naming a removed or half-removed step); None when there is none. One line when ``latest`` names a
+    step and none is left."""
+    complete = complete_checkpoints(out)
     pointer = out / "checkpoints" / "latest"
-    if not pointer.exists():
-        return None
-    path = out / "checkpoints" / pointer.read_text().strip()
-    return path if path.exists() else None
+    if pointer.is_file():
+        try:
+            name = pointer.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            name = "?"
+        named = out / "checkpoints" / name
+        if STEP.match(name) and named in complete:
+            return named
+        if not complete:
+            raise DraftopdError(
+                f"{pointer} names {name[:40]!r}, which is missing or incomplete, and no complete checkpoint is left: "
+                f"nothing to resume; choose another out, or remove {out} to start over"
+            )
+        log.warning("%s names %r, which is missing or incomplete: resuming from %s", pointer, name[:40], complete[-1])
+    return complete[-1] if complete else None
 
 
 def is_training_checkpoint(folder: str) -> bool:
@@ -162,17 +212,35 @@ def carry_moments(opt, init_from: str) -> bool:
     return True
 
 
+STATE_KEYS = ("optimizer", "scheduler", "rng", "step", "counters")
+
+
 def load_training_state(path: Path, opt, sched) -> dict:
+    """Restore optimizer, schedule and RNG from ``path/training_state.pt``; a damaged or foreign file (another
+    trainer's, another drafter's) is a one-line error naming it."""
+    file = path / "training_state.pt"
     try:
-        state = torch.load(path / "training_state.pt", weights_only=True)  # never unpickles code
+        state = torch.load(file, weights_only=True)  # never unpickles code
     except Exception as e:  # noqa: BLE001 - a corrupt or crafted file: one line, nothing executed
-        raise DraftopdError(f"{path / 'training_state.pt'}: not a training state ({str(e).splitlines()[0]})") from None
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    version, internal, gauss = state["rng"]["python"]
-    random.setstate((version, tuple(internal), gauss))
+        raise DraftopdError(f"{file}: not a training state ({_first_line(e)})") from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise DraftopdError(f"{file}: not a draftopd training state (no {', '.join(missing)})")
+    try:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        version, internal, gauss = state["rng"]["python"]
+        random.setstate((version, tuple(internal), gauss))
+        int(state["step"]), dict(state["counters"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise DraftopdError(f"{file}: does not fit this run ({type(e).__name__}: {_first_line(e)})") from None
     return state
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 class Metrics:
@@ -189,12 +257,13 @@ class Metrics:
             pass
 
     def truncate(self, step: int) -> None:
-        """Forget rows after ``step`` (logged by a run that was killed before its next checkpoint; -1 = all)."""
-        keep = [r for r in self.read() if r["step"] <= step]
+        """Forget rows after ``step`` (logged by a run that was killed before its next checkpoint; -1 = all), and
+        a torn last line (a kill in the middle of an append)."""
+        keep = [r for r in self.read() if r["step"] <= step] if step >= 0 else []
         write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))  # atomic: never half a log
 
     def log(self, step: int, **values) -> None:
-        with self.path.open("a") as f:
+        with writing(self.path), self.path.open("a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
         if self.tb:
             for k, v in values.items():
@@ -203,7 +272,33 @@ class Metrics:
             self.tb.flush()
 
     def read(self) -> list[dict]:
-        return [json.loads(ln) for ln in self.path.read_text().splitlines()] if self.path.exists() else []
+        """The rows; a torn last line (no newline, not JSON) is dropped, any other bad line is a one-line error."""
+        return read_metrics(self.path)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise DraftopdError(f"{path}: cannot be read ({e.strerror or e})") from None
+    lines = text.split("\n")
+    rows = []
+    for i, ln in enumerate(lines, 1):
+        if not ln.strip():
+            continue
+        try:
+            row = json.loads(ln)
+        except (json.JSONDecodeError, ValueError, RecursionError):
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+            if i == len(lines):  # the last line, without its newline: an append cut short
+                log.warning("%s:%d: a torn last line, dropped", path, i)
+                break
+            raise DraftopdError(f"{path}:{i}: not a metrics row; remove the line or choose another out")
+        rows.append(row)
+    return rows
 
 
 @torch.no_grad()
@@ -262,6 +357,7 @@ class Run:
     metrics: Metrics | None
     eval_prompts: list[list[int]]
     scaler: torch.amp.GradScaler
+    lock: OutputLock | None = None  # the run folder's (owner.py), held by the writing rank until finish()
     _since_log: dict = field(default_factory=lambda: {"t": time.perf_counter(), "steps": 0, "tokens": 0})
     _bar: tqdm | None = None
 
@@ -358,11 +454,18 @@ class Run:
     def finish(self) -> Path:
         if is_writer():
             self.model.save(self.out / "final")
+        self.release()
         return self.out / "final"
 
+    def release(self) -> None:
+        """Give up the run folder's lock (``finish`` does; a run that fails releases it when it is dropped)."""
+        if self.lock is not None:
+            self.lock.release()
 
-# settings of the machine, not of the run: a run may resume with other threads (or processes)
-MACHINE_KEYS = {"target.threads"}
+
+# settings of the machine or the place, not of the run: a run may resume with other threads (or processes), and
+# from another folder (a moved run)
+MACHINE_KEYS = {"target.threads", "out"}
 
 
 def config_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:
@@ -386,24 +489,64 @@ def start_or_resume(
 ) -> Run:
     """Everything before a trainer's first step, the same for SFT and OPD.
 
-    The drafter comes from the latest checkpoint in ``cfg.out`` (a resumed run: same config required, its
-    optimizer, schedule, RNG and counters restored), else from ``cfg.init_from`` (a serving folder or a
-    training checkpoint, whose AdamW moments are carried over), else from ``build()``. ``seqs`` (token ids,
-    prompt length) give the feature scale of a drafter that has none yet. ``kind``, when given, is the drafter
-    kind the config asks for (an ``init_from`` of another kind is refused). On a fresh start the run config
-    is written and tau of the starting drafter is the first metrics row (step 0)."""
+    The writing rank first locks ``cfg.out`` (owner.py: a second run on it stops in one line) and sweeps what
+    killed runs left there. The folder is then judged by what it holds: its ``run_config.json`` (and the
+    checkpoint's) must match this config, machine settings and ``out`` aside; the drafter comes from the newest
+    complete checkpoint (``latest``'s, or the newest left when ``latest`` names a removed one: a resumed run, its
+    optimizer, schedule, RNG and counters restored), else from ``cfg.init_from`` (a serving folder or a training
+    checkpoint, whose AdamW moments are carried over), else from ``build()``. A folder with ``final/`` but no
+    checkpoint (a finished run whose checkpoints were removed) is refused, never trained over. ``seqs`` (token
+    ids, prompt length) give the feature scale of a drafter that has none yet. ``kind``, when given, is the
+    drafter kind the config asks for (an ``init_from`` of another kind is refused). On a fresh start the run
+    config is written and tau of the starting drafter is the first metrics row (step 0)."""
     out = Path(cfg.out)
+    lock = None
+    if is_writer():
+        check_output_dir(out, "out")
+        lock = acquire(out, f"train {'sft' if hasattr(cfg, 'data') else 'opd'}")
+    try:
+        if lock is not None:
+            sweep(out)
+            sweep(out / "checkpoints")
+        run = _start(cfg, target, seqs, build, kind, out)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    run.lock = lock
+    return run
+
+
+def judge_run_folder(out: Path, run_config: dict) -> Path | None:
+    """The checkpoint to resume from (None: a fresh start), or a one-line refusal: a run config (at the root or
+    in the checkpoint) that differs from this one, a damaged one, or a finished run with nothing to resume."""
     ckpt = latest_checkpoint(out)
+    if ckpt is None and (out / "final").exists():
+        raise DraftopdError(
+            f"{out} holds a finished run (final/) but no checkpoint to resume from: nothing was changed; choose "
+            f"another out, or remove {out / 'final'} to train it again"
+        )
+    for f in (out / "run_config.json", ckpt / "run_config.json" if ckpt else None):
+        if f is not None and (f.exists() or f.is_symlink()):
+            changed = config_changes(read_run_config(f), run_config)
+            if changed:
+                raise DraftopdError(
+                    f"{out} holds a run with another config ({', '.join(changed[:3])}; {f}): resume with the same "
+                    "config or another out"
+                )
+    return ckpt
+
+
+def _start(cfg, target: Target, seqs, build, kind: str | None, out: Path) -> Run:
     run_config = json.loads(json.dumps(to_dict(cfg)))
-    if ckpt is not None:
-        changed = config_changes(json.loads((ckpt / "run_config.json").read_text()), run_config)
-        if changed:
-            raise DraftopdError(
-                f"{out} holds a run with another config ({', '.join(changed[:3])}): resume with the same config "
-                "or another out"
-            )
+    ckpt = judge_run_folder(out, run_config)
     if ckpt is None and not cfg.init_from and build is None:
         raise DraftopdError("this trainer needs init_from=<a drafter folder or training checkpoint>")
+    eval_prompts = [target.encode_chat(p) for p in load_prompts(cfg.eval.dataset, cfg.eval.limit)]
+    if eval_prompts:
+        target.check_prompt(
+            max(eval_prompts, key=len), cfg.eval.max_new_tokens, f"the longest {cfg.eval.dataset} eval prompt"
+        )
     model = load_model(ckpt) if ckpt else import_drafter(cfg.init_from, target) if cfg.init_from else build()
     if kind is not None and not isinstance(model, DRAFTERS[kind]):
         raise DraftopdError(f"{cfg.init_from} holds a {type(model).ARCH} drafter, but the config asks for {kind}")
@@ -419,7 +562,7 @@ def start_or_resume(
     start, counters = 0, {"target_tokens": 0}
     if ckpt is not None:
         state = load_training_state(ckpt, opt, sched)
-        start, counters = state["step"], state["counters"]
+        start, counters = int(state["step"]), dict(state["counters"])
         log.info("resumed from %s (step %d)", ckpt, start)
     elif carry_moments(opt, cfg.init_from):
         log.info("AdamW moments carried over from %s", cfg.init_from)
@@ -429,7 +572,6 @@ def start_or_resume(
         metrics.truncate(start if ckpt is not None else -1)  # a fresh start keeps no rows of an earlier attempt
         if ckpt is None:
             write_text(out / "run_config.json", json.dumps(run_config, indent=2))
-    eval_prompts = [target.encode_chat(p) for p in load_prompts(cfg.eval.dataset, cfg.eval.limit)]
     scaler = torch.amp.GradScaler(target.device.type, enabled=target.dtype == torch.float16)
     run = Run(cfg, out, target, model, opt, sched, start, counters, metrics, eval_prompts, scaler)
     if metrics and start == 0:

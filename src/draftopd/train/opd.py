@@ -76,8 +76,8 @@ def train_opd(cfg: OPDConfig) -> Path:
     seqs = load_sequences(cfg.data)
     check_budget(cfg)
     pool = [(ids[:p], ids[p : p + cfg.max_new_tokens]) for ids, p in seqs]  # (prompt, target's greedy response)
-    for prompt, _ in pool:
-        target.check_prompt(prompt, cfg.max_new_tokens, f"a prompt of {cfg.data}")
+    longest = max((p for p, _ in pool), key=len, default=[])
+    target.check_prompt(longest, cfg.max_new_tokens, f"the longest prompt of {cfg.data}")  # before any work
     sequence = sample_order(len(pool), cfg.seed)  # the same draw as SFT's
     run = start_or_resume(cfg, target, seqs, build=None)
     run.counters.setdefault("rollout_tokens", 0)

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from draftopd import DraftopdError
+from draftopd.atomic import replacing
 from draftopd.config import SFTConfig
 from draftopd.models import DRAFTERS
 from draftopd.models.base import SeqBatch
@@ -142,6 +143,6 @@ def feature_store(
     feats = compute_features(target, seqs, layer_ids, progress=is_writer())
     if is_writer():
         out.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": json.dumps(key, sort_keys=True), "features": feats}, path.with_suffix(".part"))
-        path.with_suffix(".part").replace(path)  # atomic: a killed run never leaves half a file
+        with replacing(path) as tmp:  # atomic: a killed run never leaves half a file; a failed write is one line
+            torch.save({"key": json.dumps(key, sort_keys=True), "features": feats}, tmp)
     return feats
