@@ -222,6 +222,8 @@ def sandbox():
 @example(argv=["generate", "--prompt", "hi", "--threads", "-1"])
 @example(argv=["demo", "--fresh"])
 @example(argv=["data", "--out", "@file"])
+@example(argv=["data"])  # the default out under the working folder: its lock's folders must go again
+@example(argv=["train", "opd"])
 @example(argv=["generate", "--prompt", "hi", "--config", "@folder"])
 def test_cli_never_raises_and_writes_nothing(sandbox, argv):
     """Any argument list ends in exit status 0 or 2 with at most an ``error: ...`` line, never a traceback; no

@@ -76,8 +76,8 @@ def _holder(lock: Path) -> str:
 class OutputLock:
     """A held lock; ``release()`` (or leaving the ``with`` block) removes the lock file and unlocks it."""
 
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path, self.fd = path, fd
+    def __init__(self, path: Path, fd: int, made: list[Path] | None = None) -> None:
+        self.path, self.fd, self.made = path, fd, made or []  # made: the folders acquire() created, deepest first
 
     def release(self) -> None:
         if self.fd is None:
@@ -90,6 +90,11 @@ class OutputLock:
             pass
         finally:
             os.close(fd)
+        for d in self.made:  # a run that wrote nothing leaves no empty folders behind it
+            try:
+                d.rmdir()
+            except OSError:
+                break  # not empty (the run wrote there) or gone: its parents stay too
 
     def __enter__(self) -> OutputLock:
         return self
@@ -105,6 +110,7 @@ class OutputLock:
 def acquire(path: str | Path, what: str) -> OutputLock:
     """Lock output ``path`` for this process, or a one-line ``DraftopdError`` naming the holder's pid."""
     lock = lock_file(path)
+    made = [d for d in [lock.parent, *lock.parent.parents] if not d.exists()]  # deepest first
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(100):
@@ -128,7 +134,7 @@ def acquire(path: str | Path, what: str) -> OutputLock:
                 continue
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()} {what}\n".encode())
-            return OutputLock(lock, fd)
+            return OutputLock(lock, fd, made)
     except OSError as e:
         raise DraftopdError(f"cannot lock {path} ({lock}): {e.strerror or e}") from None
     raise DraftopdError(f"cannot lock {path}: its lock file {lock} keeps changing")
