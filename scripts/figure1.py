@@ -12,6 +12,8 @@ them), a done marker in ``HOME/done``; trainers checkpoint, so a killed run resu
 
     python scripts/figure1.py                 # everything, resumable (HOME = $DRAFTOPD_HOME/figure1)
     python scripts/figure1.py --until tau-dflash
+    python scripts/figure1.py --until tau-dflash --horizon 128   # both arms stopped at update 128 of the same
+                                                                 # 256-update schedule, tau up to there
     python scripts/figure1.py --report        # the tables and docs/figures/figure1.png from what has finished
 """
 
@@ -21,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -45,8 +48,8 @@ ABLATIONS = {  # name -> OPD overrides, for the kind where OPD does best
 MATCHED = ("lr", "warmup_ratio", "min_lr_ratio", "adam_betas", "weight_decay", "grad_clip", "seed")
 
 
-def configs(home: Path) -> dict[str, tuple[list[str], object]]:
-    """Every stage: its ``draftopd`` verb and config, paths under ``home``."""
+def configs(home: Path, steps: tuple[int, ...] = STEPS) -> dict[str, tuple[list[str], object]]:
+    """Every stage: its ``draftopd`` verb and config, paths under ``home``; ``steps``: the checkpoints benched."""
     rep = dataclasses.replace
     data = rep(load(DataConfig, CONF / "data.yaml"), out=str(home / "data"))
     stages: dict[str, tuple[list[str], object]] = {"data": (["data"], data)}
@@ -72,7 +75,7 @@ def configs(home: Path) -> dict[str, tuple[list[str], object]]:
         methods = [f"SFT start={start}"] + [
             f"{arm} {s}={home / f'{arm.lower()}-{kind}' / 'checkpoints' / f'step_{s:06d}'}"
             for arm in ("OPD", "Cont")
-            for s in STEPS
+            for s in steps
         ]
         stages[f"tau-{kind}"] = (["bench", "--json", str(home / f"tau-{kind}.json")], tau_config(methods))
     return stages
@@ -104,10 +107,24 @@ def ablation_stages(home: Path, kind: str, stages: dict) -> dict:
     return out
 
 
-def run_stage(home: Path, name: str, verb: list[str], cfg) -> None:
+def reached(cfg, step: int) -> bool:
+    """Whether a training run's ``latest`` checkpoint is at or past ``step``."""
+    pointer = Path(cfg.out) / "checkpoints" / "latest"
+    try:
+        return int(pointer.read_text().strip().removeprefix("step_")) >= step
+    except (OSError, ValueError):
+        return False
+
+
+def run_stage(home: Path, name: str, verb: list[str], cfg, horizon: int = 0) -> None:
+    """Run one stage unless its done marker holds the same config. ``horizon``: a trainer is stopped once its
+    checkpoint of that update is written (its schedule unchanged, so the next run resumes it to the end)."""
     done = home / "done" / f"{name}.json"
     record = json.dumps(to_dict(cfg), sort_keys=True, default=str)
     if done.exists() and json.loads(done.read_text()).get("config") == record:
+        return
+    if horizon and reached(cfg, horizon):
+        print(f"[figure1] {name}: at update {horizon} already", flush=True)
         return
     conf = home / "configs" / f"{name}.yaml"
     conf.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +135,15 @@ def run_stage(home: Path, name: str, verb: list[str], cfg) -> None:
     print(f"[figure1] {name}: {' '.join(cmd[2:])}  (log: {log})", flush=True)
     t0 = time.time()
     with log.open("a") as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        while proc.poll() is None:
+            if horizon and reached(cfg, horizon):
+                proc.send_signal(signal.SIGINT)  # the checkpoint is complete once latest names it
+                proc.wait()
+                print(f"[figure1] {name}: stopped at update {horizon} ({(time.time() - t0) / 60:.1f} min)", flush=True)
+                return
+            time.sleep(5)
+        rc = proc.returncode
     if rc:
         sys.exit(f"[figure1] {name} failed (exit {rc}): see {log}")
     done.parent.mkdir(parents=True, exist_ok=True)
@@ -139,24 +164,26 @@ def report(home: Path, figure: Path | None) -> str:
         if not path.exists():
             continue
         r = json.loads(path.read_text())
+        steps = [s for s in STEPS if f"OPD {s}" in r["datasets"][DATASETS[0]]["methods"]]  # a --horizon run: fewer
         lines += [
             f"### {kind}",
             "",
-            "| data set | SFT start | " + " | ".join(f"OPD {s} / Cont {s}" for s in STEPS) + " |",
+            "| data set | SFT start | " + " | ".join(f"OPD {s} / Cont {s}" for s in steps) + " |",
         ]
-        lines.append("|---" * (2 + len(STEPS)) + "|")
+        lines.append("|---" * (2 + len(steps)) + "|")
         for ds in DATASETS:
             m = r["datasets"][ds]["methods"]
             start = m["SFT start"]
             cells = []
-            for s in STEPS:
+            for s in steps:
                 o, c = m[f"OPD {s}"], m[f"Cont {s}"]
                 g, lo, hi = paired_gain(c["per_prompt"], o["per_prompt"])
                 cells.append(f"{o['tau']:.3f} / {c['tau']:.3f} ({100 * g:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}])")
             lines.append(f"| {ds} | {start['tau']:.3f} | " + " | ".join(cells) + " |")
             curves[(kind, ds)] = {
-                "OPD": [start["tau"]] + [m[f"OPD {s}"]["tau"] for s in STEPS],
-                "SFT continued": [start["tau"]] + [m[f"Cont {s}"]["tau"] for s in STEPS],
+                "x": [0, *steps],
+                "OPD": [start["tau"]] + [m[f"OPD {s}"]["tau"] for s in steps],
+                "SFT continued": [start["tau"]] + [m[f"Cont {s}"]["tau"] for s in steps],
             }
         lines.append("")
         abl = home / f"tau-ablations-{kind}.json"
@@ -192,14 +219,13 @@ def draw(home: Path, curves: dict, path: Path) -> None:
     kinds = sorted({k for k, _ in curves}, key=KINDS.index)
     fig, axes = plt.subplots(len(kinds), 1 + len(DATASETS), figsize=(4 * (1 + len(DATASETS)), 3.2 * len(kinds)))
     axes = [axes] if len(kinds) == 1 else axes
-    x = [0, *STEPS]
     for row, kind in zip(axes, kinds, strict=True):
         steps, taus = zip(*sft_curve(home, kind), strict=True) if sft_curve(home, kind) else ((), ())
         row[0].plot(steps, taus, "o-", color="gray")
         row[0].set(title=f"{kind}: SFT (GSM8K, 32 prompts)", xlabel="SFT step", ylabel="tau")
         for ax, ds in zip(row[1:], DATASETS, strict=True):
             for name, style in (("OPD", "o-"), ("SFT continued", "s--")):
-                ax.plot(x, curves[(kind, ds)][name], style, label=name)
+                ax.plot(curves[(kind, ds)]["x"], curves[(kind, ds)][name], style, label=name)
             ax.set(title=f"{kind}: {ds} (32 prompts)", xlabel="update after SFT", ylabel="tau")
             ax.legend()
     fig.tight_layout()
@@ -212,6 +238,13 @@ def main() -> None:
     ap.add_argument("--home", default=str(cache_root() / "figure1"))
     ap.add_argument("--until", default="", help="stop after this stage")
     ap.add_argument("--report", action="store_true", help="only print the tables and draw the figure")
+    ap.add_argument(
+        "--horizon",
+        type=int,
+        default=0,
+        help="stop OPD and its control at this update (a multiple "
+        "of 64); tau is benched up to it; rerun without it to go on to the end",
+    )
     ap.add_argument("--ablate", choices=KINDS, help="the kind whose OPD run is ablated (default: where OPD did best)")
     args = ap.parse_args()
     home = Path(args.home)
@@ -219,10 +252,12 @@ def main() -> None:
     if args.report:
         print(report(home, figure))
         return
-    stages = configs(home)
+    steps = tuple(s for s in STEPS if not args.horizon or s <= args.horizon)
+    stages = configs(home, steps)
     order = ["data", *[f"{s}-{k}" for k in KINDS for s in ("sft", "opd", "cont", "tau")]]
     for name in order:
-        run_stage(home, name, *stages[name])
+        arm = name.split("-")[0] in ("opd", "cont")
+        run_stage(home, name, *stages[name], horizon=args.horizon if arm else 0)
         if name == args.until:
             return
     kind = args.ablate or best_kind(home)

