@@ -185,6 +185,18 @@ def report(home: Path, figure: Path | None) -> str:
                 "OPD": [start["tau"]] + [m[f"OPD {s}"]["tau"] for s in steps],
                 "SFT continued": [start["tau"]] + [m[f"Cont {s}"]["tau"] for s in steps],
             }
+        names = r["datasets"][DATASETS[0]]["methods"]
+        pooled = {n: sum((r["datasets"][ds]["methods"][n]["per_prompt"] for ds in DATASETS), []) for n in names}
+        cells = []
+        for s in steps:
+            o, c = pooled[f"OPD {s}"], pooled[f"Cont {s}"]
+            g, lo, hi = paired_gain(c, o)
+            cells.append(
+                f"{pooled_tau(o):.3f} / {pooled_tau(c):.3f} ({100 * g:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}])"
+            )
+        lines.append(
+            f"| all {len(pooled['SFT start'])} | {pooled_tau(pooled['SFT start']):.3f} | " + " | ".join(cells) + " |"
+        )
         lines.append("")
         abl = home / f"tau-ablations-{kind}.json"
         if abl.exists():
