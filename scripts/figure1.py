@@ -91,18 +91,23 @@ def tau_config(methods: list[str]) -> BenchConfig:
     )  # fmt: skip
 
 
-def ablation_stages(home: Path, kind: str, stages: dict) -> dict:
-    """The ablations of ``kind``'s OPD run, and their tau bench against its OPD and control at the end."""
+def ablation_stages(home: Path, kind: str, stages: dict, step: int = STEPS[-1]) -> dict:
+    """The ablations of ``kind``'s OPD run, and their tau bench against its OPD and control at update ``step``
+    (the ablations whose checkpoint of that update exists: ``--only`` may have run some of them)."""
     _, opd = stages[f"opd-{kind}"]
     out = {}
     for name, over in ABLATIONS.items():
         out[f"{name}-{kind}"] = (["train", "opd"], dataclasses.replace(opd, out=str(home / f"{name}-{kind}"), **over))
-    last = f"step_{STEPS[-1]:06d}"
+    last = f"step_{step:06d}"
     methods = [
         f"Cont={home / f'cont-{kind}' / 'checkpoints' / last}",
         f"OPD={home / f'opd-{kind}' / 'checkpoints' / last}",
     ]
-    methods += [f"{name}={home / f'{name}-{kind}' / 'checkpoints' / last}" for name in ABLATIONS]
+    methods += [
+        f"{name}={home / f'{name}-{kind}' / 'checkpoints' / last}"
+        for name in ABLATIONS
+        if (home / f"{name}-{kind}" / "checkpoints" / last).is_dir()
+    ]
     out[f"tau-ablations-{kind}"] = (["bench", "--json", str(home / f"tau-ablations-{kind}.json")], tau_config(methods))
     return out
 
@@ -155,6 +160,12 @@ def pooled_tau(per_prompt: list) -> float:
     return sum(t for t, _ in per_prompt) / max(1, sum(s for _, s in per_prompt))
 
 
+def pool(result: dict) -> dict[str, list]:
+    """Each method's per-prompt [tokens, steps] over all the data sets' prompts."""
+    names = result["datasets"][DATASETS[0]]["methods"]
+    return {n: sum((result["datasets"][ds]["methods"][n]["per_prompt"] for ds in DATASETS), []) for n in names}
+
+
 def report(home: Path, figure: Path | None) -> str:
     """Markdown tables (tau per checkpoint and data set; OPD's paired gain over its control at each step) and the
     figure: tau vs update, OPD and its control, one panel per data set and kind, the SFT curve before it."""
@@ -185,8 +196,7 @@ def report(home: Path, figure: Path | None) -> str:
                 "OPD": [start["tau"]] + [m[f"OPD {s}"]["tau"] for s in steps],
                 "SFT continued": [start["tau"]] + [m[f"Cont {s}"]["tau"] for s in steps],
             }
-        names = r["datasets"][DATASETS[0]]["methods"]
-        pooled = {n: sum((r["datasets"][ds]["methods"][n]["per_prompt"] for ds in DATASETS), []) for n in names}
+        pooled = pool(r)
         cells = []
         for s in steps:
             o, c = pooled[f"OPD {s}"], pooled[f"Cont {s}"]
@@ -201,12 +211,16 @@ def report(home: Path, figure: Path | None) -> str:
         abl = home / f"tau-ablations-{kind}.json"
         if abl.exists():
             a = json.loads(abl.read_text())
-            lines += [f"Ablations ({kind}, step {STEPS[-1]}), paired gain over SFT continued:", ""]
-            for ds in DATASETS:
-                m = a["datasets"][ds]["methods"]
+            step = Path(a["config"]["methods"][0].split("=", 1)[1]).name.removeprefix("step_").lstrip("0")
+            lines += [f"Ablations ({kind}, update {step}), paired gain over SFT continued:", ""]
+            for ds in (*DATASETS, "all"):
+                if ds == "all":  # pooled over the data sets' prompts
+                    m = {n: {"per_prompt": pp, "tau": pooled_tau(pp)} for n, pp in pool(a).items()}
+                else:
+                    m = a["datasets"][ds]["methods"]
                 base = m["Cont"]["per_prompt"]
                 cells = []
-                for name in ("OPD", *ABLATIONS):
+                for name in ("OPD", *[n for n in ABLATIONS if n in m]):
                     g, lo, hi = paired_gain(base, m[name]["per_prompt"])
                     cells.append(f"{name} {m[name]['tau']:.3f} ({100 * g:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}])")
                 lines.append(f"- {ds}: Cont {m['Cont']['tau']:.3f}; " + "; ".join(cells))
@@ -257,6 +271,7 @@ def main() -> None:
         help="stop OPD and its control at this update (a multiple "
         "of 64); tau is benched up to it; rerun without it to go on to the end",
     )
+    ap.add_argument("--only", default="", help="run just these stages (comma-separated), e.g. no-rejected-dflash")
     ap.add_argument("--ablate", choices=KINDS, help="the kind whose OPD run is ablated (default: where OPD did best)")
     args = ap.parse_args()
     home = Path(args.home)
@@ -266,6 +281,15 @@ def main() -> None:
         return
     steps = tuple(s for s in STEPS if not args.horizon or s <= args.horizon)
     stages = configs(home, steps)
+    if args.only:
+        for name in args.only.split(","):
+            kind = name.rsplit("-", 1)[-1]
+            every = {**stages, **ablation_stages(home, kind, stages, steps[-1])}
+            if name not in every:
+                sys.exit(f"[figure1] no stage {name!r}: one of {', '.join(every)}")
+            trainer = name.split("-")[0] not in ("data", "sft", "tau")
+            run_stage(home, name, *every[name], horizon=args.horizon if trainer else 0)
+        return
     order = ["data", *[f"{s}-{k}" for k in KINDS for s in ("sft", "opd", "cont", "tau")]]
     for name in order:
         arm = name.split("-")[0] in ("opd", "cont")
