@@ -224,6 +224,8 @@ def report(home: Path, figure: Path | None) -> str:
                     g, lo, hi = paired_gain(base, m[name]["per_prompt"])
                     cells.append(f"{name} {m[name]['tau']:.3f} ({100 * g:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}])")
                 lines.append(f"- {ds}: Cont {m['Cont']['tau']:.3f}; " + "; ".join(cells))
+                if (kind, ds) in curves:  # each ablation a point on the figure at its update
+                    curves[(kind, ds)]["ablations"] = {n: (int(step), m[n]["tau"]) for n in ABLATIONS if n in m}
             lines.append("")
     if figure is not None and curves:
         draw(home, curves, figure)
@@ -252,6 +254,8 @@ def draw(home: Path, curves: dict, path: Path) -> None:
         for ax, ds in zip(row[1:], DATASETS, strict=True):
             for name, style in (("OPD", "o-"), ("SFT continued", "s--")):
                 ax.plot(curves[(kind, ds)]["x"], curves[(kind, ds)][name], style, label=name)
+            for (name, (x, tau)), mark in zip(curves[(kind, ds)].get("ablations", {}).items(), "^vD", strict=False):
+                ax.plot([x], [tau], mark, markersize=8, label=f"OPD, {name}")
             ax.set(title=f"{kind}: {ds} (32 prompts)", xlabel="update after SFT", ylabel="tau")
             ax.legend()
     fig.tight_layout()
