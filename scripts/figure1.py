@@ -93,22 +93,20 @@ def tau_config(methods: list[str]) -> BenchConfig:
 
 def ablation_stages(home: Path, kind: str, stages: dict, step: int = STEPS[-1]) -> dict:
     """The ablations of ``kind``'s OPD run, and their tau bench against its OPD and control at update ``step``
-    (the ablations whose checkpoint of that update exists: ``--only`` may have run some of them)."""
+    (the runs whose checkpoint of that update exists: ``--only`` may have run some of them)."""
     _, opd = stages[f"opd-{kind}"]
     out = {}
     for name, over in ABLATIONS.items():
         out[f"{name}-{kind}"] = (["train", "opd"], dataclasses.replace(opd, out=str(home / f"{name}-{kind}"), **over))
     last = f"step_{step:06d}"
-    methods = [
-        f"Cont={home / f'cont-{kind}' / 'checkpoints' / last}",
-        f"OPD={home / f'opd-{kind}' / 'checkpoints' / last}",
-    ]
+    methods = [f"Cont={home / f'cont-{kind}' / 'checkpoints' / last}"]
     methods += [
-        f"{name}={home / f'{name}-{kind}' / 'checkpoints' / last}"
-        for name in ABLATIONS
-        if (home / f"{name}-{kind}" / "checkpoints" / last).is_dir()
+        f"{name}={home / f'{run}-{kind}' / 'checkpoints' / last}"
+        for name, run in (("OPD", "opd"), *((n, n) for n in ABLATIONS))
+        if (home / f"{run}-{kind}" / "checkpoints" / last).is_dir()
     ]
-    out[f"tau-ablations-{kind}"] = (["bench", "--json", str(home / f"tau-ablations-{kind}.json")], tau_config(methods))
+    result = home / f"tau-ablations-{kind}-{step}.json"  # one per update benched: a --horizon run's stays
+    out[f"tau-ablations-{kind}"] = (["bench", "--json", str(result)], tau_config(methods))
     return out
 
 
@@ -191,10 +189,9 @@ def report(home: Path, figure: Path | None) -> str:
                 g, lo, hi = paired_gain(c["per_prompt"], o["per_prompt"])
                 cells.append(f"{o['tau']:.3f} / {c['tau']:.3f} ({100 * g:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}])")
             lines.append(f"| {ds} | {start['tau']:.3f} | " + " | ".join(cells) + " |")
-            curves[(kind, ds)] = {
-                "x": [0, *steps],
-                "OPD": [start["tau"]] + [m[f"OPD {s}"]["tau"] for s in steps],
-                "SFT continued": [start["tau"]] + [m[f"Cont {s}"]["tau"] for s in steps],
+            curves[(kind, ds)] = {  # label -> {update: tau}
+                "OPD": {0: start["tau"], **{s: m[f"OPD {s}"]["tau"] for s in steps}},
+                "SFT continued": {0: start["tau"], **{s: m[f"Cont {s}"]["tau"] for s in steps}},
             }
         pooled = pool(r)
         cells = []
@@ -208,8 +205,7 @@ def report(home: Path, figure: Path | None) -> str:
             f"| all {len(pooled['SFT start'])} | {pooled_tau(pooled['SFT start']):.3f} | " + " | ".join(cells) + " |"
         )
         lines.append("")
-        abl = home / f"tau-ablations-{kind}.json"
-        if abl.exists():
+        for abl in sorted(home.glob(f"tau-ablations-{kind}-*.json"), key=lambda p: int(p.stem.rsplit("-", 1)[1])):
             a = json.loads(abl.read_text())
             step = Path(a["config"]["methods"][0].split("=", 1)[1]).name.removeprefix("step_").lstrip("0")
             lines += [f"Ablations ({kind}, update {step}), paired gain over SFT continued:", ""]
@@ -220,12 +216,20 @@ def report(home: Path, figure: Path | None) -> str:
                     m = a["datasets"][ds]["methods"]
                 base = m["Cont"]["per_prompt"]
                 cells = []
-                for name in ("OPD", *[n for n in ABLATIONS if n in m]):
+                for name in [n for n in ("OPD", *ABLATIONS) if n in m]:
                     g, lo, hi = paired_gain(base, m[name]["per_prompt"])
                     cells.append(f"{name} {m[name]['tau']:.3f} ({100 * g:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}])")
                 lines.append(f"- {ds}: Cont {m['Cont']['tau']:.3f}; " + "; ".join(cells))
-                if (kind, ds) in curves:  # each ablation a point on the figure at its update
-                    curves[(kind, ds)]["ablations"] = {n: (int(step), m[n]["tau"]) for n in ABLATIONS if n in m}
+                if (
+                    ds in DATASETS and (kind, ds) in curves
+                ):  # the ablations' points (and the arms' past the main bench)
+                    for n, label in (
+                        ("Cont", "SFT continued"),
+                        ("OPD", "OPD"),
+                        *((a, f"OPD, {a}") for a in ABLATIONS),
+                    ):
+                        if n in m:
+                            curves[(kind, ds)].setdefault(label, {})[int(step)] = m[n]["tau"]
             lines.append("")
     if figure is not None and curves:
         draw(home, curves, figure)
@@ -252,10 +256,10 @@ def draw(home: Path, curves: dict, path: Path) -> None:
         row[0].plot(steps, taus, "o-", color="gray")
         row[0].set(title=f"{kind}: SFT (GSM8K, 32 prompts)", xlabel="SFT step", ylabel="tau")
         for ax, ds in zip(row[1:], DATASETS, strict=True):
-            for name, style in (("OPD", "o-"), ("SFT continued", "s--")):
-                ax.plot(curves[(kind, ds)]["x"], curves[(kind, ds)][name], style, label=name)
-            for (name, (x, tau)), mark in zip(curves[(kind, ds)].get("ablations", {}).items(), "^vD", strict=False):
-                ax.plot([x], [tau], mark, markersize=8, label=f"OPD, {name}")
+            styles = iter(("o-", "s--", "^:", "v:", "D:"))
+            for name, points in curves[(kind, ds)].items():
+                xs = sorted(points)
+                ax.plot(xs, [points[x] for x in xs], next(styles), label=name)
             ax.set(title=f"{kind}: {ds} (32 prompts)", xlabel="update after SFT", ylabel="tau")
             ax.legend()
     fig.tight_layout()
