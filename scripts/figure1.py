@@ -292,7 +292,7 @@ def main() -> None:
     if args.only:
         for name in args.only.split(","):
             kind = name.rsplit("-", 1)[-1]
-            every = {**stages, **ablation_stages(home, kind, stages, steps[-1])}
+            every = {**stages, **(ablation_stages(home, kind, stages, steps[-1]) if kind in KINDS else {})}
             if name not in every:
                 sys.exit(f"[figure1] no stage {name!r}: one of {', '.join(every)}")
             trainer = name.split("-")[0] not in ("data", "sft", "tau")
@@ -305,8 +305,8 @@ def main() -> None:
         if name == args.until:
             return
     kind = args.ablate or best_kind(home)
-    for name, (verb, cfg) in ablation_stages(home, kind, stages).items():
-        run_stage(home, name, verb, cfg)
+    for name, (verb, cfg) in ablation_stages(home, kind, stages, steps[-1]).items():
+        run_stage(home, name, verb, cfg, horizon=0 if name.startswith("tau") else args.horizon)
         if name == args.until:
             return
     print(report(home, figure))
@@ -324,7 +324,10 @@ def best_kind(home: Path) -> str:
             for ds in DATASETS
         )
 
-    return max(KINDS, key=gain)
+    done = [k for k in KINDS if (home / f"tau-{k}.json").exists()]
+    if not done:
+        sys.exit("[figure1] no tau-KIND.json yet: run the main stages first, or name the kind with --ablate")
+    return max(done, key=gain)
 
 
 if __name__ == "__main__":
