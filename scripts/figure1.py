@@ -317,7 +317,7 @@ def best_kind(home: Path) -> str:
 
     def gain(kind: str) -> float:
         r = json.loads((home / f"tau-{kind}.json").read_text())["datasets"]
-        last = f"{STEPS[-1]}"
+        last = max(s for s in STEPS if f"OPD {s}" in r[DATASETS[0]]["methods"])  # the last update benched
         return sum(
             pooled_tau(r[ds]["methods"][f"OPD {last}"]["per_prompt"])
             / pooled_tau(r[ds]["methods"][f"Cont {last}"]["per_prompt"])
