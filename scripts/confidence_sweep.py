@@ -22,7 +22,7 @@ import torch
 from draftopd import DraftopdError
 from draftopd.bench.datasets import load_prompts
 from draftopd.decoding.loop import SpecStats, speculative_generate
-from draftopd.interop import import_drafter
+from draftopd.models.io import read_drafter
 from draftopd.models.pld import PromptLookupDrafter
 from draftopd.models.target import load_target
 
@@ -59,7 +59,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     target = load_target("default", "auto")
-    model = import_drafter(a.drafter, target)
+    model = read_drafter(a.drafter, target)
     arms = {"plain": None, "prompt lookup": PromptLookupDrafter(10, 2, 1)}
     for length, conf in a.settings:
         arms[f"chain {length}, confidence {conf}"] = model.engine(target, length, conf)

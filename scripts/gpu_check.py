@@ -51,8 +51,8 @@ from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 from draftopd import scaling  # noqa: E402
 from draftopd.config import ArchConfig, OPDConfig, SFTConfig, load  # noqa: E402
 from draftopd.decoding.loop import VerifyStep, speculative_generate  # noqa: E402
-from draftopd.models import DRAFTERS  # noqa: E402
 from draftopd.models.base import SeqBatch  # noqa: E402
+from draftopd.models.io import DRAFTERS  # noqa: E402
 from draftopd.models.target import Target  # noqa: E402
 from draftopd.train import opd  # noqa: E402
 from draftopd.train.common import feature_scale, make_optimizer  # noqa: E402

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from draftopd.decoding.interface import Proposal
 from draftopd.decoding.sampling import logits_to_probs
-from draftopd.models.base import Proposal
 
 
 class NoisyOracleDrafter:

@@ -10,6 +10,7 @@ import pytest
 
 from draftopd import assets
 from draftopd.cli import main
+from draftopd.models.io import write_drafter
 
 needs_target = pytest.mark.skipif(
     not (assets.default_target_dir() / "config.json").exists(), reason="default target not set up"
@@ -137,7 +138,7 @@ def test_drafter_that_does_not_match_the_target(tmp_path):
     from conftest import make_tiny_target
 
     tiny = make_tiny_target(hidden=32)
-    DFlashModel(DFlashConfig.from_target(tiny.config, 1, 4, 1, [0])).save(tmp_path / "d")
+    write_drafter(DFlashModel(DFlashConfig.from_target(tiny.config, 1, 4, 1, [0])), tmp_path / "d")
     proc = run_cli("generate", "--prompt", "hi", "--drafter", str(tmp_path / "d"), "--max-new-tokens", "4")
     _one_line_error(proc, "does not match the target: hidden_size 32 (target: 576)")
     _one_line_error(run_cli("generate", "--prompt", "hi", "--drafter", str(tmp_path / "none")), "drafter not found")

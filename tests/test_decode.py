@@ -8,9 +8,9 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from draftopd.decoding.interface import Proposal, confident_length, top_prob
 from draftopd.decoding.loop import speculative_generate
 from draftopd.decoding.sampling import SamplingParams
-from draftopd.models.base import Proposal, confident_length, top_prob
 from draftopd.models.pld import PromptLookupDrafter, lookup
 
 from conftest import make_tiny_target

@@ -10,9 +10,11 @@ from safetensors.torch import load_file, save_file
 
 from draftopd import DraftopdError
 from draftopd.config import ArchConfig
-from draftopd.decoding.loop import DecodeState, speculative_generate
+from draftopd.decoding.interface import DecodeState
+from draftopd.decoding.loop import speculative_generate
 from draftopd.decoding.sampling import SamplingParams
 from draftopd.models.dflash import DFlashConfig, DFlashDrafter, DFlashModel, block_hidden, build_target_layer_ids
+from draftopd.models.io import read_drafter, write_drafter
 from draftopd.models.vocab import draft_vocab_ids
 
 from conftest import make_tiny_target
@@ -61,7 +63,7 @@ def test_layer_ids_above_l_minus_2_are_refused():
 
 def test_checkpoint_layout_and_round_trip(tmp_path, tiny_target):
     model = tiny_dflash(tiny_target)
-    model.save(tmp_path, dtype=torch.float32)
+    write_drafter(model, tmp_path, dtype=torch.float32)
 
     names = set(load_file(str(tmp_path / "model.safetensors")))
     per_layer = {
@@ -86,15 +88,15 @@ def test_checkpoint_layout_and_round_trip(tmp_path, tiny_target):
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["architectures"] == ["DFlashDraftModel"] and cfg["dflash_config"]["target_layer_ids"] == [0, 2]
     assert cfg["eagle_aux_hidden_state_layer_ids"] == [1, 3] and cfg["block_size"] == 5
-    again = DFlashModel.load(tmp_path)
+    again = read_drafter(tmp_path)
     for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
 
 
 def test_mismatched_checkpoint_is_rejected(tmp_path):
-    model = tiny_dflash(make_tiny_target(hidden=32, layers=4))
-    with pytest.raises(DraftopdError, match="does not match the target"):
-        DFlashDrafter(model, make_tiny_target(hidden=64, layers=4))
+    write_drafter(tiny_dflash(make_tiny_target(hidden=32, layers=4)), tmp_path / "d", dtype=torch.float32)
+    with pytest.raises(DraftopdError, match="does not match the target: hidden_size 32 \\(target: 64\\)"):
+        read_drafter(tmp_path / "d", make_tiny_target(hidden=64, layers=4))
 
 
 def test_engine_proposal_equals_training_forward(tiny_target):
@@ -147,7 +149,7 @@ def test_export_round_trip(tmp_path, tiny_target):
     from draftopd.export import export_drafter
 
     model = tiny_dflash(tiny_target)
-    model.save(tmp_path / "ck", dtype=torch.float32)
+    write_drafter(model, tmp_path / "ck", dtype=torch.float32)
     hint = export_drafter(tmp_path / "ck", tmp_path / "serve")
     assert "DFLASH" in hint and "num_speculative_tokens" in hint
     saved = load_file(str(tmp_path / "serve" / "model.safetensors"))
@@ -163,11 +165,11 @@ def test_feature_scale_folds_into_the_serving_file(tmp_path, tiny_target):
     before = model.context_kv(feats, pos)[0][0]
     model.set_feature_scale(torch.linspace(0.1, 50, 64))
     assert torch.allclose(model.context_kv(feats, pos)[0][0], before, atol=1e-4)  # same function
-    model.save(tmp_path / "serve", dtype=torch.float32)  # folded: plain serving layout
+    write_drafter(model, tmp_path / "serve", dtype=torch.float32)  # folded: plain serving layout
     assert "fc_scale" not in load_file(str(tmp_path / "serve" / "model.safetensors"))
-    assert torch.allclose(DFlashModel.load(tmp_path / "serve").context_kv(feats, pos)[0][0], before, atol=1e-4)
-    model.save(tmp_path / "ckpt", dtype=torch.float32, fold=False)  # training checkpoint: exact weights + scale
-    again = DFlashModel.load(tmp_path / "ckpt")
+    assert torch.allclose(read_drafter(tmp_path / "serve").context_kv(feats, pos)[0][0], before, atol=1e-4)
+    write_drafter(model, tmp_path / "ckpt", "checkpoint", torch.float32)  # training checkpoint: exact weights + scale
+    again = read_drafter(tmp_path / "ckpt")
     assert torch.equal(again.fc.weight, model.fc.weight) and torch.equal(again.fc_scale, model.fc_scale)
 
 
@@ -243,12 +245,12 @@ def test_sampled_proposal_is_a_distribution_over_the_draft_vocabulary():
 def test_reduced_vocabulary_round_trip_and_a_checkpoint_without_d2t(tmp_path):
     target = make_tiny_target(vocab=16, layers=4)
     model = reduced_dflash(target, 8)
-    model.save(tmp_path / "final", dtype=torch.float32)  # our serving folder keeps the draft vocabulary
+    write_drafter(model, tmp_path / "final", dtype=torch.float32)  # our serving folder keeps the draft vocabulary
     assert torch.equal(load_file(str(tmp_path / "final" / "model.safetensors"))["d2t"], model.d2t)
-    again = DFlashModel.load(tmp_path / "final")
+    again = read_drafter(tmp_path / "final")
     assert again.config == model.config and torch.equal(again.d2t, model.d2t)
-    model.save(tmp_path / "ckpt", dtype=torch.float32, fold=False)  # a training checkpoint too
-    assert torch.equal(DFlashModel.load(tmp_path / "ckpt").d2t, model.d2t)
+    write_drafter(model, tmp_path / "ckpt", "checkpoint", torch.float32)  # a training checkpoint too
+    assert torch.equal(read_drafter(tmp_path / "ckpt").d2t, model.d2t)
     # a folder written before the option: no draft_vocab_size, no d2t -> the full vocabulary, same weights
     old = tmp_path / "old"
     old.mkdir()
@@ -258,11 +260,11 @@ def test_reduced_vocabulary_round_trip_and_a_checkpoint_without_d2t(tmp_path):
     sd = load_file(str(tmp_path / "final" / "model.safetensors"))
     sd.pop("d2t")
     save_file(sd, str(old / "model.safetensors"))
-    legacy = DFlashModel.load(old)
+    legacy = read_drafter(old)
     assert legacy.d2t is None and legacy.config.draft_vocab_size == 16
     assert DFlashDrafter(legacy, target).draft_ids is None
     assert torch.equal(legacy.fc.weight, again.fc.weight)
     # a reduced config whose d2t is missing is refused in one line
     (old / "config.json").write_text(json.dumps(cfg | {"draft_vocab_size": 8}))
-    with pytest.raises(DraftopdError, match="missing"):
-        DFlashModel.load(old)
+    with pytest.raises(DraftopdError, match="no d2t for a reduced draft vocabulary"):
+        read_drafter(old)

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from draftopd import DraftopdError
-from draftopd.decoding.loop import DecodeState, speculative_generate
+from draftopd.decoding.interface import DecodeState
+from draftopd.decoding.loop import speculative_generate
 from draftopd.decoding.sampling import SamplingParams
 from draftopd.models.eagle3 import (
     Eagle3Config,
@@ -20,6 +21,7 @@ from draftopd.models.eagle3 import (
     eagle3_layer_ids,
     ttt_forward,
 )
+from draftopd.models.io import read_drafter, write_drafter
 
 from conftest import make_tiny_target
 
@@ -57,7 +59,7 @@ def test_layer_rule_and_vocab_map_invariants():
 
 def test_checkpoint_layout_and_round_trip(tmp_path, tiny_target):
     model = tiny_eagle(tiny_target)
-    model.save(tmp_path, dtype=torch.float32)
+    write_drafter(model, tmp_path, dtype=torch.float32)
     names = set(load_file(str(tmp_path / "model.safetensors")))
     assert names == {f"midlayer.self_attn.{p}_proj.weight" for p in "qkvo"} | {
         f"midlayer.mlp.{p}_proj.weight" for p in ("gate", "up", "down")
@@ -71,7 +73,7 @@ def test_checkpoint_layout_and_round_trip(tmp_path, tiny_target):
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["tie_word_embeddings"] is False
     assert cfg["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3] and "target_hidden_size" not in cfg
-    again = Eagle3Model.load(tmp_path)
+    again = read_drafter(tmp_path)
     for k, v in model.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k
 

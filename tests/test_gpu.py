@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_leaves
 from draftopd.config import ArchConfig, OPDConfig, SFTConfig
 from draftopd.decoding.loop import speculative_generate
 from draftopd.decoding.sampling import SamplingParams
-from draftopd.models import DRAFTERS
+from draftopd.models.io import DRAFTERS
 from draftopd.models.target import load_target
 
 DEVICE = os.environ.get("DRAFTOPD_TEST_DEVICE", "cuda")

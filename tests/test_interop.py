@@ -17,12 +17,12 @@ from safetensors.torch import load_file, save_file
 
 from draftopd import DraftopdError
 from draftopd.cli import main
-from draftopd.decoding.loop import DecodeState
+from draftopd.decoding.interface import DecodeState
 from draftopd.decoding.sampling import SamplingParams
 from draftopd.export import FORMATS, export_drafter
-from draftopd.interop import detect, import_drafter, read_drafter
 from draftopd.models.dflash import DFlashConfig, DFlashModel
 from draftopd.models.eagle3 import Eagle3Config, Eagle3Model, draft_vocab_map
+from draftopd.models.io import detect, read_drafter, write_drafter
 
 from conftest import make_tiny_target
 
@@ -54,7 +54,7 @@ def make_drafter(kind: str, target, vd: int = 20, dflash_vd: int = 0):
 
 def training_checkpoint(model, folder: Path) -> Path:
     """A training checkpoint as the trainers write it: raw weights + fc_scale, training_state.pt, run_config.json."""
-    model.save(folder, dtype=torch.float32, fold=False)
+    write_drafter(model, folder, "checkpoint", torch.float32)
     torch.save({"optimizer": {"state": {}, "param_groups": []}, "step": 3}, folder / "training_state.pt")
     (folder / "run_config.json").write_text(json.dumps({"target": {"path": "tiny-target"}, "max_steps": 3}))
     return folder
@@ -84,13 +84,15 @@ def header(folder: Path) -> dict[str, tuple[list[int], torch.dtype]]:
 def test_round_trip_every_format_gives_identical_engine_logits(tmp_path, target, kind):
     model = make_drafter(kind, target)
     ckpt = training_checkpoint(model, tmp_path / "checkpoints" / "step_000003")
-    model.save(tmp_path / "final", dtype=torch.float32)  # the serving layout of the same weights (scale folded)
+    write_drafter(
+        model, tmp_path / "final", dtype=torch.float32
+    )  # the serving layout of the same weights (scale folded)
     folded = engine_probs(read_drafter(tmp_path / "final"), target)
     assert torch.allclose(folded, engine_probs(model, target), atol=1e-5)  # folding keeps the function
     for fmt in FORMATS:
         out = tmp_path / f"out-{fmt}"
         export_drafter(ckpt, out, "fp32", to=fmt)
-        back = import_drafter(out, target)
+        back = read_drafter(out, target)
         assert type(back) is type(model) and back.config == model.config, fmt
         for name, t in model.pack_state(fold=True).items():
             assert torch.equal(back.pack_state(fold=True)[name], t), (fmt, name)
@@ -255,8 +257,8 @@ def test_dflash_draft_vocabulary_stays_in_final_and_leaves_every_export(tmp_path
     full vocabulary (lossless there too); a reduced config without its d2t is refused in one line."""
     model = make_drafter("dflash", target, dflash_vd=20)
     ckpt = training_checkpoint(model, tmp_path / "ck")
-    model.save(tmp_path / "final", dtype=torch.float32)
-    final = import_drafter(tmp_path / "final", target)
+    write_drafter(model, tmp_path / "final", dtype=torch.float32)
+    final = read_drafter(tmp_path / "final", target)
     assert final.config == model.config and final.config.draft_vocab_size == 20 and torch.equal(final.d2t, model.d2t)
     full = final.for_engines()
     assert full.d2t is None and full.config.draft_vocab_size == V and final.d2t is not None  # the source unchanged
@@ -269,7 +271,7 @@ def test_dflash_draft_vocabulary_stays_in_final_and_leaves_every_export(tmp_path
         cfg = json.loads((out / "config.json").read_text())
         assert set(cfg) == (SPECULATORS_DFLASH_TOP if fmt == "speculators" else DFLASH_CONFIG), fmt
         assert "drafts over the full vocabulary" in (out / "README.md").read_text()
-        back = import_drafter(out, target)
+        back = read_drafter(out, target)
         assert back.config == full.config and back.d2t is None, fmt
         for name, t in full.pack_state(fold=True).items():
             assert torch.equal(back.pack_state(fold=True)[name], t), (fmt, name)
@@ -278,7 +280,7 @@ def test_dflash_draft_vocabulary_stays_in_final_and_leaves_every_export(tmp_path
     sd.pop("d2t")
     save_file(sd, str(tmp_path / "final" / "model.safetensors"))
     with pytest.raises(DraftopdError, match=r"no d2t for a reduced draft vocabulary \(20\)"):
-        import_drafter(tmp_path / "final", target)
+        read_drafter(tmp_path / "final", target)
 
 
 # --- import of foreign folders -------------------------------------------------------------------------------------
@@ -288,14 +290,14 @@ def test_import_zlab_dflash_folder_without_head_dim(tmp_path, target):
     """A z-lab/SpecForge-style DFlash config (SpecForge configs/qwen2.5-0.5b-dflash.json fields: auto_map, dtype,
     top-level block_size, no vLLM ids) with head_dim left out: derived as hidden_size / num_attention_heads."""
     model = make_drafter("dflash", target)
-    model.save(tmp_path / "z", dtype=torch.float32)
+    write_drafter(model, tmp_path / "z", dtype=torch.float32)
     cfg = json.loads((tmp_path / "z" / "config.json").read_text())
     for k in ("head_dim", "eagle_aux_hidden_state_layer_ids", "torch_dtype"):
         cfg.pop(k)
     cfg["dflash_config"].pop("block_size")
     cfg |= {"auto_map": {"AutoModel": "dflash.DFlashDraftModel"}, "dtype": "bfloat16"}
     (tmp_path / "z" / "config.json").write_text(json.dumps(cfg))
-    back = import_drafter(tmp_path / "z", target)
+    back = read_drafter(tmp_path / "z", target)
     assert back.config == model.config and detect(tmp_path / "z").layout == "dflash"
     assert back.d2t is None and back.config.draft_vocab_size == V  # z-lab's: the full vocabulary
     assert torch.allclose(engine_probs(back, target), engine_probs(model, target), atol=1e-5)
@@ -315,9 +317,9 @@ def test_import_specforge_eagle3_without_eagle_config_uses_the_default_rule(tmp_
     model = Eagle3Model(Eagle3Config.from_target(deep.config, V))  # default ids [1, 3, 4] for 8 layers
     assert model.config.target_layer_ids == [1, 3, 4]
     folder = tmp_path / "sf"
-    model.save(folder, dtype=torch.float32)
+    write_drafter(model, folder, dtype=torch.float32)
     (folder / "config.json").write_text(json.dumps(specforge_eagle3_config(model)))
-    back = import_drafter(folder, deep)
+    back = read_drafter(folder, deep)
     assert back.config.target_layer_ids == [1, 3, 4] and back.config.num_target_layers == 8
     assert back.config.head_dim == H // 4
     with pytest.raises(DraftopdError, match="no layer ids .* and no num_target_layers"):
@@ -341,13 +343,13 @@ def test_import_specforge_training_checkpoint(tmp_path, target):
         run / "run-step10" / "training_state.pt",
     )
     assert detect(run / "run-step10").layout == "specforge-checkpoint"
-    back = import_drafter(run / "run-step10", target)
+    back = read_drafter(run / "run-step10", target)
     assert torch.allclose(engine_probs(back, target), engine_probs(model, target), atol=1e-5)
 
 
 def test_import_checks_the_target_first_with_one_line_errors(tmp_path, target):
     model = make_drafter("eagle3", target)
-    model.save(tmp_path / "e", dtype=torch.float32)
+    write_drafter(model, tmp_path / "e", dtype=torch.float32)
     cases = {
         "hidden_size 32 \\(target: 64\\)": make_tiny_target(vocab=V, layers=L, hidden=64),
         "vocab_size 32 \\(target: 48\\)": make_tiny_target(vocab=48, layers=L, hidden=H),
@@ -355,7 +357,7 @@ def test_import_checks_the_target_first_with_one_line_errors(tmp_path, target):
     }
     for msg, other in cases.items():
         with pytest.raises(DraftopdError, match=msg):
-            import_drafter(tmp_path / "e", other)
+            read_drafter(tmp_path / "e", other)
     cfg = json.loads((tmp_path / "e" / "config.json").read_text())
     bad = cfg | {
         "eagle_config": {"eagle_aux_hidden_state_layer_ids": [0, 1, 3]},
@@ -363,15 +365,15 @@ def test_import_checks_the_target_first_with_one_line_errors(tmp_path, target):
     }
     (tmp_path / "e" / "config.json").write_text(json.dumps(bad))
     with pytest.raises(DraftopdError, match=r"\[0, 1, 3\] invalid for a 4-layer target: each id must be in 0\.\.2"):
-        import_drafter(tmp_path / "e", target)
+        read_drafter(tmp_path / "e", target)
     (tmp_path / "e" / "config.json").write_text(json.dumps(cfg | {"eagle_aux_hidden_state_layer_ids": [1, 2, 2]}))
     with pytest.raises(DraftopdError, match="must be eagle_config.eagle_aux_hidden_state_layer_ids .* \\+ 1"):
-        import_drafter(tmp_path / "e", target)
+        read_drafter(tmp_path / "e", target)
     (tmp_path / "e" / "config.json").write_text(json.dumps(cfg | {"draft_vocab_size": 40}))
     with pytest.raises(DraftopdError, match="draft_vocab_size 40"):
-        import_drafter(tmp_path / "e", target)
+        read_drafter(tmp_path / "e", target)
     with pytest.raises(DraftopdError, match="drafter not found"):
-        import_drafter(tmp_path / "nothing", target)
+        read_drafter(tmp_path / "nothing", target)
 
 
 # --- CLI: refuse a non-empty OUT, atomic output, the drafter card ---------------------------------------------------
@@ -421,7 +423,7 @@ def test_save_is_atomic_and_keeps_other_files(tmp_path, target):
     folder = tmp_path / "d"
     folder.mkdir()
     (folder / "training_state.pt").write_text("kept")
-    model.save(folder)
+    write_drafter(model, folder)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "training_state.pt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 

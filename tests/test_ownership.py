@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 
 from draftopd import DraftopdError
 from draftopd.atomic import atomic_folder, replacing, write_text
+from draftopd.models.io import DRAFTERS, write_drafter
 from draftopd.owner import FOLDER, LEGACY, PART, acquire, lock_file, sweep
 from test_reliability import cli, needs_tokenizer, one_line_error
 
@@ -78,12 +79,14 @@ def tiny(tiny_folder) -> Path:
 def drafter(tiny, tmp_path_factory) -> Path:
     """A DFlash training checkpoint for the tiny target."""
     from draftopd.config import ArchConfig
-    from draftopd.models import DRAFTERS
     from draftopd.models.target import load_target
 
     folder = tmp_path_factory.mktemp("drafter") / "ckpt"
-    DRAFTERS["dflash"].build(load_target(str(tiny), "fp32"), ArchConfig(num_layers=1, block_size=4), []).save(
-        folder, dtype=torch.float32, fold=False
+    write_drafter(
+        DRAFTERS["dflash"].build(load_target(str(tiny), "fp32"), ArchConfig(num_layers=1, block_size=4), []),
+        folder,
+        "checkpoint",
+        torch.float32,
     )
     return folder
 
@@ -513,7 +516,6 @@ def test_target_config_sizes_are_bounded_before_loading(tiny, field, value):
 def test_drafter_config_sizes_are_bounded_before_anything_is_allocated(drafter, tmp_path_factory, kind, field, value):
     """``export`` (and every reader) of a drafter whose config.json sizes are huge or negative: one line, fast."""
     from draftopd.export import export_drafter
-    from draftopd.models import DRAFTERS
 
     if kind == "dflash":
         cfg = json.loads((drafter / "config.json").read_text())

@@ -18,6 +18,7 @@ import torch
 
 from draftopd import assets
 from draftopd.cli import main
+from draftopd.models.io import DRAFTERS, write_drafter
 
 needs_tokenizer = pytest.mark.skipif(
     not (assets.default_target_dir() / "config.json").exists(), reason="default target (its tokenizer) not set up"
@@ -54,13 +55,15 @@ def tiny(tiny_folder) -> Path:
 def drafter(tiny, tmp_path_factory) -> Path:
     """A DFlash drafter for the tiny target in the training-checkpoint layout (raw weights + fc_scale)."""
     from draftopd.config import ArchConfig
-    from draftopd.models import DRAFTERS
     from draftopd.models.target import load_target
 
     target = load_target(str(tiny), "fp32")
     folder = tmp_path_factory.mktemp("drafter") / "ckpt"
-    DRAFTERS["dflash"].build(target, ArchConfig(num_layers=1, block_size=4), []).save(
-        folder, dtype=torch.float32, fold=False
+    write_drafter(
+        DRAFTERS["dflash"].build(target, ArchConfig(num_layers=1, block_size=4), []),
+        folder,
+        "checkpoint",
+        torch.float32,
     )
     return folder
 

@@ -13,6 +13,7 @@ import torch
 from draftopd.decoding.loop import speculative_generate
 from draftopd.models.dflash import DFlashConfig, DFlashModel
 from draftopd.models.eagle3 import Eagle3Config, Eagle3Model, draft_vocab_map
+from draftopd.models.io import DRAFTERS, write_drafter
 from draftopd.train.replay import derive_records
 
 from conftest import make_tiny_target
@@ -125,7 +126,6 @@ def opd_setup(tiny_folder, tmp_path_factory):
     """Greedy trajectories of the tiny target (a data folder as `draftopd data` writes it) and a DFlash and an
     EAGLE-3 drafter folder to start from."""
     from draftopd.config import ArchConfig
-    from draftopd.models import DRAFTERS
     from draftopd.models.target import load_target
 
     root = tmp_path_factory.mktemp("opd-modes")
@@ -144,7 +144,7 @@ def opd_setup(tiny_folder, tmp_path_factory):
     ):
         torch.manual_seed(0)
         model = DRAFTERS[kind].build(target, arch, seqs)
-        model.save(root / f"init-{kind}", dtype=torch.float32)
+        write_drafter(model, root / f"init-{kind}", dtype=torch.float32)
         inits[kind] = root / f"init-{kind}"
     return tiny_folder, data, inits
 

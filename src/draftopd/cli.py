@@ -101,7 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from draftopd.config import GenerateConfig, load
     from draftopd.decoding.loop import speculative_generate
     from draftopd.decoding.sampling import SamplingParams
-    from draftopd.models import build_drafter
+    from draftopd.models.io import build_drafter
     from draftopd.models.target import load_target
 
     cfg = load(GenerateConfig, args.config, _overrides(args))

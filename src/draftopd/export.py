@@ -1,7 +1,7 @@
 """``draftopd export --to sglang|vllm|speculators|hf``: write a drafter in the layout its users load, and check it.
 
 Sources: a serving folder (``final/``), a training checkpoint (``checkpoints/step_N``: raw weights + ``fc_scale``,
-folded on the way out) or any folder ``interop`` reads (a z-lab, SpecForge or speculators drafter).
+folded on the way out) or any folder ``models/io.read_drafter`` reads (a z-lab, SpecForge or speculators drafter).
 
 Formats (field lists: SGLang ``python/sglang/srt/models/dflash.py`` and ``models/llama_eagle3.py``; vLLM
 ``vllm/model_executor/models/qwen3_dflash.py`` and ``llama_eagle3.py``; z-lab ``dflash/model.py``;
@@ -14,12 +14,12 @@ vllm-project/speculators ``src/speculators/models/{eagle3,dflash}/config.py``):
   verifier, ``transformer_layer_config``; EAGLE-3 layer named ``layers.0.*``; layer ids in vLLM's capture-before
   numbering, ours + 1), served by ``vllm serve OUT`` alone. SGLang cannot read it.
 
-Every export is written to a temporary sibling folder, read back through ``interop`` and compared tensor by tensor
-and field by field with the source, gets a drafter card (README.md), and only then is renamed to OUT.
+Every export is written to a temporary sibling folder, read back through ``read_drafter`` and compared tensor by
+tensor and field by field with the source, gets a drafter card (README.md), and only then is renamed to OUT.
 
 A DFlash drafter's draft vocabulary (``d2t``, inference only: see ``models/dflash.py``) is not exported: none of
 these layouts has one, so ``DFlashModel.for_engines`` drops it and the engines draft over the target's full
-vocabulary, still lossless. Our own ``final/`` (``DrafterModel.save``) keeps it.
+vocabulary, still lossless. Our own ``final/`` (layout ``final``) keeps it.
 """
 
 from __future__ import annotations
@@ -29,18 +29,15 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from draftopd import DraftopdError, __version__
-from draftopd.atomic import atomic_folder, check_output_dir
-from draftopd.interop import read_drafter
+from draftopd.atomic import check_output_dir
 from draftopd.models.base import DrafterModel
-from draftopd.models.dflash import DFlashConfig
+from draftopd.models.io import drafter_files, read_drafter, write_drafter
+from draftopd.models.target import DTYPES
 from draftopd.owner import owning
 
-FORMATS = ("sglang", "vllm", "speculators", "hf")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SPECULATORS_VERSION = "0.9.0"  # the speculators release whose config layout this writes
+FORMATS = {"sglang": "plain", "vllm": "plain", "hf": "plain", "speculators": "speculators"}  # --to -> layout
 HUB_DEFAULT = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub model the embedded default target was quantised from
 
 
@@ -66,118 +63,12 @@ def resolve_target(target: str | None, run_config: dict) -> str | None:
     return name
 
 
-def plain_files(model: DrafterModel, dtype: torch.dtype) -> tuple[dict, dict]:
-    """(tensors, config) of the plain layout: the scale folded into fc.weight, floats in ``dtype``."""
-    sd = {
-        k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
-        for k, v in model.pack_state(fold=True).items()
-    }
-    cfg = model.config.to_hf()
-    cfg["torch_dtype"] = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
-    return sd, cfg
-
-
-def speculators_files(model: DrafterModel, dtype: torch.dtype, verifier: str, verifier_arch: list[str]) -> tuple:
-    """(tensors, config) of the speculators layout (speculators ``models/eagle3/config.py``,
-    ``models/dflash/config.py``; vLLM ``transformers_utils/configs/speculators/algos.py`` reads it). The target's
-    embedding and LM head are not stored: vLLM shares the verifier's (as speculators does for a tied target)."""
-    sd, plain = plain_files(model, dtype)
-    c = model.config
-    layer = {
-        k: plain[k]
-        for k in (
-            "model_type",
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "hidden_act",
-            "rms_norm_eps",
-            "rope_theta",
-            "rope_scaling",
-            "max_position_embeddings",
-            "attention_bias",
-            "tie_word_embeddings",
-            "torch_dtype",
-        )
-    }
-    layer["num_target_layers"] = c.num_target_layers  # ours: the target's depth, so a reader needs no target
-    capture = [i + 1 for i in c.target_layer_ids]  # vLLM/speculators number a layer by its input
-    if isinstance(c, DFlashConfig):
-        layer["layer_types"] = plain["layer_types"]
-        kind, k = "dflash", c.block_size - 1
-        extra = {
-            "architectures": ["DFlashSpeculator"],
-            "speculators_model_type": "dflash",
-            "draft_vocab_size": c.vocab_size,
-            "block_size": c.block_size,
-            "aux_hidden_state_layer_ids": capture,
-            "mask_token_id": c.mask_token_id,
-            "sample_from_anchor": False,
-            "sliding_window_non_causal": False,
-            "target_hidden_size": None,
-        }
-    else:
-        layer["mlp_bias"] = False
-        kind, k = "eagle3", 5
-        extra = {
-            "architectures": ["Eagle3Speculator"],
-            "speculators_model_type": "eagle3",
-            "draft_vocab_size": c.draft_vocab_size,
-            "norm_before_residual": False,
-            "norm_before_fc": False,
-            "fc_norm": False,
-            "norm_output": False,
-            "target_hidden_size": None,
-            "eagle_aux_hidden_state_layer_ids": capture,
-            "embed_requires_grad": False,
-        }
-        sd = {
-            ("layers.0." + n.removeprefix("midlayer.") if n.startswith("midlayer.") else n): t for n, t in sd.items()
-        }
-        if c.draft_vocab_size == c.vocab_size:  # speculators stores the maps only for a reduced vocabulary
-            sd.pop("d2t"), sd.pop("t2d")
-    cfg = {
-        **extra,
-        "speculators_version": SPECULATORS_VERSION,
-        "transformer_layer_config": layer,
-        "speculators_config": {
-            "algorithm": kind,
-            "proposal_methods": [
-                {"proposal_type": "greedy", "speculative_tokens": k, "verifier_accept_k": 1, "accept_tolerance": 0.0}
-            ],
-            "default_proposal_method": "greedy",
-            "verifier": {"name_or_path": verifier, "architectures": verifier_arch},
-        },
-        "torch_dtype": plain["torch_dtype"],
-    }
-    return sd, cfg
-
-
 def serve_lines(model: DrafterModel, out: Path, to: str, target: str) -> list[str]:
-    """The SGLang and vLLM command lines for this export."""
-    c = model.config
+    """The SGLang and vLLM command lines for this export, the format asked for first."""
     if to == "speculators":
         return [f"vllm serve {out}   # target ({target}) and drafter from the folder's speculators_config"]
-    if isinstance(c, DFlashConfig):
-        lines = [
-            f"python -m sglang.launch_server --model-path {target} --speculative-algorithm DFLASH "
-            f"--speculative-draft-model-path {out} --speculative-num-draft-tokens {c.block_size}",
-            f"vllm serve {target} --speculative-config "
-            f'\'{{"method": "dflash", "model": "{out}", "num_speculative_tokens": {c.block_size - 1}}}\'',
-        ]
-    else:
-        lines = [
-            f"python -m sglang.launch_server --model-path {target} --speculative-algorithm EAGLE3 "
-            f"--speculative-draft-model-path {out} --speculative-num-steps 5 --speculative-eagle-topk 1 "
-            "--speculative-num-draft-tokens 6",
-            f"vllm serve {target} --speculative-config "
-            f'\'{{"method": "eagle3", "model": "{out}", "num_speculative_tokens": 5}}\'',
-        ]
-    return lines[::-1] if to == "vllm" else lines  # the format asked for first
+    lines = model.serve_commands(out, target)
+    return [lines["vllm"], lines["sglang"]] if to == "vllm" else [lines["sglang"], lines["vllm"]]
 
 
 def bench_lines(bench: Path) -> list[str]:
@@ -208,20 +99,9 @@ def drafter_card(
     source_config=None,
 ) -> str:
     """The README.md of an export; ``source_config``: the source's config when export changed it (DFlash)."""
-    c = model.config
-    kind = "DFlash" if isinstance(c, DFlashConfig) else "EAGLE-3"
+    c, kind = model.config, model.LABEL
     ids = list(c.target_layer_ids)
-    if isinstance(c, DFlashConfig):
-        shape = f"{c.num_hidden_layers} layers, block size {c.block_size}, mask token id {c.mask_token_id}"
-        sc = source_config
-        if isinstance(sc, DFlashConfig) and sc.reduced_vocab:
-            shape += (
-                f"; drafts over the full vocabulary ({c.vocab_size}): draftopd's engine drafted over the "
-                f"{sc.draft_vocab_size} most frequent training tokens (d2t), which this layout cannot hold; "
-                "still lossless, acceptance may differ slightly"
-            )
-    else:
-        shape = f"1 layer (midlayer), draft vocabulary {c.draft_vocab_size} of {c.vocab_size}"
+    shape = model.describe(source_config)
     tgt = target or "unknown (no run_config.json; pass --target)"
     lines = [
         f"# {kind} drafter for {tgt}",
@@ -262,31 +142,22 @@ def drafter_card(
     lines += ["", "## Serve it", "", "```bash", *serve_lines(model, out, to, target or "TARGET"), "```", ""]
     lines += ["## Load it in Python", "", "```python"]
     lines += [
-        "from draftopd.interop import read_drafter  # reads every layout draftopd exports or imports",
+        "from draftopd.models.io import read_drafter  # reads every layout draftopd exports or imports",
         f'drafter = read_drafter("{out}")',
     ]
-    if isinstance(c, DFlashConfig) and to != "speculators":
-        lines += [
-            "# z-lab: from dflash.model import DFlashDraftModel; DFlashDraftModel.from_pretrained(path)",
-            "```",
-            "",
-            "Do not load it with `AutoModel.from_pretrained(path, trust_remote_code=True)`: this folder ships",
-            "no `dflash.py`, so transformers builds a plain Qwen3Model with random embeddings and silently drops",
-            "`fc` and `hidden_norm`. Use z-lab's `DFlashDraftModel.from_pretrained` or draftopd's reader.",
-        ]
-    elif to == "speculators":
+    if to == "speculators":
         lines += [
             "# speculators: from speculators import SpeculatorModel; SpeculatorModel.from_pretrained(path)",
             "```",
         ]
     else:
-        lines += ["# SpecForge / SGLang read this folder as it is (LlamaForCausalLMEagle3)", "```"]
+        lines += model.loading_note()
     return "\n".join(lines) + "\n"
 
 
 def verify(written: Path, model: DrafterModel, expect: dict) -> None:
-    """Read the written folder back as any user would (``interop``) and compare every tensor and the config."""
-    again = read_drafter(written, model.config.num_target_layers)
+    """Read the written folder back as any user would (``read_drafter``) and compare every tensor and the config."""
+    again = read_drafter(written, num_target_layers=model.config.num_target_layers)
     if again.config != model.config:
         raise DraftopdError(f"export round trip failed: config {again.config} != {model.config}")
     got = again.pack_state(fold=True)
@@ -342,21 +213,21 @@ def _export(src: Path, out: Path, dtype: str, to: str, bench, target: str | None
     torch_dtype = DTYPES[dtype]
     run_cfg = find_run_config(src)
     tgt = resolve_target(target, run_cfg[1])
+    verifier = None
     if to == "speculators":
         if not tgt:
             raise DraftopdError("export --to speculators needs the target (no run_config.json found): pass --target")
         arch = ["LlamaForCausalLM"]
         if (Path(tgt) / "config.json").is_file():
             arch = json.loads((Path(tgt) / "config.json").read_text()).get("architectures") or arch
-        sd, cfg = speculators_files(model, torch_dtype, tgt, arch)
-    else:
-        sd, cfg = plain_files(model, torch_dtype)
-    expect = plain_files(model, torch_dtype)[0]  # what any reader must get back (a full vocabulary's maps implied)
-    with atomic_folder(out, keep_others=False) as tmp:
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        verifier = (tgt, arch)
+    expect = drafter_files(model, "plain", torch_dtype)[0]  # what any reader must get back (full maps implied)
+    card = drafter_card(model, src, out, to, dtype, tgt, run_cfg, bench, source.config)
+
+    def finish(tmp: Path) -> None:  # before OUT is renamed into place: read back and compared, then the card
         verify(tmp, model, expect)
-        card = drafter_card(model, src, out, to, dtype, tgt, run_cfg, bench, source.config)
         (tmp / "README.md").write_text(card)
+
+    write_drafter(model, out, FORMATS[to], torch_dtype, verifier, keep_others=False, finish=finish)
     lines = serve_lines(model, out, to, tgt or "TARGET")
     return f"exported {src} -> {out} ({to}, {dtype}); drafter card: {out / 'README.md'}\n" + "\n".join(lines)

@@ -18,7 +18,7 @@ import torch
 from draftopd.bench.datasets import load_prompts
 from draftopd.config import ArchConfig
 from draftopd.decoding.loop import SpecStats, speculative_generate
-from draftopd.models import DRAFTERS
+from draftopd.models.io import DRAFTERS
 from draftopd.models.target import load_target
 
 # (label, arch, chain length) of the shapes measured; dflash block b verifies b tokens, eagle3 chain c verifies c+1

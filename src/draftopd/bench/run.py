@@ -24,9 +24,10 @@ from draftopd import DraftopdError
 from draftopd.atomic import check_output_file, write_json
 from draftopd.bench.datasets import load_prompts
 from draftopd.config import BenchConfig, to_dict
+from draftopd.decoding.interface import Drafter
 from draftopd.decoding.loop import SpecStats, speculative_generate
 from draftopd.decoding.sampling import SamplingParams
-from draftopd.models import Drafter, build_drafter
+from draftopd.models.io import build_drafter
 from draftopd.models.target import Target, load_target
 
 log = logging.getLogger(__name__)

@@ -19,19 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from draftopd.decoding.interface import DecodeState, Drafter, Proposal
 from draftopd.decoding.sampling import SamplingParams, logits_to_probs, sample, verify
-from draftopd.models.base import Drafter, Proposal
 from draftopd.models.target import Target
-
-
-@dataclass
-class DecodeState:
-    """What a drafter may read: one entry per live row (row order changes when rows finish)."""
-
-    history: list[list[int]]  # prompt + committed tokens; history[b][-1] == last[b]
-    last: Tensor  # (B,) last committed token: not yet in the target cache, the next block's first token
-    next_pos: Tensor  # (B,) position id of `last` (= real tokens in the cache)
-    rows: Tensor  # (B,) index of each live row in the caller's prompt list
 
 
 @dataclass

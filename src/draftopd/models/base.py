@@ -1,70 +1,16 @@
-"""The drafter interface the speculative loop talks to: five small methods, no inheritance required.
-
-A drafter proposes up to ``k`` tokens per row from the decode state; after the target verified them, the
-loop tells it how many were accepted and hands it the target features of the tokens just committed to the
-target's cache, so feature-conditioned drafters (DFlash, EAGLE-3) can extend their own context.
-"""
+"""What the learned drafters (DFlash, EAGLE-3) share below them: ``DrafterModel`` (the interface trainers, the
+engine and ``models/io.py`` use), the training batches, the config fields derived from a target, and the one
+check that a drafter's config fits a target. The engine-side interface lives in ``decoding/interface.py``."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from draftopd import DraftopdError
-from draftopd.atomic import atomic_folder  # noqa: F401 - also imported from here
-
-if TYPE_CHECKING:
-    from draftopd.decoding.loop import DecodeState
-    from draftopd.decoding.sampling import SamplingParams
-
-
-@dataclass
-class Proposal:
-    tokens: Tensor  # (B, k) proposed ids; entries at j >= n[b] are padding
-    n: Tensor  # (B,) number of real proposals per row
-    probs: Tensor | None = None  # (B, k, V) the distributions the tokens were drawn from; None = deterministic
-
-
-def top_prob(logits: Tensor) -> Tensor:
-    """The drafter's confidence in its proposal: the top-1 probability of its logits (..., Vd) at temperature 1."""
-    return torch.softmax(logits.float(), -1).amax(-1)
-
-
-def confident_length(conf: Tensor, threshold: float) -> Tensor:
-    """Proposals kept per row (B,) from confidences (B, k): a proposal ends at its first token whose confidence
-    is below ``threshold`` (that token still proposed: it was drafted already and verifying it costs little);
-    threshold 0 keeps all k. Lossless whatever the threshold: how many tokens are proposed depends only on the
-    draft, and each proposed token is verified as before (HF assisted generation's
-    ``assistant_confidence_threshold`` does the same)."""
-    k = conf.shape[1]
-    low = conf < threshold  # (B, k)
-    first = torch.where(low.any(1), low.float().argmax(1), torch.full_like(low[:, 0], k - 1, dtype=torch.long))
-    return first + 1
-
-
-class Drafter(Protocol):
-    layer_ids: tuple[int, ...]  # target layers whose hidden states (after the layer) the drafter reads
-
-    def start(self, state: DecodeState, features: Tensor | None) -> None:
-        """After prefill: ``features`` (B, P, F) of the (left-padded) prompt, or None if layer_ids is empty."""
-
-    def propose(
-        self, state: DecodeState, params: SamplingParams, generator: torch.Generator | None = None
-    ) -> Proposal:
-        """Draft a block for every live row of ``state`` (sampled drafts draw from ``generator``, the run's)."""
-
-    def update(self, state: DecodeState, n_accepted: Tensor, features: Tensor | None) -> None:
-        """After verify: row b committed ``n_accepted[b] + 1`` tokens to the target cache (the old last token
-        and the accepted proposals); ``features`` (B, k + 1, F) are the target features of the whole block."""
-
-    def select(self, rows: Tensor) -> None:
-        """Keep only these batch rows (finished rows are dropped from the batch)."""
 
 
 def target_shape(tcfg) -> dict:
@@ -122,7 +68,10 @@ class DrafterModel:
       (response stream and rejected stream);
     * ``replay_block(chain_length)``: tokens per replayed verify step (anchor + proposals);
     plus the vocabulary maps ``draft_logits``, ``to_draft_ids`` and ``to_target_ids`` (identity for a
-    drafter trained over the target's vocabulary), and ``for_engines`` (what export writes).
+    drafter trained over the target's vocabulary), ``for_engines`` (what export writes), and the facts serving
+    engines need (``serve_tokens``, ``serve_commands``, ``to_speculators``, ``foreign_name``, ``describe``), which
+    ``models/io.py`` and ``export.py`` read without asking which kind they hold. Reading and writing folders:
+    ``models/io.py``.
 
     The feature scale: ``fc`` fuses raw target hidden states, which carry "massive activations": a few
     dims 100-1000x the median (SmolLM2 layer 27: max 24,538 against a median of 11). Fed raw to ``fc`` they
@@ -137,28 +86,7 @@ class DrafterModel:
     config: object  # the drafter's config dataclass (to_hf / from_hf)
     ARCH: str  # its `architectures` entry in config.json
     CONFIG: type  # its config dataclass
-
-    def check_target(self, target) -> None:
-        """One-line error unless this drafter was built for ``target`` (the one compatibility check)."""
-        c = self.config
-        pairs = (
-            ("hidden_size", c.hidden_size, target.hidden_size),
-            ("vocab_size", c.vocab_size, target.vocab_size),
-            ("num_target_layers", c.num_target_layers, target.num_layers),
-        )
-        wrong = [f"{name} {mine} (target: {theirs})" for name, mine, theirs in pairs if mine != theirs]
-        if wrong:
-            raise DraftopdError(f"drafter does not match the target: {', '.join(wrong)}")
-        if any(not 0 <= i < target.num_layers for i in c.target_layer_ids):
-            raise DraftopdError(
-                f"drafter target_layer_ids {list(c.target_layer_ids)} are out of range "
-                f"for a {target.num_layers}-layer target"
-            )
-        mask = getattr(c, "mask_token_id", None)
-        if mask is not None and not 0 <= mask < target.vocab_size:
-            raise DraftopdError(
-                f"drafter mask_token_id {mask} is outside the target's vocabulary ({target.vocab_size})"
-            )
+    LABEL: str  # the name people use for the kind ("DFlash", "EAGLE-3")
 
     def draft_logits(self, h: Tensor, target) -> Tensor:
         """Logits (N, V) of drafter states (N, H) over the drafter's vocabulary (default: the target's head)."""
@@ -180,6 +108,39 @@ class DrafterModel:
         """The drafter as the SGLang/vLLM/z-lab layouts hold it (what export writes): itself unless a kind keeps
         something those layouts cannot (DFlash: its inference-only draft vocabulary)."""
         return self
+
+    # --- serving facts: what export writes and prints, and how other writers' layouts map onto ours ---
+
+    @property
+    def serve_tokens(self) -> int:
+        """Draft tokens per verify step the serving engines are told to propose (``num_speculative_tokens``)."""
+        raise NotImplementedError
+
+    def serve_commands(self, out: Path | str, target: str) -> dict[str, str]:
+        """The SGLang and vLLM command lines that serve drafter folder ``out`` with ``target`` (plain layout)."""
+        raise NotImplementedError
+
+    def to_speculators(self, sd: dict[str, Tensor], layer: dict) -> tuple[dict[str, Tensor], dict]:
+        """vLLM speculators layout: (tensors renamed as speculators names them, the config's kind-specific
+        top-level fields); may add kind-specific fields to ``layer`` (its ``transformer_layer_config``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def foreign_name(cls, name: str) -> str | None:
+        """A tensor name in another writer's layout (prefixes already stripped) -> ours; None = not ours to load."""
+        return name
+
+    @classmethod
+    def complete_maps(cls, sd: dict[str, Tensor], config) -> None:
+        """Add the vocabulary maps a full-vocabulary drafter's foreign folder may omit (in place)."""
+
+    def describe(self, source_config=None) -> str:
+        """One line of shape facts for a drafter card; ``source_config``: the config before ``for_engines``."""
+        raise NotImplementedError
+
+    def loading_note(self) -> list[str]:
+        """Lines of the drafter card's Python block on loading a plain-layout folder with its engines' own code."""
+        return []
 
     @torch.no_grad()
     def set_feature_scale(self, scale: Tensor) -> None:
@@ -206,46 +167,6 @@ class DrafterModel:
         missing, unexpected = self.load_state_dict(sd, strict=False)
         return missing, unexpected, scale
 
-    def save(self, folder: str | Path, dtype: torch.dtype = torch.bfloat16, fold: bool = True) -> None:
-        """``fold=True``: the serving layout (scale folded into fc.weight, floats in ``dtype``, integer and
-        bool buffers kept); ``fold=False`` (training checkpoints): raw weights plus ``fc_scale``. Atomic: written
-        to a temporary sibling folder and renamed (other files already in ``folder`` are kept)."""
-        sd = {
-            k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
-            for k, v in self.pack_state(fold).items()
-        }
-        with atomic_folder(folder) as tmp:
-            save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            (tmp / "config.json").write_text(json.dumps(self.config.to_hf(), indent=2))
-
-    @classmethod
-    def load(cls, folder: str | Path):
-        """Load a drafter folder (serving layout or training checkpoint) in float32; one-line errors."""
-        folder = Path(folder)
-        if not (folder / "config.json").exists() or not (folder / "model.safetensors").exists():
-            raise DraftopdError(f"{folder} is not a drafter folder (config.json + model.safetensors)")
-        try:
-            cfg = json.loads((folder / "config.json").read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DraftopdError(f"{folder}/config.json: not a JSON config ({e})") from None
-        if not isinstance(cfg, dict) or cls.ARCH not in (cfg.get("architectures") or []):
-            raise DraftopdError(f"{folder}/config.json is not a {cls.ARCH} config")
-        try:
-            config = cls.CONFIG.from_hf(cfg)  # sizes bounded before anything is allocated
-        except DraftopdError as e:
-            raise DraftopdError(f"{folder}/config.json: {e}") from None
-        except (KeyError, TypeError, ValueError) as e:
-            raise DraftopdError(f"{folder}/config.json: malformed ({type(e).__name__}: {e})") from None
-        model = cls(config).float()
-        try:
-            state = load_file(str(folder / "model.safetensors"))
-        except Exception as e:  # noqa: BLE001 - truncated or not safetensors: one line
-            raise DraftopdError(
-                f"{folder}/model.safetensors: not a safetensors file ({str(e).splitlines()[0]})"
-            ) from None
-        model.load_checked(state, folder / "model.safetensors")
-        return model.float()
-
     def load_checked(self, sd: dict[str, Tensor], where: str | Path) -> None:
         """Load a state dict that must fill every weight (and may carry ``fc_scale``); one-line errors naming
         ``where`` for a missing, extra or misshaped tensor."""
@@ -261,6 +182,30 @@ class DrafterModel:
             )
         if scale is not None:
             self.fc_scale.copy_(scale.float())
+
+
+def check_target(c, target, where: str = "drafter") -> None:
+    """One-line error naming the first field of drafter config ``c`` that does not fit ``target``: the one
+    compatibility check, run on a folder's config before any of its weights load (``models/io.read_drafter``)."""
+    pairs = (
+        ("hidden_size", c.hidden_size, target.hidden_size),
+        ("vocab_size", c.vocab_size, target.vocab_size),
+        ("num_target_layers", c.num_target_layers, target.num_layers),
+    )
+    for name, mine, theirs in pairs:
+        if mine != theirs:
+            raise DraftopdError(f"{where} does not match the target: {name} {mine} (target: {theirs})")
+    check_layer_ids(c.target_layer_ids, target.num_layers, f"{where}: target layer ids")
+    if not 0 < c.draft_vocab_size <= target.vocab_size:
+        raise DraftopdError(
+            f"{where} does not match the target: draft_vocab_size {c.draft_vocab_size} "
+            f"(target vocabulary: {target.vocab_size})"
+        )
+    mask = getattr(c, "mask_token_id", None)  # DFlash's mask token: an id of the target's vocabulary
+    if mask is not None and not 0 <= mask < target.vocab_size:
+        raise DraftopdError(
+            f"{where} does not match the target: mask_token_id {mask} (target vocabulary: {target.vocab_size})"
+        )
 
 
 def check_layer_ids(ids, num_target_layers: int, what: str = "target_layer_ids") -> list[int]:

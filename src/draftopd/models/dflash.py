@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,16 +42,8 @@ from torch import Tensor, nn
 
 from draftopd import DraftopdError
 from draftopd.config import check_sizes
-from draftopd.models.base import (
-    DrafterModel,
-    Proposal,
-    ReplayBatch,
-    SeqBatch,
-    check_layer_ids,
-    confident_length,
-    target_shape,
-    top_prob,
-)
+from draftopd.decoding.interface import Proposal, confident_length, top_prob
+from draftopd.models.base import DrafterModel, ReplayBatch, SeqBatch, check_layer_ids, target_shape
 from draftopd.models.layers import MLP, apply_rope, gqa_attention, rope_cos_sin
 from draftopd.models.vocab import draft_tokens, draft_vocab_ids, draft_vocab_map, response_token_counts
 
@@ -257,6 +250,7 @@ class DFlashModel(DrafterModel, nn.Module):
 
     ARCH = "DFlashDraftModel"
     CONFIG = DFlashConfig
+    LABEL = "DFlash"
 
     def __init__(self, c: DFlashConfig) -> None:
         super().__init__()
@@ -316,6 +310,63 @@ class DFlashModel(DrafterModel, nn.Module):
         full.d2t = None
         full.config = dataclasses.replace(self.config, draft_vocab_size=self.config.vocab_size)
         return full
+
+    # Serving facts (see DrafterModel): SGLang ``models/dflash.py``, vLLM ``qwen3_dflash.py``, speculators
+    # ``models/dflash/config.py``.
+
+    @property
+    def serve_tokens(self) -> int:
+        return self.config.block_size - 1  # one forward drafts the block after its anchor
+
+    def serve_commands(self, out: Path | str, target: str) -> dict[str, str]:
+        c = self.config
+        return {
+            "sglang": f"python -m sglang.launch_server --model-path {target} --speculative-algorithm DFLASH "
+            f"--speculative-draft-model-path {out} --speculative-num-draft-tokens {c.block_size}",
+            "vllm": f"vllm serve {target} --speculative-config "
+            f'\'{{"method": "dflash", "model": "{out}", "num_speculative_tokens": {self.serve_tokens}}}\'',
+        }
+
+    def to_speculators(self, sd: dict[str, Tensor], layer: dict) -> tuple[dict[str, Tensor], dict]:
+        c = self.config
+        layer["layer_types"] = c.to_hf()["layer_types"]
+        fields = {
+            "architectures": ["DFlashSpeculator"],
+            "speculators_model_type": "dflash",
+            "draft_vocab_size": c.vocab_size,
+            "block_size": c.block_size,
+            "aux_hidden_state_layer_ids": [i + 1 for i in c.target_layer_ids],  # vLLM numbers a layer by its input
+            "mask_token_id": c.mask_token_id,
+            "sample_from_anchor": False,
+            "sliding_window_non_causal": False,
+            "target_hidden_size": None,
+        }
+        return sd, fields
+
+    @classmethod
+    def foreign_name(cls, name: str) -> str | None:
+        return None if name == "lm_head.weight" else name  # the head is the target's (z-lab folders may hold it)
+
+    def describe(self, source_config=None) -> str:
+        c, sc = self.config, source_config
+        shape = f"{c.num_hidden_layers} layers, block size {c.block_size}, mask token id {c.mask_token_id}"
+        if isinstance(sc, DFlashConfig) and sc.reduced_vocab and not c.reduced_vocab:
+            shape += (
+                f"; drafts over the full vocabulary ({c.vocab_size}): draftopd's engine drafted over the "
+                f"{sc.draft_vocab_size} most frequent training tokens (d2t), which this layout cannot hold; "
+                "still lossless, acceptance may differ slightly"
+            )
+        return shape
+
+    def loading_note(self) -> list[str]:
+        return [
+            "# z-lab: from dflash.model import DFlashDraftModel; DFlashDraftModel.from_pretrained(path)",
+            "```",
+            "",
+            "Do not load it with `AutoModel.from_pretrained(path, trust_remote_code=True)`: this folder ships",
+            "no `dflash.py`, so transformers builds a plain Qwen3Model with random embeddings and silently drops",
+            "`fc` and `hidden_norm`. Use z-lab's `DFlashDraftModel.from_pretrained` or draftopd's reader.",
+        ]
 
     def engine(self, target, chain_length: int = 0, confidence: float = 0.0) -> DFlashDrafter:
         return DFlashDrafter(self, target, confidence)
@@ -409,7 +460,6 @@ class DFlashDrafter:
     the target's dtype and device, and each step scores the slots against them only."""
 
     def __init__(self, model: DFlashModel, target, confidence: float = 0.0) -> None:
-        model.check_target(target)
         # a copy in the target's dtype and device: the caller's (training) weights stay as they are
         self.model = copy.deepcopy(model).to(target.device, target.dtype).eval()
         self.target, self.confidence = target, confidence

@@ -24,22 +24,15 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from draftopd import DraftopdError
 from draftopd.config import check_sizes
-from draftopd.models.base import (
-    DrafterModel,
-    Proposal,
-    ReplayBatch,
-    SeqBatch,
-    check_layer_ids,
-    confident_length,
-    target_shape,
-    top_prob,
-)
+from draftopd.decoding.interface import Proposal, confident_length, top_prob
+from draftopd.models.base import DrafterModel, ReplayBatch, SeqBatch, check_layer_ids, target_shape
 from draftopd.models.layers import MLP, apply_rope, gqa_attention, rope_cos_sin
 from draftopd.models.vocab import draft_tokens, draft_vocab_ids, draft_vocab_map, response_token_counts
 
@@ -200,6 +193,8 @@ class Eagle3Model(DrafterModel, nn.Module):
 
     ARCH = "LlamaForCausalLMEagle3"
     CONFIG = Eagle3Config
+    LABEL = "EAGLE-3"
+    SERVE_STEPS = 5  # chain steps the serving engines are told to run (SGLang's and vLLM's usual EAGLE-3 setting)
 
     def __init__(self, c: Eagle3Config) -> None:
         super().__init__()
@@ -249,6 +244,63 @@ class Eagle3Model(DrafterModel, nn.Module):
         counts = response_token_counts(seqs, target.vocab_size)
         model.set_vocab(*draft_vocab_map(counts, c.draft_vocab_size), target.lm_head.weight.detach().cpu())
         return model
+
+    # Serving facts (see DrafterModel): SGLang and vLLM ``llama_eagle3.py``, speculators ``models/eagle3/config.py``.
+
+    @property
+    def serve_tokens(self) -> int:
+        return self.SERVE_STEPS
+
+    def serve_commands(self, out: Path | str, target: str) -> dict[str, str]:
+        k = self.serve_tokens
+        return {
+            "sglang": f"python -m sglang.launch_server --model-path {target} --speculative-algorithm EAGLE3 "
+            f"--speculative-draft-model-path {out} --speculative-num-steps {k} --speculative-eagle-topk 1 "
+            f"--speculative-num-draft-tokens {k + 1}",
+            "vllm": f"vllm serve {target} --speculative-config "
+            f'\'{{"method": "eagle3", "model": "{out}", "num_speculative_tokens": {k}}}\'',
+        }
+
+    def to_speculators(self, sd: dict[str, Tensor], layer: dict) -> tuple[dict[str, Tensor], dict]:
+        c = self.config
+        layer["mlp_bias"] = False
+        fields = {
+            "architectures": ["Eagle3Speculator"],
+            "speculators_model_type": "eagle3",
+            "draft_vocab_size": c.draft_vocab_size,
+            "norm_before_residual": False,
+            "norm_before_fc": False,
+            "fc_norm": False,
+            "norm_output": False,
+            "target_hidden_size": None,
+            "eagle_aux_hidden_state_layer_ids": [i + 1 for i in c.target_layer_ids],  # vLLM: a layer's input
+            "embed_requires_grad": False,
+        }
+        sd = {
+            ("layers.0." + n.removeprefix("midlayer.") if n.startswith("midlayer.") else n): t for n, t in sd.items()
+        }
+        if c.draft_vocab_size == c.vocab_size:  # speculators stores the maps only for a reduced vocabulary
+            sd.pop("d2t"), sd.pop("t2d")
+        return sd, fields
+
+    @classmethod
+    def foreign_name(cls, name: str) -> str | None:
+        return "midlayer." + name.removeprefix("layers.0.") if name.startswith("layers.0.") else name
+
+    @classmethod
+    def complete_maps(cls, sd: dict[str, Tensor], config) -> None:
+        """A full-vocabulary folder may omit both maps (speculators does): d2t offsets 0; t2d marks d2t's ids."""
+        if "d2t" not in sd:
+            sd["d2t"] = torch.zeros(config.draft_vocab_size, dtype=torch.long)
+        if "t2d" not in sd:
+            sd["t2d"] = torch.zeros(config.vocab_size, dtype=torch.bool)
+            sd["t2d"][draft_vocab_ids(sd["d2t"].long())] = True
+
+    def describe(self, source_config=None) -> str:
+        return f"1 layer (midlayer), draft vocabulary {self.config.draft_vocab_size} of {self.config.vocab_size}"
+
+    def loading_note(self) -> list[str]:
+        return ["# SpecForge / SGLang read this folder as it is (LlamaForCausalLMEagle3)", "```"]
 
     def engine(self, target, chain_length: int = 6, confidence: float = 0.0) -> Eagle3Drafter:
         return Eagle3Drafter(self, target, chain_length, confidence)
@@ -442,7 +494,6 @@ class Eagle3Drafter:
     """Engine side of EAGLE-3: its own KV cache over committed (feature, token) pairs, then a k-step chain."""
 
     def __init__(self, model: Eagle3Model, target, chain_length: int = 6, confidence: float = 0.0) -> None:
-        model.check_target(target)
         # a copy in the target's dtype and device: the caller's (training) weights stay as they are
         self.model = copy.deepcopy(model).to(target.device, target.dtype).eval()
         self.target, self.chain_length, self.confidence = target, chain_length, confidence

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from draftopd.models.base import Proposal
+from draftopd.decoding.interface import Proposal
 
 
 def lookup(history: list[int], num_tokens: int, max_ngram: int, min_ngram: int) -> list[int]:

@@ -55,9 +55,8 @@ from draftopd.config import to_dict
 from draftopd.data.trajectories import load_shards
 from draftopd.decoding.loop import speculative_generate
 from draftopd.distributed import init_distributed, is_writer, rank_world
-from draftopd.interop import import_drafter
-from draftopd.models import DRAFTERS, load_model
 from draftopd.models.base import DrafterModel
+from draftopd.models.io import DRAFTERS, read_drafter, write_drafter
 from draftopd.models.target import Target, load_target
 from draftopd.owner import OutputLock, acquire, sweep
 from draftopd.report import plot_tau
@@ -115,7 +114,7 @@ def save_checkpoint(
     final = ckdir / f"step_{step:06d}"
     rng = {"torch": torch.get_rng_state(), "python": list(random.getstate())}
     with atomic_folder(final, keep_others=False) as tmp:
-        model.save(tmp, dtype=torch.float32, fold=False)  # exact weights for resumption
+        write_drafter(model, tmp, "checkpoint", torch.float32)  # exact weights for resumption
         torch.save(
             {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng, "step": step, **state},
             tmp / "training_state.pt",
@@ -453,7 +452,7 @@ class Run:
 
     def finish(self) -> Path:
         if is_writer():
-            self.model.save(self.out / "final")
+            write_drafter(self.model, self.out / "final")
         self.release()
         return self.out / "final"
 
@@ -547,10 +546,10 @@ def _start(cfg, target: Target, seqs, build, kind: str | None, out: Path) -> Run
         target.check_prompt(
             max(eval_prompts, key=len), cfg.eval.max_new_tokens, f"the longest {cfg.eval.dataset} eval prompt"
         )
-    model = load_model(ckpt) if ckpt else import_drafter(cfg.init_from, target) if cfg.init_from else build()
+    src = ckpt or cfg.init_from  # our checkpoint, or a drafter folder in any layout; checked before weights load
+    model = read_drafter(src, target) if src else build()
     if kind is not None and not isinstance(model, DRAFTERS[kind]):
         raise DraftopdError(f"{cfg.init_from} holds a {type(model).ARCH} drafter, but the config asks for {kind}")
-    model.check_target(target)
     if ckpt is None and not is_training_checkpoint(cfg.init_from):  # a checkpoint keeps its scale (and moments)
         model.set_feature_scale(feature_scale(target, seqs, model.config.target_layer_ids))
     model.to(target.device).train()

@@ -40,8 +40,8 @@ import torch
 from draftopd import DraftopdError
 from draftopd.config import OPDConfig
 from draftopd.decoding.loop import VerifyStep, speculative_generate
-from draftopd.interop import detect
 from draftopd.models.base import DrafterModel, ReplayBatch
+from draftopd.models.io import detect
 from draftopd.models.target import Target, TargetOutput
 from draftopd.train.common import (
     latest_checkpoint,

@@ -27,8 +27,8 @@ from tqdm import tqdm
 from draftopd import DraftopdError
 from draftopd.atomic import replacing
 from draftopd.config import SFTConfig
-from draftopd.models import DRAFTERS
 from draftopd.models.base import SeqBatch
+from draftopd.models.io import DRAFTERS
 from draftopd.models.target import Target
 from draftopd.train.common import is_writer, load_run_target, load_sequences, rank_world, sample_order, start_or_resume
 from draftopd.train.losses import token_logprobs, weighted_nll
