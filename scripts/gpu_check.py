@@ -2,7 +2,7 @@
 """One prepared GPU check: engine correctness, SFT and OPD step costs, peak memory; one JSON file out.
 
 Runs with no network and no downloads: the target is a ``Qwen3ForCausalLM`` of Qwen3-8B's shape
-(``draftopd.scaling.PRESETS['qwen3-8b']``) with random weights, built directly on the device in bf16 (``--tiny``:
+(``draftopd.lab.scaling.PRESETS['qwen3-8b']``) with random weights, built directly on the device in bf16 (``--tiny``:
 a 4-layer small shape, so the same code is tested on a CPU). Acceptance (tau) means nothing with random
 weights; speed and memory do. What it measures, each phase recorded even when another fails:
 
@@ -48,9 +48,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
-from draftopd import scaling  # noqa: E402
 from draftopd.config import ArchConfig, OPDConfig, SFTConfig, load  # noqa: E402
 from draftopd.decoding.loop import VerifyStep, speculative_generate  # noqa: E402
+from draftopd.lab import scaling  # noqa: E402
 from draftopd.models.base import SeqBatch  # noqa: E402
 from draftopd.models.io import DRAFTERS  # noqa: E402
 from draftopd.models.target import Target  # noqa: E402

@@ -4,7 +4,7 @@
 # same data, same batch, so the budgets differ only in steps = target tokens trained on), then every drafter's
 # held-out tau on the first N prompts of GSM8K test_dev, HumanEval and MT-bench (batched, greedy, untimed, in one
 # `draftopd bench` call so the prompts pair), then the table, the log-x figure and the extrapolation
-# (`python -m draftopd.study OUT`). Every stage is resumable: a finished run is skipped (its `final/`
+# (`python -m draftopd.lab.study OUT`). Every stage is resumable: a finished run is skipped (its `final/`
 # exists), an interrupted one resumes from its checkpoint, and the target's features are computed once per kind
 # (the later runs of a kind link the first run's `features.pt`, which the trainer checks against its data key).
 # A budget can be a finished run made elsewhere: REUSE="eagle3-960=runs/reproduce/sft" (the default: `make
@@ -56,4 +56,4 @@ if [ ! -f "$OUT/tau.json" ]; then
   $D bench --set tau_only=true --set "limit=$N" --set batch_size=16 --set sampling.max_new_tokens=96 \
     --set hf_baseline=false --set datasets=gsm8k,humaneval,mtbench --set "methods=[$list]" --json "$OUT/tau.json"
 fi
-.venv/bin/python -m draftopd.study "$OUT"
+.venv/bin/python -m draftopd.lab.study "$OUT"

@@ -1,4 +1,4 @@
-"""The memory model (draftopd.scaling), the GPU recipes it sizes, and scripts/gpu_check.py on a tiny CPU target."""
+"""The memory model (draftopd.lab.scaling), the GPU recipes it sizes, and scripts/gpu_check.py on a tiny CPU target."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from draftopd import scaling as sc
 from draftopd.config import OPDConfig, SFTConfig, load
+from draftopd.lab import scaling as sc
 from draftopd.models.dflash import DFlashConfig, DFlashModel, block_hidden
 from draftopd.models.eagle3 import Eagle3Config, Eagle3Model, ttt_forward
 

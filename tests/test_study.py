@@ -1,4 +1,4 @@
-"""The scaling study's arithmetic (draftopd.study): the power-law fit, its inverse, the intervals, the report."""
+"""The scaling study's arithmetic (draftopd.lab.study): the power-law fit, its inverse, the intervals, the report."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 
 from draftopd import DraftopdError
-from draftopd.study import fit_power, scaling_report, tau_interval, tokens_for
+from draftopd.lab.study import fit_power, scaling_report, tau_interval, tokens_for
 
 
 def test_fit_power_recovers_a_power_law_and_inverts():
@@ -68,7 +68,7 @@ def test_step_costs_time_draft_and_verify_of_every_shape(tiny_folder):
 
 
 def test_best_chain_length_trades_reach_against_step_cost():
-    from draftopd.bench.cost import best_chain_length
+    from draftopd.lab.chain import best_chain_length
 
     # reach halves per position; a step costs 60 ms + 6 ms per drafted token; plain 50 ms
     reach = [0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625]

@@ -112,7 +112,8 @@ def test_sft_runs_and_writes_everything(sft_run):
     losses = [r["loss"] for r in rows if "loss" in r]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     assert any("tau" in r and r["tau"] >= 1.0 for r in rows)
-    assert (out / "tau_vs_step.png").exists() and (out / "final" / "model.safetensors").exists()
+    assert (out / "final" / "model.safetensors").exists()
+    assert not list(out.glob("*.png"))  # training writes metrics; draftopd.report draws from them
     ck = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
     assert {p.name for p in ck.iterdir()} >= {
         "model.safetensors",

@@ -103,28 +103,6 @@ def stage_configs(cfg: DemoConfig) -> dict[str, tuple[list[str], object]]:
     }
 
 
-def estimate(stage: str, c, n_traj: int) -> float:
-    """Rough seconds for a stage on 2 AVX2 cores in fp32 (measured rates; shown as a guide only)."""
-    if stage == "data":
-        return len(c.sources) * c.limit_per_source * c.sampling.max_new_tokens / 200
-    if stage in ("sft", "sft_continued"):
-        if c.arch.kind == "eagle3":  # every position of every sequence, once per TTT step (2.5 s at 4 x 384 x 6)
-            per_step = 0.00027 * c.batch_size * c.max_len * c.arch.ttt_steps
-        else:  # dflash: the drafted slots of the sampled blocks
-            per_step = 0.0021 * c.batch_size * c.blocks_per_seq * (c.arch.block_size - 1)
-        evals = c.max_steps // max(1, c.eval_every) + 1
-        feats = 0 if c.init_from else 0.5 * n_traj  # the target's feature pass (reused when continuing)
-        return feats + c.max_steps * per_step + evals * 0.12 * c.eval.limit * c.eval.max_new_tokens / 8
-    if stage == "opd":
-        evals = c.max_steps // max(1, c.eval_every) + 1
-        return c.max_steps * (0.045 * c.rollout_batch * c.max_new_tokens) + evals * 0.12 * c.eval.limit * 12
-    if stage == "bench":
-        return len(c.datasets) * c.limit * (len(c.methods) + 1) * c.sampling.max_new_tokens / 14
-    if stage == "tau":
-        return len(c.datasets) * c.limit * len(c.methods) * c.sampling.max_new_tokens / 60
-    return 0.0
-
-
 def _lines(stream) -> Iterator[bytes]:
     """Pieces of a byte stream ending in \n or \r (a progress bar redraws with \r), as soon as they arrive."""
     pending = b""
@@ -215,14 +193,9 @@ def _run(cfg: DemoConfig, out: Path, say) -> Path:
     (out / "configs").mkdir(parents=True, exist_ok=True)
     write_text(out / "demo_config.yaml", yaml.safe_dump(_plain(to_dict(cfg)), sort_keys=False))
     stages = stage_configs(cfg)
-    n_traj = len(cfg.data.sources) * cfg.data.limit_per_source
     t_start = time.perf_counter()
     todo = [n for n in STAGES if not (out / "done" / f"{n}.json").exists()]
-    guess = sum(estimate(n, stages[n][1], n_traj) for n in todo)
-    say(
-        f"[demo] {len(todo)} of {len(STAGES)} stages to run ({', '.join(todo) or 'none'}): estimate ~{_fmt(guess)} "
-        f"(rates of 2 AVX2 cores in fp32; bf16 on an AVX512-BF16 CPU is faster) -> {out}"
-    )
+    say(f"[demo] {len(todo)} of {len(STAGES)} stages to run ({', '.join(todo) or 'none'}) -> {out}")
     changed = False
     for i, name in enumerate(STAGES, 1):
         verb, c = stages[name]
@@ -242,12 +215,13 @@ def _run(cfg: DemoConfig, out: Path, say) -> Path:
             continue
         write_text(conf, text)
         cmd = [sys.executable, "-m", "draftopd.cli", *verb, "--config", str(conf)]
-        say(
-            f"[demo] stage {i}/{len(STAGES) + 1} {name}: started, estimate ~{_fmt(estimate(name, c, n_traj))} "
-            f"(elapsed {_fmt(time.perf_counter() - t_start)}; log {out / 'logs' / (name + '.log')})"
-        )
         spent = out / "done" / f"{name}.seconds"  # time of earlier, interrupted attempts of this stage
         before = float(spent.read_text()) if spent.exists() else 0.0
+        earlier = f"; {_fmt(before)} in earlier attempts" if before else ""
+        say(
+            f"[demo] stage {i}/{len(STAGES) + 1} {name}: started "
+            f"(elapsed {_fmt(time.perf_counter() - t_start)}{earlier}; log {out / 'logs' / (name + '.log')})"
+        )
         t0 = time.perf_counter()
         try:
             rc, error = run_stage(cmd, out / "logs" / f"{name}.log")

@@ -1,13 +1,17 @@
-"""Figures that compare runs: tau against training compute, acceptance-length histograms, tokens/s bars.
+"""Figures and tables that compare runs: tau against training steps and compute, acceptance-length histograms,
+tokens/s bars, and the demo's ``REPORT.md`` (numbers, tables, figures; README.md says how to read them).
 
-Each run folder holds ``metrics.jsonl``; rows carrying ``tau`` also carry ``target_tokens``, the tokens the
-frozen target processed so far (rollout verifications and replay/feature forwards): the compute axis on
-which SFT continuation and OPD are compared.
+Each run folder holds ``metrics.jsonl`` (training writes metrics only; every figure is drawn here, from them);
+rows carrying ``tau`` also carry ``target_tokens``, the tokens the frozen target processed so far (rollout
+verifications and replay/feature forwards): the compute axis on which SFT continuation and OPD are compared.
+
+``python -m draftopd.report OUT.png RUN [RUN ...]`` draws held-out tau against the optimizer step of each run.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from draftopd.atomic import replacing, write_text
@@ -20,22 +24,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def plot_tau(rows: list[dict], path: Path, title: str, x: str = "step") -> None:
-    """tau vs step (or any x) from metrics rows that carry a 'tau' value."""
-    plt = _plt()
-    pts = [(r[x], r["tau"]) for r in rows if "tau" in r]
-    if not pts:
-        return
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    ax.plot(*zip(*pts, strict=True), marker="o", ms=3)
-    ax.set_xlabel(x)
-    ax.set_ylabel("acceptance length tau")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    _savefig(plt, fig, path)
 
 
 def tau_curves(runs: dict[str, str | Path], out: str | Path, title: str, x: str = "target_tokens") -> Path:
@@ -120,8 +108,16 @@ def bars(result: dict, out: str | Path, title: str, key: str = "tokens_per_s") -
 
 
 def _rows(folder: Path) -> list[dict]:
+    """A run's metrics rows; a torn last line (a run writing or killed mid-append) is left out."""
     path = folder / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    text = path.read_text() if path.exists() else ""
+    lines = text.split("\n")
+    if lines[-1].strip():  # no newline after it yet: perhaps half a row
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            lines.pop()
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def compute_curves(out: Path, path: Path) -> dict[str, list[tuple[int, float]]]:
@@ -159,31 +155,55 @@ def _target_name(result: dict) -> str:
     return "embedded SmolLM2-135M-Instruct" if path == "default" else f"`{path}`"
 
 
-def standing(result: dict) -> str:
-    """One paragraph: where each learned drafter stands against plain decoding and prompt lookup (wall clock)."""
-    parts = []
+# the demo's drafters: bench method label -> training stage folder
+LEARNED = {"SFT": "sft", "Draft-OPD": "opd", "SFT continued": "sft_continued"}
+
+
+def gain_table(result: dict) -> list[str]:
+    """Markdown lines: per data set, SFT's and Draft-OPD's benchmark tau, OPD's gain and its 95% interval over
+    prompts (paired: greedy text is the same, so prompts pair)."""
+    from draftopd.bench.run import paired_gain
+
+    lines = ["| data set | SFT | Draft-OPD | OPD vs SFT | 95% interval |", "|---|---|---|---|---|"]
     for ds, r in result["datasets"].items():
-        m = r["methods"]
-        pld = m.get("prompt lookup", {}).get("speedup")
-        cells = []
-        for name in ("SFT", "Draft-OPD", "SFT continued"):
-            if name in m:
-                vs_pld = f", {m[name]['speedup'] / pld:.2f}x prompt lookup's speed" if pld else ""
-                cells.append(f"{name} {m[name]['speedup']:.2f}x plain{vs_pld}")
-        parts.append(f"{ds}: " + "; ".join(cells) + (f" (prompt lookup {pld:.2f}x plain)" if pld else ""))
-    d = result.get("config", {}).get("drafter", {})
-    rule = ""
-    if d.get("confidence"):
-        rule = (
-            f" The learned drafters proposed up to {d.get('chain_length')} tokens a step (EAGLE-3; DFlash: its"
-            f" block), each proposal ending at its first token drafted with probability below {d['confidence']}."
+        sft, opd = r["methods"]["SFT"], r["methods"]["Draft-OPD"]
+        span = "-"
+        if "per_prompt" in sft and "per_prompt" in opd:
+            _, lo, hi = paired_gain(sft["per_prompt"], opd["per_prompt"])
+            span = f"[{100 * lo:+.1f}, {100 * hi:+.1f}]"
+        lines.append(
+            f"| {ds} | {sft['tau']:.3f} | {opd['tau']:.3f} | {100 * (opd['tau'] / sft['tau'] - 1):+.1f}% | {span} |"
         )
-    return (
-        "**Against plain decoding and prompt lookup** (tokens/s ratios, batch 1, measured side by side): "
-        + ". ".join(parts)
-        + "."
-        + rule
-    )
+    return lines
+
+
+def speedup_table(result: dict) -> list[str]:
+    """Markdown lines: per data set and method, the tokens/s ratio over plain decoding and over prompt lookup."""
+    lines = ["| data set | method | x plain | x prompt lookup |", "|---|---|---|---|"]
+    for ds, r in result["datasets"].items():
+        pld = r["methods"].get("prompt lookup", {}).get("speedup")
+        for name, m in r["methods"].items():
+            if name != "plain":
+                vs = f"{m['speedup'] / pld:.2f}" if pld else "-"
+                lines.append(f"| {ds} | {name} | {m['speedup']:.2f} | {vs} |")
+    return lines
+
+
+def cost_table(result: dict) -> list[str]:
+    """Markdown lines: per learned drafter, its step time over a plain step (the tau at which it breaks even)."""
+    lines = ["| drafter | step time / plain step (break-even tau) |", "|---|---|"]
+    first = next(iter(result["datasets"].values()))["methods"]
+    lines += [f"| {name} | {_step_cost(result, name):.2f} |" for name in LEARNED if name in first]
+    return lines
+
+
+def training_table(curves: dict[str, list[tuple[int, float]]]) -> list[str]:
+    """Markdown lines: per training run, its held-out tau at the first and the last evaluation."""
+    lines = ["| run | evaluations | first tau | last tau | target tokens at the end |", "|---|---|---|---|---|"]
+    for label, pts in curves.items():
+        if pts:
+            lines.append(f"| {label} | {len(pts)} | {pts[0][1]:.3f} | {pts[-1][1]:.3f} | {pts[-1][0]:,} |")
+    return lines
 
 
 def tau_section(out: Path) -> list[str]:
@@ -198,10 +218,11 @@ def tau_section(out: Path) -> list[str]:
     sets = result["datasets"]
     n = next(iter(sets.values()))["prompts"]
     lines = [
-        f"## Draft-OPD against SFT continued with matched updates: held-out tau, {n} prompts per set",
+        f"## Draft-OPD vs SFT continued (matched updates): held-out tau, {n} prompts per set, "
+        f"drafter.confidence {result['config'].get('drafter', {}).get('confidence', 0)}",
         "",
-        f"Batched, greedy, {result['config']['sampling']['max_new_tokens']} new tokens, {result['dtype']}; gains "
-        "paired over the same prompts, [95% bootstrap interval over prompts].",
+        f"Batched, greedy, {result['config']['sampling']['max_new_tokens']} new tokens, {result['dtype']}; "
+        "gains paired over prompts [95% bootstrap interval].",
         "",
         "| data set | SFT (start) | SFT continued | Draft-OPD | OPD vs SFT continued | OPD vs SFT |",
         "|---|---|---|---|---|---|",
@@ -219,13 +240,16 @@ def tau_section(out: Path) -> list[str]:
 
 
 def write_report(out: Path, stages: dict[str, dict]) -> Path:
-    """REPORT.md and figures/ of a demo run, rebuilt from its stage outputs (the same inputs, the same report)."""
-    from draftopd.bench.run import format_table, paired_gain
+    """REPORT.md and figures/ of a demo run, rebuilt from its stage outputs (the same inputs, the same report):
+    numbers, tables and figures only; README.md ("Reading the demo report") says what they mean."""
+    from draftopd.bench.run import format_table
 
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     result = json.loads((out / "bench" / "result.json").read_text())
     curves = compute_curves(out, figs / "tau_vs_compute.png")
+    runs = {label: out / folder for label, folder in LEARNED.items()}
+    tau_curves(runs, figs / "tau_vs_step.png", "held-out tau during training", x="step")
     histograms(
         {m: _merge_hist(result, m) for m in ("SFT", "Draft-OPD")},
         figs / "acceptance_histogram.png",
@@ -233,62 +257,44 @@ def write_report(out: Path, stages: dict[str, dict]) -> Path:
     )
     bars(result, figs / "tokens_per_s.png", f"decoding speed, {result['dtype']}, {result['threads']} threads")
     sets = result["datasets"]
-    tau = {d: {m: r["methods"][m]["tau"] for m in r["methods"]} for d, r in sets.items()}
-    gains = {d: t["Draft-OPD"] / t["SFT"] - 1 for d, t in tau.items()}
-    spans = {  # 95% interval of the gain over the choice of prompts (paired: greedy text is the same)
-        d: paired_gain(r["methods"]["SFT"]["per_prompt"], r["methods"]["Draft-OPD"]["per_prompt"])[1:]
-        for d, r in sets.items()
-        if "per_prompt" in r["methods"]["SFT"]
-    }
-    above = [d for d, g in gains.items() if g > 0]
-    cont = curves["SFT continued (matched updates)"]
-    opd = curves["Draft-OPD"]
-    step_cost = _step_cost(result, "Draft-OPD")
+    bench_cfg = result["config"]
+    drafter = bench_cfg.get("drafter", {})
     lines = [
         "# draftopd demo report",
         "",
         f"Target: {_target_name(result)}, {result['dtype']}, {result['threads']} threads "
-        f"(CPU flags: {result.get('cpu_flags', 'not recorded')}), greedy (T=0), "
-        f"batch 1, {result['config']['sampling']['max_new_tokens']} new tokens per prompt, "
+        f"(CPU flags: {result.get('cpu_flags', 'not recorded')}), T={bench_cfg['sampling']['temperature']}, "
+        f"batch 1, {bench_cfg['sampling']['max_new_tokens']} new tokens per prompt, "
         f"{next(iter(sets.values()))['prompts']} prompts per data set; commit {result['commit']}.",
         "",
         "```",
         format_table(result),
         "```",
         "",
-        f"**What it means.** Draft-OPD's acceptance length tau is above the SFT drafter's on {len(above)} of "
-        f"{len(sets)} held-out sets ("
-        + ", ".join(
-            f"{d} {tau[d]['SFT']:.2f} -> {tau[d]['Draft-OPD']:.2f} ({100 * gains[d]:+.1f}%"
-            + (f", 95% over prompts {100 * spans[d][0]:+.1f}% to {100 * spans[d][1]:+.1f}%)" if d in spans else ")")
-            for d in sets
-        )
-        + "). Both drafters start from the same SFT weights; OPD then trained on its own verification "
-        "boundaries and rejected proposals"
-        + (
-            f" (held-out GSM8K tau during training {opd[0][1]:.2f} -> {opd[-1][1]:.2f}), while SFT continued on the "
-            f"same prompts for the same number of updates went {cont[0][1]:.2f} -> {cont[-1][1]:.2f}."
-            if opd and cont
-            else "."
-        )
-        + (
-            f" These are the benchmark's tau with proposals gated at drafter.confidence"
-            f" {result['config']['drafter']['confidence']} (the gate treats the drafters differently); the"
-            " shipped recipes' tau stage (below) measures them ungated."
-            if result["config"].get("drafter", {}).get("confidence")
-            else ""
-        ),
+        "| bench drafter setting | value |",
+        "|---|---|",
+        f"| drafter.confidence | {drafter.get('confidence', 0)} |",
+        f"| drafter.chain_length | {drafter.get('chain_length', '-')} |",
         "",
-        standing(result),
+        "## Draft-OPD vs SFT: benchmark tau",
+        "",
+        *gain_table(result),
+        "",
+        "## Speed-up: tokens/s ratios, batch 1, side by side",
+        "",
+        *speedup_table(result),
+        "",
+        "## Step cost",
+        "",
+        *cost_table(result),
+        "",
+        "## Training: held-out tau at the first and last evaluation",
+        "",
+        *training_table(curves),
         "",
         *tau_section(out),
-        "**In tokens per second.** Every output above is the target's own greedy text (the `lossless` column "
-        "compares each drafter's tokens with plain decoding's). A drafter pays off only when tau exceeds the cost "
-        f"of one of its steps (draft + verify) in plain decoding steps: measured here {step_cost:.2f} for the "
-        "learned drafters, so that is the tau where they break even. The speed-up column is the wall-clock ratio "
-        "against plain decoding, measured in the same process, prompt by prompt.",
-        "",
         "![tau vs compute](figures/tau_vs_compute.png)",
+        "![tau vs step](figures/tau_vs_step.png)",
         "![acceptance histogram](figures/acceptance_histogram.png)",
         "![tokens per second](figures/tokens_per_s.png)",
         "",
@@ -302,3 +308,11 @@ def write_report(out: Path, stages: dict[str, dict]) -> Path:
         "this folder; logs: `logs/`.",
     ]
     return write_text(out / "REPORT.md", "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit("usage: python -m draftopd.report OUT.png RUN [RUN ...]")
+    folders = [Path(a) for a in sys.argv[2:]]
+    png = tau_curves({f.name: f for f in folders}, sys.argv[1], "held-out tau during training", x="step")
+    sys.stdout.write(f"{png}\n")

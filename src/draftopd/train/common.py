@@ -19,8 +19,9 @@ DDP does; done explicitly because the trainers call the drafter through several 
 ``replay_states``, ``draft_logits``), not through one ``forward`` that DDP's hooks wrap. Every loss is
 normalised by its *global* denominator (``Run.all_sum``), so N ranks that split a global batch compute the
 gradient one process computes on the whole batch: ``batch_size`` (SFT) and ``rollout_batch`` (OPD) are global.
-Rank 0 writes checkpoints, metrics and plots; every rank loads the same checkpoint; a run may resume with
-another world size (the data order depends on the step, not on the ranks).
+Rank 0 writes checkpoints and metrics (no figures: ``draftopd.report`` draws them from ``metrics.jsonl``); every
+rank loads the same checkpoint; a run may resume with another world size (the data order depends on the step, not
+on the ranks).
 
 Checkpoints are folders ``<out>/checkpoints/step_NNNNNN`` holding the drafter (``model.safetensors``,
 float32 so resumption is exact, and ``config.json``), ``training_state.pt`` (optimizer, scheduler, RNG
@@ -59,7 +60,6 @@ from draftopd.models.base import DrafterModel
 from draftopd.models.io import DRAFTERS, read_drafter, write_drafter
 from draftopd.models.target import Target, load_target
 from draftopd.owner import OutputLock, acquire, sweep
-from draftopd.report import plot_tau
 
 log = logging.getLogger(__name__)
 
@@ -438,11 +438,6 @@ class Run:
             tau = self.tau()
             self.metrics.log(done, tau=tau, **self.counters)
             self._bar.write(f"step {done}: tau {tau:.3f} on {len(self.eval_prompts)} {cfg.eval.dataset} prompts")
-            plot_tau(
-                self.metrics.read(),
-                self.out / "tau_vs_step.png",
-                f"{self.out.name}: tau on held-out {cfg.eval.dataset}",
-            )
             since["t"] = time.perf_counter()
         if is_writer() and (done % cfg.save_every == 0 or last):
             state = {"counters": self.counters}

@@ -2,7 +2,7 @@
 
 Nothing here touches a GPU: every function takes shapes (a target's HF config numbers, a drafter's shape, a
 workload) and returns bytes, FLOPs or seconds. ``docs/SCALING.md`` is this module's output
-(``python -m draftopd.scaling`` prints its tables); ``scripts/gpu_check.py`` measures the same quantities on a
+(``python -m draftopd.lab.scaling`` prints its tables); ``scripts/gpu_check.py`` measures the same quantities on a
 GPU so the constants below can be checked and replaced.
 
 What is counted, per GPU (bytes; GiB = 2**30 in every report):
@@ -567,7 +567,7 @@ def recipe_hours(t: TargetShape, d: DrafterShape, gpu: GPU, gpus: int = 8, shard
 
 SFT_WORKLOAD = {"micro_batch": 4, "seq_len": 2048, "prompt_len": 256, "blocks_per_seq": 64}
 OPD_WORKLOAD = {"rollout_batch": 16, "micro_batch": 1, "prompt_len": 512, "response_len": 4096, "tau": 4.0}
-DRAFTERS = {"DFlash (5 layers, block 16)": DFLASH_8B, "EAGLE-3 (1 layer, vocab 32k)": EAGLE3_8B}
+DRAFTER_SHAPES = {"DFlash (5 layers, block 16)": DFLASH_8B, "EAGLE-3 (1 layer, vocab 32k)": EAGLE3_8B}
 
 
 def workload(mode: str, d: DrafterShape) -> dict:
@@ -585,7 +585,7 @@ def memory_table(gpus: int = 8) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for t in PRESETS.values():
-        for label, d in DRAFTERS.items():
+        for label, d in DRAFTER_SHAPES.items():
             for mode in ("sft", "opd"):
                 w = workload(mode, d)
                 gib = [memory(t, d, mode, gpus, s, **w).gib() for s in SHARDINGS]
@@ -605,7 +605,7 @@ def parts_table(gpus: int = 8) -> str:
     keys += ["target_hidden_states", "target_kv_cache", "prefill_hidden_states"]
     rows = ["| target | drafter | mode | peak phase | " + " | ".join(keys) + " |", "|---" * (len(keys) + 4) + "|"]
     for t in PRESETS.values():
-        for label, d in DRAFTERS.items():
+        for label, d in DRAFTER_SHAPES.items():
             for mode in ("sft", "opd"):
                 m = memory(t, d, mode, gpus, SHARDINGS[0], **workload(mode, d))
                 parts = m.parts_gib()
@@ -622,7 +622,7 @@ def time_table(gpus: int = 8) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for t in PRESETS.values():
-        for label, d in DRAFTERS.items():
+        for label, d in DRAFTER_SHAPES.items():
             tau = 6.0 if d.kind == "dflash" else 4.0
             plan, _ = choose_sharding(t, d, "opd", gpu, gpus, **workload("opd", d))
             sharded = plan is not None and plan.target == "fsdp"

@@ -13,7 +13,7 @@ noise would set the slope. It is a trend line, not a law: tau is capped at the d
 + 1 (DFlash block_size, EAGLE-3 chain_length + 1), so a fit that keeps rising is optimistic near the cap, and
 four points fix a slope only roughly. The table reports the slope so a reader can judge.
 
-Usage: ``python -m draftopd.study OUT`` (the last stage of the script).
+Usage: ``python -m draftopd.lab.study OUT`` (the last stage of the script).
 """
 
 from __future__ import annotations
