@@ -1,7 +1,7 @@
 # The two commands of the README. Both run the idempotent set-up first (.venv, default target, data).
 PY := .venv/bin
 
-.PHONY: setup demo test lint bench reproduce scaling
+.PHONY: setup demo test test-fast lint bench reproduce scaling
 
 setup:
 	@bash scripts/setup.sh
@@ -20,6 +20,10 @@ scaling: setup
 test: setup
 	$(PY)/ruff check src tests
 	$(PY)/pytest -q
+
+# the fast tier: in-process tests on tiny targets (no subprocesses, no demo, no real default target)
+test-fast: setup
+	$(PY)/pytest -q -m "not slow"
 
 lint: setup
 	$(PY)/ruff check src tests

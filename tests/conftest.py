@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -10,34 +11,15 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from draftopd import assets
+from draftopd.models.io import DRAFTERS, write_drafter
 from draftopd.models.target import Target
+
+from helpers import make_tiny_target, run_cli
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # GSM8K comes from the committed 40-record fixture, forced over any user setting: the suite never needs ../shared.
 os.environ["DRAFTOPD_GSM8K"] = str(Path(__file__).resolve().parent / "fixtures" / "gsm8k")
 torch.set_num_threads(min(2, torch.get_num_threads()))
-
-
-def make_tiny_target(
-    vocab: int = 32, layers: int = 2, hidden: int = 32, seed: int = 0, std: float = 0.02, eos: int | None = None
-) -> Target:
-    """A random Llama small enough for exhaustive checks; ``std`` sharpens its distributions."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=std,
-        eos_token_id=eos,
-        bos_token_id=None,
-        pad_token_id=None,
-    )
-    model = LlamaForCausalLM(cfg).float()
-    return Target(model, None, name="tiny")
 
 
 @pytest.fixture
@@ -79,3 +61,55 @@ def tiny_folder(tmp_path_factory) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(folder)
     AutoTokenizer.from_pretrained(assets.default_target_dir()).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_folder) -> Path:
+    """The session's random 4-layer Llama with SmolLM2's tokenizer (conftest.tiny_folder)."""
+    return tiny_folder
+
+
+@pytest.fixture(scope="module")
+def drafter(tiny, tmp_path_factory) -> Path:
+    """A DFlash drafter for the tiny target in the training-checkpoint layout (raw weights + fc_scale)."""
+    from draftopd.config import ArchConfig
+    from draftopd.models.target import load_target
+
+    target = load_target(str(tiny), "fp32")
+    folder = tmp_path_factory.mktemp("drafter") / "ckpt"
+    write_drafter(
+        DRAFTERS["dflash"].build(target, ArchConfig(num_layers=1, block_size=4), []),
+        folder,
+        "checkpoint",
+        torch.float32,
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "traj"
+    prompts = tmp_path_factory.mktemp("prompts") / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"Question {i}: what is {i} + {i}?"}) for i in range(12)))
+    common = [
+        "--target",
+        str(tiny_folder),
+        "--dtype",
+        "fp32",
+        "--max-new-tokens",
+        "24",
+        "--out",
+        str(out),
+        "--set",
+        f"sources=[{prompts}]",
+        "--set",
+        "chunk_size=5",
+        "--set",
+        "batch_size=4",
+    ]
+    run_cli("data", *common, check=True)
+    assert len(list(out.glob("shard_*.pt"))) == 3  # 12 prompts in chunks of 5
+    first = sorted(out.glob("shard_*.pt"))[0].stat().st_mtime_ns
+    run_cli("data", *common, check=True)  # a rerun skips finished shards
+    assert sorted(out.glob("shard_*.pt"))[0].stat().st_mtime_ns == first
+    return out

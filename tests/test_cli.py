@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from draftopd import assets
 from draftopd.cli import main
 from draftopd.models.io import write_drafter
 
-needs_target = pytest.mark.skipif(
-    not (assets.default_target_dir() / "config.json").exists(), reason="default target not set up"
-)
+from helpers import assert_one_line_error, needs_default_target, run_cli
 
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "draftopd.cli", *args], capture_output=True, text=True, timeout=300)
+pytestmark = pytest.mark.slow  # subprocesses: the console script as users run it
 
 
 @pytest.mark.parametrize("verb", ["setup", "generate", "bench", "data", "train", "export", "demo"])
@@ -29,39 +22,34 @@ def test_help(verb, capsys):
     assert "usage: draftopd" in capsys.readouterr().out
 
 
-def _one_line_error(proc: subprocess.CompletedProcess, text: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
 def test_missing_model_path(tmp_path):
-    _one_line_error(run_cli("generate", "--prompt", "hi", "--target", str(tmp_path / "nope")), "target not found")
+    assert_one_line_error(
+        run_cli("generate", "--prompt", "hi", "--target", str(tmp_path / "nope")), "target not found"
+    )
 
 
 def test_folder_that_is_not_a_causal_lm(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
-    _one_line_error(run_cli("generate", "--prompt", "hi", "--target", str(tmp_path)), "is not a causal LM")
+    assert_one_line_error(run_cli("generate", "--prompt", "hi", "--target", str(tmp_path)), "is not a causal LM")
     empty = tmp_path / "empty"
     empty.mkdir()
-    _one_line_error(run_cli("generate", "--prompt", "hi", "--target", str(empty)), "has no config.json")
+    assert_one_line_error(run_cli("generate", "--prompt", "hi", "--target", str(empty)), "has no config.json")
 
 
-@needs_target
+@needs_default_target
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     bad = tmp_path / "test_dev.jsonl"
     bad.write_text('{"question": "What is 1+1?"}\n{"question": oops}\n')
     proc = run_cli("bench", "--datasets", "gsm8k", "--limit", "5", "--gsm8k", str(bad))
-    _one_line_error(proc, f"{bad}:2: invalid JSON")
+    assert_one_line_error(proc, f"{bad}:2: invalid JSON")
 
 
-@needs_target
+@needs_default_target
 def test_prompt_longer_than_context():
-    _one_line_error(run_cli("generate", "--prompt", "word " * 9000), "exceeds the target's context window")
+    assert_one_line_error(run_cli("generate", "--prompt", "word " * 9000), "exceeds the target's context window")
 
 
-@needs_target
+@needs_default_target
 def test_generate_json_and_show_acceptance():
     proc = run_cli("generate", "--prompt", "Say hello twice.", "--max-new-tokens", "12", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -71,7 +59,7 @@ def test_generate_json_and_show_acceptance():
     assert proc.returncode == 0 and "verify steps" in proc.stdout
 
 
-@needs_target
+@needs_default_target
 def test_bench_small_run(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_cli(
@@ -100,7 +88,7 @@ def test_bench_small_run(tmp_path):
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@needs_target
+@needs_default_target
 def test_bench_tau_only_pairs_prompts(tmp_path):
     out = tmp_path / "tau.json"
     proc = run_cli(
@@ -131,29 +119,33 @@ def test_paired_gain_interval():
         paired_gain(base, base[:2])
 
 
-@needs_target
+@needs_default_target
 def test_drafter_that_does_not_match_the_target(tmp_path):
     from draftopd.models.dflash import DFlashConfig, DFlashModel
 
-    from conftest import make_tiny_target
+    from helpers import make_tiny_target
 
     tiny = make_tiny_target(hidden=32)
     write_drafter(DFlashModel(DFlashConfig.from_target(tiny.config, 1, 4, 1, [0])), tmp_path / "d")
     proc = run_cli("generate", "--prompt", "hi", "--drafter", str(tmp_path / "d"), "--max-new-tokens", "4")
-    _one_line_error(proc, "does not match the target: hidden_size 32 (target: 576)")
-    _one_line_error(run_cli("generate", "--prompt", "hi", "--drafter", str(tmp_path / "none")), "drafter not found")
+    assert_one_line_error(proc, "does not match the target: hidden_size 32 (target: 576)")
+    assert_one_line_error(
+        run_cli("generate", "--prompt", "hi", "--drafter", str(tmp_path / "none")), "drafter not found"
+    )
 
 
-@needs_target
+@needs_default_target
 def test_bad_prompt_files_for_data(tmp_path):
     out = tmp_path / "traj"
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    _one_line_error(run_cli("data", "--out", str(out), "--set", f"sources=[{empty}]"), "no prompts found")
+    assert_one_line_error(run_cli("data", "--out", str(out), "--set", f"sources=[{empty}]"), "no prompts found")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"prompt": "broken"\n')
-    _one_line_error(run_cli("data", "--out", str(out), "--set", f"sources=[{bad}]"), f"{bad}:2: invalid JSON")
+    assert_one_line_error(run_cli("data", "--out", str(out), "--set", f"sources=[{bad}]"), f"{bad}:2: invalid JSON")
     shapeless = tmp_path / "shapeless.jsonl"
     shapeless.write_text('{"text": "no known field"}\n')
-    _one_line_error(run_cli("data", "--out", str(out), "--set", f"sources=[{shapeless}]"), "record 1 has none of")
+    assert_one_line_error(
+        run_cli("data", "--out", str(out), "--set", f"sources=[{shapeless}]"), "record 1 has none of"
+    )
     assert not out.exists()  # nothing written

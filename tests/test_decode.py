@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from draftopd.decoding.interface import Proposal, confident_length, top_prob
 from draftopd.decoding.loop import speculative_generate
 from draftopd.decoding.sampling import SamplingParams
 from draftopd.models.pld import PromptLookupDrafter, lookup
 
-from conftest import make_tiny_target
-from drafters import NoisyOracleDrafter
+from helpers import NoisyOracleDrafter, joint_law_pvalue, make_tiny_target
 
 PROMPTS = [[5, 6, 7, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2], [9], [3, 3, 3, 3, 3, 3, 3]]
 
@@ -79,35 +75,6 @@ def test_confident_length_ends_a_proposal_at_its_first_unsure_token():
     assert top_prob(torch.tensor([[0.0, 0.0], [10.0, -10.0]])).tolist() == pytest.approx([0.5, 1.0])
 
 
-def joint_law_pvalue(target, prompt, samples: list[list[int]], params) -> float:
-    """Chi-square p-value of sampled continuations (all of one length) against the target's exact joint law."""
-    n_tokens, n = len(samples[0]), len(samples)
-    tuples, probs = _exact_joint(target, prompt, n_tokens, params)
-    index = {t: i for i, t in enumerate(tuples)}
-    counts = torch.zeros(len(tuples), dtype=torch.float64)
-    for toks in samples:
-        counts[index[tuple(toks)]] += 1
-    expected = probs / probs.sum() * n
-    big = expected >= 5  # pool the rare cells so the chi-square approximation holds
-    obs = torch.cat([counts[big], counts[~big].sum()[None]])
-    exp = torch.cat([expected[big], expected[~big].sum()[None]])
-    return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
-
-
-def _exact_joint(target, prompt, n_tokens, params):
-    """p(t_1..t_n | prompt) for every token tuple, from full forwards of the target."""
-    vocab = target.vocab_size
-    tuples = list(itertools.product(range(vocab), repeat=n_tokens))
-    seqs = torch.tensor([prompt + list(t) for t in tuples])
-    with torch.no_grad():
-        logits = target.model(seqs).logits.float()
-    probs = torch.ones(len(tuples), dtype=torch.float64)
-    for j in range(n_tokens):
-        pj = torch.softmax(logits[:, len(prompt) - 1 + j] / params.temperature, -1).double()
-        probs *= pj.gather(1, seqs[:, len(prompt) + j : len(prompt) + j + 1]).squeeze(1)
-    return tuples, probs
-
-
 def test_sampling_end_to_end_matches_target_joint_distribution():
     """Speculative sampling of 4 tokens (prefill token + blocks of 2 drafts) follows the target's joint law."""
     target = make_tiny_target(vocab=6, std=0.6, seed=1)
@@ -121,25 +88,14 @@ def test_sampling_end_to_end_matches_target_joint_distribution():
     assert 1.0 < out.stats.tau < 3.0  # some drafts accepted, some rejected
 
 
-class _BatchedMixtureDrafter:
+class _BatchedMixtureDrafter(NoisyOracleDrafter):
     """Like NoisyOracleDrafter in sampling mode, but batched (one forward per draft position)."""
-
-    layer_ids: tuple[int, ...] = ()
 
     def __init__(self, target, k, noise):
         self.target, self.k, self.noise = target, k, noise
         g = torch.Generator().manual_seed(5)
         self.r = torch.softmax(torch.randn(target.vocab_size, generator=g) * 2, -1)
         self.g = torch.Generator().manual_seed(6)
-
-    def start(self, state, features):
-        pass
-
-    def update(self, state, n_accepted, features):
-        pass
-
-    def select(self, rows):
-        pass
 
     @torch.no_grad()
     def propose(self, state, params, generator=None):

@@ -17,30 +17,13 @@ from draftopd.models.dflash import DFlashConfig, DFlashDrafter, DFlashModel, blo
 from draftopd.models.io import read_drafter, write_drafter
 from draftopd.models.vocab import draft_vocab_ids
 
-from conftest import make_tiny_target
+from helpers import make_tiny_target, sharpen, tiny_dflash
 
 
 @pytest.fixture
 def tiny_target():
     """4 layers: the drafter reads layers 0 and 2 (ids above L-2 = 2 are refused)."""
     return make_tiny_target(layers=4)
-
-
-def tiny_dflash(target, layers=2, block=5, seed=0):
-    torch.manual_seed(seed)
-    cfg = DFlashConfig.from_target(
-        target.config, num_layers=layers, block_size=block, mask_token_id=1, target_layer_ids=[0, 2]
-    )
-    return sharpen(DFlashModel(cfg))
-
-
-def sharpen(model):
-    """Large random weights: sharp, varied proposals."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
-    return model
 
 
 def test_layer_rule_matches_golden_list():

@@ -16,7 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_training import cli, metric_rows, run_opd, sft_args, shards  # noqa: F401 (shards is a fixture)
+from helpers import metric_rows, run_cli, run_opd, sft_args
+
+pytestmark = pytest.mark.slow  # subprocesses: the console script as users run it
 
 EAGLE = ("--set", "arch.kind=eagle3", "--set", "arch.draft_vocab_size=64", "--set", "arch.ttt_steps=3")
 OPD_EAGLE = (
@@ -67,12 +69,12 @@ def test_two_processes_train_what_one_trains(tiny_folder, shards, tmp_path, kind
     for n in (1, 2):
         sft, opd = tmp_path / f"sft{n}", tmp_path / f"opd{n}"
         args = [*sft_args(tiny_folder, shards, sft, steps=4), *extra, "--set", "eval_every=4"]
-        (cli if n == 1 else torchrun)(*args, *(shard if n == 2 else ()))
+        run_cli(*args, check=True) if n == 1 else torchrun(*args, *shard)
         # both OPD runs start from the one-process SFT drafter (final/ is bf16: a 1e-6 difference could round apart)
         opd_args = run_opd(
             tiny_folder, tmp_path / "sft1" / "final", opd, shards, *opd_extra, "--set", "rollout_batch=4", run=False
         )
-        (cli if n == 1 else torchrun)(*opd_args)
+        run_cli(*opd_args, check=True) if n == 1 else torchrun(*opd_args)
         runs[n] = (sft, opd)
     same_weights(runs[1][0] / "checkpoints" / "step_000004", runs[2][0] / "checkpoints" / "step_000004")
     # OPD: the two ranks roll out 2 prompts each instead of 4 together, and Adam divides each gradient by its own
@@ -88,7 +90,7 @@ def test_two_processes_train_what_one_trains(tiny_folder, shards, tmp_path, kind
 
 def test_two_process_run_killed_then_resumed_in_one(tiny_folder, shards, tmp_path):  # noqa: F811
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    cli(*sft_args(tiny_folder, shards, straight, steps=20))
+    run_cli(*sft_args(tiny_folder, shards, straight, steps=20), check=True)
     proc = torchrun(*sft_args(tiny_folder, shards, killed, steps=20), wait=False)
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "step_000010").exists():
@@ -97,7 +99,7 @@ def test_two_process_run_killed_then_resumed_in_one(tiny_folder, shards, tmp_pat
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers, at once
     proc.wait()
     assert (killed / "checkpoints" / "latest").read_text().strip() < "step_000020"  # killed mid-way
-    cli(*sft_args(tiny_folder, shards, killed, steps=20))  # one process resumes the two-process run
+    run_cli(*sft_args(tiny_folder, shards, killed, steps=20), check=True)  # one process resumes the two-process run
     same_weights(straight / "checkpoints" / "step_000020", killed / "checkpoints" / "step_000020", atol=1e-6)
 
 

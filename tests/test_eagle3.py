@@ -23,7 +23,7 @@ from draftopd.models.eagle3 import (
 )
 from draftopd.models.io import read_drafter, write_drafter
 
-from conftest import make_tiny_target
+from helpers import joint_law_pvalue, make_tiny_target
 
 
 @pytest.fixture
@@ -147,7 +147,6 @@ def test_confidence_threshold_stops_chains_early_and_stays_lossless():
 
 def test_sampling_with_a_confidence_threshold_keeps_the_target_distribution():
     """Speculative sampling with EAGLE-3 chains cut by confidence: 4 tokens follow the target's joint law."""
-    from test_decode import joint_law_pvalue
 
     target = make_tiny_target(vocab=6, std=0.6, seed=1, layers=4)
     model = tiny_eagle(target, vd=4)

@@ -70,6 +70,22 @@ def find_cycle(g: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def reachable(g: dict[str, set[str]], root: str) -> set[str]:
+    """Every module ``root`` imports, directly or through others (``root`` included)."""
+    seen, todo = set(), [root]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += g[m]
+    return seen
+
+
+def core() -> set[str]:
+    """The core package: every module the console script's verbs import (the CLI imports each verb's module)."""
+    return reachable(graph(), "draftopd.cli")
+
+
 def test_the_walk_sees_function_level_imports_and_finds_a_planted_circle():
     g = graph()
     assert "draftopd.train.sft" in g["draftopd.cli"]  # cli imports its verbs inside functions
@@ -89,3 +105,34 @@ def test_no_module_imports_a_peer(group):
     for m in group:
         assert m in g, f"{m} no longer exists: update PEERS"
         assert not g[m] & set(group), f"{m} imports its peer(s) {sorted(g[m] & set(group))}"
+
+
+def test_the_core_never_imports_the_lab():
+    """``draftopd.lab`` (scaling study, study report, time guesses) is research code: nothing outside it imports it."""
+    g = graph()
+    assert "draftopd.lab.study" in g and "draftopd.demo" in core()
+    outside = {m: deps for m, deps in g.items() if not m.startswith("draftopd.lab")}
+    bad = {m: sorted(d for d in deps if d.startswith("draftopd.lab")) for m, deps in outside.items()}
+    assert not any(bad.values()), {m: d for m, d in bad.items() if d}
+
+
+def test_training_writes_metrics_and_does_not_draw():
+    """Figures are the report's (``draftopd.report``, drawn from metrics.jsonl), never the trainers'."""
+    g = graph()
+    for trainer in ("draftopd.train.sft", "draftopd.train.opd"):
+        assert "draftopd.report" not in reachable(g, trainer), trainer
+
+
+def test_no_test_module_imports_another():
+    """Tests share through ``helpers.py`` (functions) and ``conftest.py`` (fixtures), never through each other."""
+    here = Path(__file__).resolve().parent
+    tests = {p.stem for p in here.glob("test_*.py")}
+    for path in sorted(here.glob("*.py")):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                found.add(node.module or "")
+        assert not found & tests, f"{path.name} imports {sorted(found & tests)}"
+        assert "conftest" not in found, f"{path.name} imports conftest (shared functions live in helpers.py)"

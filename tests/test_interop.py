@@ -24,7 +24,7 @@ from draftopd.models.dflash import DFlashConfig, DFlashModel
 from draftopd.models.eagle3 import Eagle3Config, Eagle3Model, draft_vocab_map
 from draftopd.models.io import detect, read_drafter, write_drafter
 
-from conftest import make_tiny_target
+from helpers import make_tiny_target
 
 L, H, V = 4, 32, 32  # tiny target: layers, hidden, vocabulary (4 heads of dim 8, 2 KV heads, MLP 64)
 

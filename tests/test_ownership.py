@@ -31,9 +31,12 @@ from safetensors import SafetensorError
 
 from draftopd import DraftopdError
 from draftopd.atomic import atomic_folder, replacing, write_text
-from draftopd.models.io import DRAFTERS, write_drafter
+from draftopd.models.io import DRAFTERS
 from draftopd.owner import FOLDER, LEGACY, PART, acquire, lock_file, sweep
-from test_reliability import cli, needs_tokenizer, one_line_error
+
+from helpers import cli_in_process, error_lines, needs_default_target, one_line_error, run_cli
+
+pytestmark = pytest.mark.slow  # subprocesses: the console script as users run it
 
 COMMON = {"deadline": None, "database": None, "suppress_health_check": [HealthCheck.too_slow]}
 
@@ -49,18 +52,6 @@ def stray(*folders: Path) -> list[str]:
     )
 
 
-def run(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "draftopd.cli", *args], capture_output=True, text=True, **kw)
-
-
-def error_lines(stderr: str) -> list[str]:
-    """What stderr says beyond progress bars and ``[draftopd]`` log lines."""
-    skip = ("it/s]", "%|")
-    return [
-        ln for ln in stderr.splitlines() if ln.strip() and not any(x in ln for x in skip) and ln[:10] != "[draftopd]"
-    ]
-
-
 def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
@@ -71,32 +62,11 @@ def dead_pid() -> int:
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_folder) -> Path:
-    return tiny_folder
-
-
-@pytest.fixture(scope="module")
-def drafter(tiny, tmp_path_factory) -> Path:
-    """A DFlash training checkpoint for the tiny target."""
-    from draftopd.config import ArchConfig
-    from draftopd.models.target import load_target
-
-    folder = tmp_path_factory.mktemp("drafter") / "ckpt"
-    write_drafter(
-        DRAFTERS["dflash"].build(load_target(str(tiny), "fp32"), ArchConfig(num_layers=1, block_size=4), []),
-        folder,
-        "checkpoint",
-        torch.float32,
-    )
-    return folder
-
-
-@pytest.fixture(scope="module")
 def data(tiny, tmp_path_factory) -> Path:
     prompts = tmp_path_factory.mktemp("prompts") / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?"}) + "\n" for i in range(6)))
     out = tmp_path_factory.mktemp("data") / "traj"
-    proc = run(*data_args(tiny, out, prompts))
+    proc = run_cli(*data_args(tiny, out, prompts))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
 
@@ -191,7 +161,7 @@ def test_export_into_its_own_run_folder_leaves_it_intact(drafter, tmp_path, caps
     dangling.symlink_to(tmp_path / "nowhere")
     one_line_error(capsys, monkeypatch, "export", str(run_dir / "final"), str(dangling), text="symbolic link")
     assert dangling.is_symlink() and stray(tmp_path) == []
-    rc, out, _ = cli(capsys, monkeypatch, "export", str(run_dir / "final"), str(tmp_path / "run-export"))
+    rc, out, _ = cli_in_process(capsys, monkeypatch, "export", str(run_dir / "final"), str(tmp_path / "run-export"))
     assert rc == 0 and (tmp_path / "run-export" / "model.safetensors").is_file() and tree(run_dir) == before
 
 
@@ -220,7 +190,7 @@ def test_two_concurrent_exports_to_one_folder_end_with_one_refused(drafter, tmp_
 # --- 3. run folders judged by what they hold ---------------------------------------------------------------------
 
 
-@needs_tokenizer
+@needs_default_target
 def test_two_concurrent_train_sft_end_with_one_refused_and_each_step_logged_once(tiny, data, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "draftopd.cli", *sft_args(tiny, data, out, 100, "--set", "save_every=25")]
@@ -235,18 +205,18 @@ def test_two_concurrent_train_sft_end_with_one_refused_and_each_step_logged_once
     assert stray(tmp_path) == []
 
 
-@needs_tokenizer
+@needs_default_target
 def test_training_into_a_run_whose_checkpoints_were_removed_refuses_or_resumes(
     tiny, data, tmp_path, capsys, monkeypatch
 ):
     out = tmp_path / "run"
-    assert cli(capsys, monkeypatch, *sft_args(tiny, data, out, 4))[0] == 0
+    assert cli_in_process(capsys, monkeypatch, *sft_args(tiny, data, out, 4))[0] == 0
     final = tree(out / "final")
     ck = out / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_000002", "step_000004"]
     # latest names a step that is gone: resumes from the newest complete one, and keeps it until a newer exists
     shutil.rmtree(ck / "step_000004")
-    assert cli(capsys, monkeypatch, *sft_args(tiny, data, out, 4))[0] == 0
+    assert cli_in_process(capsys, monkeypatch, *sft_args(tiny, data, out, 4))[0] == 0
     assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_000002", "step_000004"]
     assert [r["step"] for r in rows(out)].count(3) == 1
     # another config while checkpoints are there: refused, nothing pruned
@@ -268,31 +238,31 @@ def test_training_into_a_run_whose_checkpoints_were_removed_refuses_or_resumes(
     assert stray(tmp_path) == []
 
 
-@needs_tokenizer
+@needs_default_target
 def test_a_moved_run_resumes_with_other_threads(tiny, data, tmp_path, capsys, monkeypatch):
     first = tmp_path / "first"
-    assert cli(capsys, monkeypatch, *sft_args(tiny, data, first, 2))[0] == 0
+    assert cli_in_process(capsys, monkeypatch, *sft_args(tiny, data, first, 2))[0] == 0
     moved = tmp_path / "elsewhere" / "run"
     moved.parent.mkdir()
     first.rename(moved)
-    rc, _, err = cli(capsys, monkeypatch, *sft_args(tiny, data, moved, 2), "--threads", "1")
+    rc, _, err = cli_in_process(capsys, monkeypatch, *sft_args(tiny, data, moved, 2), "--threads", "1")
     assert rc == 0, err
     assert [r["step"] for r in rows(moved)].count(0) == 1
 
 
-@needs_tokenizer
+@needs_default_target
 def test_damaged_files_on_resume_are_one_line_and_a_torn_metrics_line_is_dropped(
     tiny, data, tmp_path, capsys, monkeypatch
 ):
     out = tmp_path / "run"
     args = sft_args(tiny, data, out, 2, "--set", "save_every=1")
-    assert cli(capsys, monkeypatch, *args)[0] == 0
+    assert cli_in_process(capsys, monkeypatch, *args)[0] == 0
     ck = out / "checkpoints" / "step_000002"
     metrics = out / "metrics.jsonl"
     # a kill in the middle of an append: the last line torn; the resume drops it and finishes
     whole = metrics.read_text()
     metrics.write_text(whole + '{"step": 2, "lo')
-    assert cli(capsys, monkeypatch, *args)[0] == 0
+    assert cli_in_process(capsys, monkeypatch, *args)[0] == 0
     assert metrics.read_text() == whole
     metrics.write_text('{"step": 0}\n{"ste\n' + whole)  # a bad line that is not the last: named with its line
     one_line_error(capsys, monkeypatch, *args, text="metrics.jsonl:2: not a metrics row")
@@ -375,7 +345,7 @@ def limited(size: int):
     return pre
 
 
-@needs_tokenizer
+@needs_default_target
 def test_a_full_disk_in_data_train_and_export_is_one_line(tiny, data, drafter, tmp_path):
     """Real writers (torch.save, safetensors, json) hit a real write error: one line naming the file, exit 2."""
     prompts = tmp_path / "p.jsonl"
@@ -422,7 +392,7 @@ def killed_mid_write(kind: str, path: Path) -> Path:
     return left
 
 
-@needs_tokenizer
+@needs_default_target
 def test_kill_9_leaves_no_stray_temporary_after_the_next_run(tiny, data, drafter, tmp_path, capsys, monkeypatch):
     # export: killed mid-write (a weights-holding .OUT.tmp-PID folder), and at random moments of a real export
     out = tmp_path / "serve"
@@ -440,7 +410,7 @@ def test_kill_9_leaves_no_stray_temporary_after_the_next_run(tiny, data, drafter
     if out.exists():
         out.rename(tmp_path / f".serve.old-{dead_pid()}-abc123")
     assert stray(tmp_path)
-    assert cli(capsys, monkeypatch, "export", str(drafter), str(out), "--force")[0] == 0
+    assert cli_in_process(capsys, monkeypatch, "export", str(drafter), str(out), "--force")[0] == 0
     assert stray(tmp_path) == [] and sorted(p.name for p in out.iterdir()) == [
         "README.md",
         "config.json",
@@ -453,18 +423,18 @@ def test_kill_9_leaves_no_stray_temporary_after_the_next_run(tiny, data, drafter
     (traj / "shard_00001.pt").unlink()  # and that shard was never finished
     prompts = next(iter(json.loads((data / "manifest.json").read_text())["config"]["sources"]))
     assert stray(traj)
-    assert cli(capsys, monkeypatch, *data_args(tiny, traj, Path(prompts)))[0] == 0
+    assert cli_in_process(capsys, monkeypatch, *data_args(tiny, traj, Path(prompts)))[0] == 0
     assert stray(tmp_path) == [] and (traj / "shard_00001.pt").is_file()
     # train: a checkpoint and final/ killed mid-write, and the fixed names of older releases
     run_dir = tmp_path / "run"
-    assert cli(capsys, monkeypatch, *sft_args(tiny, data, run_dir, 2))[0] == 0
+    assert cli_in_process(capsys, monkeypatch, *sft_args(tiny, data, run_dir, 2))[0] == 0
     killed_mid_write("folder", run_dir / "checkpoints" / "step_000004")
     killed_mid_write("folder", run_dir / "final")
     killed_mid_write("file", run_dir / "metrics.jsonl")
     (run_dir / "checkpoints" / "step_000006.part").mkdir()
     (run_dir / "features.part").write_bytes(b"half")
     assert len(stray(run_dir)) >= 5
-    assert cli(capsys, monkeypatch, *sft_args(tiny, data, run_dir, 2))[0] == 0
+    assert cli_in_process(capsys, monkeypatch, *sft_args(tiny, data, run_dir, 2))[0] == 0
     assert stray(tmp_path) == []
 
 
@@ -579,7 +549,7 @@ def test_empty_out_and_drafter_are_refused(tiny, drafter, tmp_path, capsys, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no runs/demo-quick, nothing
 
 
-@needs_tokenizer
+@needs_default_target
 def test_data_and_opd_check_the_context_window_before_starting(tiny, drafter, data, tmp_path, capsys, monkeypatch):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "Hello there."}) + "\n")

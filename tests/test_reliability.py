@@ -16,56 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from draftopd import assets
-from draftopd.cli import main
-from draftopd.models.io import DRAFTERS, write_drafter
-
-needs_tokenizer = pytest.mark.skipif(
-    not (assets.default_target_dir() / "config.json").exists(), reason="default target (its tokenizer) not set up"
-)
-
-
-def cli(capsys, monkeypatch, *argv: str) -> tuple[int, str, str]:
-    """Run the console script in this process: (exit status, stdout, stderr). ``--gsm8k`` sets an environment
-    variable for the process; monkeypatch puts it back afterwards."""
-    monkeypatch.setenv("DRAFTOPD_GSM8K", os.environ.get("DRAFTOPD_GSM8K", ""))
-    capsys.readouterr()
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_line_error(capsys, monkeypatch, *argv: str, text: str = "") -> str:
-    """The command fails with exit status 2 and exactly one ``error: ...`` line naming ``text``."""
-    rc, _, err = cli(capsys, monkeypatch, *argv)
-    lines = [ln for ln in err.splitlines() if ln.strip() and "it/s]" not in ln and "%|" not in ln]
-    assert rc == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert text in lines[0], lines[0]
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_folder) -> Path:
-    """The session's random 4-layer Llama with SmolLM2's tokenizer (conftest.tiny_folder)."""
-    return tiny_folder
-
-
-@pytest.fixture(scope="module")
-def drafter(tiny, tmp_path_factory) -> Path:
-    """A DFlash drafter for the tiny target in the training-checkpoint layout (raw weights + fc_scale)."""
-    from draftopd.config import ArchConfig
-    from draftopd.models.target import load_target
-
-    target = load_target(str(tiny), "fp32")
-    folder = tmp_path_factory.mktemp("drafter") / "ckpt"
-    write_drafter(
-        DRAFTERS["dflash"].build(target, ArchConfig(num_layers=1, block_size=4), []),
-        folder,
-        "checkpoint",
-        torch.float32,
-    )
-    return folder
+from helpers import cli_in_process, needs_default_target, one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +69,7 @@ def test_crafted_init_from_runs_no_code(tiny, drafter, traj, tmp_path, capsys, m
     proof = tmp_path / "pwned"
     evil = crafted_checkpoint(drafter, tmp_path / "evil", proof)
     try:
-        rc = cli(capsys, monkeypatch, *opd_args(tiny, traj, tmp_path / "opd", evil))[0]
+        rc = cli_in_process(capsys, monkeypatch, *opd_args(tiny, traj, tmp_path / "opd", evil))[0]
     except Exception as e:  # noqa: BLE001 - whether it fails in one line is the next test's question
         rc = e
     assert not proof.exists(), "the crafted checkpoint ran code"
@@ -226,7 +177,7 @@ def test_bench_outputs_are_checked_before_the_run(tiny, tmp_path, capsys, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-folder", "afile"]  # no stray .part
     assert not list(folder.iterdir())
     # a good run writes both, and prints the table before the machine-readable last line
-    rc, out, _ = cli(
+    rc, out, _ = cli_in_process(
         capsys,
         monkeypatch,
         *bench_args(tiny, "--json", str(tmp_path / "r" / "r.json"), "--plot", str(tmp_path / "r.svg")),
@@ -240,7 +191,9 @@ def test_bench_outputs_are_checked_before_the_run(tiny, tmp_path, capsys, monkey
 def test_bench_fails_on_a_bad_data_set_before_any_runs(tiny, tmp_path, capsys, monkeypatch):
     line = one_line_error(capsys, monkeypatch, *bench_args(tiny, "--datasets", "mtbench,bogus"), text="bogus")
     assert "datasets" in line
-    rc, out, err = cli(capsys, monkeypatch, *bench_args(tiny, "--datasets", "mtbench,gsm8k", "--gsm8k", "/nope.jsonl"))
+    rc, out, err = cli_in_process(
+        capsys, monkeypatch, *bench_args(tiny, "--datasets", "mtbench,gsm8k", "--gsm8k", "/nope.jsonl")
+    )
     assert rc == 2 and "/nope.jsonl does not exist" in err and "mtbench" not in out  # mtbench never ran
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
@@ -261,22 +214,22 @@ def test_data_manifest_notices_changed_prompts_not_threads(tiny, tmp_path, capsy
     out = tmp_path / "traj"
     args = ["data", "--target", str(tiny), "--dtype", "fp32", "--max-new-tokens", "4", "--out", str(out)]
     args += ["--set", f"sources=[{src}]", "--set", "chunk_size=2"]
-    assert cli(capsys, monkeypatch, *args)[0] == 0
+    assert cli_in_process(capsys, monkeypatch, *args)[0] == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["prompts_sha256"]) == 64 and "threads" not in manifest["settings"]
     shards = {p.name: p.stat().st_mtime_ns for p in out.glob("shard_*.pt")}
     assert len(shards) == 2
     # another thread count: same output, accepted, nothing regenerated
-    assert cli(capsys, monkeypatch, *args, "--set", "target.threads=1")[0] == 0
+    assert cli_in_process(capsys, monkeypatch, *args, "--set", "target.threads=1")[0] == 0
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard_*.pt")} == shards
     # batch size does not change greedy fp32 output either
-    assert cli(capsys, monkeypatch, *args, "--set", "batch_size=3")[0] == 0
+    assert cli_in_process(capsys, monkeypatch, *args, "--set", "batch_size=3")[0] == 0
     # same path, same count, other content: refused, the old shards untouched
     src.write_text("".join(json.dumps({"prompt": f"Spell {i}."}) + "\n" for i in range(4)))
     one_line_error(capsys, monkeypatch, *args, text="trajectories of other prompts")
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard_*.pt")} == shards
     # a fresh folder for the new prompts works; a setting that changes the output is named
-    assert cli(capsys, monkeypatch, *args, "--out", str(tmp_path / "new"))[0] == 0  # the last --out wins
+    assert cli_in_process(capsys, monkeypatch, *args, "--out", str(tmp_path / "new"))[0] == 0  # the last --out wins
     new = ["--out", str(tmp_path / "new"), "--max-new-tokens", "5"]
     one_line_error(capsys, monkeypatch, *args, *new, text="max_new_tokens 4 -> 5")
     assert not list(tmp_path.glob("**/.*.part"))
@@ -285,7 +238,7 @@ def test_data_manifest_notices_changed_prompts_not_threads(tiny, tmp_path, capsy
 # --- 5. one-line errors for hostile input --------------------------------------------------------------------
 
 
-@needs_tokenizer
+@needs_default_target
 def test_hostile_inputs_end_in_one_line(tiny, tmp_path, capsys, monkeypatch):
     gen = ["generate", "--prompt", "hi", "--target", str(tiny), "--dtype", "fp32", "--max-new-tokens", "2"]
     bad_utf8 = tmp_path / "bad.jsonl"

@@ -16,7 +16,7 @@ from draftopd.models.eagle3 import Eagle3Config, Eagle3Model, draft_vocab_map
 from draftopd.models.io import DRAFTERS, write_drafter
 from draftopd.train.replay import derive_records
 
-from conftest import make_tiny_target
+from helpers import make_tiny_target
 
 
 def tiny_drafter(kind: str, target, seed: int):
@@ -87,6 +87,7 @@ def test_replay_records_equal_live_records(kind):
     assert seen["accepted"] > 5 and seen["suffix"] > 20 and seen["past_eos"] >= 1, seen
 
 
+@pytest.mark.slow
 def test_replay_records_on_the_default_target(real_target_fp32):
     """SmolLM2-135M in fp32 with a DFlash drafter over a reduced draft vocabulary, proposing the target's own text
     often enough (trained for a few steps on it would take too long here: it reuses the target's head)."""

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from draftopd.report import write_report
 
 SETS = ("gsm8k", "mtbench")
@@ -85,6 +87,7 @@ def test_report_tables_carry_the_results(tmp_path):
         assert f"(figures/{fig}.png)" in text
 
 
+@pytest.mark.slow
 def test_tau_vs_step_is_drawn_from_metrics(tmp_path):
     run = metrics(tmp_path / "run", [(0, 1.1, 0), (5, 1.3, 100)])
     with open(run / "metrics.jsonl", "a") as f:

@@ -182,6 +182,7 @@ def test_gpu_recipes_load_and_fit_an_80gb_gpu_by_the_model(kind):
     assert m.fits(gpu), m.gib()
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_tiny_on_cpu(tmp_path):
     """scripts/gpu_check.py --tiny --device cpu: every phase runs, greedy output equals transformers' generate
     token for token (fp32), and the JSON has the fields docs/SCALING.md reads."""

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from draftopd.decoding.loop import speculative_generate
-from test_dflash import tiny_dflash
 
-from conftest import make_tiny_target
+from helpers import make_tiny_target, tiny_dflash
 
 pytestmark = pytest.mark.slow
 

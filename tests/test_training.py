@@ -16,82 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from draftopd import assets
+from helpers import metric_rows, needs_default_target, run_cli, run_opd, sft_args
 
-pytestmark = pytest.mark.skipif(
-    not (assets.default_target_dir() / "config.json").exists(), reason="default target (its tokenizer) not set up"
-)
-
-
-def cli(*args: str, wait: bool = True):
-    cmd = [sys.executable, "-m", "draftopd.cli", *args]
-    if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc
-
-
-@pytest.fixture(scope="module")
-def shards(tiny_folder, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "traj"
-    prompts = tmp_path_factory.mktemp("prompts") / "p.jsonl"
-    prompts.write_text("\n".join(json.dumps({"prompt": f"Question {i}: what is {i} + {i}?"}) for i in range(12)))
-    common = [
-        "--target",
-        str(tiny_folder),
-        "--dtype",
-        "fp32",
-        "--max-new-tokens",
-        "24",
-        "--out",
-        str(out),
-        "--set",
-        f"sources=[{prompts}]",
-        "--set",
-        "chunk_size=5",
-        "--set",
-        "batch_size=4",
-    ]
-    cli("data", *common)
-    assert len(list(out.glob("shard_*.pt"))) == 3  # 12 prompts in chunks of 5
-    first = sorted(out.glob("shard_*.pt"))[0].stat().st_mtime_ns
-    cli("data", *common)  # a rerun skips finished shards
-    assert sorted(out.glob("shard_*.pt"))[0].stat().st_mtime_ns == first
-    return out
-
-
-def sft_args(tiny_folder, shards, out, steps=40, dtype="fp32"):
-    return [
-        "train",
-        "sft",
-        "--target",
-        str(tiny_folder),
-        "--dtype",
-        dtype,
-        "--set",
-        f"data={shards}",
-        "--set",
-        f"out={out}",
-        "--set",
-        f"max_steps={steps}",
-        "--set",
-        "batch_size=2",
-        "--set",
-        "blocks_per_seq=3",
-        "--set",
-        "save_every=5",
-        "--set",
-        "eval_every=1000",
-        "--set",
-        "eval.limit=2",
-        "--set",
-        "eval.max_new_tokens=8",
-        "--set",
-        "arch.block_size=4",
-        "--set",
-        "log_every=5",
-    ]
+pytestmark = [pytest.mark.slow, needs_default_target]
 
 
 # Training, OPD and export run in both dtypes (bf16: autocast with float32 master weights); exactness tests
@@ -102,7 +29,7 @@ DTYPES = ["fp32", "bf16"]
 @pytest.fixture(scope="module", params=DTYPES)
 def sft_run(request, tiny_folder, shards, tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("sft") / "run"
-    cli(*sft_args(tiny_folder, shards, out, steps=10, dtype=request.param))
+    run_cli(*sft_args(tiny_folder, shards, out, steps=10, dtype=request.param), check=True)
     return out, request.param
 
 
@@ -123,10 +50,6 @@ def test_sft_runs_and_writes_everything(sft_run):
     }
 
 
-def metric_rows(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize("trainer", ["sft", "opd"])
 def test_killed_at_random_moments_resumes_exactly(tiny_folder, shards, tmp_path, trainer):
     """SIGKILL at random moments (twice), then the same command: every resume succeeds, the metrics hold each
@@ -134,14 +57,17 @@ def test_killed_at_random_moments_resumes_exactly(tiny_folder, shards, tmp_path,
     if trainer == "sft":
         args = lambda out: sft_args(tiny_folder, shards, out, steps=40)  # noqa: E731
     else:
-        sft_final = cli(*sft_args(tiny_folder, shards, tmp_path / "sft", steps=4)) and tmp_path / "sft" / "final"
+        sft_final = (
+            run_cli(*sft_args(tiny_folder, shards, tmp_path / "sft", steps=4), check=True)
+            and tmp_path / "sft" / "final"
+        )
         extra = ("--set", "max_steps=6", "--set", "save_every=1", "--set", "log_every=1", "--set", "eval_every=3")
         args = lambda out: run_opd(tiny_folder, sft_final, out, shards, *extra, run=False)  # noqa: E731
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    cli(*args(straight))
+    run_cli(*args(straight), check=True)
     rng = random.Random(0)
     for _ in range(2):
-        proc = cli(*args(killed), wait=False)
+        proc = run_cli(*args(killed), wait=False)
         deadline = time.time() + 300
         while not (killed / "metrics.jsonl").exists() or not metric_rows(killed):  # training has begun
             assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
@@ -149,7 +75,7 @@ def test_killed_at_random_moments_resumes_exactly(tiny_folder, shards, tmp_path,
         time.sleep(rng.uniform(0.0, 1.5))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    cli(*args(killed))  # resumes from the last complete checkpoint and finishes
+    run_cli(*args(killed), check=True)  # resumes from the last complete checkpoint and finishes
     from draftopd.owner import FOLDER, LEGACY, PART
 
     left = [p for p in tmp_path.rglob("*") if any(r.match(p.name) for r in (PART, FOLDER, LEGACY))]
@@ -177,7 +103,7 @@ def test_eagle3_sft_smoke(tiny_folder, shards, tmp_path, dtype):
         "--set",
         "eval_every=4",
     ]
-    cli(*args)
+    run_cli(*args, check=True)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("tau", 0) >= 1.0 for r in rows)
     cfg = json.loads((out / "final" / "config.json").read_text())
@@ -186,54 +112,13 @@ def test_eagle3_sft_smoke(tiny_folder, shards, tmp_path, dtype):
 
 def test_resume_refuses_another_config(tiny_folder, shards, tmp_path):
     out = tmp_path / "run"
-    cli(*sft_args(tiny_folder, shards, out, steps=5))
+    run_cli(*sft_args(tiny_folder, shards, out, steps=5), check=True)
     proc = subprocess.run(
         [sys.executable, "-m", "draftopd.cli", *sft_args(tiny_folder, shards, out, steps=5), "--set", "lr=0.1"],
         capture_output=True,
         text=True,
     )
     assert proc.returncode == 2 and "another config" in proc.stderr
-
-
-def run_opd(tiny_folder, init, out, data, *extra, dtype="fp32", run=True):
-    """Draft-OPD on the tiny target (2 updates of 3 rows drawn from the trajectories in ``data``); ``run=False``
-    returns the arguments instead."""
-    args = (
-        "train",
-        "opd",
-        "--target",
-        str(tiny_folder),
-        "--dtype",
-        dtype,
-        "--set",
-        f"init_from={init}",
-        "--set",
-        f"out={out}",
-        "--set",
-        f"data={data}",
-        "--set",
-        "max_steps=2",
-        "--set",
-        "rollout_batch=3",
-        "--set",
-        "micro_batch=2",
-        "--set",
-        "max_new_tokens=16",
-        "--set",
-        "eval.limit=2",
-        "--set",
-        "eval.max_new_tokens=8",
-        "--set",
-        "eval_every=2",
-        "--set",
-        "save_every=2",
-        "--set",
-        "lr=0.01",
-        "--set",
-        "logp_min=-40",  # random tiny target: log p ~ -10.8
-        *extra,
-    )
-    return cli(*args) if run else args
 
 
 def test_opd_from_sft_changes_the_drafter(tiny_folder, shards, sft_run, tmp_path):
@@ -280,7 +165,7 @@ def test_eagle3_opd_replays_rejected_chains(tiny_folder, shards, tmp_path, dtype
     rejected tokens fed back."""
     sft = tmp_path / "eagle"
     extra = ["--set", "arch.kind=eagle3", "--set", "arch.draft_vocab_size=64", "--set", "arch.ttt_steps=3"]
-    cli(*sft_args(tiny_folder, shards, sft, steps=2, dtype=dtype), *extra, "--set", "eval_every=2")
+    run_cli(*sft_args(tiny_folder, shards, sft, steps=2, dtype=dtype), *extra, "--set", "eval_every=2", check=True)
     out = tmp_path / "opd"
     opd_extra = ("--set", "chain_length=3", "--set", "eval.chain_length=3", "--set", "anchors=verify")
     opd_extra += ("--set", "rej_weight=1", "--set", "loss=acceptance_aware")

@@ -323,11 +323,15 @@ def measure_tau(
     return speculative_generate(target, prompts, model.engine(target, chain_length), max_new).stats.tau
 
 
-def load_run_target(cfg) -> Target:
+def load_run_target(cfg, target: Target | None = None) -> Target:
     """Threads, process group and seed of a training run, then its frozen target (dtype and device from
-    ``cfg.target``; decoder layers sharded over the ranks with FSDP2 when ``cfg.target.shard``)."""
+    ``cfg.target``; decoder layers sharded over the ranks with FSDP2 when ``cfg.target.shard``). A ``target``
+    already loaded (a caller training in process, e.g. the tests) is used as it is, ``cfg.target`` unread."""
     if cfg.target.threads:
         torch.set_num_threads(cfg.target.threads)
+    if target is not None:
+        torch.manual_seed(cfg.seed)
+        return target
     target = load_target(cfg.target.path, cfg.target.dtype, init_distributed(cfg.target.device))
     if cfg.target.shard and rank_world()[1] > 1:
         from torch.distributed.fsdp import fully_shard

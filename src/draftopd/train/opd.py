@@ -64,7 +64,8 @@ from draftopd.train.replay import ReplayPlan, all_anchors, build_replay_plan, de
 Row = tuple[list[int], list[int], list[VerifyStep]]  # prompt ids, response ids, verify records
 
 
-def train_opd(cfg: OPDConfig) -> Path:
+def train_opd(cfg: OPDConfig, target: Target | None = None) -> Path:
+    """Draft-OPD of ``cfg``; returns its ``final/`` folder. ``target``: one already loaded (else ``cfg.target``'s)."""
     rank, world = rank_world()
     if not cfg.init_from:
         raise DraftopdError("train opd needs init_from=<an SFT drafter folder or training checkpoint>")
@@ -72,7 +73,7 @@ def train_opd(cfg: OPDConfig) -> Path:
     if update_rows % world:
         raise DraftopdError(f"rollout_batch x accum = {update_rows} (global) must be a multiple of {world} processes")
     cfg = cfg.for_kind(detect(latest_checkpoint(Path(cfg.out)) or cfg.init_from).kind)  # None fields: the recipe
-    target = load_run_target(cfg)
+    target = load_run_target(cfg, target)
     seqs = load_sequences(cfg.data)
     check_budget(cfg)
     pool = [(ids[:p], ids[p : p + cfg.max_new_tokens]) for ids, p in seqs]  # (prompt, target's greedy response)

@@ -34,11 +34,12 @@ from draftopd.train.common import is_writer, load_run_target, load_sequences, ra
 from draftopd.train.losses import token_logprobs, weighted_nll
 
 
-def train_sft(cfg: SFTConfig) -> Path:
+def train_sft(cfg: SFTConfig, target: Target | None = None) -> Path:
+    """SFT of ``cfg``; returns its ``final/`` folder. ``target``: one already loaded (else ``cfg.target``'s)."""
     rank, world = rank_world()
     if cfg.batch_size % world:
         raise DraftopdError(f"batch_size {cfg.batch_size} (global) must be a multiple of the {world} processes")
-    target = load_run_target(cfg)
+    target = load_run_target(cfg, target)
     seqs = load_sequences(cfg.data, cfg.max_len)
     kind = DRAFTERS[cfg.arch.kind]
     run = start_or_resume(cfg, target, seqs, lambda: kind.build(target, cfg.arch, seqs), cfg.arch.kind)

@@ -1,0 +1,75 @@
+"""The pipeline in this process on the tiny target (the fast tier's smoke test of what the CLI verbs run):
+``data`` -> ``train sft`` (DFlash and EAGLE-3) -> ``train opd`` (replay), each given the target already loaded.
+The CLI end to end (subprocesses, SIGKILL and resume, torchrun) is the slow tier's: tests/test_training.py."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from draftopd.config import ArchConfig, DataConfig, EvalConfig, OPDConfig, SamplingConfig, SFTConfig, TargetConfig
+from draftopd.data.trajectories import generate_trajectories
+from draftopd.models.io import read_drafter
+from draftopd.train.opd import train_opd
+from draftopd.train.sft import train_sft
+
+from helpers import metric_rows
+
+ARCH = {
+    "dflash": ArchConfig(kind="dflash", num_layers=1, block_size=4),
+    "eagle3": ArchConfig(kind="eagle3", draft_vocab_size=256, ttt_steps=2),
+}
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_folder):
+    from draftopd.models.target import load_target
+
+    return load_target(str(tiny_folder), "fp32")
+
+
+@pytest.fixture(scope="module")
+def data(tiny_folder, loaded, tmp_path_factory) -> Path:
+    prompts = tmp_path_factory.mktemp("prompts") / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"What is {i} + {2 * i}?"}) + "\n" for i in range(6)))
+    cfg = DataConfig(
+        target=TargetConfig(path=str(tiny_folder), dtype="fp32"),
+        sampling=SamplingConfig(max_new_tokens=12),
+        sources=(str(prompts),),
+        batch_size=3,
+        chunk_size=3,
+        out=str(tmp_path_factory.mktemp("data") / "traj"),
+    )
+    out = generate_trajectories(cfg, loaded)
+    assert sorted(p.name for p in out.glob("shard_*.pt")) == ["shard_00000.pt", "shard_00001.pt"]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["dflash", "eagle3"])
+def test_sft_then_opd_in_process(tiny_folder, loaded, data, tmp_path, kind):
+    target_cfg = TargetConfig(path=str(tiny_folder), dtype="fp32")
+    ev = EvalConfig(limit=1, max_new_tokens=4, chain_length=3)
+    sft = SFTConfig(
+        target=target_cfg, arch=ARCH[kind], eval=ev, data=str(data), out=str(tmp_path / "sft"), max_steps=6,
+        batch_size=2, blocks_per_seq=2, lr=1e-2, warmup_ratio=0.0, log_every=1, eval_every=6, save_every=6,
+    )  # fmt: skip
+    final = train_sft(sft, loaded)
+    assert final == tmp_path / "sft" / "final" and read_drafter(final, loaded).config.num_target_layers == 4
+    losses = [r["loss"] for r in metric_rows(tmp_path / "sft") if "loss" in r]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-2:]) < sum(losses[:2])  # 6 steps at lr 1e-2 on 6 sequences: it learns
+    assert any("tau" in r for r in metric_rows(tmp_path / "sft"))  # the eval ran with the engine
+
+    opd = OPDConfig(
+        target=target_cfg, eval=ev, init_from=str(final), data=str(data), out=str(tmp_path / "opd"), max_steps=1,
+        rollout_batch=2, micro_batch=2, max_new_tokens=12, chain_length=3, logp_min=-40.0, eval_every=100,
+        save_every=1,
+    )  # fmt: skip
+    assert opd.rollouts == "replay"  # the default: derived from the trajectories, no live generation
+    out = train_opd(opd, loaded)
+    rows = [r for r in metric_rows(tmp_path / "opd") if "loss" in r]
+    assert len(rows) == 1 and math.isfinite(rows[0]["loss"]) and rows[0]["rollout_tau"] >= 1.0
+    assert type(read_drafter(out, loaded)) is type(read_drafter(final, loaded))
