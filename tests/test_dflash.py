@@ -92,13 +92,13 @@ def test_engine_proposal_equals_training_forward(tiny_target):
     ).features
     ref = block_hidden(model, tiny_target.embed, feats, seq, torch.tensor([[2, anchor, -1]]))[0, 1]
     drafter = DFlashDrafter(model, tiny_target)
-    state = DecodeState([seq[0, : anchor + 1].tolist()], seq[:, anchor], torch.tensor([anchor]), torch.tensor([0]))
+    state = DecodeState([seq[0, : anchor + 1].tolist()], seq[:, anchor], torch.tensor([anchor]), [0])
     drafter.start(state, feats[:, :anchor])
     # engine: context = features of positions < anchor, block = [seq[anchor], MASK...]
     bs = model.config.block_size
     block = torch.tensor([[seq[0, anchor].item()] + [1] * (bs - 1)])
     mask = torch.ones(1, 1, bs, anchor + bs, dtype=torch.bool)
-    h = model(tiny_target.embed(block), anchor + torch.arange(bs)[None], drafter.kv, mask)[0]
+    h = model(tiny_target.embed(block), anchor + torch.arange(bs)[None], drafter.cache.pairs(), mask)[0]
     assert torch.allclose(h, ref, atol=1e-5)
     prop = drafter.propose(state, SamplingParams())
     assert torch.equal(prop.tokens[0], tiny_target.logits(ref[1:]).argmax(-1))
@@ -205,7 +205,7 @@ def test_sampled_proposal_is_a_distribution_over_the_draft_vocabulary():
     seq = torch.tensor([[3, 9, 4, 7, 1, 8, 2, 6], [5, 5, 6, 7, 8, 9, 3, 4]])
     p = 5
     feats = target.forward(seq, torch.ones_like(seq), torch.arange(8).expand(2, 8), None, (0, 2), "none").features
-    state = DecodeState([r[: p + 1].tolist() for r in seq], seq[:, p], torch.tensor([p, p]), torch.tensor([0, 1]))
+    state = DecodeState([r[: p + 1].tolist() for r in seq], seq[:, p], torch.tensor([p, p]), [0, 1])
     drafter.start(state, feats[:, :p])
     prop = drafter.propose(state, SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
     ids = draft_vocab_ids(model.d2t)
@@ -220,7 +220,7 @@ def test_sampled_proposal_is_a_distribution_over_the_draft_vocabulary():
     block = torch.full((2, 5), 1)
     block[:, 0] = seq[:, p]
     mask = torch.ones(2, 1, 5, p + 5, dtype=torch.bool)
-    h = drafter.model(target.embed(block), p + torch.arange(5).expand(2, 5), drafter.kv, mask)[:, 1:]
+    h = drafter.model(target.embed(block), p + torch.arange(5).expand(2, 5), drafter.cache.pairs(), mask)[:, 1:]
     ref = torch.softmax(target.logits(h)[..., ids], -1)
     assert torch.allclose(prop.probs[..., ids], ref, atol=1e-6)
 

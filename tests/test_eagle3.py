@@ -85,7 +85,7 @@ def test_first_chain_step_equals_ttt_step0(tiny_target):
     feats = tiny_target.forward(seq, torch.ones_like(seq), torch.arange(8)[None], None, (0, 1, 2), "none").features
     ref = model.logits(ttt_forward(model, tiny_target.embed, feats, seq, 2)[0][:, p])  # predicts seq[p + 2]
     drafter = Eagle3Drafter(model, tiny_target, chain_length=3)
-    state = DecodeState([seq[0, : p + 2].tolist()], seq[:, p + 1], torch.tensor([p + 1]), torch.tensor([0]))
+    state = DecodeState([seq[0, : p + 2].tolist()], seq[:, p + 1], torch.tensor([p + 1]), [0])
     drafter.start(state, feats[:, : p + 1])
     prop = drafter.propose(state, SamplingParams())
     top = ref.argmax(-1)
@@ -100,7 +100,7 @@ def test_branch_with_forced_inputs_reproduces_the_engine_chain(tiny_target):
     p = 5
     feats = tiny_target.forward(seq, torch.ones_like(seq), torch.arange(12)[None], None, (0, 1, 2), "none").features
     drafter = Eagle3Drafter(model, tiny_target, chain_length=4)
-    state = DecodeState([seq[0, : p + 2].tolist()], seq[:, p + 1], torch.tensor([p + 1]), torch.tensor([0]))
+    state = DecodeState([seq[0, : p + 2].tolist()], seq[:, p + 1], torch.tensor([p + 1]), [0])
     drafter.start(state, feats[:, : p + 1])
     d = drafter.propose(state, SamplingParams()).tokens[0]  # d_1..d_4, target ids
     for r in range(3):  # the first r drafts "accepted": make the true sequence agree with them

@@ -66,7 +66,7 @@ def engine_probs(model, target) -> torch.Tensor:
     p = 5
     drafter = model.engine(target, 3)
     feats = target.forward(seq, torch.ones_like(seq), torch.arange(8)[None], None, drafter.layer_ids, "none").features
-    state = DecodeState([seq[0, : p + 2].tolist()], seq[:, p + 1], torch.tensor([p + 1]), torch.tensor([0]))
+    state = DecodeState([seq[0, : p + 2].tolist()], seq[:, p + 1], torch.tensor([p + 1]), [0])
     drafter.start(state, feats[:, : p + 1])
     return drafter.propose(state, SamplingParams(temperature=1.0), torch.Generator().manual_seed(0)).probs
 
@@ -496,7 +496,7 @@ def test_speculators_package_gives_our_first_step_logits(tmp_path, target, vd):
 
     # the engine's first proposal from the last pair (h_127, x_128): our sampling distribution = their softmax
     drafter = model.engine(target, 2)
-    state = DecodeState([seq[0].tolist()], seq[:, s], torch.tensor([s]), torch.tensor([0]))
+    state = DecodeState([seq[0].tolist()], seq[:, s], torch.tensor([s]), [0])
     drafter.start(state, ours_feats[:, :s])
     prop = drafter.propose(state, SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
     full = torch.zeros(V)

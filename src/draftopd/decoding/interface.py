@@ -26,7 +26,7 @@ class DecodeState:
     history: list[list[int]]  # prompt + committed tokens; history[b][-1] == last[b]
     last: Tensor  # (B,) last committed token: not yet in the target cache, the next block's first token
     next_pos: Tensor  # (B,) position id of `last` (= real tokens in the cache)
-    rows: Tensor  # (B,) index of each live row in the caller's prompt list
+    rows: list[int]  # index of each live row in the caller's prompt list
 
 
 @dataclass
@@ -66,7 +66,8 @@ class Drafter(Protocol):
 
     def update(self, state: DecodeState, n_accepted: Tensor, features: Tensor | None) -> None:
         """After verify: row b committed ``n_accepted[b] + 1`` tokens to the target cache (the old last token
-        and the accepted proposals); ``features`` (B, k + 1, F) are the target features of the whole block."""
+        and the accepted proposals); ``features`` (B, w, F) are the target features of the block's first
+        ``w = 1 + max(n_accepted)`` slots (those some row committed; the rest of the block is no row's)."""
 
     def select(self, rows: Tensor) -> None:
         """Keep only these batch rows (finished rows are dropped from the batch)."""

@@ -2,12 +2,12 @@
 rollouts alike. With ``drafter=None`` it is plain autoregressive decoding through the same code, which is
 the baseline of every speed-up we report.
 
-Batching without per-row cache copies: rows share one ``DynamicCache`` whose columns are cache slots.
-``kv_mask`` (B, slots) says which slots hold real tokens of each row: prompts are left-padded (mask 0),
-and after each verify the slots of a row's *rejected* draft tokens are masked out instead of cropped, since
-rows accept different numbers of tokens. Position ids count only real tokens, so every row sees exactly
-the keys and positions it would see alone. Slots no row uses any more are dropped after each step, and
-finished rows leave the batch, so at batch 1 this is plain crop-and-continue.
+Three parts, as gpt-fast writes it: ``prefill`` (the prompts, the first token), ``speculative_round`` (draft, verify,
+accept, commit: one target call) and the outer loop ``speculative_generate`` (budgets, EOS, finished rows leave the
+batch, statistics). Batching without per-row cache copies: rows share one ``SlotCache`` (``decoding/slots.py``):
+left-padded prompts, rejected drafts masked out per row, slots nobody uses dropped, so at batch 1 this is plain
+crop-and-continue. A round moves data to the host twice: the block width (a shape) and one packed tensor of
+every row's accepted count, next token and proposals.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import Tensor
 
 from draftopd.decoding.interface import DecodeState, Drafter, Proposal
 from draftopd.decoding.sampling import SamplingParams, logits_to_probs, sample, verify
+from draftopd.decoding.slots import SlotCache, left_padded, positions
 from draftopd.models.target import Target
 
 
@@ -124,16 +125,107 @@ def _pick(logits: Tensor, params: SamplingParams, generator: torch.Generator | N
     return logits.argmax(-1) if params.greedy else sample(logits_to_probs(logits, params), generator)
 
 
-def _drop_unused_slots(cache, kv_mask: Tensor) -> Tensor:
-    """Remove cache slots that no live row attends to (rejected drafts, finished rows' tokens)."""
-    used = kv_mask.any(0)
-    if bool(used.all()):
-        return kv_mask
-    keep = used.nonzero().squeeze(1)
-    for layer in cache.layers:
-        layer.keys = layer.keys[:, :, keep]
-        layer.values = layer.values[:, :, keep]
-    return kv_mask[:, keep]
+def prefill(
+    target: Target,
+    prompts: list[list[int]],
+    drafter: Drafter | None,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+) -> tuple[SlotCache, DecodeState]:
+    """Run the left-padded prompts through the target, pick each row's first new token, start the drafter."""
+    dev, width = target.device, max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p) :] = torch.tensor(p)
+    lengths = torch.tensor([len(p) for p in prompts], device=dev)
+    mask = left_padded(lengths, width)  # (B, P)
+    cache = target.new_cache()
+    out = target.forward(ids.to(dev), mask.long(), positions(mask), cache, _layers(drafter), "last")
+    cache.commit(mask)
+    first = _pick(out.logits[:, -1], params, generator)
+    history = [list(p) + [t] for p, t in zip(prompts, first.tolist(), strict=True)]
+    state = DecodeState(history, first, lengths, list(range(len(prompts))))
+    if drafter is not None:
+        drafter.start(state, out.features)
+    return cache, state
+
+
+@dataclass
+class RoundRow:
+    """What one round did for one row, on the host."""
+
+    drafted: list[int]  # the proposals d_1..d_n the target verified
+    n_accepted: int  # r: d_1..d_r were accepted
+    token: int  # the target's correction (r < n) or bonus (r == n) token
+    logprobs: list[float]  # log p_target(d_j | prefix, d_<j) at T=1, when recording (else empty)
+
+
+def speculative_round(
+    target: Target,
+    drafter: Drafter | None,
+    cache: SlotCache,
+    state: DecodeState,
+    budget: list[int],
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    stats: SpecStats,
+    record: bool = False,
+) -> list[RoundRow]:
+    """One target call for every live row: draft up to ``budget[b]`` tokens, verify them, accept (the pure rule
+    of ``decoding.sampling``), commit the accepted tokens and the next one to the cache, ``state`` and the drafter."""
+    nb, dev = state.last.shape[0], target.device
+    t_draft = time.perf_counter()
+    if drafter is not None:
+        prop = drafter.propose(state, params, generator)
+    else:
+        prop = Proposal(torch.zeros(nb, 0, dtype=torch.long, device=dev), torch.zeros(nb, dtype=torch.long))
+    n_draft = torch.minimum(prop.n.to(dev), torch.tensor(budget, device=dev))  # (B,) never past a row's budget
+    k = int(n_draft.max()) if prop.tokens.shape[1] else 0  # the block's width is a shape: host sync 1
+    draft = prop.tokens[:, :k].to(dev)  # (B, k); entries past n_draft[b] are padding
+    p_draft = None if prop.probs is None else prop.probs[:, :k]  # (B, k, V)
+
+    # Verify the block [last, d_1..d_k] in one target call: slot j's logits (B, k + 1, V) score d_{j+1}.
+    block = torch.cat([state.last[:, None], draft], dim=1)  # (B, k + 1)
+    block_pos = state.next_pos[:, None] + torch.arange(k + 1, device=dev)  # (B, k + 1)
+    t_verify = time.perf_counter()
+    out = target.forward(block, cache.attention_mask(k + 1, nb, dev).long(), block_pos, cache, _layers(drafter), "all")
+    n_acc, nxt = verify(draft, n_draft, out.logits, params, p_draft, generator)  # (B,), (B,)
+    # One transfer to the host (sync 2): per row [r, next token, n, d_1..d_k]; the log-probs too when recording.
+    packed = torch.cat([n_acc[:, None], nxt[:, None], n_draft[:, None], draft], 1).tolist()
+    logp = [[] for _ in packed]
+    if record and k:
+        logp = torch.log_softmax(out.logits[:, :k], -1).gather(-1, draft[..., None]).squeeze(-1).tolist()
+    stats.draft_s += t_verify - t_draft
+    stats.verify_s += time.perf_counter() - t_verify
+
+    # Commit: block slots 0..r of a row (its old last token and accepted drafts) are its context now; slots past
+    # the longest accepted prefix are no row's: cropped. The drafter sees the features of the slots kept.
+    width = 1 + max(row[0] for row in packed)
+    cache.commit(torch.arange(k + 1, device=dev)[None, :] <= n_acc[:, None], drop=k + 1 - width)  # (B, k + 1)
+    rows = [RoundRow(d[:n], r, t, lp[:n]) for (r, t, n, *d), lp in zip(packed, logp, strict=True)]
+    for b, row in enumerate(rows):
+        state.history[b] += row.drafted[: row.n_accepted] + [row.token]
+    state.next_pos = state.next_pos + n_acc + 1
+    state.last = nxt
+    if drafter is not None:
+        drafter.update(state, n_acc, None if out.features is None else out.features[:, :width])
+    return rows
+
+
+def _layers(drafter: Drafter | None) -> tuple[int, ...]:
+    return drafter.layer_ids if drafter is not None else ()
+
+
+def _leave(cache: SlotCache, state: DecodeState, drafter: Drafter | None, live: list[bool]) -> None:
+    """Finished rows leave the batch: the cache, the state and the drafter keep the same row order."""
+    keep = [b for b, ok in enumerate(live) if ok]
+    idx = torch.tensor(keep, dtype=torch.long, device=state.last.device)
+    cache.select(idx)
+    state.history = [state.history[b] for b in keep]
+    state.last, state.next_pos = state.last[idx], state.next_pos[idx]
+    state.rows = [state.rows[b] for b in keep]
+    if drafter is not None:
+        drafter.select(idx)
 
 
 @torch.inference_mode()
@@ -147,121 +239,39 @@ def speculative_generate(
     record: bool = False,
     stop_on_eos: bool = True,
 ) -> Generation:
-    """Generate up to ``max_new_tokens`` per prompt; lossless for any drafter (see ``spec.sampling``)."""
-    dev, bsz = target.device, len(prompts)
-    layer_ids = drafter.layer_ids if drafter is not None else ()
+    """Generate up to ``max_new_tokens`` per prompt; lossless for any drafter (see ``decoding.sampling``)."""
     eos = set(target.eos_ids) if stop_on_eos else set()
-    stats = SpecStats(rows=bsz, generations=1, per_prompt=[(0, 0)] * bsz)
-    out_tokens: list[list[int]] = [[] for _ in prompts]
+    stats = SpecStats(rows=len(prompts), generations=1, per_prompt=[(0, 0)] * len(prompts))
     records: list[list[VerifyStep]] = [[] for _ in prompts]
-
-    # 0) Prefill: left-pad the prompts; position ids count real tokens only. Pick the first new token.
     t0 = time.perf_counter()
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(bsz, width, dtype=torch.long)
-    kv_mask = torch.zeros(bsz, width, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p) :] = torch.tensor(p)
-        kv_mask[b, width - len(p) :] = 1
-    ids, kv_mask = ids.to(dev), kv_mask.to(dev)
-    cache = target.new_cache()
-    out = target.forward(ids, kv_mask, (kv_mask.cumsum(1) - 1).clamp_min(0), cache, layer_ids, "last")
-    last = _pick(out.logits[:, -1], params, generator)
-    stats.target_calls += 1
-    stats.target_tokens += int(kv_mask.sum())
-    state = DecodeState(
-        [list(p) + [t] for p, t in zip(prompts, last.tolist(), strict=True)],
-        last,
-        kv_mask.sum(1),
-        torch.arange(bsz, device=dev),
-    )
-    for b, t in enumerate(last.tolist()):
-        out_tokens[b].append(t)
-    if drafter is not None:
-        drafter.start(state, out.features)
+    cache, state = prefill(target, prompts, drafter, params, generator)
+    out_tokens = [[h[-1]] for h in state.history]
+    stats.target_calls, stats.target_tokens = 1, sum(len(p) for p in prompts)
     stats.prefill_s = time.perf_counter() - t0
-    live = [t not in eos and max_new_tokens > 1 for t in last.tolist()]
+    live = [t[0] not in eos and max_new_tokens > 1 for t in out_tokens]
 
     t0 = time.perf_counter()
-    while True:
-        # Finished rows leave the batch: cache, mask, state and drafter keep the same row order.
+    while any(live):
         if not all(live):
-            keep = torch.tensor([b for b, ok in enumerate(live) if ok], dtype=torch.long, device=dev)
-            if keep.numel() == 0:
-                break
-            cache.batch_select_indices(keep)
-            kv_mask = _drop_unused_slots(cache, kv_mask[keep])
-            state.history = [state.history[b] for b in keep.tolist()]
-            state.last, state.next_pos, state.rows = state.last[keep], state.next_pos[keep], state.rows[keep]
-            if drafter is not None:
-                drafter.select(keep)
-        rows = state.rows.tolist()
-        nb = len(rows)
-
-        # 1) Draft: up to k tokens per row, never more than the row's remaining token budget allows.
-        t_draft = time.perf_counter()
-        if drafter is not None:
-            prop = drafter.propose(state, params, generator)
-        else:
-            prop = Proposal(torch.zeros(nb, 0, dtype=torch.long, device=dev), torch.zeros(nb, dtype=torch.long))
-        budget = torch.tensor([max_new_tokens - len(out_tokens[r]) - 1 for r in rows])
-        n_draft = torch.minimum(prop.n.cpu(), budget).to(dev)
-        k = int(n_draft.max()) if nb else 0
-        draft = prop.tokens[:, :k].to(dev)
-        p_draft = None if prop.probs is None else prop.probs[:, :k]
-
-        # 2) Verify the block [last, d_1..d_k] in one target call. Slot j's logits score d_{j+1}.
-        block = torch.cat([state.last[:, None], draft], dim=1)  # (B, k + 1)
-        block_pos = state.next_pos[:, None] + torch.arange(k + 1, device=dev)  # (B, k + 1)
-        attn = torch.cat([kv_mask, torch.ones(nb, k + 1, dtype=kv_mask.dtype, device=dev)], dim=1)
-        t_verify = time.perf_counter()
-        out = target.forward(block, attn, block_pos, cache, layer_ids, "all")
-        n_acc, nxt = verify(draft, n_draft, out.logits, params, p_draft, generator)
-        stats.draft_s += t_verify - t_draft
-        stats.verify_s += time.perf_counter() - t_verify
+            _leave(cache, state, drafter, live)
+        budget = [max_new_tokens - len(out_tokens[r]) - 1 for r in state.rows]
+        round_rows = speculative_round(target, drafter, cache, state, budget, params, generator, stats, record)
         stats.target_calls += 1
-        stats.target_tokens += block.numel()
-
-        # 3) Accept: the pure rule in spec.sampling (greedy match or lossless rejection sampling), run above
-        #    inside the verify timer. On a GPU, kernels run asynchronously: the draft/verify split is rough there.
-        if record and k:
-            logp = torch.log_softmax(out.logits[:, :k], dim=-1).gather(-1, draft[..., None]).squeeze(-1)
-
-        # 4) Commit d_1..d_r and the correction/bonus token; a row stops at EOS or at its budget.
-        n_acc_l, nxt_l, n_draft_l = n_acc.tolist(), nxt.tolist(), n_draft.tolist()
+        stats.target_tokens += len(round_rows) * (1 + max(len(x.drafted) for x in round_rows))
         live = []
-        for b, r in enumerate(rows):
-            new = draft[b, : n_acc_l[b]].tolist() + [nxt_l[b]]
+        for r, x in zip(state.rows, round_rows, strict=True):
             if record:
-                records[r].append(
-                    VerifyStep(
-                        len(out_tokens[r]) - 1,
-                        draft[b, : n_draft_l[b]].tolist(),
-                        n_acc_l[b],
-                        nxt_l[b],
-                        logp[b, : n_draft_l[b]].tolist() if k else [],
-                    )
-                )
+                records[r].append(VerifyStep(len(out_tokens[r]) - 1, x.drafted, x.n_accepted, x.token, x.logprobs))
+            new = x.drafted[: x.n_accepted] + [x.token]
             stop = next((i for i, t in enumerate(new) if t in eos), None)
-            if stop is not None:
-                new = new[: stop + 1]
+            new = new if stop is None else new[: stop + 1]  # a row stops at EOS or at its budget
             out_tokens[r] += new
-            state.history[b] += new
             stats.committed.append(len(new))  # r + 1, unless EOS cut the block short
             stats.per_prompt[r] = (stats.per_prompt[r][0] + len(new), stats.per_prompt[r][1] + 1)
-            for j in range(1, n_draft_l[b] + 1):
+            for j in range(1, len(x.drafted) + 1):
                 stats.proposed_at[j] += 1
-                stats.accepted_at[j] += int(j <= n_acc_l[b])
+                stats.accepted_at[j] += int(j <= x.n_accepted)
             live.append(stop is None and len(out_tokens[r]) < max_new_tokens)
-
-        # 5) Cache rollback: the block's slots 0..r (old last token + accepted drafts) are now real context;
-        #    the rejected drafts' slots are masked out for their row and dropped once no row uses them.
-        kept = (torch.arange(k + 1, device=dev)[None, :] <= n_acc[:, None]).to(kv_mask.dtype)  # (B, k + 1)
-        kv_mask = _drop_unused_slots(cache, torch.cat([kv_mask, kept], dim=1))
-        state.next_pos = state.next_pos + n_acc + 1
-        state.last = nxt
-        if drafter is not None:
-            drafter.update(state, n_acc, out.features)
 
     stats.decode_s = time.perf_counter() - t0
     stats.new_tokens = sum(len(t) for t in out_tokens)

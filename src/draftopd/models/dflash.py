@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from draftopd import DraftopdError
 from draftopd.config import check_sizes
 from draftopd.decoding.interface import Proposal, confident_length, top_prob
+from draftopd.decoding.slots import SlotCache, left_padded, positions
 from draftopd.models.base import DrafterModel, ReplayBatch, SeqBatch, check_layer_ids, target_shape
 from draftopd.models.layers import MLP, apply_rope, gqa_attention, rope_cos_sin
 from draftopd.models.vocab import draft_tokens, draft_vocab_ids, draft_vocab_map, response_token_counts
@@ -473,30 +474,13 @@ class DFlashDrafter:
             self.head_b = bias.detach()[self.draft_ids] if bias is not None else None
         self.layer_ids = tuple(model.config.target_layer_ids)
         self.bs = model.config.block_size
-        self.kv: list[tuple[Tensor, Tensor]] = []
-        self.ctx_mask = torch.zeros(0, 0, dtype=torch.bool)
+        self.cache = SlotCache()  # per layer the context's projected K/V (B, nkv, S, D), and which slots are real
 
     @torch.inference_mode()
-    def _append(self, features: Tensor, pos: Tensor, valid: Tensor) -> None:
-        new = self.model.context_kv(features, pos)
-        if self.kv:
-            new = [
-                (torch.cat([k0, k1], 2), torch.cat([v0, v1], 2))
-                for (k0, v0), (k1, v1) in zip(self.kv, new, strict=True)
-            ]
-        mask = torch.cat([self.ctx_mask, valid], 1) if self.kv else valid
-        used = mask.any(0)  # drop slots no row uses (rejected drafts, padding)
-        if not bool(used.all()):
-            keep = used.nonzero().squeeze(1)
-            new, mask = [(k[:, :, keep], v[:, :, keep]) for k, v in new], mask[:, keep]
-        self.kv, self.ctx_mask = new, mask
-
     def start(self, state, features: Tensor) -> None:
-        width = features.shape[1]
-        plen = torch.tensor([len(h) - 1 for h in state.history], device=features.device)  # prompt lengths
-        valid = torch.arange(width, device=features.device)[None] >= (width - plen)[:, None]  # left padding
-        self.kv = []
-        self._append(features, (valid.long().cumsum(1) - 1).clamp_min(0), valid)
+        valid = left_padded(state.next_pos, features.shape[1])  # next_pos = prompt lengths after prefill
+        self.cache = SlotCache()
+        self.cache.append(self.model.context_kv(features, positions(valid)), valid)
 
     @torch.inference_mode()
     def propose(self, state, params, generator=None) -> Proposal:
@@ -505,14 +489,8 @@ class DFlashDrafter:
         block[:, 0] = state.last  # [anchor, MASK x (bs - 1)]
         pos = state.next_pos[:, None] + torch.arange(bs, device=dev)
         # mask: every context slot of the row (all strictly before the anchor), and the whole block
-        mask = torch.cat(
-            [
-                self.ctx_mask[:, None, None, :].expand(b, 1, bs, -1),
-                torch.ones(b, 1, bs, bs, dtype=torch.bool, device=dev),
-            ],
-            -1,
-        )
-        h = self.model(self.target.embed(block), pos, self.kv, mask)
+        mask = self.cache.attention_mask(bs, b, dev)[:, None, None, :].expand(b, 1, bs, -1)
+        h = self.model(self.target.embed(block), pos, self.cache.pairs(), mask)
         logits = self.logits(h[:, 1:])  # (B, bs - 1, Vd): slot k predicts the token k after the anchor
         tokens, probs = draft_tokens(logits, self.draft_ids, self.target.vocab_size, params, generator)
         # the whole block is drafted in one pass; a confidence threshold only trims what the target verifies
@@ -543,17 +521,13 @@ class DFlashDrafter:
         flat = h.reshape(-1, h.shape[-1]).to(self.head_w.dtype)
         return F.linear(flat, self.head_w, self.head_b).float().view(*h.shape[:-1], -1)
 
+    @torch.inference_mode()
     def update(self, state, n_accepted: Tensor, features: Tensor) -> None:
-        k1 = features.shape[1]
+        w = features.shape[1]
         start = state.next_pos - n_accepted - 1  # position of the block's first token (the old anchor)
-        pos = start[:, None] + torch.arange(k1, device=features.device)
-        valid = torch.arange(k1, device=features.device)[None] <= n_accepted[:, None]  # committed slots only
-        self._append(features, pos, valid)
+        pos = start[:, None] + torch.arange(w, device=features.device)
+        valid = torch.arange(w, device=features.device)[None] <= n_accepted[:, None]  # committed slots only
+        self.cache.append(self.model.context_kv(features, pos), valid)
 
     def select(self, rows: Tensor) -> None:
-        self.kv = [(k[rows], v[rows]) for k, v in self.kv]
-        self.ctx_mask = self.ctx_mask[rows]
-        used = self.ctx_mask.any(0)
-        if not bool(used.all()):
-            keep = used.nonzero().squeeze(1)
-            self.kv, self.ctx_mask = [(k[:, :, keep], v[:, :, keep]) for k, v in self.kv], self.ctx_mask[:, keep]
+        self.cache.select(rows)

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from draftopd import DraftopdError
 from draftopd.config import check_sizes
 from draftopd.decoding.interface import Proposal, confident_length, top_prob
+from draftopd.decoding.slots import SlotCache, left_padded, positions
 from draftopd.models.base import DrafterModel, ReplayBatch, SeqBatch, check_layer_ids, target_shape
 from draftopd.models.layers import MLP, apply_rope, gqa_attention, rope_cos_sin
 from draftopd.models.vocab import draft_tokens, draft_vocab_ids, draft_vocab_map, response_token_counts
@@ -499,19 +500,17 @@ class Eagle3Drafter:
         self.target, self.chain_length, self.confidence = target, chain_length, confidence
         self.draft_ids = draft_vocab_ids(self.model.d2t)  # (Vd,) target id of each draft id
         self.layer_ids = tuple(model.config.target_layer_ids)
-        self.k = self.v = None  # (B, nkv, S, D) committed pairs
-        self.mask = None  # (B, S) real slots
+        self.cache = SlotCache()  # the committed pairs' K/V (B, nkv, S, D) in one layer, and which slots are real
         self.pending = None  # (features, tokens, positions, valid) of pairs not yet in the cache
 
     def start(self, state, features: Tensor) -> None:
         width, dev = features.shape[1], features.device
-        plen = torch.tensor([len(h) - 1 for h in state.history], device=dev)
-        toks = torch.zeros(len(plen), width, dtype=torch.long, device=dev)
+        toks = torch.zeros(len(state.history), width, dtype=torch.long, device=dev)
         for b, hist in enumerate(state.history):  # pair p = (h_p, x_{p+1}): prompt shifted, then the first token
             toks[b, width - len(hist) + 1 :] = torch.tensor(hist[1:], device=dev)
-        valid = torch.arange(width, device=dev)[None] >= (width - plen)[:, None]
-        self.k = self.v = self.mask = None
-        self.pending = (features, toks, (valid.long().cumsum(1) - 1).clamp_min(0), valid)
+        valid = left_padded(state.next_pos, width)  # next_pos = prompt lengths after prefill
+        self.cache = SlotCache()
+        self.pending = (features, toks, positions(valid), valid)
 
     def update(self, state, n_accepted: Tensor, features: Tensor) -> None:
         k1, dev = features.shape[1], features.device
@@ -524,8 +523,8 @@ class Eagle3Drafter:
         self.pending = (features, toks, start[:, None] + j, valid)
 
     def select(self, rows: Tensor) -> None:
-        if self.k is not None:  # None before the first proposal (a row ended at its first token)
-            self.k, self.v, self.mask = self.k[rows], self.v[rows], self.mask[rows]
+        if self.cache.width:  # empty before the first proposal (a row ended at its first token)
+            self.cache.select(rows)
         f, t, p, v = self.pending
         self.pending = (f[rows], t[rows], p[rows], v[rows])
 
@@ -561,25 +560,20 @@ class Eagle3Drafter:
         q, k, v = m.midlayer.qkv(embed(toks), h, cos, sin)
         ar = torch.arange(t, device=dev)
         own = (ar[None, :] <= ar[:, None])[None] & valid[:, None, :]  # (B, t, t)
-        old = self.mask if self.mask is not None else torch.zeros(b, 0, dtype=torch.bool, device=dev)
+        old = self.cache.attention_mask(0, b, dev)  # (B, S) the slots committed before
         mask = torch.cat([old[:, None, :].expand(b, t, -1), own], -1)[:, None]
-        self.k = k if self.k is None else torch.cat([self.k, k], 2)
-        self.v = v if self.v is None else torch.cat([self.v, v], 2)
-        self.mask = torch.cat([old, valid], 1)
-        out = m.midlayer.finish(h, gqa_attention(q, self.k, self.v, mask))
+        self.cache.append([(k, v)], valid)  # every pending slot is some row's (start: left padding; update: trimmed)
+        (ck, cv), cmask = self.cache.pairs()[0], self.cache.mask
+        out = m.midlayer.finish(h, gqa_attention(q, ck, cv, mask))
         rows = torch.arange(b, device=dev)
         last = valid.long().cumsum(1).argmax(1)  # index of each row's last real pair
         g = out[rows, last][:, None]  # (B, 1, H)
         p_last = pos[rows, last]
-        used = self.mask.any(0)
-        if not bool(used.all()):  # drop slots no row uses
-            keep = used.nonzero().squeeze(1)
-            self.k, self.v, self.mask = self.k[:, :, keep], self.v[:, :, keep], self.mask[:, keep]
         # 2) The chain: each step's output hidden state and drafted token feed the next step. With a confidence
         #    threshold a row's proposal ends at its first token the drafter is unsure of (``confident_length``),
         #    and the chain stops early once every row has ended: steps nobody would verify are never drafted.
-        ck, cv, tokens, probs, confs = self.k, self.v, [], [], []
-        cmask, ended = self.mask, torch.zeros(b, dtype=torch.bool, device=dev)  # ended: (B,) rows past an unsure token
+        tokens, probs, confs = [], [], []
+        ended = torch.zeros(b, dtype=torch.bool, device=dev)  # (B,) rows past an unsure token
         for j in range(self.chain_length):
             logits = m.logits(g)[:, 0]  # (B, Vd)
             # -> target ids, and when sampling q over the target vocabulary (0 outside the draft's)

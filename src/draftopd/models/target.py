@@ -1,6 +1,6 @@
 """The target model: any Hugging Face causal LM behind one forward that returns logits and chosen features.
 
-``Target.forward`` runs the decoder over new tokens, appending to a ``DynamicCache``, and returns
+``Target.forward`` runs the decoder over new tokens, appending to a cache (``decoding.slots.SlotCache``), and returns
 ``logits`` (only at the rows asked for: the LM head is the costly part) and, when ``layer_ids`` is given,
 the hidden states *after* those decoder layers concatenated on the last axis (``hidden_states[id + 1]``,
 the convention DFlash and EAGLE-3 checkpoints use). The LM head is always fed 2-D input: a strided 3-D
@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from torch import Tensor
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from draftopd import DraftopdError
 from draftopd.assets import DEFAULT_TARGET, default_target_dir
 from draftopd.config import check_sizes
+from draftopd.decoding.slots import SlotCache
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +146,9 @@ class Target:
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.config)
+    def new_cache(self) -> SlotCache:
+        """An empty cache for ``forward`` (a ``DynamicCache`` that also knows which slots are real per row)."""
+        return SlotCache(self.config)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """LM head on (..., H) hidden states, computed on a 2-D view, returned in float32."""
@@ -159,7 +161,7 @@ class Target:
         input_ids: Tensor,  # (B, T) new tokens
         attention_mask: Tensor,  # (B, cache_len + T): 1 where a key is a real token (cache slots, then new)
         position_ids: Tensor,  # (B, T) absolute positions of the new tokens (per row: padding is not counted)
-        cache: DynamicCache | None,
+        cache: SlotCache | None,
         layer_ids: tuple[int, ...] = (),
         logits_at: str = "all",  # "all" | "last" | "none"
     ) -> TargetOutput:
