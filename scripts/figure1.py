@@ -33,7 +33,7 @@ import yaml
 
 from draftopd.assets import home as cache_root
 from draftopd.bench.run import paired_gain
-from draftopd.config import BenchConfig, DataConfig, OPDConfig, SFTConfig, load, to_dict
+from draftopd.config import BenchConfig, DataConfig, OPDConfig, SFTConfig, load, migrate_loop, to_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "configs" / "figure1"
@@ -45,7 +45,6 @@ ABLATIONS = {  # name -> OPD overrides, for the kind where OPD does best
     "no-rejected": {"rej_weight": 0.0},
     "hard-ce": {"loss": "hard_ce"},
 }
-MATCHED = ("lr", "warmup_ratio", "min_lr_ratio", "adam_betas", "weight_decay", "grad_clip", "seed")
 
 
 def configs(home: Path, steps: tuple[int, ...] = STEPS) -> dict[str, tuple[list[str], object]]:
@@ -62,12 +61,10 @@ def configs(home: Path, steps: tuple[int, ...] = STEPS) -> dict[str, tuple[list[
             sft,
             init_from=start,
             out=str(home / f"cont-{kind}"),
-            max_steps=opd.max_steps,
             batch_size=opd.rollout_batch * opd.accum,  # the same rows per update, drawn the same way (sample_order)
             max_len=max(sft.max_len, 640),  # whole trajectories (<= 256 + 256 tokens), as OPD replays them
             eval=rep(sft.eval, limit=opd.eval.limit, max_new_tokens=opd.eval.max_new_tokens),
-            **{k: getattr(opd, k) for k in MATCHED},
-            **{k: getattr(opd, k) for k in ("log_every", "eval_every", "save_every", "keep_every")},
+            loop=opd.loop,  # the same steps, optimizer, schedule, seed, and log/eval/save/keep points
         )
         stages[f"sft-{kind}"] = (["train", "sft"], sft)
         stages[f"opd-{kind}"] = (["train", "opd"], opd)
@@ -119,12 +116,18 @@ def reached(cfg, step: int) -> bool:
         return False
 
 
+def finished_config(done: Path) -> str | None:
+    """The config a done marker records (one recorded before the loop section, in its layout: ``migrate_loop``)."""
+    record = json.loads(done.read_text()).get("config")
+    return record and json.dumps(migrate_loop(json.loads(record)), sort_keys=True, default=str)
+
+
 def run_stage(home: Path, name: str, verb: list[str], cfg, horizon: int = 0) -> None:
     """Run one stage unless its done marker holds the same config. ``horizon``: a trainer is stopped once its
     checkpoint of that update is written (its schedule unchanged, so the next run resumes it to the end)."""
     done = home / "done" / f"{name}.json"
     record = json.dumps(to_dict(cfg), sort_keys=True, default=str)
-    if done.exists() and json.loads(done.read_text()).get("config") == record:
+    if done.exists() and finished_config(done) == record:
         return
     if horizon and reached(cfg, horizon):
         print(f"[figure1] {name}: at update {horizon} already", flush=True)

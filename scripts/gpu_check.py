@@ -251,7 +251,7 @@ def sft_phase(target: Target, cfg: SFTConfig, args, all_reduce=None) -> dict:
     prompt_len = min(256, cfg.max_len // 4)
     seqs = synthetic_seqs(cfg.batch_size, cfg.max_len, prompt_len, vocab, gen)
     model = new_drafter(target, cfg.arch, seqs)
-    opt, sched = make_optimizer(dataclasses.replace(cfg, max_steps=1000), model)
+    opt, sched = make_optimizer(dataclasses.replace(cfg.loop, max_steps=1000), model)
     batch, anchor_gen = sft_batch(target, model.config.target_layer_ids, seqs, list(range(len(seqs))), args.seed)
     reset_peak(args.device)
     losses, times = [], []
@@ -260,7 +260,7 @@ def sft_phase(target: Target, cfg: SFTConfig, args, all_reduce=None) -> dict:
         t0 = time.perf_counter()
         loss = sft_loss(model, target, batch, anchor_gen, cfg)
         loss.backward()
-        optimizer_step(model, opt, sched, cfg.grad_clip, all_reduce)
+        optimizer_step(model, opt, sched, cfg.loop.grad_clip, all_reduce)
         sync(args.device)
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
@@ -341,7 +341,7 @@ def opd_phase(target: Target, cfg: OPDConfig, kind: str, sft_cfg: SFTConfig, arg
         **peak_gib(args.device),
     }
     # (b) replay updates: cfg.rollout_batch synthetic rollouts per update, micro-batches of cfg.micro_batch
-    opt, sched = make_optimizer(dataclasses.replace(cfg, max_steps=1000), model)
+    opt, sched = make_optimizer(dataclasses.replace(cfg.loop, max_steps=1000), model)
     block = model.replay_block(cfg.chain_length)
     rows = synthetic_rollouts(cfg.rollout_batch, plen, resp, tau, block - 1, vocab, gen)
     micro = [rows[i : i + cfg.micro_batch] for i in range(0, len(rows), cfg.micro_batch)]
@@ -358,7 +358,7 @@ def opd_phase(target: Target, cfg: OPDConfig, kind: str, sft_cfg: SFTConfig, arg
                 loss, counts = opd.replay_loss(model, target, mb, slots, cfg, slots.denominator(cfg) * len(micro))
             loss.backward()
             total += loss.item()
-        optimizer_step(model, opt, sched, cfg.grad_clip)
+        optimizer_step(model, opt, sched, cfg.loop.grad_clip)
         sync(args.device)
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)

@@ -45,8 +45,8 @@ def main() -> None:
     ap.add_argument("--sft-config", default=None, help="SFT recipe (default configs/figure1/sft-KIND.yaml)")
     args = ap.parse_args()
     sft_cfg = args.sft_config or str(ROOT / "configs" / "figure1" / f"sft-{args.kind}.yaml")
-    common = [f"data={args.data}", f"init_from={args.drafter}", f"max_steps={args.steps}", "log_every=1",
-              f"eval_every={10 * args.steps}", f"save_every={10 * args.steps}", "eval.limit=1",
+    common = [f"data={args.data}", f"init_from={args.drafter}", f"loop.max_steps={args.steps}", "loop.log_every=1",
+              f"loop.eval_every={10 * args.steps}", f"loop.save_every={10 * args.steps}", "eval.limit=1",
               "eval.max_new_tokens=4", f"target.threads={args.threads}"]  # fmt: skip
     times = {}
     with tempfile.TemporaryDirectory() as tmp:

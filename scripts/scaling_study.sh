@@ -41,8 +41,8 @@ for kind in $KINDS; do
         mkdir -p "$run" && ln "$first/features.pt" "$run/features.pt"
       fi
       echo "== $(date +%T) SFT $kind $s steps -> $run"
-      $D train sft --config "configs/sft-$kind.yaml" --set "data=$DATA" --set "out=$run" --set "max_steps=$s" \
-        --set "eval_every=$s" --set "save_every=$(( s < 50 ? s : 50 ))" --set eval.limit=8 --set eval.max_new_tokens=64 \
+      $D train sft --config "configs/sft-$kind.yaml" --set "data=$DATA" --set "out=$run" --set "loop.max_steps=$s" \
+        --set "loop.eval_every=$s" --set "loop.save_every=$(( s < 50 ? s : 50 ))" --set eval.limit=8 --set eval.max_new_tokens=64 \
         ${SFT_SET:-}
     fi
     first=${first:-$run}

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
+import yaml
 
 from draftopd import DraftopdError
-from draftopd.config import BenchConfig, load
+from draftopd.config import (
+    LOOP_KEYS,
+    OPD_RECIPES,
+    BenchConfig,
+    DemoConfig,
+    LoopConfig,
+    OPDConfig,
+    SFTConfig,
+    load,
+    migrate_loop,
+    to_dict,
+)
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -47,3 +62,83 @@ def test_yaml_errors_name_file_and_line(tmp_path):
     unknown.write_text("drafter:\n  kind: pld\n  bogus: 1\n")
     with pytest.raises(DraftopdError, match=r"unknown\.yaml: unknown config key drafter\.bogus"):
         load(BenchConfig, unknown)
+
+
+# --- the training loop section both trainers share (config.LoopConfig) ---
+
+
+@pytest.mark.parametrize("cls", [SFTConfig, OPDConfig])
+def test_a_partial_loop_section_keeps_the_trainers_other_defaults(cls, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("loop:\n  max_steps: 5\n")
+    defaults = cls().loop  # the trainer's own (SFT's and OPD's differ), not LoopConfig's class defaults
+    for cfg in (load(cls, recipe), load(cls, None, ["loop.max_steps=5"])):
+        assert cfg.loop == dataclasses.replace(defaults, max_steps=5)
+    assert load(cls, None, ["loop.lr=0.5", "loop.seed=3"]).loop == dataclasses.replace(defaults, lr=0.5, seed=3)
+    # nested one level down too: the demo's sections keep their trainer's loop
+    section = "sft" if cls is SFTConfig else "opd"
+    demo = load(DemoConfig, None, [f"{section}.loop.max_steps=5"])
+    assert getattr(demo, section).loop == dataclasses.replace(defaults, max_steps=5)
+
+
+def test_the_trainers_loop_defaults():
+    assert SFTConfig().loop == LoopConfig()  # the class defaults are SFT's
+    opd = OPDConfig().loop
+    assert (opd.max_steps, opd.lr, opd.warmup_ratio, opd.min_lr_ratio, opd.adam_betas, opd.weight_decay) == (
+        20, None, 0.05, 0.0, (0.9, 0.999), 0.01,
+    )  # fmt: skip
+    assert (opd.grad_clip, opd.seed, opd.log_every, opd.eval_every, opd.save_every, opd.keep_every) == (
+        1.0, 0, 1, 5, 5, 0,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("cls", [SFTConfig, OPDConfig])
+@pytest.mark.parametrize("key", LOOP_KEYS)
+def test_an_old_top_level_loop_key_names_its_new_place(cls, key, tmp_path):
+    with pytest.raises(DraftopdError, match=rf"^config key {key} was renamed: use loop\.{key}$"):
+        load(cls, None, [f"{key}=1"])
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text(f"{key}: 1\n")
+    with pytest.raises(DraftopdError) as e:
+        load(cls, recipe)
+    assert str(e.value) == f"{recipe}: config key {key} was renamed: use loop.{key}"
+    assert "\n" not in str(e.value)
+
+
+def test_older_names_point_into_the_loop_section():
+    with pytest.raises(DraftopdError, match="config key steps was renamed: use loop.max_steps"):
+        load(SFTConfig, None, ["steps=5"])
+    with pytest.raises(DraftopdError, match="config key iterations was renamed: use loop.max_steps"):
+        load(OPDConfig, None, ["iterations=5"])
+
+
+def test_loop_values_are_checked_by_their_dotted_name():
+    with pytest.raises(DraftopdError, match=r"^loop\.lr must be a finite number > 0 \(None, the kind's recipe, is"):
+        load(SFTConfig, None, ["loop.lr=null"])  # only OPD takes its kind's recipe
+    assert load(OPDConfig, None, ["loop.lr=null"]).loop.lr is None
+    for override, name in [("loop.lr=-1", "loop.lr"), ("loop.warmup_ratio=2", "loop.warmup_ratio"),
+                           ("loop.adam_betas=[0.9]", "loop.adam_betas"), ("loop.save_every=0", "loop.save_every"),
+                           ("loop.seed=-1", "loop.seed"), ("loop.keep_every=-1", "loop.keep_every")]:  # fmt: skip
+        with pytest.raises(DraftopdError, match=rf"^{name} must be"):
+            load(OPDConfig, None, [override])
+
+
+def test_for_kind_fills_loop_lr_from_the_recipe_and_keeps_a_stated_one():
+    for kind, recipe in OPD_RECIPES.items():
+        cfg = OPDConfig().for_kind(kind)
+        assert cfg.loop.lr == recipe["lr"] and cfg.loss == recipe["loss"]
+        assert dataclasses.replace(cfg.loop, lr=None) == OPDConfig().loop  # nothing else of the loop changed
+    assert load(OPDConfig, None, ["loop.lr=0.5"]).for_kind("dflash").loop.lr == 0.5
+
+
+def test_a_stored_config_of_the_old_layout_is_migrated(tmp_path):
+    new = to_dict(load(SFTConfig, None, ["loop.max_steps=7", "loop.lr=0.01"]))
+    old = {k: v for k, v in new.items() if k != "loop"} | new["loop"]  # how runs before the loop section stored it
+    assert migrate_loop(old) == new and migrate_loop(new) == new
+    bench = to_dict(BenchConfig())
+    assert migrate_loop(bench) == bench  # not a trainer's config: as it is
+    stage = tmp_path / "sft.yaml"  # a demo stage's config, written before the loop section
+    stage.write_text(yaml.safe_dump(json.loads(json.dumps(old))))
+    assert load(SFTConfig, stage, stored=True) == load(SFTConfig, None, ["loop.max_steps=7", "loop.lr=0.01"])
+    with pytest.raises(DraftopdError, match="renamed: use loop"):
+        load(SFTConfig, stage)  # a recipe in the old layout is refused

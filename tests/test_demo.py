@@ -72,7 +72,7 @@ def test_quick_demo_writes_report_with_every_method(quick_demo):
     # the OPD and SFT-continued runs start from the SFT drafter and log tau from step 0
     opd_rows = [json.loads(x) for x in (out / "opd" / "metrics.jsonl").read_text().splitlines()]
     assert opd_rows[0]["step"] == 0 and "tau" in opd_rows[0]
-    assert any(r.get("step") == cfg.opd.max_steps and "tau" in r for r in opd_rows)
+    assert any(r.get("step") == cfg.opd.loop.max_steps and "tau" in r for r in opd_rows)
     assert sum(1 for line in said if "started" in line) == len(STAGES)
 
 
@@ -114,12 +114,12 @@ def test_tiny_demo_in_the_other_dtype(tiny_folder, tmp_path):
         f"target.dtype={other}",
         f"data.sources=[{prompts}]",
         "data.sampling.max_new_tokens=16",
-        "sft.max_steps=4",
+        "sft.loop.max_steps=4",
         "sft.eval.max_new_tokens=8",
-        "sft.eval_every=4",
-        "sft.save_every=4",
-        "opd.max_steps=2",
-        "opd.eval_every=2",
+        "sft.loop.eval_every=4",
+        "sft.loop.save_every=4",
+        "opd.loop.max_steps=2",
+        "opd.loop.eval_every=2",
         "opd.logp_min=-40",
         "bench.datasets=[gsm8k]",
         "bench.sampling.max_new_tokens=8",

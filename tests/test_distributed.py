@@ -68,7 +68,7 @@ def test_two_processes_train_what_one_trains(tiny_folder, shards, tmp_path, kind
     runs = {}
     for n in (1, 2):
         sft, opd = tmp_path / f"sft{n}", tmp_path / f"opd{n}"
-        args = [*sft_args(tiny_folder, shards, sft, steps=4), *extra, "--set", "eval_every=4"]
+        args = [*sft_args(tiny_folder, shards, sft, steps=4), *extra, "--set", "loop.eval_every=4"]
         run_cli(*args, check=True) if n == 1 else torchrun(*args, *shard)
         # both OPD runs start from the one-process SFT drafter (final/ is bf16: a 1e-6 difference could round apart)
         opd_args = run_opd(

@@ -56,7 +56,7 @@ def training_checkpoint(model, folder: Path) -> Path:
     """A training checkpoint as the trainers write it: raw weights + fc_scale, training_state.pt, run_config.json."""
     write_drafter(model, folder, "checkpoint", torch.float32)
     torch.save({"optimizer": {"state": {}, "param_groups": []}, "step": 3}, folder / "training_state.pt")
-    (folder / "run_config.json").write_text(json.dumps({"target": {"path": "tiny-target"}, "max_steps": 3}))
+    (folder / "run_config.json").write_text(json.dumps({"target": {"path": "tiny-target"}, "loop": {"max_steps": 3}}))
     return folder
 
 

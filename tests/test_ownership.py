@@ -81,9 +81,10 @@ def data_args(tiny: Path, out: Path, prompts: Path, *extra: str) -> list[str]:
 def sft_args(tiny: Path, data: Path, out: Path, steps: int = 4, *extra: str) -> list[str]:
     return [
         "train", "sft", "--target", str(tiny), "--dtype", "fp32", "--set", f"data={data}", "--set", f"out={out}",
-        "--set", f"max_steps={steps}", "--set", "batch_size=2", "--set", "blocks_per_seq=2", "--set", "save_every=2",
-        "--set", "eval_every=1000", "--set", "eval.limit=1", "--set", "eval.max_new_tokens=4",
-        "--set", "arch.block_size=4", "--set", "arch.num_layers=1", "--set", "log_every=1", *extra,
+        "--set", f"loop.max_steps={steps}", "--set", "batch_size=2", "--set", "blocks_per_seq=2",
+        "--set", "loop.save_every=2", "--set", "loop.eval_every=1000", "--set", "eval.limit=1",
+        "--set", "eval.max_new_tokens=4",
+        "--set", "arch.block_size=4", "--set", "arch.num_layers=1", "--set", "loop.log_every=1", *extra,
     ]  # fmt: skip
 
 
@@ -193,7 +194,7 @@ def test_two_concurrent_exports_to_one_folder_end_with_one_refused(drafter, tmp_
 @needs_default_target
 def test_two_concurrent_train_sft_end_with_one_refused_and_each_step_logged_once(tiny, data, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "draftopd.cli", *sft_args(tiny, data, out, 100, "--set", "save_every=25")]
+    cmd = [sys.executable, "-m", "draftopd.cli", *sft_args(tiny, data, out, 100, "--set", "loop.save_every=25")]
     # started together: the first to lock trains ~5 s (100 steps), the other arrives within a second and is refused
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p.wait(timeout=600), *p.communicate()) for p in procs]
@@ -220,7 +221,7 @@ def test_training_into_a_run_whose_checkpoints_were_removed_refuses_or_resumes(
     assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_000002", "step_000004"]
     assert [r["step"] for r in rows(out)].count(3) == 1
     # another config while checkpoints are there: refused, nothing pruned
-    one_line_error(capsys, monkeypatch, *sft_args(tiny, data, out, 4), "--set", "lr=0.1", text="another config")
+    one_line_error(capsys, monkeypatch, *sft_args(tiny, data, out, 4), "--set", "loop.lr=0.1", text="another config")
     assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_000002", "step_000004"]
     final = tree(out / "final")
     # every checkpoint removed, latest left: refused naming it
@@ -234,7 +235,7 @@ def test_training_into_a_run_whose_checkpoints_were_removed_refuses_or_resumes(
     assert tree(out / "final") == final
     # final/ gone too: the root run_config.json still says which config the folder holds
     shutil.rmtree(out / "final")
-    one_line_error(capsys, monkeypatch, *sft_args(tiny, data, out, 6), text="max_steps")
+    one_line_error(capsys, monkeypatch, *sft_args(tiny, data, out, 6), text="loop.max_steps")
     assert stray(tmp_path) == []
 
 
@@ -255,7 +256,7 @@ def test_damaged_files_on_resume_are_one_line_and_a_torn_metrics_line_is_dropped
     tiny, data, tmp_path, capsys, monkeypatch
 ):
     out = tmp_path / "run"
-    args = sft_args(tiny, data, out, 2, "--set", "save_every=1")
+    args = sft_args(tiny, data, out, 2, "--set", "loop.save_every=1")
     assert cli_in_process(capsys, monkeypatch, *args)[0] == 0
     ck = out / "checkpoints" / "step_000002"
     metrics = out / "metrics.jsonl"

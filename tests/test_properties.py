@@ -53,9 +53,10 @@ KEYS = st.sampled_from(
     [
         "limit", "datasets", "batch_size", "warmup", "methods", "sampling.temperature", "sampling.top_p",
         "sampling.max_new_tokens", "sampling.seed", "target.threads", "target.dtype", "target.path",
-        "drafter.kind", "drafter.num_tokens", "max_steps", "save_every", "max_len", "lr", "arch.block_size",
-        "chunk_size", "sources", "out", "eval.limit", "eval.dataset", "gamma", "logp_min", "bogus", "a.b.c",
-        "sampling", "sampling.temperature.x", "", ".", "sampling.", "data.sampling.top_p", "sft.max_steps",
+        "drafter.kind", "drafter.num_tokens", "loop.max_steps", "loop.save_every", "max_len", "loop.lr", "lr", "loop",
+        "arch.block_size", "chunk_size", "sources", "out", "eval.limit", "eval.dataset", "gamma", "logp_min", "bogus",
+        "a.b.c", "sampling", "sampling.temperature.x", "", ".", "sampling.", "data.sampling.top_p",
+        "sft.loop.max_steps",
     ]
 )  # fmt: skip
 OVERRIDES = st.lists(
@@ -144,7 +145,7 @@ CLASSES = st.sampled_from([BenchConfig, GenerateConfig, DataConfig, SFTConfig, O
 @example(cls=BenchConfig, text=b"- a\n- b\n", overrides=[])
 @example(cls=BenchConfig, text=None, overrides=["k=[0.5"])
 @example(cls=BenchConfig, text=None, overrides=["sampling.temperature=nan"])
-@example(cls=SFTConfig, text=None, overrides=["save_every=0", "max_len=2"])
+@example(cls=SFTConfig, text=None, overrides=["loop.save_every=0", "max_len=2"])
 @example(cls=BenchConfig, text=b"limit: " + b"1" * 5000, overrides=[])
 @example(cls=BenchConfig, text=None, overrides=["limit=" + "[" * 5000])
 def test_config_loader_returns_a_config_or_one_line(cls, text, overrides):

@@ -56,7 +56,7 @@ def opd_args(tiny: Path, data: Path, out: Path, init_from: Path) -> list[str]:
     return [
         "train", "opd", "--target", str(tiny), "--dtype", "fp32",
         "--set", f"init_from={init_from}", "--set", f"out={out}", "--set", f"data={data}",
-        "--set", "max_steps=1", "--set", "rollout_batch=2", "--set", "max_new_tokens=8",
+        "--set", "loop.max_steps=1", "--set", "rollout_batch=2", "--set", "max_new_tokens=8",
         "--set", "eval.limit=1", "--set", "eval.max_new_tokens=4",
     ]  # fmt: skip
 
@@ -262,7 +262,7 @@ def test_hostile_inputs_end_in_one_line(tiny, tmp_path, capsys, monkeypatch):
     afile.write_text("x")
     one_line_error(capsys, monkeypatch, "data", "--target", str(tiny), "--out", str(afile), text="is a file")
     sft = ["train", "sft", "--target", str(tiny)]
-    one_line_error(capsys, monkeypatch, *sft, "--set", "save_every=0", text="save_every")
+    one_line_error(capsys, monkeypatch, *sft, "--set", "loop.save_every=0", text="loop.save_every")
     one_line_error(capsys, monkeypatch, *sft, "--set", "max_len=2", text="max_len")
     one_line_error(capsys, monkeypatch, *sft, "--set", "arch.block_size=1", text="arch.block_size")
     one_line_error(capsys, monkeypatch, *bench_args(tiny, "--limit", "0"), text="limit must be >= 1")

@@ -151,7 +151,11 @@ def opd_setup(tiny_folder, tmp_path_factory):
 
 
 def opd_cfg(opd_setup, kind: str, out, **over):
-    from draftopd.config import OPDConfig, TargetConfig
+    """An OPD config on the tiny target; ``over``: fields to change, loop keys (``max_steps``, ``lr``, ...) among
+    them."""
+    import dataclasses
+
+    from draftopd.config import LOOP_KEYS, OPDConfig, TargetConfig
 
     folder, data, inits = opd_setup
     base = {
@@ -159,16 +163,11 @@ def opd_cfg(opd_setup, kind: str, out, **over):
         "init_from": str(inits[kind]),
         "out": str(out),
         "data": str(data),
-        "max_steps": 2,
         "rollout_batch": 4,
         "micro_batch": 4,
         "max_new_tokens": 14,
         "chain_length": 3,
-        "lr": 0.01,
-        "warmup_ratio": 0.0,
         "logp_min": -40.0,
-        "eval_every": 100,
-        "save_every": 1,
         "loss": "acceptance_aware",
         "anchors": "verify",
         "rej_weight": 1.0,
@@ -176,7 +175,9 @@ def opd_cfg(opd_setup, kind: str, out, **over):
     from draftopd.config import EvalConfig
 
     base["eval"] = EvalConfig(limit=1, max_new_tokens=4, chain_length=3)
-    return OPDConfig(**{**base, **over})
+    loop = {"max_steps": 2, "lr": 0.01, "warmup_ratio": 0.0, "eval_every": 100, "save_every": 1}
+    loop |= {k: over.pop(k) for k in LOOP_KEYS if k in over}
+    return OPDConfig(**{**base, **over}, loop=dataclasses.replace(OPDConfig().loop, **loop))
 
 
 def metrics(out) -> list[dict]:
@@ -228,4 +229,4 @@ def test_eagle3_recipe_trains_whole_sequences_without_a_rejected_stream(opd_setu
     row = metrics(out)[0]
     assert row["rej_tokens"] == 0 and row["resp_tokens"] > 0 and math.isfinite(row["loss"])
     saved = json.loads((out / "run_config.json").read_text())
-    assert (saved["loss"], saved["anchors"], saved["rej_weight"], saved["lr"]) == ("full_kl", "all", 0.0, 1e-4)
+    assert (saved["loss"], saved["anchors"], saved["rej_weight"], saved["loop"]["lr"]) == ("full_kl", "all", 0.0, 1e-4)

@@ -4,13 +4,27 @@ The CLI end to end (subprocesses, SIGKILL and resume, torchrun) is the slow tier
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from draftopd.config import ArchConfig, DataConfig, EvalConfig, OPDConfig, SamplingConfig, SFTConfig, TargetConfig
+from draftopd.config import (
+    ArchConfig,
+    DataConfig,
+    EvalConfig,
+    LoopConfig,
+    OPDConfig,
+    SamplingConfig,
+    SFTConfig,
+    TargetConfig,
+    to_dict,
+)
 from draftopd.data.trajectories import generate_trajectories
 from draftopd.models.io import read_drafter
 from draftopd.train.opd import train_opd
@@ -52,9 +66,10 @@ def data(tiny_folder, loaded, tmp_path_factory) -> Path:
 def test_sft_then_opd_in_process(tiny_folder, loaded, data, tmp_path, kind):
     target_cfg = TargetConfig(path=str(tiny_folder), dtype="fp32")
     ev = EvalConfig(limit=1, max_new_tokens=4, chain_length=3)
+    loop = LoopConfig(max_steps=6, lr=1e-2, warmup_ratio=0.0, log_every=1, eval_every=6, save_every=6)
     sft = SFTConfig(
-        target=target_cfg, arch=ARCH[kind], eval=ev, data=str(data), out=str(tmp_path / "sft"), max_steps=6,
-        batch_size=2, blocks_per_seq=2, lr=1e-2, warmup_ratio=0.0, log_every=1, eval_every=6, save_every=6,
+        target=target_cfg, arch=ARCH[kind], eval=ev, data=str(data), out=str(tmp_path / "sft"), loop=loop,
+        batch_size=2, blocks_per_seq=2,
     )  # fmt: skip
     final = train_sft(sft, loaded)
     assert final == tmp_path / "sft" / "final" and read_drafter(final, loaded).config.num_target_layers == 4
@@ -63,13 +78,52 @@ def test_sft_then_opd_in_process(tiny_folder, loaded, data, tmp_path, kind):
     assert sum(losses[-2:]) < sum(losses[:2])  # 6 steps at lr 1e-2 on 6 sequences: it learns
     assert any("tau" in r for r in metric_rows(tmp_path / "sft"))  # the eval ran with the engine
 
+    loop = dataclasses.replace(OPDConfig().loop, max_steps=1, eval_every=100, save_every=1)  # OPD's other defaults
     opd = OPDConfig(
-        target=target_cfg, eval=ev, init_from=str(final), data=str(data), out=str(tmp_path / "opd"), max_steps=1,
-        rollout_batch=2, micro_batch=2, max_new_tokens=12, chain_length=3, logp_min=-40.0, eval_every=100,
-        save_every=1,
+        target=target_cfg, eval=ev, init_from=str(final), data=str(data), out=str(tmp_path / "opd"), loop=loop,
+        rollout_batch=2, micro_batch=2, max_new_tokens=12, chain_length=3, logp_min=-40.0,
     )  # fmt: skip
     assert opd.rollouts == "replay"  # the default: derived from the trajectories, no live generation
     out = train_opd(opd, loaded)
     rows = [r for r in metric_rows(tmp_path / "opd") if "loss" in r]
     assert len(rows) == 1 and math.isfinite(rows[0]["loss"]) and rows[0]["rollout_tau"] >= 1.0
     assert type(read_drafter(out, loaded)) is type(read_drafter(final, loaded))
+
+
+def old_layout(run_config: dict) -> str:
+    """A run config as every run before the loop section stored it: the loop keys at the top level."""
+    return json.dumps({k: v for k, v in run_config.items() if k != "loop"} | run_config["loop"])
+
+
+def test_a_run_stored_before_the_loop_section_resumes(tiny_folder, loaded, data, tmp_path):
+    """Its run configs (the folder's and the checkpoint's) are read in their layout: the run resumes from its
+    checkpoint, no "another config" refusal, and ends with the weights of an uninterrupted run."""
+    loop = LoopConfig(max_steps=4, lr=1e-2, warmup_ratio=0.0, log_every=1, eval_every=100, save_every=2)
+    sft = SFTConfig(
+        target=TargetConfig(path=str(tiny_folder), dtype="fp32"), arch=ARCH["dflash"],
+        eval=EvalConfig(limit=1, max_new_tokens=4, chain_length=3), data=str(data), out=str(tmp_path / "straight"),
+        loop=loop, batch_size=2, blocks_per_seq=2,
+    )  # fmt: skip
+    straight = train_sft(sft, loaded)
+    old, step = tmp_path / "old", "step_000002"  # the old run: stopped after its checkpoint of step 2
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / step, old / "checkpoints" / step)
+    (old / "checkpoints" / "latest").write_text(step)
+    stored = json.loads((old / "checkpoints" / step / "run_config.json").read_text())
+    for f in (old / "run_config.json", old / "checkpoints" / step / "run_config.json"):
+        f.write_text(old_layout(stored))
+    resumed = train_sft(dataclasses.replace(sft, out=str(old)), loaded)
+    assert [r["step"] for r in metric_rows(old) if "loss" in r] == [3, 4]  # resumed at step 2, not started over
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_changed_value_in_a_run_of_the_old_layout_is_still_refused(tmp_path):
+    from draftopd import DraftopdError
+    from draftopd.train.common import judge_run_folder
+
+    run_config = json.loads(json.dumps(to_dict(SFTConfig(out=str(tmp_path)))))
+    tmp_path.joinpath("run_config.json").write_text(old_layout(run_config))
+    assert judge_run_folder(tmp_path, run_config) is None  # the same config: a fresh start (nothing to resume)
+    changed = json.loads(json.dumps(to_dict(SFTConfig(out=str(tmp_path), loop=LoopConfig(lr=0.1)))))
+    with pytest.raises(DraftopdError, match=r"holds a run with another config \(loop\.lr;"):
+        judge_run_folder(tmp_path, changed)

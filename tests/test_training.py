@@ -61,7 +61,8 @@ def test_killed_at_random_moments_resumes_exactly(tiny_folder, shards, tmp_path,
             run_cli(*sft_args(tiny_folder, shards, tmp_path / "sft", steps=4), check=True)
             and tmp_path / "sft" / "final"
         )
-        extra = ("--set", "max_steps=6", "--set", "save_every=1", "--set", "log_every=1", "--set", "eval_every=3")
+        loop = ("loop.max_steps=6", "loop.save_every=1", "loop.log_every=1", "loop.eval_every=3")
+        extra = tuple(a for key in loop for a in ("--set", key))
         args = lambda out: run_opd(tiny_folder, sft_final, out, shards, *extra, run=False)  # noqa: E731
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run_cli(*args(straight), check=True)
@@ -101,7 +102,7 @@ def test_eagle3_sft_smoke(tiny_folder, shards, tmp_path, dtype):
         "--set",
         "arch.ttt_steps=3",
         "--set",
-        "eval_every=4",
+        "loop.eval_every=4",
     ]
     run_cli(*args, check=True)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -114,7 +115,7 @@ def test_resume_refuses_another_config(tiny_folder, shards, tmp_path):
     out = tmp_path / "run"
     run_cli(*sft_args(tiny_folder, shards, out, steps=5), check=True)
     proc = subprocess.run(
-        [sys.executable, "-m", "draftopd.cli", *sft_args(tiny_folder, shards, out, steps=5), "--set", "lr=0.1"],
+        [sys.executable, "-m", "draftopd.cli", *sft_args(tiny_folder, shards, out, steps=5), "--set", "loop.lr=0.1"],
         capture_output=True,
         text=True,
     )
@@ -165,7 +166,9 @@ def test_eagle3_opd_replays_rejected_chains(tiny_folder, shards, tmp_path, dtype
     rejected tokens fed back."""
     sft = tmp_path / "eagle"
     extra = ["--set", "arch.kind=eagle3", "--set", "arch.draft_vocab_size=64", "--set", "arch.ttt_steps=3"]
-    run_cli(*sft_args(tiny_folder, shards, sft, steps=2, dtype=dtype), *extra, "--set", "eval_every=2", check=True)
+    run_cli(
+        *sft_args(tiny_folder, shards, sft, steps=2, dtype=dtype), *extra, "--set", "loop.eval_every=2", check=True
+    )
     out = tmp_path / "opd"
     opd_extra = ("--set", "chain_length=3", "--set", "eval.chain_length=3", "--set", "anchors=verify")
     opd_extra += ("--set", "rej_weight=1", "--set", "loss=acceptance_aware")

@@ -100,13 +100,13 @@ def _train(kind: str, data: Path, out: Path) -> Path:
         f"out={out}",
         "target.dtype=fp32",
         "target.threads=1",
-        "max_steps=60",
+        "loop.max_steps=60",
         "batch_size=4",
         "max_len=320",
-        "lr=1e-3",
+        "loop.lr=1e-3",
         "arch.draft_vocab_size=4096",
-        "eval_every=1000",
-        "save_every=1000",
+        "loop.eval_every=1000",
+        "loop.save_every=1000",
         *arch,
     ]
     from draftopd.train.sft import train_sft

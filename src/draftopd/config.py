@@ -3,10 +3,11 @@
 ``load(BenchConfig, "configs/bench.yaml", ["sampling.temperature=0.7", "limit=5"])`` reads the recipe,
 applies the overrides (values parsed as YAML scalars), and builds the dataclass tree. Any key the
 dataclass does not declare raises ``DraftopdError`` naming the key and the file. Every field has a default,
-so a recipe states only what differs. ``asdict`` of the result is what we write into every checkpoint and
+so a recipe states only what differs; a section it states in part keeps the rest of that field's default (SFT's
+and OPD's ``loop`` sections differ). ``asdict`` of the result is what we write into every checkpoint and
 benchmark JSON.
 
-One name, one meaning, in every config: ``max_steps`` is a trainer's optimizer steps, ``chain_length`` the
+One name, one meaning, in every config: ``loop.max_steps`` is a trainer's optimizer steps, ``chain_length`` the
 tokens an EAGLE-3 drafter proposes per verify step, ``ttt_steps`` its training-time-test unroll, ``drafter``
 a drafter to decode with (generate, bench) and ``arch`` the shape of a drafter to train. A key that an older
 version used for something else (``RENAMED``) is refused with a one-line error naming its new key.
@@ -189,11 +190,12 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check/convert a YAML value against a field's annotation (only the types our configs use)."""
+def _coerce(value: Any, tp: Any, key: str, base: Any = None) -> Any:
+    """Check/convert a YAML value against a field's annotation (only the types our configs use); a section (a
+    dataclass field) is built on top of ``base``, the value it has when the section is left out."""
     origin = typing.get_origin(tp)
     if _is_dataclass_type(tp):
-        return from_dict(tp, value, key + ".")
+        return from_dict(tp, value, key + ".", base)
     if origin in (types.UnionType, typing.Union):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return None if value is None else _coerce(value, args[0], key)
@@ -223,20 +225,31 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 RENAMED_EVERYWHERE = {"gsm8k_path": "the --gsm8k PATH flag or $DRAFTOPD_GSM8K"}
 
 
-def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a nested dict; an unknown key raises with its dotted path."""
+def _default(f: dataclasses.Field) -> Any:
+    """A field's default value (None when it has none)."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def from_dict(cls: type[T], data: dict | None, prefix: str = "", base: T | None = None) -> T:
+    """Build dataclass ``cls`` from a nested dict; an unknown key raises with its dotted path. The keys a section
+    leaves out keep the values of ``base`` (by default the class defaults): a nested section starts from its field's
+    default, e.g. ``loop: {max_steps: 5}`` keeps the other values of the trainer's own loop defaults."""
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise DraftopdError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     renamed = {**RENAMED_EVERYWHERE, **getattr(cls, "RENAMED", {})}
     for key in data:
-        if key in renamed and key not in names:
+        if key in renamed and key not in fields:
             raise DraftopdError(f"config key {prefix}{key!s} was renamed: use {renamed[key]}")
-        if key not in names:
-            raise DraftopdError(f"unknown config key {prefix}{key!s} (known: {', '.join(names)})")
-    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
+        if key not in fields:
+            raise DraftopdError(f"unknown config key {prefix}{key!s} (known: {', '.join(fields)})")
+    bases = {k: getattr(base, k) if base is not None else _default(fields[k]) for k in data}  # a section's start
+    values = {k: _coerce(v, hints[k], prefix + k, bases[k]) for k, v in data.items()}
+    return cls(**values) if base is None else dataclasses.replace(base, **values)
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -266,8 +279,11 @@ def apply_override(data: dict, override: str) -> None:
     node[parts[-1]] = value
 
 
-def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """Read a YAML recipe (optional), apply dotted overrides, return the frozen config."""
+def load(
+    cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), stored: bool = False
+) -> T:
+    """Read a YAML recipe (optional), apply dotted overrides, return the frozen config. ``stored``: the recipe is
+    one this program wrote earlier (a demo stage's), read in an older layout too (``migrate_loop``), not refused."""
     data: dict = {}
     if path:
         p = Path(path)
@@ -295,6 +311,8 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tu
             raise DraftopdError(
                 f"{p}: expected a mapping of config keys at the top level, not a {type(data).__name__}"
             )
+        if stored:
+            data = migrate_loop(data)
     for o in overrides:
         apply_override(data, o)
     try:
@@ -387,24 +405,56 @@ class EvalConfig:
         need(self.chain_length >= 1, "eval.chain_length", ">= 1", self.chain_length)
 
 
-def _check_optimizer(cfg: Any) -> None:
-    """The fields SFT and OPD share, each named when out of range (an OPD ``lr`` of None: the kind's recipe)."""
-    need(cfg.lr is None or (finite(cfg.lr) and cfg.lr > 0), "lr", "a finite number > 0", cfg.lr)
-    need(finite(cfg.warmup_ratio) and 0 <= cfg.warmup_ratio <= 1, "warmup_ratio", "in [0, 1]", cfg.warmup_ratio)
-    need(finite(cfg.min_lr_ratio) and 0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]", cfg.min_lr_ratio)
-    need(
-        len(cfg.adam_betas) == 2 and all(finite(b) and 0 <= b < 1 for b in cfg.adam_betas),
-        "adam_betas",
-        "two numbers in [0, 1), e.g. [0.9, 0.999]",
-        cfg.adam_betas,
-    )
-    need(finite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", "a finite number >= 0", cfg.weight_decay)
-    need(finite(cfg.grad_clip) and cfg.grad_clip > 0, "grad_clip", "a finite number > 0", cfg.grad_clip)
-    need(0 <= cfg.seed < SEED_LIMIT, "seed", f"in [0, {SEED_LIMIT})", cfg.seed)
-    need(bool(cfg.out.strip()), "out", "a folder", cfg.out)
-    need(cfg.keep_every >= 0, "keep_every", ">= 0", cfg.keep_every)
-    for name in ("max_steps", "log_every", "eval_every", "save_every"):
-        need(getattr(cfg, name) >= 1, name, ">= 1", getattr(cfg, name))
+@dataclass(frozen=True)
+class LoopConfig:
+    """The training loop SFT and OPD share (their ``loop:`` section): how long, the optimizer and its schedule, the
+    seed of every draw, and when to log, measure tau and checkpoint. The class defaults are SFT's; ``OPDConfig.loop``
+    has its own (a partial ``loop:`` section keeps the trainer's other values: ``from_dict``)."""
+
+    max_steps: int = 1000  # optimizer steps
+    lr: float | None = 6e-4  # the peak learning rate; None (OPD only): the drafter kind's recipe (OPD_RECIPES)
+    warmup_ratio: float = 0.04  # linear warm-up over this fraction of max_steps, then cosine
+    min_lr_ratio: float = 0.1  # the cosine ends at this fraction of lr
+    adam_betas: tuple[float, ...] = (0.9, 0.95)  # AdamW's
+    weight_decay: float = 0.0  # AdamW's
+    grad_clip: float = 1.0  # the gradient's global norm is clipped to this
+    seed: int = 0  # the drafter's init, the data order (sample_order) and every per-sample draw
+    log_every: int = 10  # a metrics row every this many steps (and at the last)
+    eval_every: int = 100  # tau with the real engine every this many steps (and at the last)
+    save_every: int = 100  # a checkpoint every this many steps (and at the last)
+    keep_every: int = 0  # checkpoints at multiples of this are never pruned (0: only the newest two are kept)
+
+    def __post_init__(self) -> None:
+        lr, warm, floor, betas, wd = self.lr, self.warmup_ratio, self.min_lr_ratio, self.adam_betas, self.weight_decay
+        need(lr is None or (finite(lr) and lr > 0), "loop.lr", "a finite number > 0", lr)
+        need(finite(warm) and 0 <= warm <= 1, "loop.warmup_ratio", "in [0, 1]", warm)
+        need(finite(floor) and 0 <= floor <= 1, "loop.min_lr_ratio", "in [0, 1]", floor)
+        need(
+            len(betas) == 2 and all(finite(b) and 0 <= b < 1 for b in betas),
+            "loop.adam_betas",
+            "two numbers in [0, 1), e.g. [0.9, 0.999]",
+            betas,
+        )
+        need(finite(wd) and wd >= 0, "loop.weight_decay", "a finite number >= 0", wd)
+        need(finite(self.grad_clip) and self.grad_clip > 0, "loop.grad_clip", "a finite number > 0", self.grad_clip)
+        need(0 <= self.seed < SEED_LIMIT, "loop.seed", f"in [0, {SEED_LIMIT})", self.seed)
+        need(self.keep_every >= 0, "loop.keep_every", ">= 0", self.keep_every)
+        for name in ("max_steps", "log_every", "eval_every", "save_every"):
+            need(getattr(self, name) >= 1, f"loop.{name}", ">= 1", getattr(self, name))
+
+
+LOOP_KEYS = tuple(f.name for f in dataclasses.fields(LoopConfig))
+# SFT's and OPD's keys that moved into the loop section: refused at the top level, one line naming the new key
+LOOP_RENAMED = {k: f"loop.{k}" for k in LOOP_KEYS}
+
+
+def migrate_loop(stored: dict) -> dict:
+    """A stored SFT or OPD config (a checkpoint's ``run_config.json``, a demo stage's YAML) written before the loop
+    section, with its top-level loop keys moved under ``loop``; a config without them (any other) as it is."""
+    moved = {k: stored[k] for k in LOOP_KEYS if k in stored}
+    if not moved or "loop" in stored:  # the current layout (or one we never wrote: compared as it is)
+        return stored
+    return {**{k: v for k, v in stored.items() if k not in moved}, "loop": moved}
 
 
 @dataclass(frozen=True)
@@ -412,7 +462,8 @@ class SFTConfig:
     """``draftopd train sft``: a drafter trained on target trajectories."""
 
     RENAMED: ClassVar[dict[str, str]] = {
-        "steps": "max_steps",
+        **LOOP_RENAMED,
+        "steps": "loop.max_steps",
         "drafter": "arch",
         "bf16_autocast": "target.dtype (autocast follows it)",
     }
@@ -423,25 +474,15 @@ class SFTConfig:
     data: str = "runs/data/trajectories"  # folder of shards from `draftopd data`
     out: str = "runs/sft-dflash"
     init_from: str = ""  # start from this drafter folder (e.g. to continue SFT) instead of random weights
-    max_steps: int = 1000  # optimizer steps
+    loop: LoopConfig = field(default_factory=LoopConfig)  # steps, optimizer, schedule, seed, log/eval/save
     batch_size: int = 8  # sequences per step
     blocks_per_seq: int = 16  # dflash: anchors sampled per sequence
     max_len: int = 640  # tokens per sequence (prompt + response), longer ones are cut
-    lr: float = 6e-4
-    warmup_ratio: float = 0.04
-    min_lr_ratio: float = 0.1  # the cosine ends at this fraction of lr
-    adam_betas: tuple[float, ...] = (0.9, 0.95)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
     loss_decay: float = 7.0  # dflash: slot weight exp(-(k-1)/decay); 0 = uniform
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 100
-    save_every: int = 100
-    keep_every: int = 0  # checkpoints at multiples of this are never pruned (0: only the newest two are kept)
 
     def __post_init__(self) -> None:
-        _check_optimizer(self)
+        need(self.loop.lr is not None, "loop.lr", "a finite number > 0 (None, the kind's recipe, is for OPD)", None)
+        need(bool(self.out.strip()), "out", "a folder", self.out)
         need(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
         need(self.blocks_per_seq >= 1, "blocks_per_seq", ">= 1", self.blocks_per_seq)
         need(self.max_len >= 3, "max_len", ">= 3 (a prompt token, an anchor and a label)", self.max_len)
@@ -450,13 +491,19 @@ class SFTConfig:
 
 
 # Draft-OPD's recipes per drafter kind (the authors' released scripts, docs/RESULTS.md 9): the values an OPDConfig
-# field left at None takes. DFlash: replay of the verify blocks, Bernoulli forward KL on the response stream + k3 on
-# the rejected proposals, lr 3e-4. EAGLE-3: training-time test over whole sequences with soft labels (the target's
-# distribution over the draft vocabulary), no rejected stream, lr 1e-4.
+# field left at None takes (lr: loop.lr). DFlash: replay of the verify blocks, Bernoulli forward KL on the response
+# stream + k3 on the rejected proposals, lr 3e-4. EAGLE-3: training-time test over whole sequences with soft labels
+# (the target's distribution over the draft vocabulary), no rejected stream, lr 1e-4.
 OPD_RECIPES: dict[str, dict[str, Any]] = {
     "dflash": {"lr": 3e-4, "loss": "acceptance_aware", "anchors": "verify", "rej_weight": 1.0},
     "eagle3": {"lr": 1e-4, "loss": "full_kl", "anchors": "all", "rej_weight": 0.0},
 }
+# Draft-OPD's loop: 20 updates at the kind's recipe lr (None), 5% warm-up then cosine to 0 as the authors, AdamW's
+# defaults (verl's); a metrics row every update, tau and a checkpoint every 5
+OPD_LOOP = LoopConfig(
+    max_steps=20, lr=None, warmup_ratio=0.05, min_lr_ratio=0.0, adam_betas=(0.9, 0.999), weight_decay=0.01,
+    log_every=1, eval_every=5, save_every=5,
+)  # fmt: skip
 OPD_LOSSES = ("acceptance_aware", "all_forward", "hard_ce", "full_kl", "tv")
 OPD_DATA = "data (OPD draws its rollout prompts, and in replay mode the trajectories, from the SFT data folder)"
 
@@ -466,7 +513,8 @@ class OPDConfig:
     """``draftopd train opd``: Draft-OPD from an SFT drafter (the paper's section 3, arXiv 2605.29343)."""
 
     RENAMED: ClassVar[dict[str, str]] = {
-        "iterations": "max_steps",
+        **LOOP_RENAMED,
+        "iterations": "loop.max_steps",
         "steps": "chain_length",
         "sources": OPD_DATA,
         "limit_per_source": OPD_DATA,
@@ -482,17 +530,11 @@ class OPDConfig:
     # replay: the greedy trajectories of `data` are the rollouts, verify records derived for the current drafter (exact
     # at temperature 0, train/replay.py); live: target-assisted rollouts regenerated from their prompts (the reference)
     rollouts: str = "replay"
-    max_steps: int = 20  # optimizer steps
+    loop: LoopConfig = field(default_factory=lambda: OPD_LOOP)  # steps, optimizer, schedule, seed, log/eval/save
     rollout_batch: int = 16  # prompts per target-assisted rollout (batched)
     accum: int = 1  # rollout batches per optimizer step (weights are synced to the rollout drafter after it)
     micro_batch: int = 4  # sequences per replay forward (the gradient does not depend on it)
     max_new_tokens: int = 256  # the rollouts' token budget (replay: the trajectories cut to it; <= the data's)
-    lr: float | None = None  # None: the kind's recipe (OPD_RECIPES)
-    warmup_ratio: float = 0.05
-    min_lr_ratio: float = 0.0  # cosine to 0, as the authors
-    adam_betas: tuple[float, ...] = (0.9, 0.999)  # AdamW's defaults (verl's)
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
     # response stream per slot: acceptance_aware / all_forward = Bernoulli forward KL on the realised token,
     # hard_ce = cross-entropy on it, full_kl = KL from the target's distribution over the drafter's vocabulary; the
     # rejected stream: k3 (all_forward: Bernoulli); tv = the expected-acceptance loss. None: the kind's recipe
@@ -510,11 +552,6 @@ class OPDConfig:
     # decoding); 0.0 = the greedy target, one-hot on its argmax (p = 1 on response tokens; on a rejected
     # proposal p = 1 if the verify pass gave it p > 1/2, else 0 -> logp_min): what greedy verification checks
     teacher_temperature: float = 1.0
-    seed: int = 0
-    log_every: int = 1
-    eval_every: int = 5
-    save_every: int = 5
-    keep_every: int = 0  # checkpoints at multiples of this are never pruned (0: only the newest two are kept)
 
     def __post_init__(self) -> None:
         need(self.rollouts in ("replay", "live"), "rollouts", "replay or live", self.rollouts)
@@ -523,7 +560,7 @@ class OPDConfig:
              self.anchors)  # fmt: skip
         if self.teacher_temperature not in (0.0, 1.0):
             raise DraftopdError(f"teacher_temperature must be 1.0 or 0.0 (greedy), not {self.teacher_temperature}")
-        _check_optimizer(self)
+        need(bool(self.out.strip()), "out", "a folder", self.out)
         for name in ("rollout_batch", "accum", "micro_batch", "chain_length"):
             need(getattr(self, name) >= 1, name, ">= 1", getattr(self, name))
         need(self.max_new_tokens >= 1, "max_new_tokens", ">= 1", self.max_new_tokens)
@@ -534,9 +571,11 @@ class OPDConfig:
         need(finite(self.logp_min) and self.logp_min < 0, "logp_min", "a finite number < 0", self.logp_min)
 
     def for_kind(self, kind: str) -> OPDConfig:
-        """This config with every field left at None taken from the recipe of drafter ``kind``."""
-        unset = {k: v for k, v in OPD_RECIPES[kind].items() if getattr(self, k) is None}
-        return dataclasses.replace(self, **unset)
+        """This config with every field left at None (``loop.lr`` among them) taken from the recipe of ``kind``."""
+        recipe = OPD_RECIPES[kind]
+        unset = {k: v for k, v in recipe.items() if k != "lr" and getattr(self, k) is None}
+        loop = self.loop if self.loop.lr is not None else dataclasses.replace(self.loop, lr=recipe["lr"])
+        return dataclasses.replace(self, loop=loop, **unset)
 
 
 @dataclass(frozen=True)

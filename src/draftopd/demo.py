@@ -52,10 +52,6 @@ def _fmt(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-# the optimizer and schedule an SFT control copies from the OPD run it is matched to
-MATCHED = ("lr", "warmup_ratio", "min_lr_ratio", "adam_betas", "weight_decay", "grad_clip")
-
-
 def stage_configs(cfg: DemoConfig) -> dict[str, tuple[list[str], object]]:
     """Per stage: the ``draftopd`` verb and its config, every path filled in from ``cfg.out``."""
     out = Path(cfg.out)
@@ -64,7 +60,7 @@ def stage_configs(cfg: DemoConfig) -> dict[str, tuple[list[str], object]]:
     sft = rep(cfg.sft, target=cfg.target, data=data.out, out=str(out / "sft"), init_from="")
     # OPD draws its rows from the SFT data as SFT draws them (sample_order): in replay mode the greedy trajectories are
     # its rollouts, so the SFT-continued control trains on the same target text, update for update, with the same
-    # optimizer and schedule (OPD's, the recipe of the drafter kind filled in).
+    # optimizer, schedule and seed (OPD's loop, the recipe of the drafter kind filled in), logging every step.
     opd = rep(
         cfg.opd,
         target=cfg.target,
@@ -78,13 +74,8 @@ def stage_configs(cfg: DemoConfig) -> dict[str, tuple[list[str], object]]:
         sft,
         init_from=opd.init_from,
         out=str(out / "sft_continued"),
-        max_steps=opd.max_steps,
         batch_size=opd.rollout_batch * opd.accum,
-        seed=opd.seed,
-        **{k: getattr(opd, k) for k in MATCHED},
-        eval_every=opd.eval_every,
-        save_every=opd.save_every,
-        log_every=1,
+        loop=rep(opd.loop, log_every=1, keep_every=sft.loop.keep_every),  # the checkpoints kept: SFT's rule
     )
     drafters = (
         f"SFT={out / 'sft' / 'final'}",
@@ -202,7 +193,8 @@ def _run(cfg: DemoConfig, out: Path, say) -> Path:
         done = out / "done" / f"{name}.json"
         conf = out / "configs" / f"{name}.yaml"
         text = yaml.safe_dump(_plain(to_dict(c)), sort_keys=False)
-        if changed or (conf.exists() and load(type(c), conf) != c):  # compared as configs (new fields default)
+        # compared as configs (new fields default; one written before the loop section read in its layout)
+        if changed or (conf.exists() and load(type(c), conf, stored=True) != c):
             changed = True  # a stage whose recipe changed starts over, and so does every stage after it
             if (out / name).exists() or done.exists():
                 say(f"[demo] stage {name}: its config changed, redoing it")

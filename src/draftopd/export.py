@@ -32,6 +32,7 @@ import torch
 
 from draftopd import DraftopdError, __version__
 from draftopd.atomic import check_output_dir
+from draftopd.config import migrate_loop
 from draftopd.models.base import DrafterModel
 from draftopd.models.io import drafter_files, read_drafter, write_drafter
 from draftopd.models.target import DTYPES
@@ -129,7 +130,8 @@ def drafter_card(
         for key, what in (("init_from", "started from"), ("data", "data"), ("sources", "rollout prompts")):
             if cfg.get(key):
                 lines.append(f"- {what}: `{cfg[key]}`")
-        recipe = {k: cfg[k] for k in ("max_steps", "lr", "batch_size", "loss") if k in cfg}
+        flat = {**cfg, **(migrate_loop(cfg).get("loop") or {})}  # the loop section's keys (an older run: top level)
+        recipe = {k: flat[k] for k in ("max_steps", "lr", "batch_size", "loss") if k in flat}
         if arch:
             recipe["arch"] = {k: v for k, v in arch.items() if k in ("kind", "num_layers", "block_size")}
         lines.append(f"- recipe: `{json.dumps(recipe)}`")

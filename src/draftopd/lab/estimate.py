@@ -22,12 +22,12 @@ def estimate(stage: str, c, n_traj: int) -> float:
             per_step = 0.00027 * c.batch_size * c.max_len * c.arch.ttt_steps
         else:  # dflash: the drafted slots of the sampled blocks
             per_step = 0.0021 * c.batch_size * c.blocks_per_seq * (c.arch.block_size - 1)
-        evals = c.max_steps // max(1, c.eval_every) + 1
+        evals = c.loop.max_steps // max(1, c.loop.eval_every) + 1
         feats = 0 if c.init_from else 0.5 * n_traj  # the target's feature pass (reused when continuing)
-        return feats + c.max_steps * per_step + evals * 0.12 * c.eval.limit * c.eval.max_new_tokens / 8
+        return feats + c.loop.max_steps * per_step + evals * 0.12 * c.eval.limit * c.eval.max_new_tokens / 8
     if stage == "opd":
-        evals = c.max_steps // max(1, c.eval_every) + 1
-        return c.max_steps * (0.045 * c.rollout_batch * c.max_new_tokens) + evals * 0.12 * c.eval.limit * 12
+        evals = c.loop.max_steps // max(1, c.loop.eval_every) + 1
+        return c.loop.max_steps * (0.045 * c.rollout_batch * c.max_new_tokens) + evals * 0.12 * c.eval.limit * 12
     if stage == "bench":
         return len(c.datasets) * c.limit * (len(c.methods) + 1) * c.sampling.max_new_tokens / 14
     if stage == "tau":

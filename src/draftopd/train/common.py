@@ -52,7 +52,7 @@ from tqdm import tqdm
 from draftopd import DraftopdError
 from draftopd.atomic import atomic_folder, check_output_dir, write_text, writing
 from draftopd.bench.datasets import load_prompts
-from draftopd.config import to_dict
+from draftopd.config import LoopConfig, migrate_loop, to_dict
 from draftopd.data.trajectories import load_shards
 from draftopd.decoding.loop import speculative_generate
 from draftopd.distributed import init_distributed, is_writer, rank_world
@@ -64,13 +64,13 @@ from draftopd.owner import OutputLock, acquire, sweep
 log = logging.getLogger(__name__)
 
 
-def make_optimizer(cfg, model: torch.nn.Module):
-    """AdamW (``cfg.adam_betas``, ``cfg.weight_decay``) with linear warm-up over ``cfg.warmup_ratio`` of
-    ``cfg.max_steps``, then cosine from ``cfg.lr`` down to ``cfg.min_lr_ratio`` of it (SFT and OPD alike)."""
+def make_optimizer(loop: LoopConfig, model: torch.nn.Module):
+    """AdamW (``loop.adam_betas``, ``loop.weight_decay``) with linear warm-up over ``loop.warmup_ratio`` of
+    ``loop.max_steps``, then cosine from ``loop.lr`` down to ``loop.min_lr_ratio`` of it (SFT and OPD alike)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
-    steps, floor = cfg.max_steps, cfg.min_lr_ratio
-    warm = max(1, int(steps * cfg.warmup_ratio))
+    opt = torch.optim.AdamW(params, lr=loop.lr, betas=tuple(loop.adam_betas), weight_decay=loop.weight_decay)
+    steps, floor = loop.max_steps, loop.min_lr_ratio
+    warm = max(1, int(steps * loop.warmup_ratio))
 
     def factor(step: int) -> float:  # linear warm-up, then cosine down to floor x the peak
         if step < warm:
@@ -138,7 +138,8 @@ def complete_checkpoints(out: Path) -> list[Path]:
 
 
 def read_run_config(path: Path) -> dict:
-    """A ``run_config.json``, or a one-line error naming it (empty, torn, not JSON, not an object)."""
+    """A ``run_config.json`` (one written before the ``loop`` section migrated to it: ``migrate_loop``), or a one-line
+    error naming it (empty, torn, not JSON, not an object)."""
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -149,7 +150,7 @@ def read_run_config(path: Path) -> dict:
         raise DraftopdError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
     if not isinstance(d, dict):
         raise DraftopdError(f"{path}: not a run config (a JSON object); remove it or choose another out")
-    return d
+    return migrate_loop(d)
 
 
 def same_config(ckpt: Path, run_config: dict) -> bool:
@@ -330,7 +331,7 @@ def load_run_target(cfg, target: Target | None = None) -> Target:
     if cfg.target.threads:
         torch.set_num_threads(cfg.target.threads)
     if target is not None:
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.loop.seed)
         return target
     target = load_target(cfg.target.path, cfg.target.dtype, init_distributed(cfg.target.device))
     if cfg.target.shard and rank_world()[1] > 1:
@@ -341,7 +342,7 @@ def load_run_target(cfg, target: Target | None = None) -> Target:
         # directly, outside the decoder's forward).
         for layer in target.backbone.layers:
             fully_shard(layer)
-    torch.manual_seed(cfg.seed)  # after loading and sharding (either may draw random numbers): the drafter's init
+    torch.manual_seed(cfg.loop.seed)  # after loading and sharding (either may draw random numbers): the drafter's init
     return target
 
 
@@ -373,11 +374,16 @@ class Run:
         dtype = self.target.dtype
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
+    @property
+    def loop(self) -> LoopConfig:
+        """The config's loop section: steps, optimizer, schedule, seed, when to log, measure tau and checkpoint."""
+        return self.cfg.loop
+
     def steps(self, desc: str) -> Iterator[int]:
         self._bar = tqdm(
-            range(self.start, self.cfg.max_steps),
+            range(self.start, self.loop.max_steps),
             initial=self.start,
-            total=self.cfg.max_steps,
+            total=self.loop.max_steps,
             desc=desc,
             disable=not is_writer(),
         )
@@ -412,7 +418,7 @@ class Run:
             for g, new in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
                 g.copy_(new.view_as(g))
         self.scaler.unscale_(self.opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.loop.grad_clip)
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
@@ -424,11 +430,11 @@ class Run:
         return measure_tau(self.model, self.target, self.eval_prompts, e.max_new_tokens, e.chain_length)
 
     def end_step(self, done: int, tokens: int = 0, **values) -> None:
-        """After optimizer step ``done``: log (every ``log_every``), measure tau (``eval_every``), checkpoint
-        (``save_every``); the last step does all three. ``tokens``: sequence tokens this step trained on."""
-        cfg, last, since = self.cfg, done == self.cfg.max_steps, self._since_log
+        """After optimizer step ``done``: log (every ``loop.log_every``), measure tau (``loop.eval_every``), checkpoint
+        (``loop.save_every``); the last step does all three. ``tokens``: sequence tokens this step trained on."""
+        loop, last, since = self.loop, done == self.loop.max_steps, self._since_log
         since["steps"], since["tokens"] = since["steps"] + 1, since["tokens"] + tokens
-        if self.metrics and (done % cfg.log_every == 0 or last):
+        if self.metrics and (done % loop.log_every == 0 or last):
             dt = time.perf_counter() - since["t"]
             rate = {"tokens_per_s": since["tokens"] / dt} if since["tokens"] else {}
             lr = self.sched.get_last_lr()[0]
@@ -438,15 +444,16 @@ class Run:
             }
             self._bar.set_postfix(shown)
             since.update(t=time.perf_counter(), steps=0, tokens=0)
-        if self.metrics and (done % cfg.eval_every == 0 or last):
+        if self.metrics and (done % loop.eval_every == 0 or last):
             tau = self.tau()
             self.metrics.log(done, tau=tau, **self.counters)
-            self._bar.write(f"step {done}: tau {tau:.3f} on {len(self.eval_prompts)} {cfg.eval.dataset} prompts")
+            dataset = self.cfg.eval.dataset
+            self._bar.write(f"step {done}: tau {tau:.3f} on {len(self.eval_prompts)} {dataset} prompts")
             since["t"] = time.perf_counter()
-        if is_writer() and (done % cfg.save_every == 0 or last):
+        if is_writer() and (done % loop.save_every == 0 or last):
             state = {"counters": self.counters}
             save_checkpoint(
-                self.out, done, self.model, self.opt, self.sched, state, to_dict(cfg), keep_every=cfg.keep_every
+                self.out, done, self.model, self.opt, self.sched, state, to_dict(self.cfg), keep_every=loop.keep_every
             )
 
     def finish(self) -> Path:
@@ -556,7 +563,7 @@ def _start(cfg, target: Target, seqs, build, kind: str | None, out: Path) -> Run
         for t in (*model.parameters(), *model.buffers()):
             if t.is_floating_point():  # d2t/t2d come from the same data on every rank
                 dist.broadcast(t.data, src=0)
-    opt, sched = make_optimizer(cfg, model)
+    opt, sched = make_optimizer(cfg.loop, model)
     start, counters = 0, {"target_tokens": 0}
     if ckpt is not None:
         state = load_training_state(ckpt, opt, sched)

@@ -79,7 +79,7 @@ def train_opd(cfg: OPDConfig, target: Target | None = None) -> Path:
     pool = [(ids[:p], ids[p : p + cfg.max_new_tokens]) for ids, p in seqs]  # (prompt, target's greedy response)
     longest = max((p for p, _ in pool), key=len, default=[])
     target.check_prompt(longest, cfg.max_new_tokens, f"the longest prompt of {cfg.data}")  # before any work
-    sequence = sample_order(len(pool), cfg.seed)  # the same draw as SFT's
+    sequence = sample_order(len(pool), cfg.loop.seed)  # the same draw as SFT's
     run = start_or_resume(cfg, target, seqs, build=None)
     run.counters.setdefault("rollout_tokens", 0)
     model, share = run.model, update_rows // world  # rank r takes rows [r * share, (r + 1) * share) of each update
@@ -112,7 +112,7 @@ def train_opd(cfg: OPDConfig, target: Target | None = None) -> Path:
         block = model.replay_block(cfg.chain_length)
         slots = []
         for rows, _ in jobs:
-            gens = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + hash_row(p, y)) for p, y, _ in rows]
+            gens = [torch.Generator().manual_seed(cfg.loop.seed * 1_000_003 + hash_row(p, y)) for p, y, _ in rows]
             slots.append(replay_slots(model, rows, replay_plans(rows, block, cfg, gens), cfg.gamma, target.device))
         den = float(run.all_sum(torch.tensor(sum(s.denominator(cfg) for s in slots))))
         # 3) Loss and gradients per micro-batch (the target forward reused in replay mode).

@@ -13,7 +13,7 @@ anchors of a sequence come from a generator seeded by (seed, its sample index), 
 what an uninterrupted run would have done, whatever the number of ranks. ``batch_size`` is the global batch:
 rank r of W takes sequences r, r+W, ... of it, and the loss is normalised by the global weight (``all_sum``).
 
-Usage: draftopd train sft --config configs/sft-dflash.yaml --set max_steps=2000
+Usage: draftopd train sft --config configs/sft-dflash.yaml --set loop.max_steps=2000
 """
 
 from __future__ import annotations
@@ -45,12 +45,12 @@ def train_sft(cfg: SFTConfig, target: Target | None = None) -> Path:
     run = start_or_resume(cfg, target, seqs, lambda: kind.build(target, cfg.arch, seqs), cfg.arch.kind)
     model, layer_ids = run.model, run.model.config.target_layer_ids
     feats = feature_store(target, seqs, layer_ids, run.out, data_key(cfg, seqs, layer_ids), init_run(cfg.init_from))
-    sequence = sample_order(len(seqs), cfg.seed)  # global sample index -> sequence index (the same draw as OPD's)
+    sequence = sample_order(len(seqs), cfg.loop.seed)  # global sample index -> sequence index (the same draw as OPD's)
 
     for step in run.steps("sft"):
         samples = range(step * cfg.batch_size + rank, (step + 1) * cfg.batch_size, world)  # this rank's share
         idx = [sequence(i) for i in samples]
-        seeds = [cfg.seed * 1_000_003 + i for i in samples]  # DFlash anchors of each sample
+        seeds = [cfg.loop.seed * 1_000_003 + i for i in samples]  # DFlash anchors of each sample
         batch = seq_batch([seqs[i] for i in idx], [feats[i] for i in idx], seeds, run.device)
         with run.autocast():
             h, labels, weights = model.sft_states(target.embed, batch, cfg)
