@@ -33,7 +33,7 @@ import yaml
 
 from draftopd.assets import home as cache_root
 from draftopd.bench.run import paired_gain
-from draftopd.config import BenchConfig, DataConfig, OPDConfig, SFTConfig, load, to_dict
+from draftopd.config import BenchConfig, DataConfig, DrafterConfig, OPDConfig, SFTConfig, load, to_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "configs" / "figure1"
@@ -72,23 +72,34 @@ def configs(home: Path, steps: tuple[int, ...] = STEPS) -> dict[str, tuple[list[
         stages[f"sft-{kind}"] = (["train", "sft"], sft)
         stages[f"opd-{kind}"] = (["train", "opd"], opd)
         stages[f"cont-{kind}"] = (["train", "sft"], cont)
-        methods = [f"SFT start={start}"] + [
-            f"{arm} {s}={home / f'{arm.lower()}-{kind}' / 'checkpoints' / f'step_{s:06d}'}"
+        folders = {"SFT start": start} | {
+            f"{arm} {s}": str(home / f"{arm.lower()}-{kind}" / "checkpoints" / f"step_{s:06d}")
             for arm in ("OPD", "Cont")
             for s in steps
-        ]
-        stages[f"tau-{kind}"] = (["bench", "--json", str(home / f"tau-{kind}.json")], tau_config(methods))
+        }
+        stages[f"tau-{kind}"] = (["bench", "--json", str(home / f"tau-{kind}.json")], tau_config(folders))
     return stages
 
 
-def tau_config(methods: list[str]) -> BenchConfig:
-    return load(
+def tau_config(folders: dict[str, str]) -> BenchConfig:
+    """The held-out tau bench of drafter folders (name -> folder): batched, greedy, every proposal verified whole."""
+    cfg = load(
         BenchConfig,
         None,
         ["tau_only=true", "hf_baseline=false", "limit=32", "batch_size=16", "sampling.max_new_tokens=96",
-         "drafter.confidence=0", f"datasets=[{','.join(DATASETS)}]", "target.threads=2",
-         f"methods=[{','.join(methods)}]"],
+         f"datasets=[{','.join(DATASETS)}]", "target.threads=2"],
     )  # fmt: skip
+    methods = {name: DrafterConfig(kind="path", path=folder, confidence=0.0) for name, folder in folders.items()}
+    return dataclasses.replace(cfg, methods=methods)
+
+
+def first_folder(bench_config: dict) -> str:
+    """The drafter folder of a bench result's first method: a mapping name -> drafter, or in a result written
+    before that, a list of name=folder strings."""
+    methods = bench_config["methods"]
+    if isinstance(methods, dict):
+        return next(iter(methods.values()))["path"]
+    return methods[0].split("=", 1)[1]
 
 
 def ablation_stages(home: Path, kind: str, stages: dict, step: int = STEPS[-1]) -> dict:
@@ -99,14 +110,14 @@ def ablation_stages(home: Path, kind: str, stages: dict, step: int = STEPS[-1]) 
     for name, over in ABLATIONS.items():
         out[f"{name}-{kind}"] = (["train", "opd"], dataclasses.replace(opd, out=str(home / f"{name}-{kind}"), **over))
     last = f"step_{step:06d}"
-    methods = [f"Cont={home / f'cont-{kind}' / 'checkpoints' / last}"]
-    methods += [
-        f"{name}={home / f'{run}-{kind}' / 'checkpoints' / last}"
+    folders = {"Cont": str(home / f"cont-{kind}" / "checkpoints" / last)}
+    folders |= {
+        name: str(home / f"{run}-{kind}" / "checkpoints" / last)
         for name, run in (("OPD", "opd"), *((n, n) for n in ABLATIONS))
         if (home / f"{run}-{kind}" / "checkpoints" / last).is_dir()
-    ]
+    }
     result = home / f"tau-ablations-{kind}-{step}.json"  # one per update benched: a --horizon run's stays
-    out[f"tau-ablations-{kind}"] = (["bench", "--json", str(result)], tau_config(methods))
+    out[f"tau-ablations-{kind}"] = (["bench", "--json", str(result)], tau_config(folders))
     return out
 
 
@@ -207,7 +218,7 @@ def report(home: Path, figure: Path | None) -> str:
         lines.append("")
         for abl in sorted(home.glob(f"tau-ablations-{kind}-*.json"), key=lambda p: int(p.stem.rsplit("-", 1)[1])):
             a = json.loads(abl.read_text())
-            step = Path(a["config"]["methods"][0].split("=", 1)[1]).name.removeprefix("step_").lstrip("0")
+            step = Path(first_folder(a["config"])).name.removeprefix("step_").lstrip("0")
             lines += [f"Ablations ({kind}, update {step}), paired gain over SFT continued:", ""]
             for ds in (*DATASETS, "all"):
                 if ds == "all":  # pooled over the data sets' prompts
