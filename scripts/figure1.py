@@ -31,9 +31,20 @@ from pathlib import Path
 
 import yaml
 
+from draftopd import DraftopdError
 from draftopd.assets import home as cache_root
 from draftopd.bench.run import paired_gain
-from draftopd.config import BenchConfig, DataConfig, OPDConfig, SFTConfig, load, migrate_loop, to_dict
+from draftopd.config import (
+    BenchConfig,
+    DataConfig,
+    DrafterConfig,
+    OPDConfig,
+    SFTConfig,
+    from_dict,
+    load,
+    migrate_loop,
+    to_dict,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "configs" / "figure1"
@@ -69,23 +80,34 @@ def configs(home: Path, steps: tuple[int, ...] = STEPS) -> dict[str, tuple[list[
         stages[f"sft-{kind}"] = (["train", "sft"], sft)
         stages[f"opd-{kind}"] = (["train", "opd"], opd)
         stages[f"cont-{kind}"] = (["train", "sft"], cont)
-        methods = [f"SFT start={start}"] + [
-            f"{arm} {s}={home / f'{arm.lower()}-{kind}' / 'checkpoints' / f'step_{s:06d}'}"
+        folders = {"SFT start": start} | {
+            f"{arm} {s}": str(home / f"{arm.lower()}-{kind}" / "checkpoints" / f"step_{s:06d}")
             for arm in ("OPD", "Cont")
             for s in steps
-        ]
-        stages[f"tau-{kind}"] = (["bench", "--json", str(home / f"tau-{kind}.json")], tau_config(methods))
+        }
+        stages[f"tau-{kind}"] = (["bench", "--json", str(home / f"tau-{kind}.json")], tau_config(folders))
     return stages
 
 
-def tau_config(methods: list[str]) -> BenchConfig:
-    return load(
+def tau_config(folders: dict[str, str]) -> BenchConfig:
+    """The held-out tau bench of drafter folders (name -> folder): batched, greedy, every proposal verified whole."""
+    cfg = load(
         BenchConfig,
         None,
         ["tau_only=true", "hf_baseline=false", "limit=32", "batch_size=16", "sampling.max_new_tokens=96",
-         "drafter.confidence=0", f"datasets=[{','.join(DATASETS)}]", "target.threads=2",
-         f"methods=[{','.join(methods)}]"],
+         f"datasets=[{','.join(DATASETS)}]", "target.threads=2"],
     )  # fmt: skip
+    methods = {name: DrafterConfig(kind="path", path=folder, confidence=0.0) for name, folder in folders.items()}
+    return dataclasses.replace(cfg, methods=methods)
+
+
+def first_folder(bench_config: dict) -> str:
+    """The drafter folder of a bench result's first method: a mapping name -> drafter, or in a result written
+    before that, a list of name=folder strings."""
+    methods = bench_config["methods"]
+    if isinstance(methods, dict):
+        return next(iter(methods.values()))["path"]
+    return methods[0].split("=", 1)[1]
 
 
 def ablation_stages(home: Path, kind: str, stages: dict, step: int = STEPS[-1]) -> dict:
@@ -96,14 +118,14 @@ def ablation_stages(home: Path, kind: str, stages: dict, step: int = STEPS[-1]) 
     for name, over in ABLATIONS.items():
         out[f"{name}-{kind}"] = (["train", "opd"], dataclasses.replace(opd, out=str(home / f"{name}-{kind}"), **over))
     last = f"step_{step:06d}"
-    methods = [f"Cont={home / f'cont-{kind}' / 'checkpoints' / last}"]
-    methods += [
-        f"{name}={home / f'{run}-{kind}' / 'checkpoints' / last}"
+    folders = {"Cont": str(home / f"cont-{kind}" / "checkpoints" / last)}
+    folders |= {
+        name: str(home / f"{run}-{kind}" / "checkpoints" / last)
         for name, run in (("OPD", "opd"), *((n, n) for n in ABLATIONS))
         if (home / f"{run}-{kind}" / "checkpoints" / last).is_dir()
-    ]
+    }
     result = home / f"tau-ablations-{kind}-{step}.json"  # one per update benched: a --horizon run's stays
-    out[f"tau-ablations-{kind}"] = (["bench", "--json", str(result)], tau_config(methods))
+    out[f"tau-ablations-{kind}"] = (["bench", "--json", str(result)], tau_config(folders))
     return out
 
 
@@ -116,18 +138,46 @@ def reached(cfg, step: int) -> bool:
         return False
 
 
-def finished_config(done: Path) -> str | None:
-    """The config a done marker records (one recorded before the loop section, in its layout: ``migrate_loop``)."""
+def named_methods(record: dict) -> dict:
+    """A bench config recorded before methods were named sections (a list of ``name=folder`` strings sharing one
+    ``drafter``) as this version writes it: each name gets that drafter with its folder, as the old bench built it."""
+    if not isinstance(record.get("methods"), list) or not record["methods"]:
+        return record
+    shared = record.get("drafter") or {}
+    methods = {}
+    for item in record["methods"]:
+        name, _, spec = item.partition("=")
+        kind, path = (spec, None) if spec in ("pld", "none") else ("path", spec)
+        methods[name] = {**shared, "kind": kind, "path": path}
+    return {**record, "drafter": None, "methods": methods}
+
+
+def finished_config(done: Path, cls: type) -> str | None:
+    """The config a done marker records, read as this version reads it (one recorded before the loop section or the
+    named methods, in its layout: ``migrate_loop``, ``named_methods``; fields added since at their defaults)."""
     record = json.loads(done.read_text()).get("config")
-    return record and json.dumps(migrate_loop(json.loads(record)), sort_keys=True, default=str)
+    if not record:
+        return None
+    try:
+        cfg = from_dict(cls, named_methods(migrate_loop(json.loads(record))))
+    except DraftopdError:  # a layout this version cannot read: the stage runs again
+        return None
+    return recorded(cfg)
+
+
+def recorded(cfg) -> str:
+    """What a done marker records of a stage's config: all of it but the machine's thread count."""
+    d = to_dict(cfg)
+    d["target"] = {**d["target"], "threads": None}
+    return json.dumps(d, sort_keys=True, default=str)
 
 
 def run_stage(home: Path, name: str, verb: list[str], cfg, horizon: int = 0) -> None:
     """Run one stage unless its done marker holds the same config. ``horizon``: a trainer is stopped once its
     checkpoint of that update is written (its schedule unchanged, so the next run resumes it to the end)."""
     done = home / "done" / f"{name}.json"
-    record = json.dumps(to_dict(cfg), sort_keys=True, default=str)
-    if done.exists() and finished_config(done) == record:
+    record = recorded(cfg)
+    if done.exists() and finished_config(done, type(cfg)) == record:
         return
     if horizon and reached(cfg, horizon):
         print(f"[figure1] {name}: at update {horizon} already", flush=True)
@@ -153,7 +203,8 @@ def run_stage(home: Path, name: str, verb: list[str], cfg, horizon: int = 0) -> 
     if rc:
         sys.exit(f"[figure1] {name} failed (exit {rc}): see {log}")
     done.parent.mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps({"config": record, "seconds": round(time.time() - t0, 1)}))
+    config = json.dumps(to_dict(cfg), sort_keys=True, default=str)
+    done.write_text(json.dumps({"config": config, "seconds": round(time.time() - t0, 1)}))
     print(f"[figure1] {name} done in {(time.time() - t0) / 60:.1f} min", flush=True)
 
 
@@ -210,7 +261,7 @@ def report(home: Path, figure: Path | None) -> str:
         lines.append("")
         for abl in sorted(home.glob(f"tau-ablations-{kind}-*.json"), key=lambda p: int(p.stem.rsplit("-", 1)[1])):
             a = json.loads(abl.read_text())
-            step = Path(a["config"]["methods"][0].split("=", 1)[1]).name.removeprefix("step_").lstrip("0")
+            step = Path(first_folder(a["config"])).name.removeprefix("step_").lstrip("0")
             lines += [f"Ablations ({kind}, update {step}), paired gain over SFT continued:", ""]
             for ds in (*DATASETS, "all"):
                 if ds == "all":  # pooled over the data sets' prompts

@@ -46,7 +46,7 @@ for kind in $KINDS; do
         ${SFT_SET:-}
     fi
     first=${first:-$run}
-    methods+=("$kind $s=$run/final")
+    methods+=("$kind $s: {kind: path, path: $run/final}")
   done
 done
 [ "${BENCH:-1}" = 1 ] || exit 0  # BENCH=0: train only (e.g. a few budgets first)
@@ -54,6 +54,6 @@ list=$(IFS=,; echo "${methods[*]}")
 if [ ! -f "$OUT/tau.json" ]; then
   echo "== $(date +%T) held-out tau, $N prompts per set"
   $D bench --set tau_only=true --set "limit=$N" --set batch_size=16 --set sampling.max_new_tokens=96 \
-    --set hf_baseline=false --set datasets=gsm8k,humaneval,mtbench --set "methods=[$list]" --json "$OUT/tau.json"
+    --set hf_baseline=false --set datasets=gsm8k,humaneval,mtbench --set "methods={$list}" --json "$OUT/tau.json"
 fi
 .venv/bin/python -m draftopd.lab.study "$OUT"

@@ -93,7 +93,8 @@ def test_bench_tau_only_pairs_prompts(tmp_path):
     out = tmp_path / "tau.json"
     proc = run_cli(
         *("bench", "--datasets", "gsm8k", "--limit", "3", "--max-new-tokens", "12", "--json", str(out)),
-        *("--set", "tau_only=true", "--set", "batch_size=2", "--set", "methods=[plain=none,lookup=pld]"),
+        *("--set", "tau_only=true", "--set", "batch_size=2"),
+        *("--set", "methods={plain: {kind: none}, lookup: {kind: pld}}"),
     )
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["datasets"]["gsm8k"]["methods"]

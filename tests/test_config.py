@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,6 +15,7 @@ from draftopd.config import (
     OPD_RECIPES,
     BenchConfig,
     DemoConfig,
+    DrafterConfig,
     LoopConfig,
     OPDConfig,
     SFTConfig,
@@ -22,6 +24,8 @@ from draftopd.config import (
     to_dict,
 )
 
+RECIPES = Path(__file__).resolve().parent.parent / "configs"
+
 
 def test_defaults_and_overrides(tmp_path):
     recipe = tmp_path / "r.yaml"
@@ -29,7 +33,7 @@ def test_defaults_and_overrides(tmp_path):
     cfg = load(BenchConfig, recipe, ["sampling.max_new_tokens=64", "datasets=gsm8k,mtbench", "target.dtype=fp32"])
     assert cfg.limit == 3 and cfg.sampling.temperature == 0.5 and cfg.sampling.max_new_tokens == 64
     assert cfg.datasets == ("gsm8k", "mtbench") and cfg.target.dtype == "fp32"
-    assert cfg.drafter.kind == "pld"  # untouched default
+    assert cfg.drafter is None and cfg.method_configs() == {"pld": DrafterConfig()}  # the default: prompt lookup
     # YAML 1.1 reads 1e-4 (no dot) as a string; a float field takes it as the number it is
     assert load(BenchConfig, None, ["sampling.top_p=1e-1"]).sampling.top_p == pytest.approx(0.1)
     with pytest.raises(AttributeError):
@@ -142,3 +146,72 @@ def test_a_stored_config_of_the_old_layout_is_migrated(tmp_path):
     assert load(SFTConfig, stage, stored=True) == load(SFTConfig, None, ["loop.max_steps=7", "loop.lr=0.01"])
     with pytest.raises(DraftopdError, match="renamed: use loop"):
         load(SFTConfig, stage)  # a recipe in the old layout is refused
+
+
+def test_methods_are_named_drafters_each_with_its_own_settings(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "methods:\n"
+        "  prompt lookup: {kind: pld, num_tokens: 8}\n"
+        "  sft: {kind: path, path: runs/x/final, chain_length: 4, confidence: 0.7}\n"
+        "  shape: {kind: shape, arch: {kind: eagle3, draft_vocab_size: 8192}, chain_length: 2}\n"
+    )
+    cfg = load(BenchConfig, recipe, ["methods.sft.confidence=0"])  # an override reaches one method only
+    assert list(cfg.method_configs()) == ["prompt lookup", "sft", "shape"]  # the recipe's order
+    sft, shape = cfg.methods["sft"], cfg.methods["shape"]
+    assert (sft.kind, sft.path, sft.chain_length, sft.confidence) == ("path", "runs/x/final", 4, 0.0)
+    assert cfg.methods["prompt lookup"].num_tokens == 8 and shape.arch.draft_vocab_size == 8192
+    assert load(BenchConfig, recipe) != cfg and load(BenchConfig, recipe).methods["sft"].confidence == 0.7
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["methods={sft: {kind: path, path: x, chain_lenght: 3}}"], "unknown config key methods.sft.chain_lenght"),
+        (
+            ["methods={sft: {kind: shape, arch: {kind: eagle3, blocks: 2}}}"],
+            "unknown config key methods.sft.arch.blocks",
+        ),
+        (["methods={sft: {kind: path, path: x}}", "methods.sfft.confidence=0"], "methods.sfft: no kind given"),
+        (["methods={sft: {kind: path, path: x, chain_length: 0}}"], "methods.sft: drafter.chain_length must be >= 1"),
+        (["methods={sft: {kind: path}}"], "methods.sft: drafter.path must be a drafter folder"),
+        (["methods={sft: {kind: shape}}"], "methods.sft: drafter.arch must be a shape"),
+        (["methods={plain: {kind: pld}}"], "methods.plain must be another name"),
+        (["methods={a: {kind: pld}}", "drafter.kind=pld"], "drafter and methods are both set"),
+    ],
+)
+def test_bad_methods_are_refused_with_their_dotted_path(overrides, message):
+    with pytest.raises(DraftopdError, match=message) as e:
+        load(BenchConfig, None, overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_the_old_list_of_name_spec_strings_is_refused_in_one_line(tmp_path):
+    """``methods: [SFT=folder, lookup=pld]`` (before methods were named drafters) says how to write the new form."""
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("methods: [SFT=runs/sft/final, lookup=pld]\n")
+    for source, overrides in ((recipe, []), (None, ["methods=[SFT=runs/sft/final,lookup=pld]"])):
+        with pytest.raises(DraftopdError) as e:
+            load(BenchConfig, source, overrides)
+        msg = str(e.value)
+        assert "\n" not in msg and "name=spec" in msg and "methods: {" in msg and "kind: path, path:" in msg
+    assert load(BenchConfig, None, ["tau_only=true", "methods={plain: {kind: none}}"]).methods  # no baseline row
+
+
+def test_drafter_is_the_one_method_form():
+    """What ``--drafter`` sets: one method, named after its kind or its folder."""
+    folder = load(BenchConfig, None, ["drafter.kind=path", "drafter.path=runs/sft/final", "drafter.confidence=0"])
+    assert list(folder.method_configs()) == ["final"] and folder.method_configs()["final"].confidence == 0
+    assert list(load(BenchConfig, None, ["drafter.kind=none"]).method_configs()) == ["none"]
+
+
+def test_the_bench_recipes_load():
+    costs = load(BenchConfig, RECIPES / "bench-costs.yaml")
+    assert len(costs.methods) == 10 and {d.kind for d in costs.methods.values()} == {"shape"}
+    assert {d.confidence for d in costs.methods.values()} == {0.0}  # every proposal verified whole
+    assert costs.methods["eagle3 chain 4, draft vocab 8k"].chain_length == 4
+    sweep = load(BenchConfig, RECIPES / "bench-confidence.yaml").methods
+    learned = [d for d in sweep.values() if d.kind == "path"]
+    assert sweep["prompt lookup"].kind == "pld" and len({d.path for d in learned}) == 1  # one drafter, its settings
+    assert [(d.chain_length, d.confidence) for d in learned] == [(4, 0.0), (6, 0.5), (6, 0.7)]
+    assert load(BenchConfig, RECIPES / "bench.yaml").method_configs()["pld"].num_tokens == 10

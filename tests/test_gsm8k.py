@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from draftopd import DraftopdError
-from draftopd.bench import datasets as ds
-from draftopd.bench.datasets import MATH_TEMPLATE, gsm8k, gsm8k_file, load_prompts
+from draftopd.data import eval_sets as ds
+from draftopd.data.eval_sets import MATH_TEMPLATE, gsm8k, gsm8k_file, load_prompts
 from draftopd.data.prompts import load_training_prompts
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "gsm8k"
@@ -35,7 +35,7 @@ def test_shipped_copy_needs_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     monkeypatch.delenv("DRAFTOPD_GSM8K", raising=False)
     monkeypatch.setenv("DRAFTOPD_HOME", str(tmp_path / "home"))
     monkeypatch.setitem(sys.modules, "datasets", None)
-    shipped = Path(ds.__file__).resolve().parents[1] / "data" / "gsm8k"
+    shipped = Path(ds.__file__).resolve().parent / "gsm8k"
     assert gsm8k_file("train") == shipped / "train.jsonl.gz"
     assert gsm8k_file("test_dev") == shipped / "test_dev.jsonl.gz"
     assert len(gsm8k(split="train")) == 7473 and len(gsm8k(split="test_dev")) == 660

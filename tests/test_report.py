@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from draftopd.report import write_report
+from draftopd.report import learned_setting, write_report
 
 SETS = ("gsm8k", "mtbench")
 # per method: tau, speed-up over plain, seconds and target calls (the step cost), per-prompt [tokens, verify steps]
@@ -40,6 +40,7 @@ def method(tau: float, speedup: float, seconds: float, calls: int) -> dict:
 
 def bench_result(tau_only: bool = False) -> dict:
     names = ("SFT", "Draft-OPD", "SFT continued") if tau_only else tuple(METHODS)
+    setting = {"confidence": 0.0 if tau_only else 0.5, "chain_length": 6}  # the demo's, for its trained drafters
     return {
         "dtype": "float32",
         "threads": 2,
@@ -48,7 +49,8 @@ def bench_result(tau_only: bool = False) -> dict:
         "config": {
             "target": {"path": "default"},
             "sampling": {"temperature": 0.0, "max_new_tokens": 96},
-            "drafter": {"confidence": 0 if tau_only else 0.5, "chain_length": 6},
+            "drafter": None,
+            "methods": {m: {"kind": "path", **setting} for m in names if m != "plain"},
             "tau_only": tau_only,
         },
         "datasets": {ds: {"prompts": 2, "methods": {m: method(*METHODS[m]) for m in names}} for ds in SETS},
@@ -81,10 +83,18 @@ def test_report_tables_carry_the_results(tmp_path):
     # training tau, first and last evaluation; OPD's target tokens continue from SFT's
     assert "| SFT | 2 | 1.100 | 1.400 | 2,000 |" in text and "| Draft-OPD | 2 | 1.400 | 1.500 | 2,600 |" in text
     assert "| drafter.confidence | 0.5 |" in text and "float32" in text and "abc1234" in text
+    assert "| drafter.chain_length | 6 |" in text and "drafter.confidence 0.0\n" in text  # the tau stage's
     assert "| data | 1.0 min | `draftopd data` |" in text and "Total 3.0 min" in text
     for fig in ("tau_vs_compute", "tau_vs_step", "acceptance_histogram", "tokens_per_s"):
         assert (tmp_path / "figures" / f"{fig}.png").read_bytes()[:4] == b"\x89PNG"
         assert f"(figures/{fig}.png)" in text
+
+
+def test_the_report_reads_the_drafter_setting_of_old_results_too():
+    """A result written while methods were name=folder strings kept the drafters' setting in ``drafter``."""
+    old = {"drafter": {"confidence": 0.5, "chain_length": 4}, "methods": ["SFT=runs/sft/final"]}
+    assert learned_setting(old) == {"confidence": 0.5, "chain_length": 4}
+    assert learned_setting({"methods": {"SFT": {"confidence": 0.0}}, "drafter": None}) == {"confidence": 0.0}
 
 
 @pytest.mark.slow

@@ -136,7 +136,7 @@ def test_vllm_serves_our_export_lossless_with_our_acceptance(kind, hf_data, real
     ]
     ours = run_bench(load(BenchConfig, None, sets), target, progress=False)["datasets"]["gsm8k"]["methods"]
     (row,) = ours.values()
-    from draftopd.bench.datasets import load_prompts
+    from draftopd.data.eval_sets import load_prompts
 
     prompts = [target.encode_chat(p) for p in load_prompts("gsm8k", SERVE_PROMPTS)]
     plain = speculative_generate(target, prompts, None, NEW).tokens

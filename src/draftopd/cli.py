@@ -22,6 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+RECIPES = Path(__file__).resolve().parents[2] / "configs"  # the repository's recipes (src layout)
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML recipe")
@@ -138,30 +140,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import torch
+    import dataclasses
 
-    from draftopd.bench.run import check_outputs, cpu_flags, format_table, git_commit, run_bench, save_result
+    from draftopd.bench.run import check_outputs, format_table, run_bench, save_result
     from draftopd.config import BenchConfig, load
     from draftopd.owner import owning
 
-    cfg = load(BenchConfig, args.config, _overrides(args))
+    config = args.config or (str(RECIPES / "bench-costs.yaml") if args.costs else None)
+    cfg = load(BenchConfig, config, _overrides(args))
     check_outputs(args.json, args.plot)  # before the run: a bad output path fails now, not after an hour
     if args.costs:
-        from draftopd.bench.cost import format_costs, step_costs
+        from draftopd.bench.cost import cost_dtypes, costs_result, format_costs
 
-        # target.dtype auto (the default): fp32 and bf16 side by side; a set dtype: that one only
-        dtypes = ("fp32", "bf16") if cfg.target.dtype == "auto" else (cfg.target.dtype,)
-        result = step_costs(dtypes, cfg.target.path, cfg.datasets[0], threads=cfg.target.threads)
-        result.update(commit=git_commit(), cpu_flags=cpu_flags(), torch=torch.__version__)
-        print(format_costs(result), flush=True)
-        if args.json:
-            save_result(result, args.json)
-        return 0
+        if args.plot:
+            raise DraftopdError("--plot: the step costs are a table (--costs), not a chart")
+        dtypes = cost_dtypes(cfg)
     with contextlib.ExitStack() as outputs:  # each output file is this run's alone (owner.py)
         for path in {args.json, args.plot} - {None}:
             outputs.enter_context(owning(path, "bench"))
-        result = run_bench(cfg)
-        print(format_table(result), flush=True)  # first: whatever happens to the files, the table is shown
+        if args.costs:  # the same bench once per dtype, in one process; the table from the runs' step times
+            runs = [
+                run_bench(dataclasses.replace(cfg, target=dataclasses.replace(cfg.target, dtype=d))) for d in dtypes
+            ]
+            result = costs_result(runs)
+            print(format_costs(result), flush=True)
+        else:
+            result = run_bench(cfg)
+            print(format_table(result), flush=True)  # first: whatever happens to the files, the table is shown
         if args.json:
             save_result(result, args.json)
         if args.plot:
@@ -170,7 +175,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             what = "tau" if cfg.tau_only else "tokens_per_s"
             title = f"{what}: {result['dtype']}, {result['threads']} threads, {result['commit']}"
             bars(result, args.plot, title, what)
-    print(json.dumps({k: v for k, v in result.items() if k != "config"}))  # machine-readable last line
+    if not args.costs:
+        print(json.dumps({k: v for k, v in result.items() if k != "config"}))  # machine-readable last line
     return 0
 
 
@@ -178,8 +184,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from draftopd.config import DemoConfig, load
     from draftopd.demo import run_demo
 
-    recipes = Path(__file__).resolve().parents[2] / "configs"  # the repository's recipes (src layout)
-    config = args.config or str(recipes / ("demo-quick.yaml" if args.quick else "demo.yaml"))
+    config = args.config or str(RECIPES / ("demo-quick.yaml" if args.quick else "demo.yaml"))
     cfg = load(DemoConfig, config, _overrides(args) + _out(args))
     try:
         run_demo(cfg, fresh=args.fresh)
@@ -249,8 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--costs",
         action="store_true",
-        help="instead: ms per draft and verify step of each drafter shape (fp32 and bf16, or target.dtype if set), "
-        "and the break-even tau",
+        help="instead of the table: ms per draft and verify step of each method and the break-even tau, in fp32 and "
+        "bf16 (or target.dtype if set); without --config, of untrained drafters of several shapes "
+        "(configs/bench-costs.yaml)",
     )
     _model_flags(p)
     _common(p)

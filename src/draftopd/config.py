@@ -9,8 +9,9 @@ benchmark JSON.
 
 One name, one meaning, in every config: ``loop.max_steps`` is a trainer's optimizer steps, ``chain_length`` the
 tokens an EAGLE-3 drafter proposes per verify step, ``ttt_steps`` its training-time-test unroll, ``drafter``
-a drafter to decode with (generate, bench) and ``arch`` the shape of a drafter to train. A key that an older
-version used for something else (``RENAMED``) is refused with a one-line error naming its new key.
+a drafter to decode with (generate, bench), ``methods`` several named drafters benchmarked side by side, and
+``arch`` the shape of a drafter (to train, or an untrained one to time). A key that an older version used for
+something else (``RENAMED``) is refused with a one-line error naming its new key.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from typing import Any, ClassVar, TypeVar
 import yaml
 
 from draftopd import DraftopdError
+from draftopd.data.eval_sets import DATASETS  # the evaluation sets: name -> prompt loader
 
 T = TypeVar("T")
 
-DATASETS = ("gsm8k", "humaneval", "mtbench")  # evaluation sets (bench/datasets.py: DATASETS)
 MIN_TEMPERATURE = 1e-4  # the smallest sampling temperature: (0, 1e-4) is refused, 0 is greedy
 SEED_LIMIT = 2**32  # seeds are combined with step numbers: keep them far from torch's 64-bit limit
 
@@ -117,9 +118,16 @@ class TargetConfig:
 
 @dataclass(frozen=True)
 class DrafterConfig:
+    """A drafter to decode with; ``methods`` of a bench holds several by name (each must say its ``kind``)."""
+
     RENAMED: ClassVar[dict[str, str]] = {"steps": "chain_length"}
-    kind: str = "pld"  # 'pld' (prompt lookup), 'none' (plain decoding), or 'path' (a drafter folder)
+    EXAMPLE: ClassVar[str] = "{prompt lookup: {kind: pld}, SFT: {kind: path, path: runs/sft/final, chain_length: 6}}"
+    KINDS: ClassVar[tuple[str, ...]] = ("pld", "none", "path", "shape")
+    # 'pld' (prompt lookup), 'none' (plain decoding), 'path' (a drafter folder), or 'shape' (an untrained drafter of
+    # shape `arch`, seed 0: what a step of that shape costs, not what it accepts; configs/bench-costs.yaml)
+    kind: str = "pld"
     path: str | None = None  # drafter folder (DFlash or EAGLE-3 serving layout), used when kind='path'
+    arch: ArchConfig | None = None  # kind='shape': the shape, e.g. {kind: eagle3, draft_vocab_size: 8192}
     chain_length: int = 6  # eagle3: tokens drafted per verify step (at most, with a confidence threshold)
     confidence: float = 0.5  # eagle3/dflash: a proposal ends at the first token drafted with top-1 probability
     #                          below this (that token included; eagle3 then stops drafting); 0 = never (RESULTS 8.5)
@@ -128,7 +136,14 @@ class DrafterConfig:
     min_ngram: int = 1  # pld: shortest n-gram matched
 
     def __post_init__(self) -> None:
-        need(self.kind in ("pld", "none", "path"), "drafter.kind", "pld, none or path", self.kind)
+        need(self.kind in self.KINDS, "drafter.kind", "pld, none, path or shape", self.kind)
+        need(self.kind != "path" or bool(self.path), "drafter.path", "a drafter folder (kind path)", self.path)
+        need(
+            (self.kind == "shape") == (self.arch is not None),
+            "drafter.arch",
+            "a shape (e.g. {kind: eagle3}) for kind shape, and unset for the other kinds",
+            self.arch,
+        )
         need(self.num_tokens >= 1, "drafter.num_tokens", ">= 1", self.num_tokens)
         need(self.min_ngram >= 1, "drafter.min_ngram", ">= 1", self.min_ngram)
         need(self.max_ngram >= self.min_ngram, "drafter.max_ngram", f">= min_ngram ({self.min_ngram})", self.max_ngram)
@@ -162,16 +177,26 @@ class GenerateConfig:
 
 @dataclass(frozen=True)
 class BenchConfig:
+    """``draftopd bench``: named drafters (methods) against plain decoding on the same prompts, in one process.
+
+    ``methods`` maps a name to a drafter, each with its own settings (``methods: {prompt lookup: {kind: pld}, SFT:
+    {kind: path, path: runs/sft/final, chain_length: 6, confidence: 0.5}}``); ``drafter`` is the one-method form
+    (what ``--drafter`` sets), the method named after its kind (``pld``, ``none``, ``shape``) or its folder. Give
+    one of the two; neither = prompt lookup. Recipes: configs/bench.yaml, bench-costs.yaml (untrained drafters of
+    several shapes: what a step costs, ``--costs``), bench-confidence.yaml (one drafter at several chain lengths
+    and confidence thresholds). Timed mode adds plain decoding (``plain``) as the baseline of every ratio.
+    """
+
     target: TargetConfig = field(default_factory=TargetConfig)
-    drafter: DrafterConfig = field(default_factory=DrafterConfig)
+    drafter: DrafterConfig | None = None  # the one drafter benchmarked (instead of `methods`)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     datasets: tuple[str, ...] = ("gsm8k", "humaneval", "mtbench")
     limit: int = 10  # prompts per data set
-    hf_baseline: bool = True  # also time transformers' generate(), plain and with prompt lookup
-    tau_only: bool = False  # acceptance length only: each method batched over all prompts, nothing timed
+    # also time transformers' generate(), plain and with prompt lookup (the first pld method's num_tokens, else 10)
+    hf_baseline: bool = True
+    tau_only: bool = False  # acceptance length only: the methods batched over the prompts, nothing timed, no plain
     batch_size: int = 16  # rows per batch in tau_only mode (tau does not depend on batching)
-    # several drafters side by side instead of `drafter`: "name=spec", spec = pld | a drafter folder
-    methods: tuple[str, ...] = ()
+    methods: dict[str, DrafterConfig] = field(default_factory=dict)  # name -> drafter, benchmarked side by side
     warmup: int = 1  # untimed generations before measuring
 
     def __post_init__(self) -> None:
@@ -181,9 +206,22 @@ class BenchConfig:
         need(self.limit >= 1, "limit", ">= 1 (prompts per data set)", self.limit)
         need(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
         need(self.warmup >= 0, "warmup", ">= 0", self.warmup)
-        for m in self.methods:
-            name, _, spec = m.partition("=")
-            need(bool(name.strip() and spec.strip()), "methods entry", "name=pld|none|<drafter folder>", m)
+        if self.drafter is not None and self.methods:
+            raise DraftopdError(
+                "drafter and methods are both set: drafter (what --drafter sets) is the one-method form; "
+                "name it among the methods instead (methods.NAME.kind=path, methods.NAME.path=FOLDER)"
+            )
+        taken = set() if self.tau_only else {"plain", *(("hf_plain", "hf_pld") if self.hf_baseline else ())}
+        for name in self.methods:
+            need(name not in taken, f"methods.{name}", "another name (the baselines' rows are named so)", name)
+
+    def method_configs(self) -> dict[str, DrafterConfig]:
+        """The drafters benchmarked, by name: ``methods``, else ``drafter`` (default: prompt lookup) named after its
+        kind, or after its folder."""
+        if self.methods:
+            return dict(self.methods)
+        d = self.drafter or DrafterConfig()
+        return {(Path(d.path or "").name or "drafter") if d.kind == "path" else d.kind: d}
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -199,6 +237,26 @@ def _coerce(value: Any, tp: Any, key: str, base: Any = None) -> Any:
     if origin in (types.UnionType, typing.Union):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return None if value is None else _coerce(value, args[0], key)
+    if origin is dict:  # named sections, e.g. methods: {SFT: {kind: path, ...}}; a name's key path is key.NAME
+        section = typing.get_args(tp)[1]
+        if not isinstance(value, dict):
+            raise DraftopdError(
+                f"{key}: expected a mapping of names to sections, e.g. {key}: {getattr(section, 'EXAMPLE', '{}')}; "
+                f"not {str(value)[:60]!r} (a list of name=spec strings is no longer read)"
+            )
+        out = {}
+        for name, v in value.items():
+            if not (isinstance(name, str) and name.strip() and name.isprintable()):
+                raise DraftopdError(f"{key}: a name must be a one-line string, not {str(name)[:40]!r}")
+            where = f"{key}.{name}"
+            # a section with a kind states it: a misspelt name in an override must not add a default section
+            if isinstance(v, dict) and "kind" in typing.get_type_hints(section) and "kind" not in v:
+                raise DraftopdError(f"{where}: no kind given (a new name needs {where}.kind)")
+            try:
+                out[name] = _coerce(v, section, where)
+            except DraftopdError as e:  # a range error names the section's field only: say which name it is
+                raise DraftopdError(str(e) if where in str(e) else f"{where}: {e}") from None
+        return out
     if origin is tuple:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -581,7 +639,9 @@ class OPDConfig:
 @dataclass(frozen=True)
 class DemoConfig:
     """``draftopd demo``: the whole pipeline in stages. The demo fills in every path (data -> sft -> opd ->
-    sft_continued -> bench under ``out``) and the target; the sections hold only what the stages do."""
+    sft_continued -> bench under ``out``) and the target; the sections hold only what the stages do. The bench
+    stages name their methods themselves (prompt lookup, SFT, Draft-OPD, SFT continued): ``bench.drafter`` and
+    ``tau.drafter`` say how the trained drafters decode (chain_length, confidence), their kind and path filled in."""
 
     out: str = "runs/demo"
     target: TargetConfig = field(default_factory=lambda: TargetConfig(threads=2))
@@ -594,3 +654,6 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         need(bool(self.out.strip()), "out", "a folder", self.out)
+        for name in ("bench", "tau"):
+            named = list(getattr(self, name).methods)
+            need(not named, f"{name}.methods", f"unset: the demo names them ({name}.drafter: how they decode)", named)

@@ -41,7 +41,7 @@ import yaml
 
 from draftopd import DraftopdError
 from draftopd.atomic import check_output_dir, write_json, write_text
-from draftopd.config import DemoConfig, load, to_dict
+from draftopd.config import DemoConfig, DrafterConfig, load, to_dict
 from draftopd.owner import owning, sweep
 
 STAGES = ("data", "sft", "opd", "sft_continued", "bench", "tau")
@@ -77,13 +77,9 @@ def stage_configs(cfg: DemoConfig) -> dict[str, tuple[list[str], object]]:
         batch_size=opd.rollout_batch * opd.accum,
         loop=rep(opd.loop, log_every=1, keep_every=sft.loop.keep_every),  # the checkpoints kept: SFT's rule
     )
-    drafters = (
-        f"SFT={out / 'sft' / 'final'}",
-        f"Draft-OPD={out / 'opd' / 'final'}",
-        f"SFT continued={out / 'sft_continued' / 'final'}",
-    )
-    bench = rep(cfg.bench, target=cfg.target, methods=("prompt lookup=pld", *drafters))
-    tau = rep(cfg.tau, target=cfg.target, methods=drafters, tau_only=True, hf_baseline=False)
+    bench = rep(cfg.bench, target=cfg.target, drafter=None, methods=demo_methods(cfg.bench.drafter, out, pld=True))
+    tau = rep(cfg.tau, target=cfg.target, drafter=None, methods=demo_methods(cfg.tau.drafter, out))
+    tau = rep(tau, tau_only=True, hf_baseline=False)
     return {
         "data": (["data"], data),
         "sft": (["train", "sft"], sft),
@@ -92,6 +88,16 @@ def stage_configs(cfg: DemoConfig) -> dict[str, tuple[list[str], object]]:
         "bench": (["bench", "--json", str(out / "bench" / "result.json")], bench),
         "tau": (["bench", "--json", str(out / "tau" / "result.json")], tau),
     }
+
+
+def demo_methods(drafter: DrafterConfig | None, out: Path, pld: bool = False) -> dict[str, DrafterConfig]:
+    """The methods a bench stage compares: the three trained drafters, each decoding as ``drafter`` says (its
+    chain_length and confidence; the demo fills in kind and path), and with ``pld`` prompt lookup first."""
+    d = drafter or DrafterConfig()
+    methods = {"prompt lookup": dataclasses.replace(d, kind="pld", path=None)} if pld else {}
+    for name, stage in (("SFT", "sft"), ("Draft-OPD", "opd"), ("SFT continued", "sft_continued")):
+        methods[name] = dataclasses.replace(d, kind="path", path=str(out / stage / "final"))
+    return methods
 
 
 def _lines(stream) -> Iterator[bytes]:
@@ -194,7 +200,7 @@ def _run(cfg: DemoConfig, out: Path, say) -> Path:
         conf = out / "configs" / f"{name}.yaml"
         text = yaml.safe_dump(_plain(to_dict(c)), sort_keys=False)
         # compared as configs (new fields default; one written before the loop section read in its layout)
-        if changed or (conf.exists() and load(type(c), conf, stored=True) != c):
+        if changed or _changed(conf, c):
             changed = True  # a stage whose recipe changed starts over, and so does every stage after it
             if (out / name).exists() or done.exists():
                 say(f"[demo] stage {name}: its config changed, redoing it")
@@ -234,6 +240,17 @@ def _run(cfg: DemoConfig, out: Path, say) -> Path:
     for fig in sorted((out / "figures").glob("*.png")):
         say(f"[demo]   figure: {fig}")
     return report
+
+
+def _changed(conf: Path, cfg) -> bool:
+    """Whether the stage config written earlier at ``conf`` differs from ``cfg``, compared as configs (new fields
+    take their defaults); one an older version wrote that no longer loads (e.g. a bench's list of methods) has."""
+    if not conf.exists():
+        return False
+    try:
+        return load(type(cfg), conf, stored=True) != cfg
+    except DraftopdError:
+        return True
 
 
 def _plain(x):

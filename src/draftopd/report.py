@@ -159,6 +159,15 @@ def _target_name(result: dict) -> str:
 LEARNED = {"SFT": "sft", "Draft-OPD": "opd", "SFT continued": "sft_continued"}
 
 
+def learned_setting(cfg: dict) -> dict:
+    """How the demo's trained drafters decoded in a bench (chain_length, confidence): its SFT method's settings (the
+    demo gives the three the same), or, in a result written while methods were name=folder strings, ``drafter``."""
+    methods = cfg.get("methods")
+    if isinstance(methods, dict) and "SFT" in methods:
+        return methods["SFT"]
+    return cfg.get("drafter") or {}
+
+
 def gain_table(result: dict) -> list[str]:
     """Markdown lines: per data set, SFT's and Draft-OPD's benchmark tau, OPD's gain and its 95% interval over
     prompts (paired: greedy text is the same, so prompts pair)."""
@@ -219,7 +228,7 @@ def tau_section(out: Path) -> list[str]:
     n = next(iter(sets.values()))["prompts"]
     lines = [
         f"## Draft-OPD vs SFT continued (matched updates): held-out tau, {n} prompts per set, "
-        f"drafter.confidence {result['config'].get('drafter', {}).get('confidence', 0)}",
+        f"drafter.confidence {learned_setting(result['config']).get('confidence', 0)}",
         "",
         f"Batched, greedy, {result['config']['sampling']['max_new_tokens']} new tokens, {result['dtype']}; "
         "gains paired over prompts [95% bootstrap interval].",
@@ -258,7 +267,7 @@ def write_report(out: Path, stages: dict[str, dict]) -> Path:
     bars(result, figs / "tokens_per_s.png", f"decoding speed, {result['dtype']}, {result['threads']} threads")
     sets = result["datasets"]
     bench_cfg = result["config"]
-    drafter = bench_cfg.get("drafter", {})
+    drafter = learned_setting(bench_cfg)
     lines = [
         "# draftopd demo report",
         "",

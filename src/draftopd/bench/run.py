@@ -1,16 +1,17 @@
-"""``draftopd bench``: acceptance length and wall-clock speed-up, measured side by side in one process.
+"""``draftopd bench``: acceptance length and wall-clock speed-up of named drafters (methods), side by side.
 
-For every prompt of every data set, in turn and on the same loaded target: plain decoding (our loop, no
-drafter), speculative decoding with the chosen drafter, and, as the tool users already have, transformers'
-``generate()`` plain and with prompt-lookup decoding. Interleaving per prompt spreads machine noise evenly
-over the methods. Speed-ups are ratios of total tokens over total seconds within one data set.
-``lossless`` counts prompts whose speculative tokens equal our plain greedy tokens (1.0 expected in fp32;
-bf16 kernels round differently at different block widths, so equality is only guaranteed in fp32).
+``run_methods`` is the one loop: every method on each batch of prompts in turn, on the same loaded target. The
+timed bench runs it at batch 1 with plain decoding (our loop, no drafter) as the baseline and, as the tool users
+already have, transformers' ``generate()`` plain and with prompt-lookup decoding; interleaving per prompt spreads
+machine noise evenly over the methods. Speed-ups are ratios of total tokens over total seconds within one data
+set. ``lossless`` counts prompts whose speculative tokens equal our plain greedy tokens (1.0 expected in fp32;
+bf16 kernels round differently at different block widths, so equality is only guaranteed in fp32). The tau-only
+bench runs the same loop batched, greedy and untimed. Recipes: ``configs/bench*.yaml``; ``bench/cost.py`` turns a
+timed result into the step-cost table (``--costs``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 import subprocess
@@ -22,8 +23,8 @@ from tqdm import tqdm
 
 from draftopd import DraftopdError
 from draftopd.atomic import check_output_file, write_json
-from draftopd.bench.datasets import load_prompts
-from draftopd.config import BenchConfig, to_dict
+from draftopd.config import BenchConfig, DrafterConfig, to_dict
+from draftopd.data.eval_sets import load_prompts
 from draftopd.decoding.interface import Drafter
 from draftopd.decoding.loop import SpecStats, speculative_generate
 from draftopd.decoding.sampling import SamplingParams
@@ -97,80 +98,92 @@ def _hf_row(tokens: int, secs: float, verify_calls: int, later_tokens: int) -> d
     }
 
 
-def compare_methods(
+PLAIN = "plain"  # the baseline's row: plain decoding through the same loop (a method with drafter None)
+
+
+def run_methods(
     target: Target,
     prompts: list[list[int]],
     methods: dict[str, Drafter | None],
     max_new: int,
-    params: SamplingParams,
-    gen: torch.Generator,
+    params: SamplingParams = SamplingParams(),  # noqa: B008 (frozen dataclass)
+    gen: torch.Generator | None = None,
+    batch_size: int = 1,
+    warmup: int = 0,
     hf_pld_tokens: int = 0,
     desc: str = "bench",
     progress: bool = True,
-) -> dict:
-    """Time plain decoding and every method on each prompt in turn; returns one summary per method.
-
-    ``speedup`` is tokens/s over our plain decoding's; ``lossless`` the fraction of prompts whose tokens equal
-    plain greedy decoding's (None when sampling). ``hf_pld_tokens > 0`` adds transformers' generate(), plain
-    and with prompt lookup of that many tokens.
-    """
-    stats = {name: SpecStats() for name in ("plain", *methods)}
-    same = dict.fromkeys(methods, 0)
+) -> dict[str, dict]:
+    """THE benchmark loop: every method on each batch of ``batch_size`` prompts in turn, so machine noise spreads
+    evenly over the methods (batch 1: prompt by prompt, what the timed bench runs). One row per method:
+    ``SpecStats.summary()`` plus ``step_ms`` (ms per verify step, drafting included). With a ``plain`` method
+    (drafter None) also ``speedup``, tokens/s over plain's, and ``lossless``, the share of prompts whose tokens
+    equal plain's (None when sampling). ``warmup``: that many prompts of every method first, untimed and
+    unrecorded. ``hf_pld_tokens > 0`` (batch 1) adds transformers' generate(), plain and with prompt lookup of
+    that many tokens."""
+    if hf_pld_tokens and (batch_size != 1 or PLAIN not in methods):
+        raise DraftopdError("transformers' generate() is timed at batch 1 only, beside plain decoding")
+    for ids in prompts[:warmup]:  # first calls pay allocator and kernel warm-up
+        for drafter in methods.values():
+            speculative_generate(target, [ids], drafter, min(16, max_new), params, gen)
+    stats = {name: SpecStats() for name in methods}
+    same = dict.fromkeys(methods, 0)  # prompts whose tokens equal plain decoding's
     hf = {"hf_plain": [0, 0.0, 0, 0], "hf_pld": [0, 0.0, 0, 0]}  # tokens, seconds, verify calls, tokens - 1
-    for ids in tqdm(prompts, desc=desc, disable=not progress, unit="prompt"):
-        ref = speculative_generate(target, [ids], None, max_new, params, gen)
-        stats["plain"].merge(ref.stats)
+    starts = range(0, len(prompts), batch_size)
+    for i in tqdm(starts, desc=desc, disable=not progress, unit="prompt" if batch_size == 1 else "batch"):
+        batch = prompts[i : i + batch_size]
+        tokens = {}  # name -> new tokens per prompt of the batch
         for name, drafter in methods.items():
-            g = speculative_generate(target, [ids], drafter, max_new, params, gen)
+            g = speculative_generate(target, batch, drafter, max_new, params, gen)
             stats[name].merge(g.stats)
-            same[name] += int(g.tokens == ref.tokens)
+            tokens[name] = g.tokens
+        if PLAIN in tokens:
+            for name in methods:
+                same[name] += sum(a == b for a, b in zip(tokens[name], tokens[PLAIN], strict=True))
         if hf_pld_tokens:
             for key, kw in (("hf_plain", {}), ("hf_pld", {"prompt_lookup_num_tokens": hf_pld_tokens})):
-                n, dt, calls = hf_generate(target, ids, max_new, params, **kw)
+                n, dt, calls = hf_generate(target, batch[0], max_new, params, **kw)
                 for j, v in enumerate((n, dt, calls - 1, n - 1)):
                     hf[key][j] += v
-    base = stats["plain"].tokens_per_s
-    out = {"plain": {**stats["plain"].summary(), "speedup": 1.0, "lossless": 1.0}}
-    for name in methods:
-        out[name] = {
-            **stats[name].summary(),
-            "speedup": round(stats[name].tokens_per_s / base, 4),
-            "lossless": round(same[name] / len(prompts), 4) if params.greedy else None,
-        }
+    out = {}
+    for name, st in stats.items():
+        out[name] = {**st.summary(), "step_ms": round(1000 * st.decode_s / max(1, st.steps), 3)}
+        if PLAIN in stats:
+            out[name]["speedup"] = round(st.tokens_per_s / stats[PLAIN].tokens_per_s, 4)
+            out[name]["lossless"] = round(same[name] / len(prompts), 4) if params.greedy else None
+    if PLAIN in out:
+        out[PLAIN]["lossless"] = 1.0
     if hf_pld_tokens:
         for key in hf:
             out[key] = {**_hf_row(*hf[key]), "lossless": None}
-            out[key]["speedup"] = round(out[key]["tokens_per_s"] / base, 4)
+            out[key]["speedup"] = round(out[key]["tokens_per_s"] / stats[PLAIN].tokens_per_s, 4)
         out["hf_pld"]["speedup_vs_hf_plain"] = round(
             out["hf_pld"]["tokens_per_s"] / out["hf_plain"]["tokens_per_s"], 4
         )
     return out
 
 
+def build_methods(cfg: BenchConfig, target: Target) -> dict[str, Drafter | None]:
+    """The engine-side drafter of every method ``cfg`` names (``BenchConfig.method_configs``), in its order."""
+    return {name: build_drafter(d, target) for name, d in cfg.method_configs().items()}
+
+
+TAU_KEYS = ("tau", "new_tokens", "tau_histogram", "per_prompt")  # a tau_only row: nothing timed
+
+
 def run_bench(
     cfg: BenchConfig,
     target: Target | None = None,
     progress: bool = True,
-    methods: dict[str, Drafter | None] | None = None,
+    drafters: dict[str, Drafter | None] | None = None,
 ) -> dict:
-    """Run the benchmark described by ``cfg`` (or over several named ``methods``); returns the JSON result."""
+    """Run the benchmark described by ``cfg`` (``drafters``: engine-side drafters instead of its methods); returns
+    the JSON result. Timed (batch 1, plain decoding first as the baseline) unless ``cfg.tau_only`` (batched,
+    greedy, no baseline, rows cut to ``TAU_KEYS``): both through ``run_methods``."""
     if cfg.target.threads:
         torch.set_num_threads(cfg.target.threads)
     target = target or load_target(cfg.target.path, cfg.target.dtype, cfg.target.device)
-    if methods is None and cfg.methods:
-        methods = {}
-        for item in cfg.methods:
-            name, _, spec = item.partition("=")
-            if not spec:
-                raise DraftopdError(f"bench.methods entry {item!r} is not name=pld|folder")
-            kind, path = (spec, None) if spec in ("pld", "none") else ("path", spec)
-            dc = dataclasses.replace(cfg.drafter, kind=kind, path=path)  # chain_length, num_tokens: from `drafter`
-            methods[name] = build_drafter(dc, target)
-    if methods is None:
-        name = cfg.drafter.kind if cfg.drafter.kind != "path" else Path(cfg.drafter.path or "").name or "drafter"
-        methods = {name: build_drafter(cfg.drafter, target)}
-    params = SamplingParams(cfg.sampling.temperature, cfg.sampling.top_p)
-    gen = torch.Generator(target.device).manual_seed(cfg.sampling.seed)
+    drafters = build_methods(cfg, target) if drafters is None else drafters
     max_new = cfg.sampling.max_new_tokens
     result: dict = {
         "config": to_dict(cfg),
@@ -186,22 +199,22 @@ def run_bench(
         every[ds] = [target.encode_chat(p) for p in load_prompts(ds, cfg.limit)]
         for i, ids in enumerate(every[ds]):
             target.check_prompt(ids, max_new, f"{ds} prompt {i + 1}")
+    params = SamplingParams(cfg.sampling.temperature, cfg.sampling.top_p)
+    gen = torch.Generator(target.device).manual_seed(cfg.sampling.seed)
+    pld = [d.num_tokens for d in cfg.method_configs().values() if d.kind == "pld"]
+    hf = (pld or [DrafterConfig().num_tokens])[0] if cfg.hf_baseline else 0  # the first pld method's, else 10
     for ds, prompts in every.items():
-        if cfg.tau_only:  # batched, untimed: tau and its histogram per method
-            rows = {}
-            for name, drafter in methods.items():
-                st = SpecStats()
-                for i in tqdm(range(0, len(prompts), cfg.batch_size), desc=f"tau {ds} {name}", disable=not progress):
-                    st.merge(speculative_generate(target, prompts[i : i + cfg.batch_size], drafter, max_new).stats)
-                keep = ("tau", "new_tokens", "tau_histogram", "per_prompt")
-                rows[name] = {k: v for k, v in st.summary().items() if k in keep}
-            result["datasets"][ds] = {"prompts": len(prompts), "methods": rows}
-            continue
-        for ids in prompts[: cfg.warmup]:  # untimed: first calls pay allocator and kernel warm-up
-            for drafter in methods.values():
-                speculative_generate(target, [ids], drafter, min(16, max_new), params, gen)
-        hf = cfg.drafter.num_tokens if cfg.hf_baseline else 0
-        rows = compare_methods(target, prompts, methods, max_new, params, gen, hf, f"bench {ds}", progress)
+        if cfg.tau_only:  # tau and its histogram per method: greedy (the prompts pair), batched, untimed
+            rows = run_methods(
+                target, prompts, drafters, max_new, batch_size=cfg.batch_size, desc=f"tau {ds}", progress=progress
+            )
+            rows = {name: {k: row[k] for k in TAU_KEYS} for name, row in rows.items()}
+        else:  # batch 1, timed, plain decoding first
+            methods = {PLAIN: None, **drafters}
+            rows = run_methods(
+                target, prompts, methods, max_new, params, gen,
+                warmup=cfg.warmup, hf_pld_tokens=hf, desc=f"bench {ds}", progress=progress,
+            )  # fmt: skip
         result["datasets"][ds] = {"prompts": len(prompts), "methods": rows}
     return result
 

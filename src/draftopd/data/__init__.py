@@ -1,1 +1,2 @@
-"""Data: reading prompt files (``jsonl``) and, later, target trajectories as shards."""
+"""Data: the evaluation prompt sets (``eval_sets``), training prompt sources (``prompts``), jsonl reading
+(``jsonl``) and target trajectories as shards (``trajectories``)."""

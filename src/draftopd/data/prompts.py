@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from draftopd import DraftopdError, assets
-from draftopd.bench.datasets import gsm8k
+from draftopd.data.eval_sets import gsm8k
 from draftopd.data.jsonl import read_jsonl
 
 

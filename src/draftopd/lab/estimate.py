@@ -29,9 +29,9 @@ def estimate(stage: str, c, n_traj: int) -> float:
         evals = c.loop.max_steps // max(1, c.loop.eval_every) + 1
         return c.loop.max_steps * (0.045 * c.rollout_batch * c.max_new_tokens) + evals * 0.12 * c.eval.limit * 12
     if stage == "bench":
-        return len(c.datasets) * c.limit * (len(c.methods) + 1) * c.sampling.max_new_tokens / 14
+        return len(c.datasets) * c.limit * (len(c.method_configs()) + 1) * c.sampling.max_new_tokens / 14
     if stage == "tau":
-        return len(c.datasets) * c.limit * len(c.methods) * c.sampling.max_new_tokens / 60
+        return len(c.datasets) * c.limit * len(c.method_configs()) * c.sampling.max_new_tokens / 60
     return 0.0
 
 

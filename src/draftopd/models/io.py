@@ -307,11 +307,18 @@ def drafter_files(
 
 
 def build_drafter(cfg: DrafterConfig, target) -> Drafter | None:
-    """``none`` -> plain decoding, ``pld`` -> prompt lookup, ``path`` -> a drafter folder in any layout above."""
+    """``none`` -> plain decoding, ``pld`` -> prompt lookup, ``path`` -> a drafter folder in any layout above,
+    ``shape`` -> an untrained drafter of shape ``cfg.arch`` (seed 0; its draft vocabulary the lowest ids): what a
+    step of that shape costs, not what it accepts."""
     if cfg.kind == "none":
         return None
     if cfg.kind == "pld":
         return PromptLookupDrafter(cfg.num_tokens, cfg.max_ngram, cfg.min_ngram)
     if cfg.kind == "path" and cfg.path:
         return read_drafter(cfg.path, target).engine(target, cfg.chain_length, cfg.confidence)
-    raise DraftopdError(f"unknown drafter {cfg.kind!r}: use 'pld', 'none', or a drafter folder")
+    if cfg.kind == "shape" and cfg.arch is not None:
+        with torch.random.fork_rng(devices=[]):  # the caller's random state untouched
+            torch.manual_seed(0)
+            model = DRAFTERS[cfg.arch.kind].build(target, cfg.arch, [])
+        return model.engine(target, cfg.chain_length, cfg.confidence)
+    raise DraftopdError(f"unknown drafter {cfg.kind!r}: use 'pld', 'none', 'shape' or a drafter folder")

@@ -51,8 +51,8 @@ from tqdm import tqdm
 
 from draftopd import DraftopdError
 from draftopd.atomic import atomic_folder, check_output_dir, write_text, writing
-from draftopd.bench.datasets import load_prompts
 from draftopd.config import LoopConfig, migrate_loop, to_dict
+from draftopd.data.eval_sets import load_prompts
 from draftopd.data.trajectories import load_shards
 from draftopd.decoding.loop import speculative_generate
 from draftopd.distributed import init_distributed, is_writer, rank_world

@@ -1,4 +1,4 @@
-"""Evaluation prompt sets, one small function each. Each returns a list of user prompts (strings).
+"""Evaluation prompt sets (``DATASETS``: name -> loader), one small function each, returning user prompts (strings).
 
 Prompt wording follows the Draft-OPD evaluation configs (arXiv 2605.29343, section 4): math problems
 ask for step-by-step reasoning with a boxed answer, HumanEval asks for a solution in a code block, MT-bench
@@ -44,7 +44,7 @@ GSM8K_DEV_SIZE = 660  # test_dev = the first 660 records of the GSM8K test split
 
 def shipped_dir() -> Path:
     """The GSM8K copy shipped in the package (``train.jsonl.gz``, ``test_dev.jsonl.gz``, ``LICENSE``)."""
-    return Path(__file__).resolve().parents[1] / "data" / "gsm8k"
+    return Path(__file__).resolve().parent / "gsm8k"
 
 
 def _cache_dir() -> Path:

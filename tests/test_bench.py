@@ -1,0 +1,106 @@
+"""The benchmark: one loop (``run_methods``) under the timed and the tau-only bench, methods as named drafters with
+their own settings, and the step-cost table as a recipe of it. In process, on the tiny target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from draftopd.bench import run
+from draftopd.bench.cost import cost_dtypes, costs_result, format_costs, step_costs
+from draftopd.bench.run import TAU_KEYS, build_methods, run_bench
+from draftopd.config import BenchConfig, load
+from draftopd.models.target import load_target
+
+RECIPES = Path(__file__).resolve().parent.parent / "configs"
+EAGLE = {"kind": "shape", "arch": {"kind": "eagle3", "draft_vocab_size": 64}}  # untrained, a 64-token vocabulary
+
+
+@pytest.fixture(scope="module")
+def target(tiny):
+    return load_target(str(tiny), "fp32")
+
+
+def bench_config(tiny: Path, *overrides: str, recipe: Path | None = None) -> BenchConfig:
+    """A small greedy fp32 bench of the tiny target on GSM8K prompts (the suite's fixture copy)."""
+    small = ["target.dtype=fp32", "datasets=[gsm8k]", "limit=2", "sampling.max_new_tokens=10", "hf_baseline=false"]
+    return load(BenchConfig, recipe, [f"target.path={tiny}", *small, "warmup=0", *overrides])
+
+
+def methods(**named: dict) -> str:
+    """A ``methods=`` override: the named drafter sections as one line of YAML."""
+    return "methods=" + yaml.safe_dump(named, default_flow_style=True, sort_keys=False, width=1 << 20).strip()
+
+
+def test_each_method_decodes_with_its_own_settings(tiny, drafter, target):
+    cfg = bench_config(
+        tiny,
+        methods(
+            short={**EAGLE, "chain_length": 2, "confidence": 0},
+            long={**EAGLE, "chain_length": 5, "confidence": 0},
+            gated={**EAGLE, "chain_length": 5, "confidence": 0.9},
+            folder={"kind": "path", "path": str(drafter), "confidence": 0.3},
+        ),
+    )
+    built = build_methods(cfg, target)
+    assert [built[n].chain_length for n in ("short", "long", "gated")] == [2, 5, 5]
+    assert [built[n].confidence for n in ("short", "gated", "folder")] == [0.0, 0.9, 0.3]
+    rows = run_bench(cfg, target, progress=False)["datasets"]["gsm8k"]["methods"]
+    assert list(rows) == ["plain", "short", "long", "gated", "folder"]  # the baseline first, then the recipe's order
+    # acceptance_rate has one entry per draft position proposed: whole chains ungated; an untrained drafter is
+    # never sure (top-1 ~ 1/64), so at confidence 0.9 each proposal ends at its first token
+    assert [len(rows[n]["acceptance_rate"]) for n in ("short", "long", "gated")] == [2, 5, 1]
+    assert all(m["lossless"] == 1.0 for m in rows.values())  # greedy fp32: every method reproduces plain decoding
+
+
+def test_timed_and_tau_only_benches_run_the_one_loop(tiny, target, monkeypatch):
+    batches = []
+
+    def spy(*args, **kw):
+        batches.append(kw.get("batch_size", 1))
+        return real(*args, **kw)
+
+    real = run.run_methods
+    monkeypatch.setattr(run, "run_methods", spy)
+    two = methods(lookup={"kind": "pld"}, eagle={**EAGLE, "chain_length": 3, "confidence": 0})
+    timed = run_bench(bench_config(tiny, two, "limit=3"), target, progress=False)
+    tau = run_bench(bench_config(tiny, two, "limit=3", "tau_only=true", "batch_size=2"), target, progress=False)
+    assert batches == [1, 2]  # batch 1 timed, then batched: the same function
+    timed_rows, tau_rows = (r["datasets"]["gsm8k"]["methods"] for r in (timed, tau))
+    assert list(tau_rows) == ["lookup", "eagle"] and all(set(m) == set(TAU_KEYS) for m in tau_rows.values())
+    for name in ("lookup", "eagle"):  # greedy and deterministic: batching changes no token
+        assert tau_rows[name]["per_prompt"] == timed_rows[name]["per_prompt"]
+        assert tau_rows[name]["tau"] == timed_rows[name]["tau"]
+    assert timed_rows["plain"]["speedup"] == 1.0 and timed_rows["eagle"]["step_ms"] > 0
+
+
+def test_the_costs_recipe_gives_the_step_cost_table(tiny, target):
+    cfg = bench_config(tiny, "limit=1", "sampling.max_new_tokens=6", recipe=RECIPES / "bench-costs.yaml")
+    assert cost_dtypes(cfg) == ("fp32",)  # a set dtype: that one only (auto: fp32 and bf16)
+    result = costs_result([run_bench(cfg, target, progress=False)])
+    rows = result["dtypes"]["float32"]
+    assert list(rows) == ["plain", *cfg.methods]
+    for label, r in rows.items():
+        assert r["step_ms"] > 0 and r["draft_ms"] + r["verify_ms"] <= r["step_ms"] + 0.02, label
+        if label != "plain":
+            assert r["draft_ms"] > 0 and r["break_even_tau"] == pytest.approx(r["step_ms"] / r["plain_ms"], abs=0.01)
+    table = format_costs(result)
+    assert table.count("\n") == len(rows) + 1 and "| dflash block 16, draft vocab 8k | " in table
+    assert "| plain | " in table and result["runs"][0]["config"]["limit"] == 1
+
+
+def test_step_costs_pool_the_data_sets_by_verify_steps():
+    """Two data sets: per-step times are weighted by each set's verify steps (target calls less one per prompt)."""
+
+    def row(step: float, calls: int) -> dict:
+        return {"step_ms": step, "draft_ms": step / 4, "verify_ms": step / 2, "target_calls": calls}
+
+    sets = {"a": (10.0, 20.0, 12), "b": (30.0, 60.0, 32)}  # plain ms, drafter ms, target calls over 2 prompts
+    result = {"config": {"tau_only": False}, "datasets": {}}
+    for ds, (plain, drafted, calls) in sets.items():
+        result["datasets"][ds] = {"prompts": 2, "methods": {"plain": row(plain, calls), "d": row(drafted, calls)}}
+    rows = step_costs(result)
+    assert rows["plain"]["step_ms"] == (10 * 10 + 30 * 30) / 40 == 25.0
+    assert rows["d"]["step_ms"] == 50.0 and rows["d"]["draft_ms"] == 12.5 and rows["d"]["break_even_tau"] == 2.0
