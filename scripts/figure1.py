@@ -5,7 +5,8 @@ rising, then from that drafter (a) Draft-OPD in replay mode and (b) SFT continue
 same draw), the same seed, optimizer and schedule, 256 updates of 16 rows each; held-out tau (32 prompts each of GSM8K
 test_dev, HumanEval and MT-bench, ungated, batched) of the start and of 4 checkpoints of each run, and OPD's paired
 gain over its control at the end with 95% bootstrap intervals over prompts. Then, for the kind where OPD did best, the
-random-anchor and no-rejected-stream ablations and the hard-CE response stream at the same budget.
+random-anchor ablation, the rejected stream toggled (dropped; added for EAGLE-3, whose recipe has none) and the
+hard-CE response stream, at the same budget.
 
 Every stage is a ``draftopd`` command with its config written under ``HOME/configs``, its log in ``HOME/logs`` (tail
 them), a done marker in ``HOME/done``; trainers checkpoint, so a killed run resumes with the same command:
@@ -51,11 +52,15 @@ CONF = ROOT / "configs" / "figure1"
 KINDS = ("dflash", "eagle3")
 STEPS = (64, 128, 192, 256)  # the checkpoints whose held-out tau is measured (keep_every 64)
 DATASETS = ("gsm8k", "humaneval", "mtbench")
-ABLATIONS = {  # name -> OPD overrides, for the kind where OPD does best
-    "random-anchors": {"anchors": "random"},
-    "no-rejected": {"rej_weight": 0.0},
-    "hard-ce": {"loss": "hard_ce"},
-}
+ABLATIONS = ("random-anchors", "no-rejected", "with-rejected", "hard-ce")  # the names ablations() may give
+
+
+def ablations(opd: OPDConfig) -> dict[str, dict]:
+    """name -> OPD overrides, one part of ``opd``'s recipe changed each: where it supervises (anchors scattered at
+    random), the rejected stream (dropped, or added where the kind's recipe has none: EAGLE-3's), and the response
+    stream's label (the target's greedy token, hard cross-entropy)."""
+    rejected = {"no-rejected": {"rej_weight": 0.0}} if opd.rej_weight else {"with-rejected": {"rej_weight": 1.0}}
+    return {"random-anchors": {"anchors": "random"}, **rejected, "hard-ce": {"loss": "hard_ce"}}
 
 
 def configs(home: Path, steps: tuple[int, ...] = STEPS) -> dict[str, tuple[list[str], object]]:
@@ -115,7 +120,7 @@ def ablation_stages(home: Path, kind: str, stages: dict, step: int = STEPS[-1]) 
     (the runs whose checkpoint of that update exists: ``--only`` may have run some of them)."""
     _, opd = stages[f"opd-{kind}"]
     out = {}
-    for name, over in ABLATIONS.items():
+    for name, over in ablations(opd).items():
         out[f"{name}-{kind}"] = (["train", "opd"], dataclasses.replace(opd, out=str(home / f"{name}-{kind}"), **over))
     last = f"step_{step:06d}"
     folders = {"Cont": str(home / f"cont-{kind}" / "checkpoints" / last)}

@@ -58,3 +58,17 @@ def test_a_marker_this_version_cannot_read_is_not_finished(figure1, tmp_path):
     _, cfg = figure1.configs(tmp_path)["tau-dflash"]
     done = _marker(tmp_path, {**figure1.to_dict(cfg), "no_such_key": 1})
     assert figure1.finished_config(done, type(cfg)) is None
+
+
+@pytest.mark.parametrize("kind", ["dflash", "eagle3"])
+def test_each_ablation_changes_one_part_of_the_kinds_recipe(figure1, tmp_path, kind):
+    """No ablation repeats the OPD run (EAGLE-3's recipe has no rejected stream: its ablation adds one)."""
+    stages = figure1.configs(tmp_path)
+    base = figure1.to_dict(stages[f"opd-{kind}"][1])
+    runs = {n: c for n, (verb, c) in figure1.ablation_stages(tmp_path, kind, stages).items() if verb[0] == "train"}
+    assert len(runs) == 3
+    for name, cfg in runs.items():
+        d = figure1.to_dict(cfg)
+        assert len({k for k in d if d[k] != base[k]} - {"out"}) == 1, name
+    rejected = "no-rejected" if kind == "dflash" else "with-rejected"
+    assert f"{rejected}-{kind}" in runs

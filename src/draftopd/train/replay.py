@@ -224,7 +224,7 @@ def _logprobs(target: Target, hidden: Tensor, tokens: Tensor, chunk: int = 512) 
     return torch.cat(out) if out else hidden.new_zeros(0)
 
 
-def _score_branches(target, cache, records, rows, branches, width: int) -> int:
+def _score_branches(target, cache, records, rows, branches, width: int, chunk: int = 512) -> int:
     """The target's scores of proposals after a first rejection (or past EOS), on the draft's own prefix.
 
     Each branch (row, step, c, inputs d_c ..) sits at positions P + a + c ..; a branch token attends to the row's
@@ -255,17 +255,27 @@ def _score_branches(target, cache, records, rows, branches, width: int) -> int:
     if target.model.config._attn_implementation == "eager":  # eager attention adds its mask: 0 / -inf
         mask = torch.zeros(mask.shape, dtype=target.dtype).masked_fill(~mask, torch.finfo(target.dtype).min)
     hidden = target.forward(inp.to(dev), mask.to(dev), posid.to(dev), cache, (), "none").hidden
-    for b, i, c, o, n_in in where:
+    # One head pass over every branch query (in chunks), not one per branch: query q of a branch scores the draft
+    # token at its offset c + t (0 where the branch runs past the draft: only its argmax is read).
+    drafts = [records[b][i].draft for b, i, _, _, _ in where]
+    pairs = zip(drafts, where, strict=True)
+    want = [d[c + t] if c + t < len(d) else 0 for d, (_, _, c, _, n) in pairs for t in range(n)]
+    states = torch.cat([hidden[b, o : o + n_in] for b, _, _, o, n_in in where])
+    logp, best = [], []
+    for k in range(0, len(want), chunk):
+        logits = target.logits(states[k : k + chunk])
+        best.append(logits.argmax(-1))
+        logp.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(want[k : k + chunk], device=dev)[:, None]))
+    logp, best, q = torch.cat(logp)[:, 0].tolist(), torch.cat(best).tolist(), 0
+    for d, (b, i, c, _, n_in) in zip(drafts, where, strict=True):
         rec = records[b][i]
-        logits = target.logits(hidden[b, o : o + n_in])  # entry t scores offset c + t + 1
-        logp = torch.log_softmax(logits, -1)
-        d = rec.draft
         for t in range(min(n_in, len(d) - c)):
-            rec.draft_logprobs_target[c + t] = float(logp[t, d[c + t]])
+            rec.draft_logprobs_target[c + t] = logp[q + t]
         if rec.token == -1:  # past EOS, d_1 .. d_c accepted: the target's argmax decides the rest
-            best = logits.argmax(-1).tolist()
+            top = best[q : q + n_in]
             r = c
-            while r < len(d) and d[r] == best[r - c]:
+            while r < len(d) and d[r] == top[r - c]:
                 r += 1
-            rec.n_accepted, rec.token = r, best[r - c]
+            rec.n_accepted, rec.token = r, top[r - c]
+        q += n_in
     return int(sum(x[4] for x in where))
