@@ -21,6 +21,7 @@ from draftopd.cli import main
 from draftopd.decoding.interface import Proposal
 from draftopd.decoding.sampling import logits_to_probs
 from draftopd.models.dflash import DFlashConfig, DFlashModel
+from draftopd.models.eagle3 import Eagle3Config, Eagle3Model, draft_vocab_map
 from draftopd.models.target import Target
 
 needs_default_target = pytest.mark.skipif(
@@ -59,6 +60,25 @@ def tiny_dflash(target, layers=2, block=5, seed=0):
         target.config, num_layers=layers, block_size=block, mask_token_id=1, target_layer_ids=[0, 2]
     )
     return sharpen(DFlashModel(cfg))
+
+
+def tiny_drafter(kind: str, target, seed: int):
+    """A small drafter of either kind with sharp, varied proposals (random weights, std 0.3)."""
+    torch.manual_seed(seed)
+    if kind == "dflash":
+        cfg = DFlashConfig.from_target(
+            target.config, num_layers=2, block_size=5, mask_token_id=1, target_layer_ids=[0, 2]
+        )
+        model = DFlashModel(cfg)
+    else:
+        model = Eagle3Model(Eagle3Config.from_target(target.config, 7, target_layer_ids=[0, 1, 2]))
+        d2t, t2d = draft_vocab_map(torch.arange(target.vocab_size).float() % 5, 7)
+        model.set_vocab(d2t, t2d, target.lm_head.weight)
+    with torch.no_grad():  # sharp, varied proposals
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model
 
 
 def sharpen(model):

@@ -177,6 +177,8 @@ def test_methods_are_named_drafters_each_with_its_own_settings(tmp_path):
         (["methods={sft: {kind: path}}"], "methods.sft: drafter.path must be a drafter folder"),
         (["methods={sft: {kind: shape}}"], "methods.sft: drafter.arch must be a shape"),
         (["methods={plain: {kind: pld}}"], "methods.plain must be another name"),
+        (["methods={sft: }"], "methods.sft: expected a section"),  # not a default section (prompt lookup) named sft
+        (["methods={'gate 0.5': {kind: pld}}"], "a name must be a one-line string without dots"),
         (["methods={a: {kind: pld}}", "drafter.kind=pld"], "drafter and methods are both set"),
     ],
 )
@@ -215,3 +217,11 @@ def test_the_bench_recipes_load():
     assert sweep["prompt lookup"].kind == "pld" and len({d.path for d in learned}) == 1  # one drafter, its settings
     assert [(d.chain_length, d.confidence) for d in learned] == [(4, 0.0), (6, 0.5), (6, 0.7)]
     assert load(BenchConfig, RECIPES / "bench.yaml").method_configs()["pld"].num_tokens == 10
+
+
+def test_a_drafter_folder_named_like_a_baseline_keeps_its_own_row():
+    cfg = load(BenchConfig, None, ["drafter.kind=path", "drafter.path=runs/x/plain"])
+    assert list(cfg.method_configs()) == ["plain (drafter)"]
+    assert list(
+        load(BenchConfig, None, ["tau_only=true", "drafter.kind=path", "drafter.path=x/plain"]).method_configs()
+    ) == ["plain"]  # tau_only has no baseline row

@@ -12,29 +12,10 @@ import torch
 
 from draftopd.decoding.loop import speculative_generate
 from draftopd.models.dflash import DFlashConfig, DFlashModel
-from draftopd.models.eagle3 import Eagle3Config, Eagle3Model, draft_vocab_map
 from draftopd.models.io import DRAFTERS, write_drafter
 from draftopd.train.replay import derive_records
 
-from helpers import make_tiny_target
-
-
-def tiny_drafter(kind: str, target, seed: int):
-    torch.manual_seed(seed)
-    if kind == "dflash":
-        cfg = DFlashConfig.from_target(
-            target.config, num_layers=2, block_size=5, mask_token_id=1, target_layer_ids=[0, 2]
-        )
-        model = DFlashModel(cfg)
-    else:
-        model = Eagle3Model(Eagle3Config.from_target(target.config, 7, target_layer_ids=[0, 1, 2]))
-        d2t, t2d = draft_vocab_map(torch.arange(target.vocab_size).float() % 5, 7)
-        model.set_vocab(d2t, t2d, target.lm_head.weight)
-    with torch.no_grad():  # sharp, varied proposals
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
-    return model
+from helpers import make_tiny_target, tiny_drafter
 
 
 def assert_same_records(live, derived) -> dict:

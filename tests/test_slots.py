@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from draftopd.decoding.loop import speculative_generate
 from draftopd.decoding.slots import SlotCache, left_padded, positions
+
+from helpers import make_tiny_target, tiny_drafter
 
 
 def _pairs(b: int, t: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -51,3 +55,39 @@ def test_select_compacts_and_keeps_what_every_remaining_row_sees():
     cache.select(torch.tensor([1]))  # then only the old row 2: its 3 slots remain
     assert cache.get_seq_length() == 3 and cache.mask.tolist() == [[True, True, True]]
     assert torch.allclose(_attend(cache, q[2:]), before[:, 2:], atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["dflash", "eagle3"])
+def test_a_drafter_keeps_no_slot_of_rows_that_left(kind):
+    """Rows of different prompt lengths stopping at EOS in different rounds: after each leave, every slot of the
+    drafter's context cache, and every EAGLE-3 pair still to be cached, is some remaining row's; output unchanged."""
+    leaves = 0
+    for seed in range(4):
+        target = make_tiny_target(vocab=8, layers=4, std=0.5, seed=seed, eos=3)
+        engine = tiny_drafter(kind, target, seed).engine(target, 4)
+        select = engine.select
+
+        def checked(rows: torch.Tensor, engine=engine, select=select) -> None:
+            nonlocal leaves
+            select(rows)
+            leaves += 1
+            assert engine.cache.width == 0 or bool(engine.cache.mask.any(0).all())
+            if kind == "eagle3":
+                assert bool(engine.pending[3].any(0).all())  # (B, T) valid of the pending pairs
+
+        engine.select = checked
+        g = torch.Generator().manual_seed(seed)
+        prompts = [torch.randint(0, 8, (n,), generator=g).tolist() for n in (3, 7, 1, 5)]
+        out = speculative_generate(target, prompts, engine, 20)
+        assert out.tokens == speculative_generate(target, prompts, None, 20).tokens
+    assert leaves >= 4
+
+
+def test_a_target_with_sliding_window_layers_is_refused_in_one_line():
+    from transformers import MistralConfig
+
+    from draftopd import DraftopdError
+
+    with pytest.raises(DraftopdError, match="DynamicSlidingWindowLayer") as e:
+        SlotCache(MistralConfig(num_hidden_layers=2, sliding_window=16))
+    assert "\n" not in str(e.value)

@@ -211,17 +211,21 @@ class BenchConfig:
                 "drafter and methods are both set: drafter (what --drafter sets) is the one-method form; "
                 "name it among the methods instead (methods.NAME.kind=path, methods.NAME.path=FOLDER)"
             )
-        taken = set() if self.tau_only else {"plain", *(("hf_plain", "hf_pld") if self.hf_baseline else ())}
         for name in self.methods:
-            need(name not in taken, f"methods.{name}", "another name (the baselines' rows are named so)", name)
+            need(name not in self.baselines(), f"methods.{name}", "another name (a baseline's row is named so)", name)
+
+    def baselines(self) -> set[str]:
+        """The names of the rows the bench adds besides the methods."""
+        return set() if self.tau_only else {"plain", *(("hf_plain", "hf_pld") if self.hf_baseline else ())}
 
     def method_configs(self) -> dict[str, DrafterConfig]:
         """The drafters benchmarked, by name: ``methods``, else ``drafter`` (default: prompt lookup) named after its
-        kind, or after its folder."""
+        kind, or after its folder (" (drafter)" added where that is a baseline's name, e.g. a folder ``plain``)."""
         if self.methods:
             return dict(self.methods)
         d = self.drafter or DrafterConfig()
-        return {(Path(d.path or "").name or "drafter") if d.kind == "path" else d.kind: d}
+        name = (Path(d.path or "").name or "drafter") if d.kind == "path" else d.kind
+        return {f"{name} (drafter)" if name in self.baselines() else name: d}
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -246,11 +250,15 @@ def _coerce(value: Any, tp: Any, key: str, base: Any = None) -> Any:
             )
         out = {}
         for name, v in value.items():
-            if not (isinstance(name, str) and name.strip() and name.isprintable()):
-                raise DraftopdError(f"{key}: a name must be a one-line string, not {str(name)[:40]!r}")
+            if not (isinstance(name, str) and name.strip() and name.isprintable() and "." not in name):
+                raise DraftopdError(  # a dot would split the name in a dotted override (--set key.NAME.field=...)
+                    f"{key}: a name must be a one-line string without dots, not {str(name)[:40]!r}"
+                )
             where = f"{key}.{name}"
+            if not isinstance(v, dict):
+                raise DraftopdError(f"{where}: expected a section (a mapping), not {str(v)[:40]!r}")
             # a section with a kind states it: a misspelt name in an override must not add a default section
-            if isinstance(v, dict) and "kind" in typing.get_type_hints(section) and "kind" not in v:
+            if "kind" in typing.get_type_hints(section) and "kind" not in v:
                 raise DraftopdError(f"{where}: no kind given (a new name needs {where}.kind)")
             try:
                 out[name] = _coerce(v, section, where)

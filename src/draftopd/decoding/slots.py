@@ -21,6 +21,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from draftopd import DraftopdError
 
 
 def left_padded(lengths: Tensor, width: int) -> Tensor:
@@ -40,6 +43,12 @@ class SlotCache(DynamicCache):
         # config: the target's (its layer types); None: a drafter's, layers created by its first ``append``
         super().__init__(config=config)
         self.mask: Tensor | None = None  # (B, S); None until the first commit
+        other = next((type(layer).__name__ for layer in self.layers if type(layer) is not DynamicLayer), None)
+        if other is not None:  # a sliding window keeps its own subset of slots: crop/compact would not match mask
+            raise DraftopdError(
+                f"the target's cache has a {other} (sliding-window or other non-full attention layers): "
+                "the speculative loop supports targets whose layers all use full attention"
+            )
 
     @property
     def width(self) -> int:
@@ -77,11 +86,11 @@ class SlotCache(DynamicCache):
 
     def compact(self) -> None:
         """Drop the slots no row uses: crop from the first unused slot, then re-append the used slots after it."""
-        used = self.mask.any(0)
-        if bool(used.all()):  # the one device sync: after rows left the batch only
+        keep = self.mask.any(0).nonzero().squeeze(1).tolist()  # the one device sync: after rows left the batch only
+        if len(keep) == self.width:
             return
-        first = int((~used).nonzero()[0])
-        tail = first + used[first:].nonzero().squeeze(1)  # used slots past the first unused one
+        first = next((i for i, slot in enumerate(keep) if slot != i), len(keep))  # the first unused slot
+        tail = torch.tensor(keep[first:], dtype=torch.long, device=self.mask.device)  # used slots past it
         for layer in self.layers:
             k, v = layer.keys[:, :, tail], layer.values[:, :, tail]
             layer.crop(first - layer.get_seq_length())  # negative: remove every slot from `first` on

@@ -502,6 +502,7 @@ class Eagle3Drafter:
         self.layer_ids = tuple(model.config.target_layer_ids)
         self.cache = SlotCache()  # the committed pairs' K/V (B, nkv, S, D) in one layer, and which slots are real
         self.pending = None  # (features, tokens, positions, valid) of pairs not yet in the cache
+        self.seen: list[int] = []  # per row, the history length at the last update: new pairs = the tokens since
 
     def start(self, state, features: Tensor) -> None:
         width, dev = features.shape[1], features.device
@@ -511,13 +512,15 @@ class Eagle3Drafter:
         valid = left_padded(state.next_pos, width)  # next_pos = prompt lengths after prefill
         self.cache = SlotCache()
         self.pending = (features, toks, positions(valid), valid)
+        self.seen = [len(h) for h in state.history]
 
     def update(self, state, n_accepted: Tensor, features: Tensor) -> None:
         k1, dev = features.shape[1], features.device
         j = torch.arange(k1, device=dev)
         valid = j[None] <= n_accepted[:, None]
         toks = torch.zeros(features.shape[0], k1, dtype=torch.long, device=dev)
-        for b, (hist, n) in enumerate(zip(state.history, (n_accepted + 1).tolist(), strict=True)):
+        for b, hist in enumerate(state.history):  # the loop added n_accepted + 1 tokens: counted on the host
+            n, self.seen[b] = len(hist) - self.seen[b], len(hist)
             toks[b, :n] = torch.tensor(hist[-n:], device=dev)  # tokens x_{p+1} of the block's newly committed pairs
         start = state.next_pos - n_accepted - 1
         self.pending = (features, toks, start[:, None] + j, valid)
@@ -525,8 +528,10 @@ class Eagle3Drafter:
     def select(self, rows: Tensor) -> None:
         if self.cache.width:  # empty before the first proposal (a row ended at its first token)
             self.cache.select(rows)
-        f, t, p, v = self.pending
-        self.pending = (f[rows], t[rows], p[rows], v[rows])
+        self.seen = [self.seen[b] for b in rows.tolist()]
+        f, t, p, v = (x[rows] for x in self.pending)
+        keep = v.any(0).nonzero().squeeze(1)  # pending pairs some remaining row has (a leaver's may be nobody's)
+        self.pending = (f[:, keep], t[:, keep], p[:, keep], v[:, keep])
 
     @torch.inference_mode()
     def propose_at(self, features: Tensor, ids: Tensor, anchors: Tensor) -> Tensor:
@@ -562,7 +567,7 @@ class Eagle3Drafter:
         own = (ar[None, :] <= ar[:, None])[None] & valid[:, None, :]  # (B, t, t)
         old = self.cache.attention_mask(0, b, dev)  # (B, S) the slots committed before
         mask = torch.cat([old[:, None, :].expand(b, t, -1), own], -1)[:, None]
-        self.cache.append([(k, v)], valid)  # every pending slot is some row's (start: left padding; update: trimmed)
+        self.cache.append([(k, v)], valid)  # every pending slot is some row's (start, update, select trim them)
         (ck, cv), cmask = self.cache.pairs()[0], self.cache.mask
         out = m.midlayer.finish(h, gqa_attention(q, ck, cv, mask))
         rows = torch.arange(b, device=dev)
