@@ -171,19 +171,14 @@ def build_methods(cfg: BenchConfig, target: Target) -> dict[str, Drafter | None]
 TAU_KEYS = ("tau", "new_tokens", "tau_histogram", "per_prompt")  # a tau_only row: nothing timed
 
 
-def run_bench(
-    cfg: BenchConfig,
-    target: Target | None = None,
-    progress: bool = True,
-    drafters: dict[str, Drafter | None] | None = None,
-) -> dict:
-    """Run the benchmark described by ``cfg`` (``drafters``: engine-side drafters instead of its methods); returns
-    the JSON result. Timed (batch 1, plain decoding first as the baseline) unless ``cfg.tau_only`` (batched,
-    greedy, no baseline, rows cut to ``TAU_KEYS``): both through ``run_methods``."""
+def run_bench(cfg: BenchConfig, target: Target | None = None, progress: bool = True) -> dict:
+    """Run the benchmark described by ``cfg``; returns the JSON result. Timed (batch 1, plain decoding first as the
+    baseline) unless ``cfg.tau_only`` (batched, greedy, no baseline, rows cut to ``TAU_KEYS``): both through
+    ``run_methods``."""
     if cfg.target.threads:
         torch.set_num_threads(cfg.target.threads)
     target = target or load_target(cfg.target.path, cfg.target.dtype, cfg.target.device)
-    drafters = build_methods(cfg, target) if drafters is None else drafters
+    drafters = build_methods(cfg, target)
     max_new = cfg.sampling.max_new_tokens
     result: dict = {
         "config": to_dict(cfg),

@@ -159,6 +159,11 @@ class RoundRow:
     token: int  # the target's correction (r < n) or bonus (r == n) token
     logprobs: list[float]  # log p_target(d_j | prefix, d_<j) at T=1, when recording (else empty)
 
+    @property
+    def committed(self) -> list[int]:
+        """The round's tokens: d_1..d_r, then the correction or bonus (an EOS among them ends the row there)."""
+        return self.drafted[: self.n_accepted] + [self.token]
+
 
 def speculative_round(
     target: Target,
@@ -204,7 +209,7 @@ def speculative_round(
     cache.commit(torch.arange(k + 1, device=dev)[None, :] <= n_acc[:, None], drop=k + 1 - width)  # (B, k + 1)
     rows = [RoundRow(d[:n], r, t, lp[:n]) for (r, t, n, *d), lp in zip(packed, logp, strict=True)]
     for b, row in enumerate(rows):
-        state.history[b] += row.drafted[: row.n_accepted] + [row.token]
+        state.history[b] += row.committed
     state.next_pos = state.next_pos + n_acc + 1
     state.last = nxt
     if drafter is not None:
@@ -262,7 +267,7 @@ def speculative_generate(
         for r, x in zip(state.rows, round_rows, strict=True):
             if record:
                 records[r].append(VerifyStep(len(out_tokens[r]) - 1, x.drafted, x.n_accepted, x.token, x.logprobs))
-            new = x.drafted[: x.n_accepted] + [x.token]
+            new = x.committed
             stop = next((i for i, t in enumerate(new) if t in eos), None)
             new = new if stop is None else new[: stop + 1]  # a row stops at EOS or at its budget
             out_tokens[r] += new
