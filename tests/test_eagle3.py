@@ -116,6 +116,25 @@ def test_branch_with_forced_inputs_reproduces_the_engine_chain(tiny_target):
         assert (top + model.d2t[top]).tolist() == d[r + 1 : 4].tolist(), r
 
 
+def test_branches_of_several_rows_each_get_what_they_get_alone(tiny_target):
+    """branch_forward lays the branches out per batch row: rows in any order, several branches per row, of
+    different lengths (-1 = padding), must each give the states the branch gets when replayed on its own (fp32)."""
+    model = tiny_eagle(tiny_target)
+    seq = torch.randint(0, tiny_target.vocab_size, (3, 14), generator=torch.Generator().manual_seed(1))
+    pos3 = torch.arange(14).expand(3, 14)
+    feats = tiny_target.forward(seq, torch.ones_like(seq), pos3, None, (0, 1, 2), "none").features
+    kv: list = []
+    outs = ttt_forward(model, tiny_target.embed, feats, seq, 4, keep_kv=kv)
+    row, pos, r = torch.tensor([2, 0, 2, 1, 0, 2]), torch.tensor([5, 3, 9, 0, 11, 1]), torch.tensor([0, 2, 1, 3, 0, 1])
+    forced = torch.randint(0, tiny_target.vocab_size, (6, 3), generator=torch.Generator().manual_seed(2))
+    forced[1, 2], forced[3, 1:] = -1, -1
+    together = branch_forward(model, tiny_target.embed, outs, kv, row, pos, r, forced)
+    for n in range(6):
+        alone = branch_forward(model, tiny_target.embed, outs, kv, row[n : n + 1], pos[n : n + 1], r[n : n + 1],
+                               forced[n : n + 1])  # fmt: skip
+        torch.testing.assert_close(together[n], alone[0], rtol=1e-5, atol=1e-5)
+
+
 def test_greedy_lossless_with_eagle3_batched():
     target = make_tiny_target(vocab=16, std=0.3, seed=2, layers=4)
     model = tiny_eagle(target, vd=10)

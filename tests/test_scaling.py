@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCau
 from draftopd.config import OPDConfig, SFTConfig, load
 from draftopd.lab import scaling as sc
 from draftopd.models.dflash import DFlashConfig, DFlashModel, block_hidden
-from draftopd.models.eagle3 import Eagle3Config, Eagle3Model, ttt_forward
+from draftopd.models.eagle3 import Eagle3Config, Eagle3Model, branch_forward, ttt_forward
 
 
 def hf_config(t: sc.TargetShape):
@@ -94,6 +94,18 @@ def test_activation_formulas_match_what_autograd_saves():
     saved = _saved_bytes(lambda: ttt_forward(eagle, embed, feats3, ids, 3), n)
     pred = sc.eagle3_activation_bytes(t, sc.DrafterShape("eagle3", draft_vocab=300), seq, 3)
     assert 0.7 < pred / saved < 1.3, (pred, saved)
+    # OPD's rejected chains: 24 branches of 3 forced steps, what they add to the TTT forward's saved tensors
+    nbr, length = 24, 3
+    pos, r, forced = torch.arange(nbr) * 7 + 10, torch.arange(nbr) % 3, torch.randint(0, t.vocab, (nbr, length))
+
+    def replay():
+        kv: list = []
+        outs = ttt_forward(eagle, embed, feats3, ids, 3, keep_kv=kv)
+        branch_forward(eagle, embed, outs, kv, torch.zeros(nbr, dtype=torch.long), pos, r, forced)
+
+    added = _saved_bytes(replay, n) - saved
+    pred = sc.eagle3_activation_bytes(t, sc.DrafterShape("eagle3", draft_vocab=300), seq, 3, nbr, length) - pred
+    assert 0.7 < pred / added < 1.3, (pred, added)
 
 
 T8, T32, T70 = sc.PRESETS["qwen3-8b"], sc.PRESETS["qwen3-32b"], sc.PRESETS["llama-3.1-70b"]

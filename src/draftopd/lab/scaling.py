@@ -272,13 +272,13 @@ def eagle3_activation_bytes(
     Per position and step: the 2H attention input cast three times for q/k/v (12H), the norms' inputs and the
     residual (14H), the MLP casts (4H), q, the repeated K/V and the attention output (12 nh*d), the SwiGLU
     (8I); and the attention scores, which ``ttt_forward`` materialises: float32 softmax output and its bf16
-    copy over all ``seq_len`` keys (6 nh x seq_len). Per branch step: SDPA keeps the repeated step-0 K/V of
-    the whole row (4 nh*d x seq_len), whatever the branch's position. Checked on CPU (H=512, S=384, 4
-    steps): 82 MB predicted, 74 MB saved (weight casts excluded)."""
+    copy over all ``seq_len`` keys (6 nh x seq_len). Per branch step: the same per-position terms, its scores
+    over the row's ``seq_len`` step-0 keys included (the keys themselves are the row's, shared). Checked on CPU
+    against what autograd saves (``tests/test_scaling.py``, weight casts excluded)."""
     h, q, i = t.hidden, t.heads * t.head_dim, t.intermediate
     per = 30 * h + 12 * q + 8 * i + 6 * t.heads * seq_len
     fused = seq_len * (2 * d.features() * h + 4 * h)
-    branch = branches * branch_len * (4 * q * seq_len + 30 * h + 12 * q + 8 * i)
+    branch = branches * branch_len * per
     return steps * seq_len * per + fused + branch
 
 

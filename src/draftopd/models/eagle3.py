@@ -377,9 +377,11 @@ class Eagle3Model(DrafterModel, nn.Module):
             pos = pair[row, torch.tensor([i for (_, i), _ in branch], device=dev)]
             rr = torch.stack([r[items[0]] for _, items in branch])
             hb = branch_forward(self, embed, outs, kv, row, pos, rr, forced)  # (NB, L, H)
-            for n, (_, items) in enumerate(branch):
-                for m, j in enumerate(items[1:]):  # the (m + 2)-th rejected proposal: branch entry m
-                    h_rej[j] = hb[n, m]
+            # the (m + 2)-th rejected proposal of branch n is its entry m: one indexed write (not one per slot, whose
+            # backward would add a full-size gradient per slot)
+            at = [(j, n, m) for n, (_, items) in enumerate(branch) for m, j in enumerate(items[1:])]
+            j, n, m = torch.tensor(at, dtype=torch.long, device=dev).T
+            h_rej = h_rej.index_put((j,), hb[n, m])
         return h_resp, h_rej
 
 
@@ -449,7 +451,6 @@ def branch_forward(
     pos: Tensor,
     r: Tensor,
     forced: Tensor,
-    chunk: int = 128,
 ) -> Tensor:
     """Replay of rejected chains (Draft-OPD's autoregressive analogue): the chain continued with *forced* inputs.
 
@@ -459,36 +460,54 @@ def branch_forward(
     rejected proposals d_{r+1}, ..., exactly what the drafter fed itself at inference. Step s attends to the
     step-0 keys <= pos, the true chain keys of steps 1..r at pos, and the branch's own keys (one softmax, as in
     TTT and the engine). Returns output hidden states (N, L, H); entry j predicts block offset r + j + 2.
+
+    The branches of one batch row share that row's step-0 keys, so they are laid out as a (B, M) grid (M: the most
+    branches of a row; slot = a branch's rank among its row's) and each step is ``ttt_forward``'s attention with
+    the grid as queries: one (M, S) score matrix per row and head against k0 and v0 as they are, never a copy of a
+    row's keys per branch (which made the backward of this replay cost more than the rest of an update).
     """
     mid = model.midlayer
-    k0, v0, chain_k, chain_v = kv
-    n_steps = len(chain_k)
-    seq = k0.shape[2]
-    stacked = torch.stack(outs, 0)  # (K, B, S, H)
-    res = []
-    for c in range(0, row.shape[0], chunk):
-        b, p, rr, x = row[c : c + chunk], pos[c : c + chunk], r[c : c + chunk], forced[c : c + chunk]
-        n, length = x.shape
-        keys, vals = [k0[b]], [v0[b]]  # (n, nh, S, D)
-        masks = [torch.arange(seq, device=b.device)[None] <= p[:, None]]
-        if n_steps:  # the true chain at pos: steps 1..r visible
-            keys.append(torch.stack([ck[b, :, p] for ck in chain_k], 2))  # (n, nh, K-1, D)
-            vals.append(torch.stack([cv[b, :, p] for cv in chain_v], 2))
-            masks.append(torch.arange(1, n_steps + 1, device=b.device)[None] <= rr[:, None])
-        g = stacked[rr, b, p]  # (n, H): the output of step r
-        rep = mid.nh // mid.nkv
-        out = []
-        for j in range(length):
-            cos, sin = model.rope((p + rr + j + 1)[:, None], g.dtype)
-            q, k, v = mid.qkv(embed(x[:, j : j + 1].clamp_min(0)), g[:, None], cos, sin)
-            keys.append(k.repeat_interleave(rep, 1))
-            vals.append(v.repeat_interleave(rep, 1))
-            masks.append(torch.ones(n, 1, dtype=torch.bool, device=b.device))
-            attn = gqa_attention(q, torch.cat(keys, 2), torch.cat(vals, 2), torch.cat(masks, 1)[:, None, None, :])
-            g = mid.finish(g[:, None], attn)[:, 0]
-            out.append(g)
-        res.append(torch.stack(out, 1))
-    return torch.cat(res, 0) if res else outs[0].new_zeros(0, forced.shape[1], outs[0].shape[-1])
+    k0, v0, chain_k, chain_v = kv  # (B, nh, S, D); chain_k/v: one per step 1..K-1
+    n, length = forced.shape
+    if n == 0:
+        return outs[0].new_zeros(0, length, outs[0].shape[-1])
+    bsz, seq, dev = k0.shape[0], k0.shape[2], row.device
+    order = torch.argsort(row, stable=True)
+    counts = torch.bincount(row, minlength=bsz)
+    slot = torch.empty_like(row)
+    slot[order] = torch.arange(n, device=dev) - (torch.cumsum(counts, 0) - counts)[row[order]]
+    m = int(counts.max())
+
+    def grid(x: Tensor, fill: int) -> Tensor:  # (N, ...) -> (B, M, ...), empty slots = fill (their output unread)
+        out = x.new_full((bsz, m, *x.shape[1:]), fill)
+        out[row, slot] = x
+        return out
+
+    p, rr, x = grid(pos, 0), grid(r, 0), grid(forced, -1)  # (B, M), (B, M), (B, M, L)
+    g = torch.stack(outs, 0)[rr, torch.arange(bsz, device=dev)[:, None], p]  # (B, M, H): the output of step r
+    scale = 1.0 / math.sqrt(mid.d)
+    prefix = torch.arange(seq, device=dev)[None, None, None] <= p[:, None, :, None]  # (B, 1, M, S): keys <= pos
+
+    def at_pos(c: Tensor) -> Tensor:  # (B, nh, S, D) -> (B, nh, M, D): the key/value of a true chain step at pos
+        return c.gather(2, p[:, None, :, None].expand(-1, c.shape[1], -1, c.shape[3]))
+
+    local_k, local_v = [at_pos(c) for c in chain_k], [at_pos(c) for c in chain_v]
+    local_ok = [(i + 1 <= rr)[:, None, :, None] for i in range(len(chain_k))]  # true chain steps 1..r visible
+    rep, out = mid.nh // mid.nkv, []
+    for j in range(length):
+        cos, sin = model.rope(p + rr + j + 1, g.dtype)
+        q, k, v = mid.qkv(embed(x[:, :, j].clamp_min(0)), g, cos, sin)  # q (B, nh, M, D)
+        local_k.append(k.repeat_interleave(rep, 1))  # the branch's own keys: always visible
+        local_v.append(v.repeat_interleave(rep, 1))
+        local_ok.append(None)
+        s0 = (q @ k0.transpose(-1, -2) * scale).masked_fill(~prefix, float("-inf"))  # (B, nh, M, S)
+        diag = [(q * lk).sum(-1, keepdim=True) * scale for lk in local_k]  # each (B, nh, M, 1)
+        diag = [d if ok is None else d.masked_fill(~ok, float("-inf")) for d, ok in zip(diag, local_ok, strict=True)]
+        w = torch.softmax(torch.cat([s0, *diag], -1).float(), -1).to(q.dtype)
+        attn = w[..., :seq] @ v0 + sum(w[..., seq + i : seq + i + 1] * lv for i, lv in enumerate(local_v))
+        g = mid.finish(g, attn)
+        out.append(g)
+    return torch.stack(out, 2)[row, slot]  # (N, L, H)
 
 
 class Eagle3Drafter:
