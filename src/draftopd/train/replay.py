@@ -208,20 +208,21 @@ def derive_records(
         rows_t = torch.tensor([x[0] for x in need], device=dev)
         pos_t = torch.tensor([x[3] for x in need], device=dev)
         tok_t = torch.tensor([x[4] for x in need], device=dev)
-        lp = _logprobs(target, out.hidden[rows_t, pos_t], tok_t).tolist()
+        lp = _logprobs(target, out.hidden[rows_t, pos_t], tok_t)[0].tolist()
         for (b, i, j, _, _), v in zip(need, lp, strict=True):
             records[b][i].draft_logprobs_target[j - 1] = v
     extra = _score_branches(target, cache, records, rows, branches, width) if branches else 0
     return Derived(records, ids, valid, out, int(valid.sum()) + extra)
 
 
-def _logprobs(target: Target, hidden: Tensor, tokens: Tensor, chunk: int = 512) -> Tensor:
-    """log softmax(target head(hidden))[token] per row, float32, in chunks of the head."""
-    out = [
-        torch.log_softmax(target.logits(hidden[i : i + chunk]), -1).gather(-1, tokens[i : i + chunk, None])[:, 0]
-        for i in range(0, len(tokens), chunk)
-    ]
-    return torch.cat(out) if out else hidden.new_zeros(0)
+def _logprobs(target: Target, hidden: Tensor, tokens: Tensor, chunk: int = 512) -> tuple[Tensor, Tensor]:
+    """log softmax(target head(hidden))[token] (float32) and the head's argmax, per row, in chunks of the head."""
+    logp, best = [hidden.new_zeros(0, dtype=torch.float32)], [tokens.new_zeros(0)]
+    for i in range(0, len(tokens), chunk):
+        logits = target.logits(hidden[i : i + chunk])
+        best.append(logits.argmax(-1))
+        logp.append(torch.log_softmax(logits, -1).gather(-1, tokens[i : i + chunk, None])[:, 0].float())
+    return torch.cat(logp), torch.cat(best)
 
 
 def _score_branches(target, cache, records, rows, branches, width: int, chunk: int = 512) -> int:
@@ -261,12 +262,8 @@ def _score_branches(target, cache, records, rows, branches, width: int, chunk: i
     pairs = zip(drafts, where, strict=True)
     want = [d[c + t] if c + t < len(d) else 0 for d, (_, _, c, _, n) in pairs for t in range(n)]
     states = torch.cat([hidden[b, o : o + n_in] for b, _, _, o, n_in in where])
-    logp, best = [], []
-    for k in range(0, len(want), chunk):
-        logits = target.logits(states[k : k + chunk])
-        best.append(logits.argmax(-1))
-        logp.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(want[k : k + chunk], device=dev)[:, None]))
-    logp, best, q = torch.cat(logp)[:, 0].tolist(), torch.cat(best).tolist(), 0
+    logp, best = _logprobs(target, states, torch.tensor(want, dtype=torch.long, device=dev), chunk)
+    logp, best, q = logp.tolist(), best.tolist(), 0
     for d, (b, i, c, _, n_in) in zip(drafts, where, strict=True):
         rec = records[b][i]
         for t in range(min(n_in, len(d) - c)):
