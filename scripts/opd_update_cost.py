@@ -6,6 +6,8 @@ reports the median seconds per step of the steps after the first (from each run'
 clock, the same code a user runs). Run it with nothing else on the machine.
 
     python scripts/opd_update_cost.py --drafter RUN/sft-dflash/final --data RUN/data --kind dflash
+    python scripts/opd_update_cost.py --drafter RUN/sft-eagle3/final --data RUN/data --kind eagle3 \
+        --opd-set rej_weight=1
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--shards", type=int, default=2, help="data shards the runs draw from (the SFT feature pass)")
     ap.add_argument("--sft-config", default=None, help="SFT recipe (default configs/figure1/sft-KIND.yaml)")
+    ap.add_argument("--opd-set", action="append", default=[], help="an override of both OPD runs (repeatable), "
+                    "e.g. rej_weight=1.0 for EAGLE-3 with the rejected stream its recipe leaves out")  # fmt: skip
     args = ap.parse_args()
     sft_cfg = args.sft_config or str(ROOT / "configs" / "figure1" / f"sft-{args.kind}.yaml")
     common = [f"data={args.data}", f"init_from={args.drafter}", f"loop.max_steps={args.steps}", "loop.log_every=1",
@@ -62,7 +66,7 @@ def main() -> None:
             ["train", "sft", "--config", sft_cfg], [*common, f"batch_size={args.rows}", "max_len=640"], t / "sft"
         )
         opd = ["train", "opd", "--config", str(ROOT / "configs" / "figure1" / "opd.yaml")]
-        rows = [*common, f"rollout_batch={args.rows}"]
+        rows = [*common, f"rollout_batch={args.rows}", *args.opd_set]
         times["OPD update, replay"] = run(opd, [*rows, "rollouts=replay"], t / "replay")
         times["OPD update, live"] = run(opd, [*rows, "rollouts=live"], t / "live")
     base = statistics.median(times["SFT step"][1:])
