@@ -118,17 +118,25 @@ def test_branch_with_forced_inputs_reproduces_the_engine_chain(tiny_target):
 
 def test_branches_of_several_rows_each_get_what_they_get_alone(tiny_target):
     """branch_forward lays the branches out per batch row: rows in any order, several branches per row, of
-    different lengths (-1 = padding), must each give the states the branch gets when replayed on its own (fp32)."""
+    different lengths (-1 = padding), must each give the states the branch gets when replayed on its own, and a
+    branch fed the true tokens must give the TTT chain's own states (fp32)."""
     model = tiny_eagle(tiny_target)
     seq = torch.randint(0, tiny_target.vocab_size, (3, 14), generator=torch.Generator().manual_seed(1))
     pos3 = torch.arange(14).expand(3, 14)
     feats = tiny_target.forward(seq, torch.ones_like(seq), pos3, None, (0, 1, 2), "none").features
     kv: list = []
     outs = ttt_forward(model, tiny_target.embed, feats, seq, 4, keep_kv=kv)
-    row, pos, r = torch.tensor([2, 0, 2, 1, 0, 2]), torch.tensor([5, 3, 9, 0, 11, 1]), torch.tensor([0, 2, 1, 3, 0, 1])
+    row, pos, r = torch.tensor([2, 0, 2, 1, 0, 2]), torch.tensor([5, 3, 9, 0, 8, 1]), torch.tensor([0, 2, 1, 3, 0, 1])
     forced = torch.randint(0, tiny_target.vocab_size, (6, 3), generator=torch.Generator().manual_seed(2))
     forced[1, 2], forced[3, 1:] = -1, -1
     together = branch_forward(model, tiny_target.embed, outs, kv, row, pos, r, forced)
+    # an independent answer: a branch fed the true tokens is the TTT chain itself (step r + 1 + j at its position)
+    rc = r.clamp(max=1)  # two true tokens from step r + 1 stay within the 4 TTT steps
+    true = torch.stack([seq[b, p + rr + 2 : p + rr + 4] for b, p, rr in zip(row, pos, rc, strict=True)])
+    truth = branch_forward(model, tiny_target.embed, outs, kv, row, pos, rc, true)
+    for n, (b, p, rr) in enumerate(zip(row.tolist(), pos.tolist(), rc.tolist(), strict=True)):
+        for j in range(2):
+            torch.testing.assert_close(truth[n, j], outs[rr + 1 + j][b, p], rtol=1e-5, atol=1e-5)
     for n in range(6):
         alone = branch_forward(model, tiny_target.embed, outs, kv, row[n : n + 1], pos[n : n + 1], r[n : n + 1],
                                forced[n : n + 1])  # fmt: skip

@@ -267,7 +267,8 @@ def eagle3_activation_bytes(
     t: TargetShape, d: DrafterShape, seq_len: int, steps: int, branches: int = 0, branch_len: int = 0
 ) -> int:
     """What autograd saves in ``ttt_forward`` (``steps`` steps over all ``seq_len`` positions) and, for OPD,
-    ``branch_forward`` (``branches`` rejected chains of ``branch_len`` forced steps each).
+    ``branch_forward`` (``branches`` rejected chains of ``branch_len`` forced steps each; it lays them out as a grid
+    of micro-batch rows x the most branches of one row, so ``branches`` counts that grid's slots).
 
     Per position and step: the 2H attention input cast three times for q/k/v (12H), the norms' inputs and the
     residual (14H), the MLP casts (4H), q, the repeated K/V and the attention output (12 nh*d), the SwiGLU

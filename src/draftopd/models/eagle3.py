@@ -360,7 +360,7 @@ class Eagle3Model(DrafterModel, nn.Module):
             return h_resp, h_resp.new_zeros(0, h_resp.shape[-1])
         xi = rej_idx
         r = accepted[xi[:, 0], xi[:, 1]]
-        h_rej = stacked[(xi[:, 2] - 1).clamp(max=steps - 1), xi[:, 0], pair[xi[:, 0], xi[:, 1]]].clone()
+        h_rej = stacked[(xi[:, 2] - 1).clamp(max=steps - 1), xi[:, 0], pair[xi[:, 0], xi[:, 1]]]
         # branches: one per block with >= 2 rejected proposals; inputs are that block's rejected tokens
         blocks: dict[tuple[int, int], list[int]] = {}
         for j, (b, i) in enumerate(xi[:, :2].tolist()):

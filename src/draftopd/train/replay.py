@@ -222,6 +222,7 @@ def _logprobs(target: Target, hidden: Tensor, tokens: Tensor, chunk: int = 512) 
         logits = target.logits(hidden[i : i + chunk])
         best.append(logits.argmax(-1))
         logp.append(torch.log_softmax(logits, -1).gather(-1, tokens[i : i + chunk, None])[:, 0].float())
+        del logits  # before the next chunk's
     return torch.cat(logp), torch.cat(best)
 
 
