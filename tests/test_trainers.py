@@ -27,10 +27,11 @@ from draftopd.config import (
 )
 from draftopd.data.trajectories import generate_trajectories
 from draftopd.models.io import read_drafter
+from draftopd.train.common import save_checkpoint
 from draftopd.train.opd import train_opd
 from draftopd.train.sft import train_sft
 
-from helpers import metric_rows
+from helpers import make_tiny_target, metric_rows, tiny_drafter
 
 ARCH = {
     "dflash": ArchConfig(kind="dflash", num_layers=1, block_size=4),
@@ -127,3 +128,16 @@ def test_a_changed_value_in_a_run_of_the_old_layout_is_still_refused(tmp_path):
     changed = json.loads(json.dumps(to_dict(SFTConfig(out=str(tmp_path), loop=LoopConfig(lr=0.1)))))
     with pytest.raises(DraftopdError, match=r"holds a run with another config \(loop\.lr;"):
         judge_run_folder(tmp_path, changed)
+
+
+def test_older_checkpoints_of_the_same_config_are_pruned(tmp_path):
+    """A config with a tuple (AdamW's betas) is the same config once stored as JSON: older checkpoints are pruned
+    down to ``keep``, multiples of ``keep_every`` kept (a tuple compared with its stored list kept them all)."""
+    model = tiny_drafter("eagle3", make_tiny_target(layers=4), 0)
+    opt = torch.optim.AdamW(model.parameters(), betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    config = {"loop": {"adam_betas": (0.9, 0.95), "lr": 1e-4}, "out": str(tmp_path)}
+    for step in range(1, 7):
+        save_checkpoint(tmp_path, step, model, opt, sched, {}, config, keep=2, keep_every=3)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step_000003", "step_000005", "step_000006"]

@@ -110,6 +110,7 @@ def save_checkpoint(
     """Write ``checkpoints/step_NNNNNN`` (a temporary folder, renamed), point ``latest`` at it, then prune
     older checkpoints of the same config (one that is not, or cannot be read, is left alone) down to the newest
     ``keep``; steps that are multiples of ``keep_every`` > 0 are kept for good (the checkpoints a study evaluates)."""
+    run_config = json.loads(json.dumps(run_config))  # as stored and read back (tuples become lists)
     ckdir = out / "checkpoints"
     final = ckdir / f"step_{step:06d}"
     rng = {"torch": torch.get_rng_state(), "python": list(random.getstate())}
