@@ -353,7 +353,8 @@ def opd_phase(target: Target, cfg: OPDConfig, kind: str, sft_cfg: SFTConfig, arg
         total = 0.0
         for j, mb in enumerate(micro):
             gens = [torch.Generator().manual_seed(step * 1000 + j * 100 + i) for i in range(len(mb))]
-            slots = opd.replay_slots(model, mb, opd.replay_plans(mb, block, cfg, gens), cfg.gamma, target.device)
+            plans = opd.replay_plans(mb, block, cfg, gens)
+            slots = opd.replay_slots(model, mb, plans, cfg.gamma, target.device, cfg.resp_gamma)
             with torch.autocast(target.device.type, dtype=target.dtype, enabled=target.dtype != torch.float32):
                 loss, counts = opd.replay_loss(model, target, mb, slots, cfg, slots.denominator(cfg) * len(micro))
             loss.backward()

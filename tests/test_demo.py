@@ -24,7 +24,10 @@ def quick_demo(tmp_path_factory):
     if not (assets.default_target_dir() / "config.json").exists():
         pytest.skip("default target not set up (run scripts/setup.sh)")
     out = tmp_path_factory.mktemp("demo")
-    cfg = load(DemoConfig, QUICK, [f"out={out}"])
+    # the shipped quick demo made smaller still (CI's time: the pipeline is what is tested here, not its numbers)
+    smaller = ["data.limit_per_source=4", "sft.loop.max_steps=10", "bench.sampling.max_new_tokens=12",
+               "tau.sampling.max_new_tokens=12"]  # fmt: skip
+    cfg = load(DemoConfig, QUICK, [f"out={out}", *smaller])
     said: list[str] = []
     report = run_demo(cfg, say=said.append)
     return cfg, out, report, said

@@ -107,7 +107,7 @@ def test_branch_with_forced_inputs_reproduces_the_engine_chain(tiny_target):
         true = seq.clone()
         true[0, p + 2 : p + 2 + r] = d[:r]
         kv: list = []
-        outs = ttt_forward(model, tiny_target.embed, feats, true, 4, keep_kv=kv)
+        outs = torch.stack(ttt_forward(model, tiny_target.embed, feats, true, 4, keep_kv=kv))  # (K, B, S, H)
         forced = d[r:3][None]  # d_{r+1} .. d_3 fed at steps r+1 .. 3
         h = branch_forward(
             model, tiny_target.embed, outs, kv, torch.tensor([0]), torch.tensor([p]), torch.tensor([r]), forced
@@ -125,7 +125,7 @@ def test_branches_of_several_rows_each_get_what_they_get_alone(tiny_target):
     pos3 = torch.arange(14).expand(3, 14)
     feats = tiny_target.forward(seq, torch.ones_like(seq), pos3, None, (0, 1, 2), "none").features
     kv: list = []
-    outs = ttt_forward(model, tiny_target.embed, feats, seq, 4, keep_kv=kv)
+    outs = torch.stack(ttt_forward(model, tiny_target.embed, feats, seq, 4, keep_kv=kv))  # (K, B, S, H)
     row, pos, r = torch.tensor([2, 0, 2, 1, 0, 2]), torch.tensor([5, 3, 9, 0, 8, 1]), torch.tensor([0, 2, 1, 3, 0, 1])
     forced = torch.randint(0, tiny_target.vocab_size, (6, 3), generator=torch.Generator().manual_seed(2))
     forced[1, 2], forced[3, 1:] = -1, -1

@@ -55,6 +55,12 @@ def test_opd_loss_normalisation_and_weights():
     expect = (2 * one + 0.8**2 * rej) / (2 + 0.8**2)
     assert opd_loss(s_resp, t_resp, s_rej, t_rej, w).item() == pytest.approx(expect, rel=1e-5)
     assert opd_loss(s_resp, t_resp, s_rej, t_rej, w, rej_weight=0).item() == pytest.approx(one, rel=1e-5)
+    # response position weights (resp_gamma^(k-1)): a weighted mean over both streams
+    s2, t2 = torch.log(torch.tensor([0.3, 0.6])), torch.log(torch.tensor([0.9, 0.2]))
+    a, b = bernoulli_forward_kl(s2, t2).tolist()
+    v = torch.tensor([1.0, 0.8])
+    expect = (a + 0.8 * b + 0.8**2 * rej) / (1 + 0.8 + 0.8**2)
+    assert opd_loss(s2, t2, s_rej, t_rej, w, w_resp=v).item() == pytest.approx(expect, rel=1e-5)
 
 
 def step(anchor, draft, r, token, logps=None):

@@ -210,4 +210,104 @@ def test_eagle3_recipe_trains_whole_sequences_without_a_rejected_stream(opd_setu
     row = metrics(out)[0]
     assert row["rej_tokens"] == 0 and row["resp_tokens"] > 0 and math.isfinite(row["loss"])
     saved = json.loads((out / "run_config.json").read_text())
-    assert (saved["loss"], saved["anchors"], saved["rej_weight"], saved["loop"]["lr"]) == ("full_kl", "all", 0.0, 1e-4)
+    resolved = (saved["loss"], saved["anchors"], saved["rej_weight"], saved["resp_gamma"], saved["loop"]["lr"])
+    assert resolved == ("full_kl", "all", 0.0, 0.8, 1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loss's teacher side, computed once per distinct position, against the plain per-slot computation
+
+
+def per_slot_loss(model, target, rows, sl, cfg, den, out):
+    """``replay_loss`` as written before its teacher side was shared between slots: the target's state, head and
+    log-probs recomputed for every slot, over the whole vocabulary."""
+    from draftopd.models.base import ReplayBatch
+    from draftopd.train.losses import expected_acceptance_loss, full_forward_kl, opd_loss, token_logprobs
+
+    ri = sl.ri
+    label_pos = sl.anchors[ri[:, 0], ri[:, 1]] + ri[:, 2]
+    teacher_h = out.hidden[ri[:, 0], label_pos - 1]
+    h_resp, h_rej = model.replay_states(
+        target.embed, ReplayBatch(out.features, sl.ids, sl.anchors, sl.accepted, ri, sl.xi, sl.rej_tokens)
+    )
+    labels = model.to_draft_ids(sl.ids[ri[:, 0], label_pos])
+    w_resp = cfg.resp_gamma ** (ri[:, 2].float() - 1)  # TTT step k - 1 (block offset k) weighted resp_gamma^(k-1)
+
+    def head(h):
+        return model.draft_logits(h, target)
+
+    if cfg.loss == "tv":
+        block = ri[:, 0] * sl.anchors.shape[1] + ri[:, 1]
+        tv = expected_acceptance_loss(head(h_resp), target.logits(teacher_h), block)
+        return tv * (len(block.unique()) / den)
+    s_resp = token_logprobs(h_resp, labels, head)
+    s_rej = token_logprobs(h_rej, model.to_draft_ids(sl.rej_tokens), head)
+    t_resp = token_logprobs(teacher_h, model.to_target_ids(labels), target.logits)
+    vocab = None if model.full_vocab else model.to_target_ids(torch.arange(model.config.draft_vocab_size))
+    t = target.logits(teacher_h)
+    l_resp = {
+        "hard_ce": -s_resp,
+        "full_kl": full_forward_kl(head(h_resp), t if vocab is None else t[:, vocab]),
+    }.get(cfg.loss)
+    kw = {"rej_reverse_kl": cfg.loss != "all_forward", "logp_min": cfg.logp_min, "den": den, "l_resp": l_resp,
+          "w_resp": w_resp}  # fmt: skip
+    return opd_loss(s_resp, t_resp, s_rej, sl.t_rej, sl.w_rej, cfg.resp_weight, cfg.rej_weight, **kw)
+
+
+@pytest.mark.parametrize("kind", ["dflash", "eagle3"])
+def test_shared_teacher_states_give_the_per_slot_loss_and_gradient(kind):
+    """Every response position is the label of several slots (anchors: all); the loss shares the target's head
+    between them and, for soft labels, runs it over the draft vocabulary's rows only (EAGLE-3 here: a reduced one).
+    Loss and gradient equal the per-slot computation, for every response-stream loss (slots weighted 0.8^(k-1))."""
+    from draftopd.config import OPDConfig
+    from draftopd.train.opd import replay_loss, replay_plans, replay_slots
+
+    target = make_tiny_target(vocab=8, layers=4, std=0.5, seed=2, eos=3)
+    model = tiny_drafter(kind, target, 2)
+    prompts = [[1, 2, 4], [5, 6], [7, 0, 1, 2, 5]]
+    rows_in = list(zip(prompts, speculative_generate(target, prompts, None, 16).tokens, strict=True))
+    d = derive_records(target, model.engine(target, 4), rows_in, 16)
+    rows = [(p, y, rec) for (p, y), rec in zip(rows_in, d.records, strict=True)]
+    losses = ["acceptance_aware", "all_forward", "hard_ce", "full_kl"] + (["tv"] if model.full_vocab else [])
+    for loss in losses:
+        cfg = OPDConfig(loss=loss, anchors="all", rej_weight=1.0, chain_length=4, logp_min=-40.0, resp_gamma=0.8)
+        gens = [torch.Generator().manual_seed(i) for i in range(len(rows))]
+        plans = replay_plans(rows, model.replay_block(4), cfg, gens)
+        sl = replay_slots(model, rows, plans, cfg.gamma, "cpu", cfg.resp_gamma)
+        label_pos = sl.anchors[sl.ri[:, 0], sl.ri[:, 1]] + sl.ri[:, 2]
+        assert len(torch.unique(sl.ri[:, 0] * 100 + label_pos)) < len(sl.ri) / 2  # positions are shared
+        grads = []
+        for fn in (replay_loss, per_slot_loss):
+            model.zero_grad()
+            value = fn(model, target, rows, sl, cfg, 50.0, d.out)
+            value = value[0] if isinstance(value, tuple) else value
+            value.backward()
+            grads.append((value.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        (a, ga), (b, gb) = grads
+        assert a == pytest.approx(b, rel=1e-5) and a != 0, loss
+        assert len(ga) == len(gb) > 0
+        for x, y in zip(ga, gb, strict=True):
+            assert torch.allclose(x, y, rtol=1e-4, atol=1e-6), (loss, (x - y).abs().max())
+
+
+def test_head_over_a_vocabulary_subset_is_the_full_heads_columns():
+    target = make_tiny_target(vocab=32, layers=1, seed=3)
+    h = torch.randn(5, 3, target.hidden_size)
+    vocab = torch.tensor([7, 0, 31, 4])
+    assert torch.allclose(target.logits(h, vocab), target.logits(h)[..., vocab], atol=1e-6)
+    assert target.logits(h, vocab).shape == (5, 3, 4)
+
+
+def test_soft_kl_keeps_the_slots_order():
+    """Slots go through soft_kl grouped by teacher row; each comes back at its own place."""
+    from draftopd.train.losses import full_forward_kl
+    from draftopd.train.opd import soft_kl
+
+    target = make_tiny_target(vocab=8, layers=4, seed=4)
+    model = tiny_drafter("eagle3", target, 4)
+    g = torch.Generator().manual_seed(0)
+    teacher_h, h = torch.randn(6, target.hidden_size, generator=g), torch.randn(40, target.hidden_size, generator=g)
+    back = torch.randint(0, 6, (40,), generator=g)
+    vocab = model.to_target_ids(torch.arange(model.config.draft_vocab_size))
+    want = full_forward_kl(model.draft_logits(h, target), target.logits(teacher_h[back])[:, vocab])
+    assert torch.allclose(soft_kl(h, teacher_h, back, model, target, chunk=7), want, atol=1e-6)

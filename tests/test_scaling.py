@@ -101,7 +101,7 @@ def test_activation_formulas_match_what_autograd_saves():
     def replay():
         kv: list = []
         outs = ttt_forward(eagle, embed, feats3, ids, 3, keep_kv=kv)
-        branch_forward(eagle, embed, outs, kv, torch.zeros(nbr, dtype=torch.long), pos, r, forced)
+        branch_forward(eagle, embed, torch.stack(outs), kv, torch.zeros(nbr, dtype=torch.long), pos, r, forced)
 
     added = _saved_bytes(replay, n) - saved
     pred = sc.eagle3_activation_bytes(t, sc.DrafterShape("eagle3", draft_vocab=300), seq, 3, nbr, length) - pred

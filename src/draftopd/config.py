@@ -559,10 +559,10 @@ class SFTConfig:
 # Draft-OPD's recipes per drafter kind (the authors' released scripts, docs/RESULTS.md 9): the values an OPDConfig
 # field left at None takes (lr: loop.lr). DFlash: replay of the verify blocks, Bernoulli forward KL on the response
 # stream + k3 on the rejected proposals, lr 3e-4. EAGLE-3: training-time test over whole sequences with soft labels
-# (the target's distribution over the draft vocabulary), no rejected stream, lr 1e-4.
+# (the target's distribution over the draft vocabulary), TTT step k weighted 0.8^k, no rejected stream, lr 1e-4.
 OPD_RECIPES: dict[str, dict[str, Any]] = {
-    "dflash": {"lr": 3e-4, "loss": "acceptance_aware", "anchors": "verify", "rej_weight": 1.0},
-    "eagle3": {"lr": 1e-4, "loss": "full_kl", "anchors": "all", "rej_weight": 0.0},
+    "dflash": {"lr": 3e-4, "loss": "acceptance_aware", "anchors": "verify", "rej_weight": 1.0, "resp_gamma": 1.0},
+    "eagle3": {"lr": 1e-4, "loss": "full_kl", "anchors": "all", "rej_weight": 0.0, "resp_gamma": 0.8},
 }
 # Draft-OPD's loop: 20 updates at the kind's recipe lr (None), 5% warm-up then cosine to 0 as the authors, AdamW's
 # defaults (verl's); a metrics row every update, tau and a checkpoint every 5
@@ -607,6 +607,9 @@ class OPDConfig:
     loss: str | None = None
     anchors: str | None = None  # verify (the verify blocks) | random (ablation) | all (every position); None: recipe
     gamma: float = 0.8  # rejected-stream position decay gamma^(k-1)
+    # response-stream position decay resp_gamma^(k-1) of block offset k (EAGLE-3: TTT step k - 1 weighted 0.8^(k-1),
+    # as its SFT and the authors' full_ttt weigh it); None: the recipe (DFlash 1.0, EAGLE-3 0.8)
+    resp_gamma: float | None = None
     resp_weight: float = 1.0
     rej_weight: float | None = None  # 0 = no rejected stream (the ablation; EAGLE-3's recipe); None: the recipe
     # True: only the first rejected proposal of each block (scored by the verify pass on the true prefix);
@@ -631,7 +634,7 @@ class OPDConfig:
             need(getattr(self, name) >= 1, name, ">= 1", getattr(self, name))
         need(self.max_new_tokens >= 1, "max_new_tokens", ">= 1", self.max_new_tokens)
         need(bool(self.data.strip()), "data", "a trajectory folder", self.data)
-        for name in ("gamma", "resp_weight", "rej_weight"):
+        for name in ("gamma", "resp_gamma", "resp_weight", "rej_weight"):
             value = getattr(self, name)
             need(value is None or (finite(value) and value >= 0), name, "a finite number >= 0", value)
         need(finite(self.logp_min) and self.logp_min < 0, "logp_min", "a finite number < 0", self.logp_min)

@@ -376,7 +376,7 @@ class Eagle3Model(DrafterModel, nn.Module):
             row = torch.tensor([b for (b, _), _ in branch], device=dev)
             pos = pair[row, torch.tensor([i for (_, i), _ in branch], device=dev)]
             rr = torch.stack([r[items[0]] for _, items in branch])
-            hb = branch_forward(self, embed, outs, kv, row, pos, rr, forced)  # (NB, L, H)
+            hb = branch_forward(self, embed, stacked, kv, row, pos, rr, forced)  # (NB, L, H)
             # the (m + 2)-th rejected proposal of branch n is its entry m: one indexed write (not one per slot, whose
             # backward would add a full-size gradient per slot)
             at = [(j, n, m) for n, (_, items) in enumerate(branch) for m, j in enumerate(items[1:])]
@@ -392,6 +392,26 @@ def ttt_labels(ids: Tensor, lengths: Tensor, prompt_len: Tensor, k: int) -> tupl
     lab_pos = (torch.arange(width, device=ids.device)[None] + k + 2).expand_as(ids)
     ok = (lab_pos < lengths[:, None]) & (lab_pos >= prompt_len[:, None])
     return ids.gather(1, lab_pos.clamp(max=width - 1)), ok
+
+
+def chain_attention(
+    q: Tensor,  # (B, nh, Q, D) queries
+    k0: Tensor,  # (B, nh, S, D) step-0 keys of the whole sequence
+    v0: Tensor,
+    key_ok: Tensor,  # broadcastable to (B, nh, Q, S): which step-0 keys each query sees
+    chain_k: list[Tensor],  # each (B, nh, Q, D): a chain step's key at the query's own position
+    chain_v: list[Tensor],
+    chain_ok: list[Tensor | None] | None = None,  # per chain key, broadcastable to (B, nh, Q, 1); None: visible
+) -> Tensor:
+    """The attention of a TTT step (and of the engine's chain): one softmax over the step-0 keys a query sees and the
+    chain keys of its own position (the "diagonal"), in float32; returns (B, nh, Q, D)."""
+    scale, seq = 1.0 / math.sqrt(q.shape[-1]), k0.shape[2]
+    s0 = (q @ k0.transpose(-1, -2) * scale).masked_fill(~key_ok, float("-inf"))  # (B, nh, Q, S)
+    diag = [(q * ck).sum(-1, keepdim=True) * scale for ck in chain_k]  # each (B, nh, Q, 1)
+    if chain_ok is not None:
+        diag = [d if ok is None else d.masked_fill(~ok, float("-inf")) for d, ok in zip(diag, chain_ok, strict=True)]
+    p = torch.softmax(torch.cat([s0, *diag], -1).float(), -1).to(q.dtype)
+    return p[..., :seq] @ v0 + sum(p[..., seq + j : seq + j + 1] * cv for j, cv in enumerate(chain_v))
 
 
 def ttt_forward(
@@ -430,12 +450,7 @@ def ttt_forward(
         else:
             chain_k.append(kk)
             chain_v.append(vv)
-        scale = 1.0 / math.sqrt(mid.d)
-        s0 = (q @ k0.transpose(-1, -2) * scale).masked_fill(~causal, float("-inf"))  # (B, nh, S, S)
-        diag = [(q * ck).sum(-1, keepdim=True) * scale for ck in chain_k]  # each (B, nh, S, 1)
-        p = torch.softmax(torch.cat([s0, *diag], -1).float(), -1).to(q.dtype)
-        attn = p[..., :seq] @ v0 + sum(p[..., seq + j : seq + j + 1] * cv for j, cv in enumerate(chain_v))
-        h = mid.finish(h, attn)
+        h = mid.finish(h, chain_attention(q, k0, v0, causal, chain_k, chain_v))
         outs.append(h)
     if keep_kv is not None:
         keep_kv.extend([k0, v0, chain_k, chain_v])
@@ -445,7 +460,7 @@ def ttt_forward(
 def branch_forward(
     model: Eagle3Model,
     embed: nn.Module,
-    outs: list[Tensor],
+    outs: Tensor,
     kv: list,
     row: Tensor,
     pos: Tensor,
@@ -454,7 +469,8 @@ def branch_forward(
 ) -> Tensor:
     """Replay of rejected chains (Draft-OPD's autoregressive analogue): the chain continued with *forced* inputs.
 
-    A branch leaves the teacher-forced TTT chain of ``ttt_forward`` (``outs``, ``kv``) at batch row ``row``,
+    A branch leaves the teacher-forced TTT chain of ``ttt_forward`` (``outs``: its outputs stacked (K, B, S, H);
+    ``kv``) at batch row ``row``,
     position ``pos`` (the pair before the block's anchor), after step ``r`` (whose output predicted block offset
     r + 1 on the true prefix), and feeds ``forced`` (N, L) tokens at steps r + 1 .. r + L: the draft's own
     rejected proposals d_{r+1}, ..., exactly what the drafter fed itself at inference. Step s attends to the
@@ -470,7 +486,7 @@ def branch_forward(
     k0, v0, chain_k, chain_v = kv  # (B, nh, S, D); chain_k/v: one per step 1..K-1
     n, length = forced.shape
     if n == 0:
-        return outs[0].new_zeros(0, length, outs[0].shape[-1])
+        return outs.new_zeros(0, length, outs.shape[-1])
     bsz, seq, dev = k0.shape[0], k0.shape[2], row.device
     order = torch.argsort(row, stable=True)
     counts = torch.bincount(row, minlength=bsz)
@@ -484,8 +500,7 @@ def branch_forward(
         return out
 
     p, rr, x = grid(pos, 0), grid(r, 0), grid(forced, -1)  # (B, M), (B, M), (B, M, L)
-    g = torch.stack(outs, 0)[rr, torch.arange(bsz, device=dev)[:, None], p]  # (B, M, H): the output of step r
-    scale = 1.0 / math.sqrt(mid.d)
+    g = outs[rr, torch.arange(bsz, device=dev)[:, None], p]  # (B, M, H): the output of step r
     prefix = torch.arange(seq, device=dev)[None, None, None] <= p[:, None, :, None]  # (B, 1, M, S): keys <= pos
 
     def at_pos(c: Tensor) -> Tensor:  # (B, nh, S, D) -> (B, nh, M, D): the key/value of a true chain step at pos
@@ -500,12 +515,7 @@ def branch_forward(
         local_k.append(k.repeat_interleave(rep, 1))  # the branch's own keys: always visible
         local_v.append(v.repeat_interleave(rep, 1))
         local_ok.append(None)
-        s0 = (q @ k0.transpose(-1, -2) * scale).masked_fill(~prefix, float("-inf"))  # (B, nh, M, S)
-        diag = [(q * lk).sum(-1, keepdim=True) * scale for lk in local_k]  # each (B, nh, M, 1)
-        diag = [d if ok is None else d.masked_fill(~ok, float("-inf")) for d, ok in zip(diag, local_ok, strict=True)]
-        w = torch.softmax(torch.cat([s0, *diag], -1).float(), -1).to(q.dtype)
-        attn = w[..., :seq] @ v0 + sum(w[..., seq + i : seq + i + 1] * lv for i, lv in enumerate(local_v))
-        g = mid.finish(g, attn)
+        g = mid.finish(g, chain_attention(q, k0, v0, prefix, local_k, local_v, local_ok))
         out.append(g)
     return torch.stack(out, 2)[row, slot]  # (N, L, H)
 

@@ -150,10 +150,15 @@ class Target:
         """An empty cache for ``forward`` (a ``DynamicCache`` that also knows which slots are real per row)."""
         return SlotCache(self.config)
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        """LM head on (..., H) hidden states, computed on a 2-D view, returned in float32."""
-        shape = hidden.shape[:-1]
-        return self.lm_head(hidden.reshape(-1, hidden.shape[-1]).to(self.dtype)).float().view(*shape, -1)
+    def logits(self, hidden: Tensor, vocab: Tensor | None = None) -> Tensor:
+        """LM head on (..., H) hidden states, computed on a 2-D view, returned in float32; ``vocab``: only these
+        token ids' logits (the head's rows of them), e.g. a reduced draft vocabulary: (..., len(vocab))."""
+        shape, h = hidden.shape[:-1], hidden.reshape(-1, hidden.shape[-1]).to(self.dtype)
+        if vocab is None:
+            return self.lm_head(h).float().view(*shape, -1)
+        bias = getattr(self.lm_head, "bias", None)
+        bias = None if bias is None else bias[vocab]
+        return torch.nn.functional.linear(h, self.lm_head.weight[vocab], bias).float().view(*shape, -1)
 
     @torch.no_grad()  # not inference_mode: trainers feed these features into autograd graphs
     def forward(

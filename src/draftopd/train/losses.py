@@ -68,7 +68,8 @@ def hard_ce(s: Tensor) -> Tensor:
 
 
 def stream_denominator(n_resp: int | float, w_rej_sum: float, resp_weight: float, rej_weight: float) -> float:
-    """The two-stream token mean's denominator, lam_a * N + lam_r * sum w; summed over a whole update (every
+    """The two-stream token mean's denominator, lam_a * N + lam_r * sum w (N: the response tokens' summed position
+    weights, their count when unweighted); summed over a whole update (every
     micro-batch, every rank), so the gradient does not depend on how the update's rows are split."""
     return resp_weight * n_resp + rej_weight * w_rej_sum
 
@@ -86,9 +87,10 @@ def opd_loss(
     loss_clamp: float = 10.0,
     den: float | None = None,  # the update's global denominator (stream_denominator); None = this batch's own
     l_resp: Tensor | None = None,  # per-token response-stream losses to use instead of the Bernoulli forward KL
+    w_resp: Tensor | None = None,  # (N,) position weights of the response tokens (None: 1 each)
 ) -> Tensor:
-    """The two-stream Draft-OPD loss, a token mean over both streams:
-    L = (lam_a * sum l_acc + lam_r * sum w * l_rej) / (lam_a * N + lam_r * sum w).
+    """The two-stream Draft-OPD loss, a weighted token mean over both streams:
+    L = (lam_a * sum v * l_acc + lam_r * sum w * l_rej) / (lam_a * sum v + lam_r * sum w), v = ``w_resp`` (or 1).
 
     Clamping as the authors' code clamps: on the response stream log-probs are clamped to [logp_min, ~0] (the
     Bernoulli KL needs log(1 - P) finite); the rejected stream's k3 sees the raw log-ratio (clamped to +-20) and its
@@ -101,9 +103,10 @@ def opd_loss(
     else:
         l_rej = bernoulli_forward_kl(_clamp_logp(s_rej, logp_min), _clamp_logp(t_rej, logp_min))
     l_acc, l_rej = l_resp.clamp(-loss_clamp, loss_clamp), l_rej.clamp(-loss_clamp, loss_clamp)
-    num = resp_weight * l_acc.sum() + rej_weight * (w_rej * l_rej).sum()
+    v = torch.ones_like(l_acc) if w_resp is None else w_resp
+    num = resp_weight * (v * l_acc).sum() + rej_weight * (w_rej * l_rej).sum()
     if den is None:
-        den = stream_denominator(l_acc.numel(), float(w_rej.sum()), resp_weight, rej_weight)
+        den = stream_denominator(float(v.sum()), float(w_rej.sum()), resp_weight, rej_weight)
     return num / max(float(den), 1e-8)
 
 

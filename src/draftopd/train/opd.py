@@ -113,7 +113,8 @@ def train_opd(cfg: OPDConfig, target: Target | None = None) -> Path:
         slots = []
         for rows, _ in jobs:
             gens = [torch.Generator().manual_seed(cfg.loop.seed * 1_000_003 + hash_row(p, y)) for p, y, _ in rows]
-            slots.append(replay_slots(model, rows, replay_plans(rows, block, cfg, gens), cfg.gamma, target.device))
+            plans = replay_plans(rows, block, cfg, gens)
+            slots.append(replay_slots(model, rows, plans, cfg.gamma, target.device, cfg.resp_gamma))
         den = float(run.all_sum(torch.tensor(sum(s.denominator(cfg) for s in slots))))
         # 3) Loss and gradients per micro-batch (the target forward reused in replay mode).
         sums = dict.fromkeys(("loss", "resp_tokens", "rej_tokens"), 0.0)
@@ -182,19 +183,22 @@ class Slots:
     rej_tokens: torch.Tensor  # (M,) target ids of the rejected proposals
     t_rej: torch.Tensor  # (M,) the target's log-probs of them (from the verify records)
     w_rej: torch.Tensor  # (M,) gamma^(k-1)
+    w_resp: torch.Tensor  # (N,) resp_gamma^(k-1) of the response slots
     n_blocks: int  # blocks with a response slot (the tv loss is a mean over them)
 
     def denominator(self, cfg: OPDConfig) -> float:
         """This micro-batch's share of the update's loss denominator."""
         if cfg.loss == "tv":
             return float(self.n_blocks)
-        return stream_denominator(len(self.ri), float(self.w_rej.sum()), cfg.resp_weight, cfg.rej_weight)
+        return stream_denominator(float(self.w_resp.sum()), float(self.w_rej.sum()), cfg.resp_weight, cfg.rej_weight)
 
 
-def replay_slots(model: DrafterModel, rows: list[Row], plans: list[ReplayPlan], gamma: float, dev) -> Slots:
+def replay_slots(
+    model: DrafterModel, rows: list[Row], plans: list[ReplayPlan], gamma: float, dev, resp_gamma: float = 1.0
+) -> Slots:
     """Plans -> index tensors of the response slots (label = the token ``offset`` places after the anchor) and the
-    rejected slots; slots whose label is outside the drafter's vocabulary are dropped (a reduced EAGLE-3 head cannot
-    predict them)."""
+    rejected slots, with their position weights (rejected gamma^(k-1), response resp_gamma^(k-1)); slots whose label
+    is outside the drafter's vocabulary are dropped (a reduced EAGLE-3 head cannot predict them)."""
     width = max(len(p) + len(r) for p, r, _ in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     valid = torch.zeros_like(ids)
@@ -220,9 +224,10 @@ def replay_slots(model: DrafterModel, rows: list[Row], plans: list[ReplayPlan], 
     keep = model.to_draft_ids(rej_tok.to(dev)).cpu() >= 0
     t_rej = torch.tensor(t_rej, dtype=torch.float32)
     w_rej = gamma ** (torch.tensor(rej_off, dtype=torch.float32) - 1)  # gamma^(k-1)
+    w_resp = resp_gamma ** (ri[:, 2].float() - 1)  # resp_gamma^(k-1)
     n_blocks = len({(b, i) for b, i, _ in ri.tolist()})
     return Slots(*(t.to(dev) for t in (ids, valid, anchors, accepted, ri, xi[keep], rej_tok[keep], t_rej[keep],
-                                       w_rej[keep])), n_blocks)  # fmt: skip
+                                       w_rej[keep], w_resp)), n_blocks)  # fmt: skip
 
 
 def replay_loss(
@@ -243,7 +248,11 @@ def replay_loss(
         out = target.forward(sl.ids, sl.valid, pos, None, tuple(model.config.target_layer_ids), "none")
     ri = sl.ri
     label_pos = sl.anchors[ri[:, 0], ri[:, 1]] + ri[:, 2]  # full position of each response label
-    teacher_h = out.hidden[ri[:, 0], label_pos - 1]  # the target's state that predicts the label
+    # The teacher's state that predicts a label is the target's state at the position before it; several slots share
+    # one (anchors: all puts up to chain_length slots on every position), so the teacher's head runs once per distinct
+    # (row, position) and ``back`` maps each slot to its row of those: teacher_h (U, H), back (N,) in [0, U).
+    where, back = torch.unique(ri[:, 0] * sl.ids.shape[1] + label_pos - 1, return_inverse=True)
+    teacher_h = out.hidden.flatten(0, 1)[where]
     # 2) Drafter states of every response and rejected slot (one forward with the inference mask).
     h_resp, h_rej = model.replay_states(
         target.embed, ReplayBatch(out.features, sl.ids, sl.anchors, sl.accepted, ri, sl.xi, sl.rej_tokens)
@@ -260,38 +269,53 @@ def replay_loss(
         if not model.full_vocab:
             raise DraftopdError("loss=tv compares full-vocabulary distributions: needs a drafter over the whole vocab")
         block = ri[:, 0] * sl.anchors.shape[1] + ri[:, 1]
-        tv = expected_acceptance_loss(head(h_resp), target.logits(teacher_h).detach(), block)
+        tv = expected_acceptance_loss(head(h_resp), target.logits(teacher_h)[back].detach(), block)
         return tv * (len(block.unique()) / max(den, 1e-8)), stats  # a block mean over the whole update
     s_resp = token_logprobs(h_resp, labels, head)
     s_rej = token_logprobs(h_rej, rej_labels, head)
-    t_rej = sl.t_rej
-    if cfg.teacher_temperature == 0:  # greedy teacher: one-hot on the target's argmax
-        # response tokens are the argmax (greedy rollouts); a proposal is taken as the argmax of its (possibly
-        # wrong) prefix when the verify pass gave it p > 1/2, else p = 0 (clamped to logp_min)
-        t_resp = torch.zeros_like(s_resp)
-        t_rej = torch.where(t_rej > math.log(0.5), 0.0, cfg.logp_min)
-    else:
-        t_resp = token_logprobs(teacher_h, model.to_target_ids(labels), target.logits)
+    t_rej, t_resp = sl.t_rej, torch.zeros_like(s_resp)  # t_resp: only the Bernoulli stream reads it
     l_resp = None  # acceptance_aware / all_forward: the Bernoulli forward KL, inside opd_loss
     if cfg.loss == "hard_ce":
         l_resp = hard_ce(s_resp)
     elif cfg.loss == "full_kl":
-        l_resp = soft_kl(h_resp, teacher_h, model, target)
+        l_resp = soft_kl(h_resp, teacher_h, back, model, target)
+    if cfg.teacher_temperature == 0:  # greedy teacher: one-hot on the target's argmax
+        # response tokens are the argmax (greedy rollouts): t_resp = 0; a proposal is taken as the argmax of its
+        # (possibly wrong) prefix when the verify pass gave it p > 1/2, else p = 0 (clamped to logp_min)
+        t_rej = torch.where(t_rej > math.log(0.5), 0.0, cfg.logp_min)
+    elif l_resp is None:  # log p_target(label) per distinct position (its label: the token at the next position)
+        t_resp = token_logprobs(teacher_h, sl.ids.flatten()[where + 1], target.logits)[back]
     stats["resp_q_of_target_token"] = s_resp.exp().mean().item() if len(s_resp) else 0.0
     value = opd_loss(
         s_resp, t_resp, s_rej, t_rej, sl.w_rej, cfg.resp_weight, cfg.rej_weight,
-        rej_reverse_kl=cfg.loss != "all_forward", logp_min=cfg.logp_min, den=den, l_resp=l_resp,
+        rej_reverse_kl=cfg.loss != "all_forward", logp_min=cfg.logp_min, den=den, l_resp=l_resp, w_resp=sl.w_resp,
     )  # fmt: skip
     return value, stats
 
 
-def soft_kl(h: torch.Tensor, teacher_h: torch.Tensor, model: DrafterModel, target: Target, chunk: int = 256):
+def soft_kl(
+    h: torch.Tensor,  # (N, H) the drafter's states of the response slots
+    teacher_h: torch.Tensor,  # (U, H) the target's states that predict their labels, one per distinct position
+    back: torch.Tensor,  # (N,) slot -> its row of teacher_h
+    model: DrafterModel,
+    target: Target,
+    chunk: int = 256,
+) -> torch.Tensor:
     """Per slot KL(p_target || q_drafter) over the drafter's vocabulary (the EAGLE-3 recipe's soft labels: the target's
-    distribution renormalised over the tokens the drafter can propose), in chunks of rows. (N,) float32."""
+    distribution renormalised over the tokens the drafter can propose), in chunks of slots. (N,) float32.
+
+    The slots go through in the order of their teacher rows, so the slots that share a position fall in one chunk and
+    the target's head runs once for them, and only over the draft vocabulary's rows of the head (the logits of the
+    other tokens would be dropped anyway): (<= chunk, Vd) float32 at a time."""
     n = model.config.draft_vocab_size
     vocab = None if model.full_vocab else model.to_target_ids(torch.arange(n, device=h.device))
+    order = back.argsort(stable=True)
     out = []
     for i in range(0, len(h), chunk):
-        t = target.logits(teacher_h[i : i + chunk]).detach()
-        out.append(full_forward_kl(model.draft_logits(h[i : i + chunk], target), t if vocab is None else t[:, vocab]))
-    return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
+        idx = order[i : i + chunk]
+        rows, inv = back[idx].unique(return_inverse=True)
+        t = target.logits(teacher_h[rows], vocab).detach()[inv]
+        out.append(full_forward_kl(model.draft_logits(h[idx], target), t))
+    if not out:
+        return h.new_zeros(0, dtype=torch.float32)
+    return torch.cat(out)[order.argsort()]  # back to the slots' order
