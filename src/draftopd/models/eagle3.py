@@ -403,8 +403,9 @@ def chain_attention(
     chain_v: list[Tensor],
     chain_ok: list[Tensor | None] | None = None,  # per chain key, broadcastable to (B, nh, Q, 1); None: visible
 ) -> Tensor:
-    """The attention of a TTT step (and of the engine's chain): one softmax over the step-0 keys a query sees and the
-    chain keys of its own position (the "diagonal"), in float32; returns (B, nh, Q, D)."""
+    """The attention of a TTT step (what the engine's chain computes, here over whole sequences): one softmax, in
+    float32, over the step-0 keys a query sees and the chain keys of its own position (the "diagonal");
+    returns (B, nh, Q, D)."""
     scale, seq = 1.0 / math.sqrt(q.shape[-1]), k0.shape[2]
     s0 = (q @ k0.transpose(-1, -2) * scale).masked_fill(~key_ok, float("-inf"))  # (B, nh, Q, S)
     diag = [(q * ck).sum(-1, keepdim=True) * scale for ck in chain_k]  # each (B, nh, Q, 1)
