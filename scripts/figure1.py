@@ -35,17 +35,8 @@ import yaml
 from draftopd import DraftopdError
 from draftopd.assets import home as cache_root
 from draftopd.bench.run import paired_gain
-from draftopd.config import (
-    BenchConfig,
-    DataConfig,
-    DrafterConfig,
-    OPDConfig,
-    SFTConfig,
-    from_dict,
-    load,
-    migrate_loop,
-    to_dict,
-)
+from draftopd.config import BenchConfig, DataConfig, DrafterConfig, OPDConfig, SFTConfig
+from draftopd.recipes import from_dict, load, migrate_loop, to_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "configs" / "figure1"

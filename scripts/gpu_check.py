@@ -48,15 +48,16 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
-from draftopd.config import ArchConfig, OPDConfig, SFTConfig, load  # noqa: E402
+from draftopd.config import ArchConfig, OPDConfig, SFTConfig  # noqa: E402
 from draftopd.decoding.loop import VerifyStep, speculative_generate  # noqa: E402
 from draftopd.lab import scaling  # noqa: E402
 from draftopd.models.base import SeqBatch  # noqa: E402
 from draftopd.models.io import DRAFTERS  # noqa: E402
 from draftopd.models.target import Target  # noqa: E402
+from draftopd.recipes import load  # noqa: E402
 from draftopd.train import opd  # noqa: E402
-from draftopd.train.common import feature_scale, make_optimizer  # noqa: E402
 from draftopd.train.losses import token_logprobs, weighted_nll  # noqa: E402
+from draftopd.train.scaffold import feature_scale, make_optimizer  # noqa: E402
 
 TINY = scaling.TargetShape("tiny-qwen3", 64, 128, 4, 4, 2, 16, 512)
 
@@ -425,10 +426,10 @@ def worker(args) -> None:
 
     result: dict = {}
     try:
-        from draftopd.train import common
+        from draftopd.train import scaffold as common
 
         if not hasattr(common, "init_distributed"):
-            raise RuntimeError("draftopd.train.common has no init_distributed: the trainers' DDP has not landed")
+            raise RuntimeError("draftopd.train.scaffold has no init_distributed: the trainers' DDP has not landed")
         device = common.init_distributed(args.device)
         # a 1-process torchrun: init_distributed leaves the group to the trainers' world > 1 path; join it here
         if not dist.is_initialized():

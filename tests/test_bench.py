@@ -11,8 +11,9 @@ import yaml
 from draftopd.bench import run
 from draftopd.bench.cost import cost_dtypes, costs_result, format_costs, step_costs
 from draftopd.bench.run import TAU_KEYS, build_methods, run_bench
-from draftopd.config import BenchConfig, load
+from draftopd.config import BenchConfig
 from draftopd.models.target import load_target
+from draftopd.recipes import load
 
 RECIPES = Path(__file__).resolve().parent.parent / "configs"
 EAGLE = {"kind": "shape", "arch": {"kind": "eagle3", "draft_vocab_size": 64}}  # untrained, a 64-token vocabulary

@@ -10,19 +10,8 @@ import pytest
 import yaml
 
 from draftopd import DraftopdError
-from draftopd.config import (
-    LOOP_KEYS,
-    OPD_RECIPES,
-    BenchConfig,
-    DemoConfig,
-    DrafterConfig,
-    LoopConfig,
-    OPDConfig,
-    SFTConfig,
-    load,
-    migrate_loop,
-    to_dict,
-)
+from draftopd.config import OPD_RECIPES, BenchConfig, DemoConfig, DrafterConfig, LoopConfig, OPDConfig, SFTConfig
+from draftopd.recipes import LOOP_KEYS, load, migrate_loop, to_dict
 
 RECIPES = Path(__file__).resolve().parent.parent / "configs"
 

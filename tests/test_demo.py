@@ -10,9 +10,10 @@ import pytest
 
 from draftopd import assets
 from draftopd.bench.run import paired_gain
-from draftopd.config import DemoConfig, load
+from draftopd.config import DemoConfig
 from draftopd.demo import STAGES, run_demo
 from draftopd.models.target import resolve_dtype
+from draftopd.recipes import load
 
 pytestmark = pytest.mark.slow
 

@@ -97,7 +97,7 @@ def test_one_sft_step_and_one_opd_update_on_cuda(cuda_target, tiny_folder, tmp_p
     data = _shards(tmp_path, target)
     common = {"target": {"path": str(tiny_folder), "dtype": dtype, "device": DEVICE}}
     eval_cfg = {"limit": 2, "max_new_tokens": 8, "chain_length": 3}
-    from draftopd.config import from_dict
+    from draftopd.recipes import from_dict
 
     sft = from_dict(
         SFTConfig,

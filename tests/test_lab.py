@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from draftopd.config import DemoConfig, load
+from draftopd.config import DemoConfig
 from draftopd.demo import STAGES
+from draftopd.recipes import load
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

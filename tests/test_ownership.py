@@ -451,7 +451,7 @@ BAD = st.one_of(
 
 
 def bad_value(field: str, value):
-    from draftopd.config import SIZE_BOUNDS
+    from draftopd.models.sizes import SIZE_BOUNDS
 
     return SIZE_BOUNDS[field] + value[1] if isinstance(value, tuple) else value
 
@@ -528,7 +528,8 @@ def test_pickle_only_target_is_refused_in_one_line(tiny, tmp_path, capsys, monke
 @example(t=1e-300)
 @example(t=5e-324)
 def test_temperatures_below_1e_4_are_refused(t):
-    from draftopd.config import GenerateConfig, load
+    from draftopd.config import GenerateConfig
+    from draftopd.recipes import load
 
     with pytest.raises(DraftopdError, match=r"sampling.temperature must be 0 \(greedy\) or >= 0.0001"):
         load(GenerateConfig, None, [f"sampling.temperature={t!r}"])

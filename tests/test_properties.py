@@ -24,8 +24,9 @@ from hypothesis import strategies as st
 
 from draftopd import DraftopdError
 from draftopd.cli import main
-from draftopd.config import BenchConfig, DataConfig, DemoConfig, GenerateConfig, OPDConfig, SFTConfig, load
+from draftopd.config import BenchConfig, DataConfig, DemoConfig, GenerateConfig, OPDConfig, SFTConfig
 from draftopd.data.prompts import prompts_from_jsonl
+from draftopd.recipes import load
 
 LOADER_EXAMPLES, CONFIG_EXAMPLES, CLI_EXAMPLES = 150, 200, 120
 COMMON = {"deadline": None, "database": None, "suppress_health_check": [HealthCheck.too_slow]}

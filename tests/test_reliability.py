@@ -85,7 +85,8 @@ def test_crafted_init_from_is_a_one_line_error(tiny, drafter, traj, tmp_path, ca
 
 def test_crafted_resume_checkpoint_runs_no_code(tiny, drafter, traj, tmp_path, capsys, monkeypatch):
     """The resume path: a crafted checkpoint planted as the run's latest is refused in one line, unexecuted."""
-    from draftopd.config import OPDConfig, load, to_dict
+    from draftopd.config import OPDConfig
+    from draftopd.recipes import load, to_dict
 
     out, proof = tmp_path / "opd", tmp_path / "pwned"
     args = opd_args(tiny, traj, out, drafter)

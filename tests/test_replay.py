@@ -136,7 +136,8 @@ def opd_cfg(opd_setup, kind: str, out, **over):
     them."""
     import dataclasses
 
-    from draftopd.config import LOOP_KEYS, OPDConfig, TargetConfig
+    from draftopd.config import OPDConfig, TargetConfig
+    from draftopd.recipes import LOOP_KEYS
 
     folder, data, inits = opd_setup
     base = {
@@ -300,8 +301,7 @@ def test_head_over_a_vocabulary_subset_is_the_full_heads_columns():
 
 def test_soft_kl_keeps_the_slots_order():
     """Slots go through soft_kl grouped by teacher row; each comes back at its own place."""
-    from draftopd.train.losses import full_forward_kl
-    from draftopd.train.opd import soft_kl
+    from draftopd.train.losses import full_forward_kl, soft_kl
 
     target = make_tiny_target(vocab=8, layers=4, seed=4)
     model = tiny_drafter("eagle3", target, 4)
@@ -310,4 +310,5 @@ def test_soft_kl_keeps_the_slots_order():
     back = torch.randint(0, 6, (40,), generator=g)
     vocab = model.to_target_ids(torch.arange(model.config.draft_vocab_size))
     want = full_forward_kl(model.draft_logits(h, target), target.logits(teacher_h[back])[:, vocab])
-    assert torch.allclose(soft_kl(h, teacher_h, back, model, target, chunk=7), want, atol=1e-6)
+    got = soft_kl(h, teacher_h, back, lambda x: model.draft_logits(x, target), lambda x: target.logits(x, vocab), 7)
+    assert torch.allclose(got, want, atol=1e-6)

@@ -12,10 +12,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from draftopd.config import OPDConfig, SFTConfig, load
+from draftopd.config import OPDConfig, SFTConfig
 from draftopd.lab import scaling as sc
 from draftopd.models.dflash import DFlashConfig, DFlashModel, block_hidden
 from draftopd.models.eagle3 import Eagle3Config, Eagle3Model, branch_forward, ttt_forward
+from draftopd.recipes import load
 
 
 def hf_config(t: sc.TargetShape):

@@ -23,15 +23,15 @@ from draftopd.config import (
     SamplingConfig,
     SFTConfig,
     TargetConfig,
-    to_dict,
 )
 from draftopd.data.trajectories import generate_trajectories
 from draftopd.models.io import read_drafter
-from draftopd.train.common import save_checkpoint
+from draftopd.recipes import to_dict
+from draftopd.train.checkpoints import save_checkpoint
 from draftopd.train.opd import train_opd
 from draftopd.train.sft import train_sft
 
-from helpers import make_tiny_target, metric_rows, tiny_drafter
+from helpers import make_tiny_target, metric_rows, one_line_error, tiny_drafter
 
 ARCH = {
     "dflash": ArchConfig(kind="dflash", num_layers=1, block_size=4),
@@ -120,7 +120,7 @@ def test_a_run_stored_before_the_loop_section_resumes(tiny_folder, loaded, data,
 
 def test_a_changed_value_in_a_run_of_the_old_layout_is_still_refused(tmp_path):
     from draftopd import DraftopdError
-    from draftopd.train.common import judge_run_folder
+    from draftopd.train.checkpoints import judge_run_folder
 
     run_config = json.loads(json.dumps(to_dict(SFTConfig(out=str(tmp_path)))))
     tmp_path.joinpath("run_config.json").write_text(old_layout(run_config))
@@ -141,3 +141,26 @@ def test_older_checkpoints_of_the_same_config_are_pruned(tmp_path):
         save_checkpoint(tmp_path, step, model, opt, sched, {}, config, keep=2, keep_every=3)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["latest", "step_000003", "step_000005", "step_000006"]
+
+
+def test_a_refused_second_train_opd_names_train_opd(tiny_folder, loaded, data, tmp_path, capsys, monkeypatch):
+    """The lock's label comes from the config's verb (``TrainConfig.VERB``): an OPD run holding its folder is named
+    ``train opd`` to the run refused there (it said ``train sft`` while the label was guessed from the fields)."""
+    from draftopd.models.io import write_drafter
+    from draftopd.train.scaffold import load_sequences, start_or_resume
+
+    init = tmp_path / "init"
+    write_drafter(tiny_drafter("dflash", loaded, 0), init)
+    out = tmp_path / "opd"
+    cfg = OPDConfig(
+        target=TargetConfig(path=str(tiny_folder), dtype="fp32"), eval=EvalConfig(limit=1, max_new_tokens=2),
+        init_from=str(init), data=str(data), out=str(out), max_new_tokens=12,
+    )  # fmt: skip
+    run = start_or_resume(cfg.for_kind("dflash"), loaded, load_sequences(str(data)), build=None)
+    try:
+        args = ["train", "opd", "--target", str(tiny_folder), "--dtype", "fp32", "--set", f"init_from={init}",
+                "--set", f"out={out}", "--set", f"data={data}", "--set", "max_new_tokens=12"]  # fmt: skip
+        line = one_line_error(capsys, monkeypatch, *args, text="is in use by another draftopd process")
+        assert "`draftopd train opd`" in line, line
+    finally:
+        run.release()

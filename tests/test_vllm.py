@@ -25,11 +25,12 @@ import pytest
 import torch
 
 from draftopd.bench.run import run_bench
-from draftopd.config import BenchConfig, DataConfig, SFTConfig, load
+from draftopd.config import BenchConfig, DataConfig, SFTConfig
 from draftopd.data.trajectories import generate_trajectories, load_shards
 from draftopd.decoding.loop import speculative_generate
 from draftopd.export import export_drafter
 from draftopd.models.target import resolve_target_path
+from draftopd.recipes import load
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PY = Path(os.environ.get("DRAFTOPD_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 from draftopd import DraftopdError, __version__
+from draftopd.config import DTYPE_NAMES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -45,7 +46,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="'default', a local HF model folder, or a hub id")
     p.add_argument("--drafter", help="'pld' (prompt lookup), 'none' (plain decoding), or a drafter folder")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"])
+    p.add_argument("--dtype", choices=("auto", *DTYPE_NAMES))
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
     p.add_argument("--max-new-tokens", type=int)
@@ -100,11 +101,12 @@ def cmd_setup(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from draftopd.config import GenerateConfig, load
+    from draftopd.config import GenerateConfig
     from draftopd.decoding.loop import speculative_generate
     from draftopd.decoding.sampling import SamplingParams
     from draftopd.models.io import build_drafter
     from draftopd.models.target import load_target
+    from draftopd.recipes import load
 
     cfg = load(GenerateConfig, args.config, _overrides(args))
     if cfg.target.threads:
@@ -143,8 +145,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import dataclasses
 
     from draftopd.bench.run import check_outputs, format_table, run_bench, save_result
-    from draftopd.config import BenchConfig, load
+    from draftopd.config import BenchConfig
     from draftopd.owner import owning
+    from draftopd.recipes import load
 
     config = args.config or (str(RECIPES / "bench-costs.yaml") if args.costs else None)
     cfg = load(BenchConfig, config, _overrides(args))
@@ -181,8 +184,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from draftopd.config import DemoConfig, load
+    from draftopd.config import DemoConfig
     from draftopd.demo import run_demo
+    from draftopd.recipes import load
 
     config = args.config or str(RECIPES / ("demo-quick.yaml" if args.quick else "demo.yaml"))
     cfg = load(DemoConfig, config, _overrides(args) + _out(args))
@@ -195,8 +199,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from draftopd.config import DataConfig, load
+    from draftopd.config import DataConfig
     from draftopd.data.trajectories import generate_trajectories
+    from draftopd.recipes import load
 
     o = _overrides(args) + _out(args)
     print(generate_trajectories(load(DataConfig, args.config, o)))
@@ -204,7 +209,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from draftopd.config import OPDConfig, SFTConfig, load
+    from draftopd.config import OPDConfig, SFTConfig
+    from draftopd.recipes import load
 
     if args.algo == "sft":
         from draftopd.train.sft import train_sft
@@ -265,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="generate target trajectories (resumable shards) for drafter training")
     p.add_argument("--out", help="output folder (data.out)")
     p.add_argument("--target")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"])
+    p.add_argument("--dtype", choices=("auto", *DTYPE_NAMES))
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--threads", type=int)
     p.add_argument("--engine", choices=["hf", "vllm"], help="hf (default) or vllm (where vllm is importable)")
@@ -275,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a drafter: `train sft` or `train opd`")
     p.add_argument("algo", choices=["sft", "opd"])
     p.add_argument("--target")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"])
+    p.add_argument("--dtype", choices=("auto", *DTYPE_NAMES))
     p.add_argument("--threads", type=int)
     _common(p)
     p.set_defaults(func=cmd_train)
@@ -289,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="sglang",
         help="sglang, vllm, hf: one plain folder every engine reads; speculators: vLLM's self-describing format",
     )
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16")
     p.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
     p.add_argument("--bench", metavar="RESULT", help="a `draftopd bench --json` result: its tau goes on the card")
     p.add_argument("--target", help="the target's path or hub id, when no run_config.json says it")

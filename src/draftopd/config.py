@@ -1,39 +1,30 @@
-"""Configuration: small frozen dataclasses, YAML recipes, dotted overrides, unknown keys rejected.
+"""Configuration: small frozen dataclasses, one per verb, in the order a user meets them (target, sampling, drafter,
+generate, bench, data, the drafter's shape, the training loop, SFT, Draft-OPD, demo). ``recipes.load`` builds them
+from a YAML recipe and dotted overrides; every field has a default, so a recipe states only what differs.
 
-``load(BenchConfig, "configs/bench.yaml", ["sampling.temperature=0.7", "limit=5"])`` reads the recipe,
-applies the overrides (values parsed as YAML scalars), and builds the dataclass tree. Any key the
-dataclass does not declare raises ``DraftopdError`` naming the key and the file. Every field has a default,
-so a recipe states only what differs; a section it states in part keeps the rest of that field's default (SFT's
-and OPD's ``loop`` sections differ). ``asdict`` of the result is what we write into every checkpoint and
-benchmark JSON.
-
-One name, one meaning, in every config: ``loop.max_steps`` is a trainer's optimizer steps, ``chain_length`` the
-tokens an EAGLE-3 drafter proposes per verify step, ``ttt_steps`` its training-time-test unroll, ``drafter``
-a drafter to decode with (generate, bench), ``methods`` several named drafters benchmarked side by side, and
-``arch`` the shape of a drafter (to train, or an untrained one to time). A key that an older version used for
-something else (``RENAMED``) is refused with a one-line error naming its new key.
+One name, one meaning, in every config: ``loop.max_steps`` is a trainer's optimizer steps (no key is called
+``steps``), ``chain_length`` the tokens an EAGLE-3 drafter proposes per verify step, ``ttt_steps`` its
+training-time-test unroll, ``drafter`` a drafter to decode with (generate, bench), ``methods`` several named drafters
+benchmarked side by side, ``arch`` the shape of a drafter (to train, or an untrained one to time), and
+``draft_vocab_size`` the tokens a drafter drafts over (``models/vocab.py`` says what 0 and sizes >= the target's
+vocabulary mean). The trainers' configs share ``TrainConfig`` (target, eval, loop, data, out, init_from) and name
+their verb (``VERB``), which labels the run folder's lock.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
-
-import yaml
+from typing import Any, ClassVar
 
 from draftopd import DraftopdError
 from draftopd.data.eval_sets import DATASETS  # the evaluation sets: name -> prompt loader
 
-T = TypeVar("T")
-
 MIN_TEMPERATURE = 1e-4  # the smallest sampling temperature: (0, 1e-4) is refused, 0 is greedy
 SEED_LIMIT = 2**32  # seeds are combined with step numbers: keep them far from torch's 64-bit limit
+DTYPE_NAMES = ("bf16", "fp32", "fp16")  # the dtypes every verb takes (``auto`` besides, where it picks one)
 
 
 def need(ok: bool, name: str, rule: str, value: Any) -> None:
@@ -46,60 +37,6 @@ def finite(x: float) -> bool:
     return isinstance(x, int | float) and math.isfinite(x)
 
 
-# Upper bounds of the size fields of a model's config.json (a target's or a drafter's), checked before anything
-# is allocated: far above any real model (Llama-3.1-405B: hidden 16384, 126 layers, vocabulary 128256).
-SIZE_BOUNDS = {
-    "vocab_size": 1 << 22,
-    "draft_vocab_size": 1 << 22,
-    "hidden_size": 1 << 16,
-    "intermediate_size": 1 << 18,
-    "num_hidden_layers": 1024,
-    "num_target_layers": 1024,
-    "num_attention_heads": 1024,
-    "num_key_value_heads": 1024,
-    "head_dim": 4096,
-    "max_position_embeddings": 1 << 24,
-    "block_size": 1024,
-}
-
-
-def check_sizes(d: dict, where: str, bytes_per_param: int = 2) -> None:
-    """One line naming ``where`` and the field unless every size field present in ``d`` (and its ``text_config``)
-    is an integer in [1, its bound], and the model they describe fits this machine's memory."""
-    for sub in (d, d.get("text_config")):
-        if not isinstance(sub, dict):
-            continue
-        for key, top in SIZE_BOUNDS.items():
-            v = sub.get(key)
-            if v is None:
-                continue
-            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
-                raise DraftopdError(f"{where}: {key} must be an integer in [1, {top}], not {str(v)[:40]!r}")
-        need_bytes = bytes_per_param * param_estimate(sub)
-        ram = _memory_bytes()
-        if ram and need_bytes > ram:
-            raise DraftopdError(
-                f"{where}: its sizes describe a model of {need_bytes / 2**30:.0f} GiB, more than this machine's "
-                f"memory ({ram / 2**30:.0f} GiB)"
-            )
-
-
-def param_estimate(d: dict) -> int:
-    """Parameters of a decoder described by a config.json's size fields (a lower bound: what must be allocated)."""
-    h, i = d.get("hidden_size") or 0, d.get("intermediate_size") or 0
-    nh = d.get("num_attention_heads") or 1
-    nkv, hd = d.get("num_key_value_heads") or nh, d.get("head_dim") or max(1, h // nh)
-    per_layer = 2 * h * nh * hd + 2 * h * nkv * hd + 3 * h * i
-    return (d.get("num_hidden_layers") or 1) * per_layer + (d.get("vocab_size") or 0) * h
-
-
-def _memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):
-        return 0
-
-
 @dataclass(frozen=True)
 class TargetConfig:
     path: str = "default"  # 'default' (embedded SmolLM2-135M-Instruct), a local HF folder, or a hub id
@@ -110,17 +47,32 @@ class TargetConfig:
     shard: bool = False  # training under torchrun: shard the target's decoder layers over the ranks (FSDP2)
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("auto", "bf16", "fp32", "fp16"):
-            raise DraftopdError(f"target.dtype must be auto, bf16, fp32 or fp16, not {self.dtype!r}")
+        need(self.dtype in ("auto", *DTYPE_NAMES), "target.dtype", f"auto, {', '.join(DTYPE_NAMES)}", self.dtype)
         need(0 <= self.threads <= 1024, "target.threads", "between 0 (torch's default) and 1024", self.threads)
         need(bool(self.path.strip()), "target.path", "'default', a model folder or a hub id", self.path)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0  # 0 = greedy (lossless token for token)
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        t, p = self.temperature, self.top_p
+        need(finite(t) and t >= 0, "sampling.temperature", "a finite number >= 0 (0 = greedy)", t)
+        # below 1e-4, logits / t overflow float32 (NaN into the sampler); such a temperature is greedy in effect
+        need(t == 0 or t >= MIN_TEMPERATURE, "sampling.temperature", f"0 (greedy) or >= {MIN_TEMPERATURE}", t)
+        need(finite(p) and 0 < p <= 1, "sampling.top_p", "in (0, 1]", p)
+        need(self.max_new_tokens >= 1, "sampling.max_new_tokens", ">= 1", self.max_new_tokens)
+        need(0 <= self.seed < SEED_LIMIT, "sampling.seed", f"in [0, {SEED_LIMIT})", self.seed)
 
 
 @dataclass(frozen=True)
 class DrafterConfig:
     """A drafter to decode with; ``methods`` of a bench holds several by name (each must say its ``kind``)."""
 
-    RENAMED: ClassVar[dict[str, str]] = {"steps": "chain_length"}
     EXAMPLE: ClassVar[str] = "{prompt lookup: {kind: pld}, SFT: {kind: path, path: runs/sft/final, chain_length: 6}}"
     KINDS: ClassVar[tuple[str, ...]] = ("pld", "none", "path", "shape")
     # 'pld' (prompt lookup), 'none' (plain decoding), 'path' (a drafter folder), or 'shape' (an untrained drafter of
@@ -149,23 +101,6 @@ class DrafterConfig:
         need(self.max_ngram >= self.min_ngram, "drafter.max_ngram", f">= min_ngram ({self.min_ngram})", self.max_ngram)
         need(self.chain_length >= 1, "drafter.chain_length", ">= 1", self.chain_length)
         need(0.0 <= self.confidence < 1.0, "drafter.confidence", "in [0, 1)", self.confidence)
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    temperature: float = 0.0  # 0 = greedy (lossless token for token)
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        t, p = self.temperature, self.top_p
-        need(finite(t) and t >= 0, "sampling.temperature", "a finite number >= 0 (0 = greedy)", t)
-        # below 1e-4, logits / t overflow float32 (NaN into the sampler); such a temperature is greedy in effect
-        need(t == 0 or t >= MIN_TEMPERATURE, "sampling.temperature", f"0 (greedy) or >= {MIN_TEMPERATURE}", t)
-        need(finite(p) and 0 < p <= 1, "sampling.top_p", "in (0, 1]", p)
-        need(self.max_new_tokens >= 1, "sampling.max_new_tokens", ">= 1", self.max_new_tokens)
-        need(0 <= self.seed < SEED_LIMIT, "sampling.seed", f"in [0, {SEED_LIMIT})", self.seed)
 
 
 @dataclass(frozen=True)
@@ -226,169 +161,6 @@ class BenchConfig:
         d = self.drafter or DrafterConfig()
         name = (Path(d.path or "").name or "drafter") if d.kind == "path" else d.kind
         return {f"{name} (drafter)" if name in self.baselines() else name: d}
-
-
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _coerce(value: Any, tp: Any, key: str, base: Any = None) -> Any:
-    """Check/convert a YAML value against a field's annotation (only the types our configs use); a section (a
-    dataclass field) is built on top of ``base``, the value it has when the section is left out."""
-    origin = typing.get_origin(tp)
-    if _is_dataclass_type(tp):
-        return from_dict(tp, value, key + ".", base)
-    if origin in (types.UnionType, typing.Union):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _coerce(value, args[0], key)
-    if origin is dict:  # named sections, e.g. methods: {SFT: {kind: path, ...}}; a name's key path is key.NAME
-        section = typing.get_args(tp)[1]
-        if not isinstance(value, dict):
-            raise DraftopdError(
-                f"{key}: expected a mapping of names to sections, e.g. {key}: {getattr(section, 'EXAMPLE', '{}')}; "
-                f"not {str(value)[:60]!r} (a list of name=spec strings is no longer read)"
-            )
-        out = {}
-        for name, v in value.items():
-            if not (isinstance(name, str) and name.strip() and name.isprintable() and "." not in name):
-                raise DraftopdError(  # a dot would split the name in a dotted override (--set key.NAME.field=...)
-                    f"{key}: a name must be a one-line string without dots, not {str(name)[:40]!r}"
-                )
-            where = f"{key}.{name}"
-            if not isinstance(v, dict):
-                raise DraftopdError(f"{where}: expected a section (a mapping), not {str(v)[:40]!r}")
-            # a section with a kind states it: a misspelt name in an override must not add a default section
-            if "kind" in typing.get_type_hints(section) and "kind" not in v:
-                raise DraftopdError(f"{where}: no kind given (a new name needs {where}.kind)")
-            try:
-                out[name] = _coerce(v, section, where)
-            except DraftopdError as e:  # a range error names the section's field only: say which name it is
-                raise DraftopdError(str(e) if where in str(e) else f"{where}: {e}") from None
-        return out
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list | tuple):
-            raise DraftopdError(f"{key}: expected a list, got {value!r}")
-        return tuple(_coerce(v, typing.get_args(tp)[0], key) for v in value)
-    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if tp is float:  # YAML 1.1 reads "1e-4" (no dot) as a string: accept any string float() parses
-        try:
-            if isinstance(value, str):
-                return float(value)
-        except ValueError:
-            pass
-        raise DraftopdError(f"{key}: expected a number, got {value!r}")
-    if tp is str and isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
-    if tp in (bool, int, str) and not (isinstance(value, tp) and (tp is bool or not isinstance(value, bool))):
-        raise DraftopdError(f"{key}: expected {tp.__name__}, got {value!r}")
-    return value
-
-
-# keys no config has any more, whatever the section
-RENAMED_EVERYWHERE = {"gsm8k_path": "the --gsm8k PATH flag or $DRAFTOPD_GSM8K"}
-
-
-def _default(f: dataclasses.Field) -> Any:
-    """A field's default value (None when it has none)."""
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return None if f.default is dataclasses.MISSING else f.default
-
-
-def from_dict(cls: type[T], data: dict | None, prefix: str = "", base: T | None = None) -> T:
-    """Build dataclass ``cls`` from a nested dict; an unknown key raises with its dotted path. The keys a section
-    leaves out keep the values of ``base`` (by default the class defaults): a nested section starts from its field's
-    default, e.g. ``loop: {max_steps: 5}`` keeps the other values of the trainer's own loop defaults."""
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise DraftopdError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    renamed = {**RENAMED_EVERYWHERE, **getattr(cls, "RENAMED", {})}
-    for key in data:
-        if key in renamed and key not in fields:
-            raise DraftopdError(f"config key {prefix}{key!s} was renamed: use {renamed[key]}")
-        if key not in fields:
-            raise DraftopdError(f"unknown config key {prefix}{key!s} (known: {', '.join(fields)})")
-    bases = {k: getattr(base, k) if base is not None else _default(fields[k]) for k in data}  # a section's start
-    values = {k: _coerce(v, hints[k], prefix + k, bases[k]) for k, v in data.items()}
-    return cls(**values) if base is None else dataclasses.replace(base, **values)
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    """What a YAML error says, on one line (a ReaderError's text spans several)."""
-    return " ".join(str(getattr(e, "problem", None) or getattr(e, "reason", None) or e).split())
-
-
-def apply_override(data: dict, override: str) -> None:
-    """Apply ``a.b.c=value`` (value parsed as a YAML scalar) to a nested dict in place."""
-    if "=" not in override:
-        raise DraftopdError(f"override {override!r} is not of the form key.path=value")
-    key, raw = override.split("=", 1)
-    parts = [p.strip() for p in key.split(".")]
-    if not all(parts):
-        raise DraftopdError(f"override {override!r}: {key.strip()!r} is not a dotted key such as sampling.top_p")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise DraftopdError(f"override {override!r}: invalid YAML value ({_yaml_problem(e)})") from None
-    except (RecursionError, ValueError) as e:  # nesting too deep for the parser, a 5000-digit integer
-        raise DraftopdError(f"override {key.strip()}=...: invalid YAML value ({type(e).__name__})") from None
-    node = data
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise DraftopdError(f"override {override!r}: {p} is not a section")
-    node[parts[-1]] = value
-
-
-def load(
-    cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), stored: bool = False
-) -> T:
-    """Read a YAML recipe (optional), apply dotted overrides, return the frozen config. ``stored``: the recipe is
-    one this program wrote earlier (a demo stage's), read in an older layout too (``migrate_loop``), not refused."""
-    data: dict = {}
-    if path:
-        p = Path(path)
-        if not p.exists():
-            raise DraftopdError(f"config file not found: {p}")
-        if not p.is_file():
-            raise DraftopdError(f"config {p} is not a file (a YAML recipe is)")
-        try:
-            raw = p.read_bytes()
-            data = yaml.safe_load(raw.decode("utf-8"))
-        except OSError as e:
-            raise DraftopdError(f"{p}: cannot be read ({e.strerror or e})") from None
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            raise DraftopdError(f"{p}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save it as UTF-8") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise DraftopdError(f"{p}{line}: invalid YAML ({_yaml_problem(e)})") from None
-        except (RecursionError, ValueError) as e:  # nesting too deep for the parser, a 5000-digit integer
-            raise DraftopdError(f"{p}: invalid YAML ({type(e).__name__})") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise DraftopdError(
-                f"{p}: expected a mapping of config keys at the top level, not a {type(data).__name__}"
-            )
-        if stored:
-            data = migrate_loop(data)
-    for o in overrides:
-        apply_override(data, o)
-    try:
-        return from_dict(cls, data)
-    except DraftopdError as e:
-        raise DraftopdError(f"{path}: {e}" if path else str(e)) from None
-
-
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
 
 
 @dataclass(frozen=True)
@@ -509,51 +281,47 @@ class LoopConfig:
             need(getattr(self, name) >= 1, f"loop.{name}", ">= 1", getattr(self, name))
 
 
-LOOP_KEYS = tuple(f.name for f in dataclasses.fields(LoopConfig))
-# SFT's and OPD's keys that moved into the loop section: refused at the top level, one line naming the new key
-LOOP_RENAMED = {k: f"loop.{k}" for k in LOOP_KEYS}
+@dataclass(frozen=True)
+class TrainConfig:
+    """What both trainers share: the frozen target, the held-out tau measured while training, the loop, the
+    trajectory folder, the run folder and the drafter to start from. ``VERB`` names the trainer (the run folder's
+    lock says it)."""
 
+    VERB: ClassVar[str] = "train"
 
-def migrate_loop(stored: dict) -> dict:
-    """A stored SFT or OPD config (a checkpoint's ``run_config.json``, a demo stage's YAML) written before the loop
-    section, with its top-level loop keys moved under ``loop``; a config without them (any other) as it is."""
-    moved = {k: stored[k] for k in LOOP_KEYS if k in stored}
-    if not moved or "loop" in stored:  # the current layout (or one we never wrote: compared as it is)
-        return stored
-    return {**{k: v for k, v in stored.items() if k not in moved}, "loop": moved}
+    target: TargetConfig = field(default_factory=TargetConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)  # steps, optimizer, schedule, seed, log/eval/save
+    data: str = "runs/data/trajectories"  # folder of shards from `draftopd data`
+    out: str = "runs/train"
+    init_from: str = ""  # the drafter folder (or training checkpoint) to start from
+
+    def __post_init__(self) -> None:
+        need(bool(self.out.strip()), "out", "a folder", self.out)
+        need(bool(self.data.strip()), "data", "a trajectory folder", self.data)
 
 
 @dataclass(frozen=True)
-class SFTConfig:
-    """``draftopd train sft``: a drafter trained on target trajectories."""
+class SFTConfig(TrainConfig):
+    """``draftopd train sft``: a drafter trained on target trajectories (``init_from``: continue one, instead of
+    random weights)."""
 
-    RENAMED: ClassVar[dict[str, str]] = {
-        **LOOP_RENAMED,
-        "steps": "loop.max_steps",
-        "drafter": "arch",
-        "bf16_autocast": "target.dtype (autocast follows it)",
-    }
+    VERB: ClassVar[str] = "train sft"
 
-    target: TargetConfig = field(default_factory=TargetConfig)
-    arch: ArchConfig = field(default_factory=ArchConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    data: str = "runs/data/trajectories"  # folder of shards from `draftopd data`
     out: str = "runs/sft-dflash"
-    init_from: str = ""  # start from this drafter folder (e.g. to continue SFT) instead of random weights
-    loop: LoopConfig = field(default_factory=LoopConfig)  # steps, optimizer, schedule, seed, log/eval/save
+    arch: ArchConfig = field(default_factory=ArchConfig)
     batch_size: int = 8  # sequences per step
     blocks_per_seq: int = 16  # dflash: anchors sampled per sequence
     max_len: int = 640  # tokens per sequence (prompt + response), longer ones are cut
     loss_decay: float = 7.0  # dflash: slot weight exp(-(k-1)/decay); 0 = uniform
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         need(self.loop.lr is not None, "loop.lr", "a finite number > 0 (None, the kind's recipe, is for OPD)", None)
-        need(bool(self.out.strip()), "out", "a folder", self.out)
         need(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
         need(self.blocks_per_seq >= 1, "blocks_per_seq", ">= 1", self.blocks_per_seq)
         need(self.max_len >= 3, "max_len", ">= 3 (a prompt token, an anchor and a label)", self.max_len)
         need(finite(self.loss_decay) and self.loss_decay >= 0, "loss_decay", "a finite number >= 0", self.loss_decay)
-        need(bool(self.data.strip()), "data", "a trajectory folder", self.data)
 
 
 # Draft-OPD's recipes per drafter kind (the authors' released scripts, docs/RESULTS.md 9): the values an OPDConfig
@@ -571,32 +339,21 @@ OPD_LOOP = LoopConfig(
     log_every=1, eval_every=5, save_every=5,
 )  # fmt: skip
 OPD_LOSSES = ("acceptance_aware", "all_forward", "hard_ce", "full_kl", "tv")
-OPD_DATA = "data (OPD draws its rollout prompts, and in replay mode the trajectories, from the SFT data folder)"
 
 
 @dataclass(frozen=True)
-class OPDConfig:
-    """``draftopd train opd``: Draft-OPD from an SFT drafter (the paper's section 3, arXiv 2605.29343)."""
+class OPDConfig(TrainConfig):
+    """``draftopd train opd``: Draft-OPD from an SFT drafter (the paper's section 3, arXiv 2605.29343). ``init_from``:
+    the SFT drafter (ours or an imported DFlash checkpoint); ``data``: the SFT data folder, its rows drawn as SFT draws
+    them (``sample_order``)."""
 
-    RENAMED: ClassVar[dict[str, str]] = {
-        **LOOP_RENAMED,
-        "iterations": "loop.max_steps",
-        "steps": "chain_length",
-        "sources": OPD_DATA,
-        "limit_per_source": OPD_DATA,
-        "max_prompt_tokens": OPD_DATA,
-        "random_anchors": "anchors: random",
-    }
+    VERB: ClassVar[str] = "train opd"
 
-    target: TargetConfig = field(default_factory=TargetConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    init_from: str = ""  # the SFT drafter folder to start from (ours or an imported DFlash checkpoint)
     out: str = "runs/opd-dflash"
-    data: str = "runs/data/trajectories"  # the SFT data folder: rows drawn from it as SFT draws them (sample_order)
     # replay: the greedy trajectories of `data` are the rollouts, verify records derived for the current drafter (exact
     # at temperature 0, train/replay.py); live: target-assisted rollouts regenerated from their prompts (the reference)
     rollouts: str = "replay"
-    loop: LoopConfig = field(default_factory=lambda: OPD_LOOP)  # steps, optimizer, schedule, seed, log/eval/save
+    loop: LoopConfig = field(default_factory=lambda: OPD_LOOP)  # OPD's own defaults (a partial loop: keeps them)
     rollout_batch: int = 16  # prompts per target-assisted rollout (batched)
     accum: int = 1  # rollout batches per optimizer step (weights are synced to the rollout drafter after it)
     micro_batch: int = 4  # sequences per replay forward (the gradient does not depend on it)
@@ -623,17 +380,16 @@ class OPDConfig:
     teacher_temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         need(self.rollouts in ("replay", "live"), "rollouts", "replay or live", self.rollouts)
         need(self.loss is None or self.loss in OPD_LOSSES, "loss", " | ".join(OPD_LOSSES), self.loss)
         need(self.anchors is None or self.anchors in ("verify", "random", "all"), "anchors", "verify, random or all",
              self.anchors)  # fmt: skip
         if self.teacher_temperature not in (0.0, 1.0):
             raise DraftopdError(f"teacher_temperature must be 1.0 or 0.0 (greedy), not {self.teacher_temperature}")
-        need(bool(self.out.strip()), "out", "a folder", self.out)
         for name in ("rollout_batch", "accum", "micro_batch", "chain_length"):
             need(getattr(self, name) >= 1, name, ">= 1", getattr(self, name))
         need(self.max_new_tokens >= 1, "max_new_tokens", ">= 1", self.max_new_tokens)
-        need(bool(self.data.strip()), "data", "a trajectory folder", self.data)
         for name in ("gamma", "resp_gamma", "resp_weight", "rej_weight"):
             value = getattr(self, name)
             need(value is None or (finite(value) and value >= 0), name, "a finite number >= 0", value)

@@ -41,8 +41,9 @@ import yaml
 
 from draftopd import DraftopdError
 from draftopd.atomic import check_output_dir, write_json, write_text
-from draftopd.config import DemoConfig, DrafterConfig, load, to_dict
+from draftopd.config import DemoConfig, DrafterConfig
 from draftopd.owner import owning, sweep
+from draftopd.recipes import load, to_dict
 
 STAGES = ("data", "sft", "opd", "sft_continued", "bench", "tau")
 
@@ -192,7 +193,7 @@ def _run(cfg: DemoConfig, out: Path, say) -> Path:
     stages = stage_configs(cfg)
     t_start = time.perf_counter()
     todo = [n for n in STAGES if not (out / "done" / f"{n}.json").exists()]
-    say(f"[demo] {len(todo)} of {len(STAGES)} stages to run ({', '.join(todo) or 'none'}) -> {out}")
+    say(f"[demo] {len(todo)} of {len(STAGES)} stages to run ({', '.join(todo) or 'none'}), then the report -> {out}")
     changed = False
     for i, name in enumerate(STAGES, 1):
         verb, c = stages[name]
@@ -209,7 +210,7 @@ def _run(cfg: DemoConfig, out: Path, say) -> Path:
             (out / "done" / f"{name}.seconds").unlink(missing_ok=True)
         if done.exists():
             took = _fmt(json.loads(done.read_text())["seconds"])
-            say(f"[demo] stage {i}/{len(STAGES) + 1} {name}: done earlier ({took}), skipped")
+            say(f"[demo] stage {i}/{len(STAGES)} {name}: done earlier ({took}), skipped")
             continue
         write_text(conf, text)
         cmd = [sys.executable, "-m", "draftopd.cli", *verb, "--config", str(conf)]
@@ -217,7 +218,7 @@ def _run(cfg: DemoConfig, out: Path, say) -> Path:
         before = float(spent.read_text()) if spent.exists() else 0.0
         earlier = f"; {_fmt(before)} in earlier attempts" if before else ""
         say(
-            f"[demo] stage {i}/{len(STAGES) + 1} {name}: started "
+            f"[demo] stage {i}/{len(STAGES)} {name}: started "
             f"(elapsed {_fmt(time.perf_counter() - t_start)}{earlier}; log {out / 'logs' / (name + '.log')})"
         )
         t0 = time.perf_counter()
@@ -231,10 +232,10 @@ def _run(cfg: DemoConfig, out: Path, say) -> Path:
             raise DraftopdError(f"demo stage {name} failed: {why} (log: {out / 'logs' / (name + '.log')})")
         total = before + time.perf_counter() - t0
         write_json(done, {"seconds": total, "command": _shell(cmd)}, indent=None)
-        say(f"[demo] stage {i}/{len(STAGES) + 1} {name}: done in {_fmt(total)}")
+        say(f"[demo] stage {i}/{len(STAGES)} {name}: done in {_fmt(total)}")
     from draftopd.report import write_report
 
-    say(f"[demo] stage {len(STAGES) + 1}/{len(STAGES) + 1} report")
+    say("[demo] writing the report")
     report = write_report(out, {n: json.loads((out / "done" / f"{n}.json").read_text()) for n in STAGES})
     say(f"[demo] finished in {_fmt(time.perf_counter() - t_start)}; report: {report}")
     for fig in sorted((out / "figures").glob("*.png")):
@@ -254,7 +255,7 @@ def _changed(conf: Path, cfg) -> bool:
 
 
 def _plain(x):
-    """Tuples -> lists so the YAML stays plain (and loads back through config.load)."""
+    """Tuples -> lists so the YAML stays plain (and loads back through recipes.load)."""
     if isinstance(x, dict):
         return {k: _plain(v) for k, v in x.items()}
     if isinstance(x, list | tuple):

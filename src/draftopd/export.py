@@ -32,11 +32,11 @@ import torch
 
 from draftopd import DraftopdError, __version__
 from draftopd.atomic import check_output_dir
-from draftopd.config import migrate_loop
 from draftopd.models.base import DrafterModel
 from draftopd.models.io import drafter_files, read_drafter, write_drafter
 from draftopd.models.target import DTYPES
 from draftopd.owner import owning
+from draftopd.recipes import migrate_loop
 
 FORMATS = {"sglang": "plain", "vllm": "plain", "hf": "plain", "speculators": "speculators"}  # --to -> layout
 HUB_DEFAULT = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub model the embedded default target was quantised from

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from draftopd.atomic import replacing, write_text
+from draftopd.metrics import read_metrics
 
 
 def _plt():
@@ -26,13 +27,24 @@ def _plt():
     return plt
 
 
-def tau_curves(runs: dict[str, str | Path], out: str | Path, title: str, x: str = "target_tokens") -> Path:
-    """One line per run: tau on the held-out set against ``x`` (target tokens by default)."""
+def tau_curves(
+    runs: dict[str, str | Path],
+    out: str | Path,
+    title: str,
+    x: str = "target_tokens",
+    after: dict[str, str] | None = None,
+    xlabel: str | None = None,
+) -> Path:
+    """One line per run: tau on the held-out set against ``x`` (target tokens by default). ``after``: runs that
+    continue another (label -> the label of the run they start from): drawn from where that run's line ends."""
     curves = {
         label: sorted((r.get(x, r["step"]), r["tau"]) for r in _rows(Path(folder)) if "tau" in r)
         for label, folder in runs.items()
     }
-    xlabel = "target tokens processed (training compute)" if x == "target_tokens" else x
+    for label, base in (after or {}).items():
+        start = curves[base][-1][0] if curves.get(base) else 0
+        curves[label] = [(start + v, tau) for v, tau in curves.get(label, [])]
+    xlabel = xlabel or ("target tokens processed (training compute)" if x == "target_tokens" else x)
     return _lines(curves, out, title, xlabel, "acceptance length tau")
 
 
@@ -108,16 +120,8 @@ def bars(result: dict, out: str | Path, title: str, key: str = "tokens_per_s") -
 
 
 def _rows(folder: Path) -> list[dict]:
-    """A run's metrics rows; a torn last line (a run writing or killed mid-append) is left out."""
-    path = folder / "metrics.jsonl"
-    text = path.read_text() if path.exists() else ""
-    lines = text.split("\n")
-    if lines[-1].strip():  # no newline after it yet: perhaps half a row
-        try:
-            json.loads(lines[-1])
-        except ValueError:
-            lines.pop()
-    return [json.loads(line) for line in lines if line.strip()]
+    """A run's metrics rows (``metrics.read_metrics``: a torn last line, from a run killed mid-append, is left out)."""
+    return read_metrics(folder / "metrics.jsonl")
 
 
 def compute_curves(out: Path, path: Path) -> dict[str, list[tuple[int, float]]]:
@@ -258,7 +262,9 @@ def write_report(out: Path, stages: dict[str, dict]) -> Path:
     result = json.loads((out / "bench" / "result.json").read_text())
     curves = compute_curves(out, figs / "tau_vs_compute.png")
     runs = {label: out / folder for label, folder in LEARNED.items()}
-    tau_curves(runs, figs / "tau_vs_step.png", "held-out tau during training", x="step")
+    continued = {label: "SFT" for label in runs if label != "SFT"}  # both arms start from SFT's last step
+    steps = "optimizer steps (Draft-OPD and SFT continued from SFT's last step)"
+    tau_curves(runs, figs / "tau_vs_step.png", "held-out tau during training", "step", continued, steps)
     histograms(
         {m: _merge_hist(result, m) for m in ("SFT", "Draft-OPD")},
         figs / "acceptance_histogram.png",

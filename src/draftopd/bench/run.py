@@ -23,13 +23,14 @@ from tqdm import tqdm
 
 from draftopd import DraftopdError
 from draftopd.atomic import check_output_file, write_json
-from draftopd.config import BenchConfig, DrafterConfig, to_dict
+from draftopd.config import BenchConfig, DrafterConfig
 from draftopd.data.eval_sets import load_prompts
 from draftopd.decoding.interface import Drafter
 from draftopd.decoding.loop import SpecStats, speculative_generate
 from draftopd.decoding.sampling import SamplingParams
 from draftopd.models.io import build_drafter
 from draftopd.models.target import Target, load_target
+from draftopd.recipes import to_dict
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def run_methods(
                     hf[key][j] += v
     out = {}
     for name, st in stats.items():
-        out[name] = {**st.summary(), "step_ms": round(1000 * st.decode_s / max(1, st.steps), 3)}
+        out[name] = {**st.summary(), "step_ms": round(1000 * st.decode_s / max(1, st.verifies), 3)}
         if PLAIN in stats:
             out[name]["speedup"] = round(st.tokens_per_s / stats[PLAIN].tokens_per_s, 4)
             out[name]["lossless"] = round(same[name] / len(prompts), 4) if params.greedy else None

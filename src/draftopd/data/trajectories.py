@@ -24,13 +24,14 @@ from tqdm import tqdm
 
 from draftopd import DraftopdError
 from draftopd.atomic import check_output_dir, replacing, write_json
-from draftopd.config import DataConfig, to_dict
+from draftopd.config import DataConfig
 from draftopd.data.prompts import load_training_prompts
 from draftopd.decoding.loop import speculative_generate
 from draftopd.decoding.sampling import SamplingParams
 from draftopd.distributed import barrier, init_distributed, is_writer, rank_world
 from draftopd.models.target import Target, load_target, resolve_target_path
 from draftopd.owner import owning
+from draftopd.recipes import to_dict
 
 if TYPE_CHECKING:
     from draftopd.data.vllm_engine import VllmEngine

@@ -1,5 +1,6 @@
 """The interface between the speculative loop and a drafter: what the loop shows a drafter (``DecodeState``), what
-a drafter returns (``Proposal``) and the five methods it implements (``Drafter``; no inheritance required).
+a drafter returns (``Proposal``) and the five methods it implements (``Drafter``; no inheritance required), and what
+Draft-OPD's replay asks of a learned drafter's engine besides (``ReplayDrafter.propose_at``).
 
 A drafter proposes up to ``k`` tokens per row from the decode state; after the target verified them, the loop
 tells it how many were accepted and hands it the target features of the tokens just committed to the target's
@@ -71,3 +72,13 @@ class Drafter(Protocol):
 
     def select(self, rows: Tensor) -> None:
         """Keep only these batch rows (finished rows are dropped from the batch)."""
+
+
+class ReplayDrafter(Drafter, Protocol):
+    """A drafter whose proposals at many anchors of known text come from one batched pass (DFlash, EAGLE-3): what
+    Draft-OPD's replay rollouts (``train/replay.derive_records``) call instead of decoding."""
+
+    def propose_at(self, features: Tensor, ids: Tensor, anchors: Tensor) -> Tensor:
+        """The greedy proposal ``propose`` would make at each anchor: ``features`` (B, S, F) and ``ids`` (B, S) of
+        whole sequences (the target's features of the true text), ``anchors`` (B, Na) full positions (-1 =
+        padding) -> target token ids (B, Na, k)."""

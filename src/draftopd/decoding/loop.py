@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -22,7 +23,9 @@ from torch import Tensor
 from draftopd.decoding.interface import DecodeState, Drafter, Proposal
 from draftopd.decoding.sampling import SamplingParams, logits_to_probs, sample, verify
 from draftopd.decoding.slots import SlotCache, left_padded, positions
-from draftopd.models.target import Target
+
+if TYPE_CHECKING:  # the target comes in as an argument: decoding/ never imports models/ at run time
+    from draftopd.models.target import Target
 
 
 @dataclass
@@ -70,8 +73,8 @@ class SpecStats:
         return [self.accepted_at[j] / self.proposed_at[j] if self.proposed_at[j] else 0.0 for j in range(1, n + 1)]
 
     @property
-    def steps(self) -> int:
-        """Verify steps (target calls after each generation's prefill)."""
+    def verifies(self) -> int:
+        """Verify steps (target calls after each generation's prefill). ``steps`` alone means optimizer steps."""
         return self.target_calls - self.generations
 
     @property
@@ -106,8 +109,8 @@ class SpecStats:
             "tpot_ms": round(1000 * self.tpot_s, 3),
             "seconds": round(self.seconds, 3),
             # per verify step (all rows of the batch together): drafting and the verify forward
-            "draft_ms": round(1000 * self.draft_s / max(1, self.steps), 3),
-            "verify_ms": round(1000 * self.verify_s / max(1, self.steps), 3),
+            "draft_ms": round(1000 * self.draft_s / max(1, self.verifies), 3),
+            "verify_ms": round(1000 * self.verify_s / max(1, self.verifies), 3),
             "tau_histogram": self.histogram(),
             "acceptance_rate": [round(a, 4) for a in self.acceptance_rate()],
             "per_prompt": [list(x) for x in self.per_prompt],  # [tokens, verify steps]: for paired comparisons

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import sys
 
-from draftopd.config import DemoConfig, load
+from draftopd.config import DemoConfig
 from draftopd.demo import STAGES, stage_configs
+from draftopd.recipes import load
 
 
 def estimate(stage: str, c, n_traj: int) -> float:

@@ -224,7 +224,7 @@ def drafter_state_bytes(params: int, gpus: int = 1, sharding: Sharding = SHARDIN
     """Weights, grads and AdamW moments of the drafter per GPU.
 
     Replicated ("ddp"): fp32 weights 4 + fp32 grads 4 + moments 8 + the fp32 buffer of the gradient all-reduce
-    4 (DDP's buckets, or the flat buffer ``train.common.Run.optimizer_step`` all-reduces) + autocast's bf16
+    4 (DDP's buckets, or the flat buffer ``train.scaffold.Run.optimizer_step`` all-reduces) + autocast's bf16
     weight cache 2 = 22 bytes per parameter. FSDP2 (bf16 compute, fp32 reduce): 16 bytes / N for the sharded fp32
     weights, grads and moments, + 4 for the drafter's bf16 weights and grads unsharded around its
     forward/backward (it is small enough to be one FSDP unit)."""
@@ -264,9 +264,9 @@ def dflash_activation_bytes(t: TargetShape, d: DrafterShape, seq_len: int, n_blo
 
 
 def eagle3_activation_bytes(
-    t: TargetShape, d: DrafterShape, seq_len: int, steps: int, branches: int = 0, branch_len: int = 0
+    t: TargetShape, d: DrafterShape, seq_len: int, ttt_steps: int, branches: int = 0, branch_len: int = 0
 ) -> int:
-    """What autograd saves in ``ttt_forward`` (``steps`` steps over all ``seq_len`` positions) and, for OPD,
+    """What autograd saves in ``ttt_forward`` (``ttt_steps`` steps over all ``seq_len`` positions) and, for OPD,
     ``branch_forward`` (``branches`` rejected chains of ``branch_len`` forced steps each; it lays them out as a grid
     of micro-batch rows x the most branches of one row, so ``branches`` counts that grid's slots).
 
@@ -280,7 +280,7 @@ def eagle3_activation_bytes(
     per = 30 * h + 12 * q + 8 * i + 6 * t.heads * seq_len
     fused = seq_len * (2 * d.features() * h + 4 * h)
     branch = branches * branch_len * per
-    return steps * seq_len * per + fused + branch
+    return ttt_steps * seq_len * per + fused + branch
 
 
 def target_forward_bytes(t: TargetShape, d: DrafterShape, rows: int, tokens: int) -> int:

@@ -26,8 +26,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from draftopd import DraftopdError
 from draftopd.assets import DEFAULT_TARGET, default_target_dir
-from draftopd.config import check_sizes
 from draftopd.decoding.slots import SlotCache
+from draftopd.models.sizes import check_sizes
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,16 @@ class Target:
         else:
             logits = None
         return TargetOutput(logits=logits, features=feats, hidden=hidden)
+
+    def branch_forward(self, input_ids: Tensor, position_ids: Tensor, allowed: Tensor, cache: SlotCache) -> Tensor:
+        """Last hidden states (B, T, H) of query tokens that attend where ``allowed`` (B, T, S + T) bool says: the
+        ``S`` keys in ``cache`` first, then the ``T`` queries themselves (e.g. draft branches off a cached
+        trajectory, each seeing the true prefix before it and itself causally). The mask goes in as an additive
+        float mask (0 where allowed, the dtype's minimum elsewhere), which eager and SDPA attention both take as it
+        is (SDPA gives bit-identical states to the same mask as booleans). The cache grows by T slots."""
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]  # (B, 1, T, S + T)
+        return self.forward(input_ids, mask, position_ids, cache, (), "none").hidden
 
     def encode_chat(self, prompt: str | list[dict[str, str]]) -> list[int]:
         """Token ids of a user prompt (or a message list) with the chat template and generation prompt."""

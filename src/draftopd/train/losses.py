@@ -1,4 +1,6 @@
-"""Losses as pure functions: tensors in, scalar (or per-token values) out. Masks are explicit.
+"""Losses as pure functions: tensors (and the heads that turn states into logits) in, a scalar or per-token values
+out. Masks are explicit. Every Draft-OPD objective is here, and ``draft_opd_objective`` picks one: a new objective is
+one function below and one line in it.
 
 ``token_logprobs`` is the memory-careful way to get ``log q(label)`` at a few thousand supervised slots
 with a 49k-row LM head: rows go through the head in chunks, log-softmax in float32, and only the label's
@@ -7,7 +9,9 @@ log-probability is kept ("LM-head chunking", as in the Draft-OPD and SpecForge t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -20,13 +24,6 @@ def token_logprobs(hidden: Tensor, labels: Tensor, logits_fn: Callable[[Tensor],
         logits = logits_fn(hidden[i : i + chunk]).float()  # (n, V)
         out.append(torch.log_softmax(logits, -1).gather(-1, labels[i : i + chunk, None]).squeeze(-1))
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
-
-
-def position_weights(offsets: Tensor, decay: float) -> Tensor:
-    """DFlash's per-slot weight exp(-(k - 1) / decay) for 1-based block offsets k; decay <= 0 gives 1."""
-    if decay <= 0:
-        return torch.ones_like(offsets, dtype=torch.float32)
-    return torch.exp(-(offsets.float() - 1) / decay)
 
 
 def weighted_nll(logp: Tensor, weights: Tensor, total_weight: Tensor | None = None) -> Tensor:
@@ -129,3 +126,84 @@ def expected_acceptance_loss(drafter_logits: Tensor, target_logits: Tensor, bloc
         acc = torch.cumprod(1 - tv[block == b], 0)
         loss = loss + 1 - acc.sum() / acc.numel()
     return loss / max(len(ids), 1)
+
+
+def soft_kl(
+    h: Tensor,  # (N, H) the drafter's states of the response slots
+    teacher_h: Tensor,  # (U, H) the target's states that predict their labels, one per distinct position
+    back: Tensor,  # (N,) slot -> its row of teacher_h
+    student: Callable[[Tensor], Tensor],  # the drafter's head: (n, H) -> (n, Vd) logits
+    teacher: Callable[[Tensor], Tensor],  # the target's head over the same Vd tokens: (u, H) -> (u, Vd) logits
+    chunk: int = 256,
+) -> Tensor:
+    """Per slot KL(p_target || q_drafter) over the drafter's vocabulary (the EAGLE-3 recipe's soft labels: the target's
+    distribution renormalised over the tokens the drafter can propose), in chunks of slots. (N,) float32.
+
+    The slots go through in the order of their teacher rows, so the slots that share a position fall in one chunk and
+    the target's head runs once for them: (<= chunk, Vd) float32 at a time."""
+    order = back.argsort(stable=True)
+    out = []
+    for i in range(0, len(h), chunk):
+        idx = order[i : i + chunk]
+        rows, inv = back[idx].unique(return_inverse=True)
+        out.append(full_forward_kl(student(h[idx]), teacher(teacher_h[rows]).detach()[inv]))
+    if not out:
+        return h.new_zeros(0, dtype=torch.float32)
+    return torch.cat(out)[order.argsort()]  # back to the slots' order
+
+
+@dataclass
+class OPDPieces:
+    """What a Draft-OPD objective reads of one micro-batch: N response slots, M rejected slots, U distinct positions
+    whose target states teach the response slots (several slots may share one: ``back``)."""
+
+    s_states: Tensor  # (N, H) the drafter's states of the response slots
+    rej_states: Tensor  # (M, H) its states of the rejected slots
+    labels: Tensor  # (N,) the realised response tokens (draft-vocabulary ids)
+    rej_labels: Tensor  # (M,) the drafter's rejected proposals (draft-vocabulary ids)
+    teacher_h: Tensor  # (U, H) the target's state before each distinct label position
+    back: Tensor  # (N,) response slot -> its row of teacher_h
+    next_ids: Tensor  # (U,) the target id of the label each teacher row predicts
+    t_rej: Tensor  # (M,) the target's log-prob of each rejected proposal (from the verify pass)
+    w_resp: Tensor  # (N,) response-stream position weights resp_gamma^(k-1)
+    w_rej: Tensor  # (M,) rejected-stream position weights gamma^(k-1)
+    block: Tensor  # (N,) the replay block of each response slot (the tv loss averages over blocks)
+    student: Callable[[Tensor], Tensor]  # the drafter's head: (n, H) -> (n, Vd) logits
+    teacher: Callable[[Tensor], Tensor]  # the target's full head: (n, H) -> (n, V) float32 logits
+    teacher_draft: Callable[[Tensor], Tensor]  # the target's head over the draft vocabulary: (n, H) -> (n, Vd)
+
+
+def draft_opd_objective(
+    p: OPDPieces,
+    den: float,  # the update's global denominator (stream_denominator, or the blocks for tv)
+    loss: str = "acceptance_aware",  # acceptance_aware | all_forward | hard_ce | full_kl | tv
+    resp_weight: float = 1.0,
+    rej_weight: float = 1.0,
+    logp_min: float = -10.0,
+    teacher_temperature: float = 1.0,  # 1: the target's distribution; 0: one-hot on its argmax
+) -> Tensor:
+    """The Draft-OPD loss of a micro-batch, divided by ``den``. Response stream per ``loss``: the Bernoulli forward KL
+    on the realised token (acceptance_aware, all_forward), cross-entropy on it (hard_ce) or KL from the target's
+    distribution over the draft vocabulary (full_kl); rejected stream: k3 (all_forward: the Bernoulli KL). ``tv``
+    instead: the expected-acceptance loss over whole distributions (a full-vocabulary drafter)."""
+    if loss == "tv":
+        tv = expected_acceptance_loss(p.student(p.s_states), p.teacher(p.teacher_h)[p.back].detach(), p.block)
+        return tv * (len(p.block.unique()) / max(den, 1e-8))  # a block mean over the whole update
+    s_resp = token_logprobs(p.s_states, p.labels, p.student)
+    s_rej = token_logprobs(p.rej_states, p.rej_labels, p.student)
+    t_rej, t_resp = p.t_rej, torch.zeros_like(s_resp)  # t_resp: only the Bernoulli stream reads it
+    l_resp = None  # acceptance_aware / all_forward: the Bernoulli forward KL, inside opd_loss
+    if loss == "hard_ce":
+        l_resp = hard_ce(s_resp)
+    elif loss == "full_kl":
+        l_resp = soft_kl(p.s_states, p.teacher_h, p.back, p.student, p.teacher_draft)
+    if teacher_temperature == 0:  # greedy teacher: one-hot on the target's argmax
+        # response tokens are the argmax (greedy rollouts): t_resp = 0; a proposal is taken as the argmax of its
+        # (possibly wrong) prefix when the verify pass gave it p > 1/2, else p = 0 (clamped to logp_min)
+        t_rej = torch.where(t_rej > math.log(0.5), 0.0, logp_min)
+    elif l_resp is None:  # log p_target(label) per distinct position
+        t_resp = token_logprobs(p.teacher_h, p.next_ids, p.teacher)[p.back]
+    return opd_loss(
+        s_resp, t_resp, s_rej, t_rej, p.w_rej, resp_weight, rej_weight,
+        rej_reverse_kl=loss != "all_forward", logp_min=logp_min, den=den, l_resp=l_resp, w_resp=p.w_resp,
+    )  # fmt: skip

@@ -17,13 +17,15 @@ records the live engine would record with the current drafter (``replay.derive_r
 the data pool exactly as SFT draws them (``sample_order``), so an SFT control with ``batch_size`` = rows per update
 and the same seed sees the same sequences at every update.
 
-Per optimizer step: ``accum`` x ``rollout_batch`` rows (global); their verify records (all with the weights at the
-start of the step, the authors' accumulation window); their replay plans; the update's global loss denominator
-(lam_a N_resp + lam_r sum w over every micro-batch and rank, so the gradient does not depend on ``micro_batch`` or the
-number of processes); then per ``micro_batch`` one target forward (reused from the derivation in replay mode), one
-drafter forward over its replay slots, backward; then AdamW steps. Ablations: ``anchors: random``, ``rej_weight: 0``,
-``loss: all_forward | hard_ce | full_kl | tv``. Nothing here depends on the architecture: each drafter offers
-``replay_block`` and ``replay_states``, and its engine ``propose_at``. Recipes per kind: ``config.OPD_RECIPES``.
+Per optimizer step (``train_opd``, numbered as it runs): ``accum`` x ``rollout_batch`` rows (global); 1) their
+rollouts and verify records (``replay.rollouts``, all with the weights at the start of the step, the authors'
+accumulation window); 2) their replay plans and slots, and the update's global loss denominator (lam_a N_resp + lam_r
+sum w over every micro-batch and rank, so the gradient does not depend on ``micro_batch`` or the number of
+processes); 3) per ``micro_batch`` one target forward (reused from the derivation in replay mode), one drafter forward
+over its replay slots, the objective (``losses.draft_opd_objective``), backward; then AdamW steps; 4) the log.
+Ablations: ``anchors: random``, ``rej_weight: 0``, ``loss: all_forward | hard_ce | full_kl | tv``. Nothing here
+depends on the architecture: each drafter offers ``replay_block`` and ``replay_states``, and its engine
+``propose_at`` (``decoding.interface.ReplayDrafter``). Recipes per kind: ``config.OPD_RECIPES``.
 
 Usage: draftopd train opd --config configs/opd-dflash.yaml --set init_from=runs/sft-dflash/final
 """
@@ -31,7 +33,6 @@ Usage: draftopd train opd --config configs/opd-dflash.yaml --set init_from=runs/
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,37 +40,63 @@ import torch
 
 from draftopd import DraftopdError
 from draftopd.config import OPDConfig
-from draftopd.decoding.loop import VerifyStep, speculative_generate
 from draftopd.models.base import DrafterModel, ReplayBatch
 from draftopd.models.io import detect
 from draftopd.models.target import Target, TargetOutput
-from draftopd.train.common import (
-    latest_checkpoint,
-    load_run_target,
-    load_sequences,
-    rank_world,
-    sample_order,
-    start_or_resume,
-)
-from draftopd.train.losses import (
-    expected_acceptance_loss,
-    full_forward_kl,
-    hard_ce,
-    opd_loss,
-    stream_denominator,
-    token_logprobs,
-)
-from draftopd.train.replay import ReplayPlan, all_anchors, build_replay_plan, derive_records, randomize_anchors
+from draftopd.train.checkpoints import latest_checkpoint
+from draftopd.train.losses import OPDPieces, draft_opd_objective, stream_denominator
+from draftopd.train.replay import ReplayPlan, Row, all_anchors, build_replay_plan, randomize_anchors, rollouts
+from draftopd.train.scaffold import load_run_target, load_sequences, rank_world, sample_order, start_or_resume
 
-Row = tuple[list[int], list[int], list[VerifyStep]]  # prompt ids, response ids, verify records
+Pool = list[tuple[list[int], list[int]]]  # (prompt ids, the target's greedy response)
 
 
 def train_opd(cfg: OPDConfig, target: Target | None = None) -> Path:
     """Draft-OPD of ``cfg``; returns its ``final/`` folder. ``target``: one already loaded (else ``cfg.target``'s)."""
+    cfg, target, seqs, pool = prepare(cfg, target)
     rank, world = rank_world()
+    update_rows = cfg.rollout_batch * cfg.accum  # global rows per optimizer step
+    share = update_rows // world  # rank r takes rows [r * share, (r + 1) * share) of each update
+    sequence = sample_order(len(pool), cfg.loop.seed)  # the same draw as SFT's
+    run = start_or_resume(cfg, target, seqs, build=None)
+    run.counters.setdefault("rollout_tokens", 0)
+    model, block = run.model, run.model.replay_block(cfg.chain_length)
+    for step in run.steps("opd"):
+        first = step * update_rows + rank * share
+        batch = [pool[sequence(i)] for i in range(first, first + share)]
+        # 1) Rollouts and their verify records, all drafted by the weights at the start of the update.
+        engine = model.engine(target, cfg.chain_length)  # the current weights, in the target's dtype, ungated
+        ro = rollouts(cfg, target, engine, batch)
+        del engine
+        # 2) Replay plans -> slots per micro-batch, and the update's global denominator, before any backward.
+        slots = [replay_slots(model, rows, replay_plans(rows, block, cfg), cfg.gamma, target.device, cfg.resp_gamma)
+                 for rows, _ in ro.jobs]  # fmt: skip
+        den = float(run.all_sum(torch.tensor(sum(s.denominator(cfg) for s in slots))))
+        # 3) The objective and its gradient per micro-batch (the target forward reused in replay mode); AdamW.
+        sums = dict.fromkeys(("loss", "resp_tokens", "rej_tokens"), 0.0)
+        for (rows, out), sl in zip(ro.jobs, slots, strict=True):
+            with run.autocast():
+                loss, counts = replay_loss(model, target, rows, sl, cfg, den, out)
+            run.backward(loss)
+            sums = {"loss": sums["loss"] + loss.item(), **{k: sums[k] + counts[k] for k in counts}}
+        grad_norm = run.optimizer_step()
+        # 4) The log: sums over the ranks; rollout tau = committed tokens per verify step.
+        g = run.sum_over_ranks(**sums, committed=ro.committed, verifies=ro.verifies, target_tokens=ro.target_tokens,
+                               rollout_tokens=sum(len(y) for _, y in batch))  # fmt: skip
+        for counter in ("target_tokens", "rollout_tokens"):
+            run.counters[counter] += int(g.pop(counter))
+        rollout_tau = g.pop("committed") / max(g.pop("verifies"), 1)
+        run.end_step(step + 1, grad_norm=grad_norm, rollout_tau=rollout_tau, **g)
+    return run.finish()
+
+
+def prepare(cfg: OPDConfig, target: Target | None) -> tuple[OPDConfig, Target, list[tuple[list[int], int]], Pool]:
+    """Everything checked before the run starts: a drafter to start from, rows that split over the processes, the
+    kind's recipe filled in (``for_kind``), the target, the trajectories (as SFT reads them, and as rollout rows cut to
+    the token budget), the budget and the longest prompt against the target's context."""
     if not cfg.init_from:
         raise DraftopdError("train opd needs init_from=<an SFT drafter folder or training checkpoint>")
-    update_rows = cfg.rollout_batch * cfg.accum  # global rows per optimizer step
+    update_rows, world = cfg.rollout_batch * cfg.accum, rank_world()[1]
     if update_rows % world:
         raise DraftopdError(f"rollout_batch x accum = {update_rows} (global) must be a multiple of {world} processes")
     cfg = cfg.for_kind(detect(latest_checkpoint(Path(cfg.out)) or cfg.init_from).kind)  # None fields: the recipe
@@ -79,61 +106,7 @@ def train_opd(cfg: OPDConfig, target: Target | None = None) -> Path:
     pool = [(ids[:p], ids[p : p + cfg.max_new_tokens]) for ids, p in seqs]  # (prompt, target's greedy response)
     longest = max((p for p, _ in pool), key=len, default=[])
     target.check_prompt(longest, cfg.max_new_tokens, f"the longest prompt of {cfg.data}")  # before any work
-    sequence = sample_order(len(pool), cfg.loop.seed)  # the same draw as SFT's
-    run = start_or_resume(cfg, target, seqs, build=None)
-    run.counters.setdefault("rollout_tokens", 0)
-    model, share = run.model, update_rows // world  # rank r takes rows [r * share, (r + 1) * share) of each update
-    for step in run.steps("opd"):
-        samples = range(step * update_rows + rank * share, step * update_rows + (rank + 1) * share)
-        batch = [pool[sequence(i)] for i in samples]
-        engine = model.engine(target, cfg.chain_length)  # the current weights, in the target's dtype, ungated
-        # 1) Rollouts and their verify records (one drafter for the whole update), grouped in micro-batches.
-        jobs, committed, verifies, target_tokens = [], 0, 0, 0
-        if cfg.rollouts == "live":
-            chunk = -(-share // cfg.accum)  # this rank's rows of one rollout batch
-            for a in range(0, len(batch), chunk):
-                prompts = [p for p, _ in batch[a : a + chunk]]
-                gen = speculative_generate(target, prompts, engine, cfg.max_new_tokens, record=True)  # greedy
-                committed, verifies = committed + sum(gen.stats.committed), verifies + len(gen.stats.committed)
-                target_tokens += gen.stats.target_tokens
-                rows = list(zip(prompts, gen.tokens, gen.records, strict=True))
-                jobs += [(rows[i : i + cfg.micro_batch], None) for i in range(0, len(rows), cfg.micro_batch)]
-        else:
-            suffix = not cfg.rej_first_only and cfg.rej_weight > 0
-            for i in range(0, len(batch), cfg.micro_batch):
-                d = derive_records(target, engine, batch[i : i + cfg.micro_batch], cfg.max_new_tokens, suffix)
-                rows = [(p, y, rec) for (p, y), rec in zip(batch[i : i + cfg.micro_batch], d.records, strict=True)]
-                committed += sum(len(y) - 1 for _, y in batch[i : i + cfg.micro_batch])
-                verifies += sum(len(rec) for rec in d.records)
-                target_tokens += d.target_tokens
-                jobs.append((rows, d.out))
-        del engine
-        # 2) Replay plans and the update's global denominator, before any backward.
-        block = model.replay_block(cfg.chain_length)
-        slots = []
-        for rows, _ in jobs:
-            gens = [torch.Generator().manual_seed(cfg.loop.seed * 1_000_003 + hash_row(p, y)) for p, y, _ in rows]
-            plans = replay_plans(rows, block, cfg, gens)
-            slots.append(replay_slots(model, rows, plans, cfg.gamma, target.device, cfg.resp_gamma))
-        den = float(run.all_sum(torch.tensor(sum(s.denominator(cfg) for s in slots))))
-        # 3) Loss and gradients per micro-batch (the target forward reused in replay mode).
-        sums = dict.fromkeys(("loss", "resp_tokens", "rej_tokens"), 0.0)
-        for (rows, out), sl in zip(jobs, slots, strict=True):
-            with run.autocast():
-                loss, st = replay_loss(model, target, rows, sl, cfg, den, out)
-            run.backward(loss)
-            sums["loss"] += loss.item()
-            sums["resp_tokens"] += st["resp_tokens"]
-            sums["rej_tokens"] += st["rej_tokens"]
-        grad_norm = run.optimizer_step()
-        replayed = sum(len(p) + len(y) for rows, out in jobs if out is None for p, y, _ in rows)  # live: replay pass
-        g = run.sum_over_ranks(**sums, committed=committed, verifies=verifies, target_tokens=target_tokens + replayed,
-                               rollout_tokens=sum(len(y) for _, y in batch))  # fmt: skip
-        for counter in ("target_tokens", "rollout_tokens"):
-            run.counters[counter] += int(g.pop(counter))
-        rollout_tau = g.pop("committed") / max(g.pop("verifies"), 1)
-        run.end_step(step + 1, grad_norm=grad_norm, rollout_tau=rollout_tau, **g)
-    return run.finish()
+    return cfg, target, seqs, pool
 
 
 def check_budget(cfg: OPDConfig) -> None:
@@ -156,9 +129,14 @@ def hash_row(prompt: list[int], response: list[int]) -> int:
     return sum((t + 1) * (i + 1) for i, t in enumerate(prompt + response)) % 1_000_003
 
 
-def replay_plans(rows: list[Row], block: int, cfg: OPDConfig, gens: list[torch.Generator]) -> list[ReplayPlan]:
+def replay_plans(
+    rows: list[Row], block: int, cfg: OPDConfig, gens: list[torch.Generator] | None = None
+) -> list[ReplayPlan]:
     """The replay plan of each rollout; ``block`` = anchor + the proposals of one verify step; ``gens``: one
-    generator per rollout (the random-anchor ablation)."""
+    generator per rollout (the random-anchor ablation; by default seeded by ``loop.seed`` and the row's tokens, so a
+    row gets the same draw whatever its batch or rank)."""
+    if gens is None:
+        gens = [torch.Generator().manual_seed(cfg.loop.seed * 1_000_003 + hash_row(p, y)) for p, y, _ in rows]
     plans = [build_replay_plan(steps, len(resp), block, cfg.rej_first_only) for _, resp, steps in rows]
     if cfg.rej_weight == 0:  # no rejected stream: nothing of it is replayed (nor scored: derive_records skips it)
         for p in plans:
@@ -240,8 +218,10 @@ def replay_loss(
     out: TargetOutput | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """The Draft-OPD loss of a micro-batch, divided by the update's global denominator ``den``: (the target forward
-    over prompt + response, unless ``out`` is given) -> drafter states of the replay slots -> log-probs -> the
-    two-stream loss (or a distribution-level alternative, ``cfg.loss``)."""
+    over prompt + response, unless ``out`` is given) -> drafter states of the replay slots -> the objective of
+    ``cfg.loss`` (``losses.draft_opd_objective``). Returns it and the slots counted in each stream."""
+    if cfg.loss == "tv" and not model.full_vocab:
+        raise DraftopdError("loss=tv compares full-vocabulary distributions: needs a drafter over the whole vocab")
     # 1) The target over prompt + response: features for the drafter, last hidden states for the teacher.
     if out is None:
         pos = torch.arange(sl.ids.shape[1], device=sl.ids.device).expand_as(sl.ids)
@@ -252,70 +232,21 @@ def replay_loss(
     # one (anchors: all puts up to chain_length slots on every position), so the teacher's head runs once per distinct
     # (row, position) and ``back`` maps each slot to its row of those: teacher_h (U, H), back (N,) in [0, U).
     where, back = torch.unique(ri[:, 0] * sl.ids.shape[1] + label_pos - 1, return_inverse=True)
-    teacher_h = out.hidden.flatten(0, 1)[where]
     # 2) Drafter states of every response and rejected slot (one forward with the inference mask).
     h_resp, h_rej = model.replay_states(
         target.embed, ReplayBatch(out.features, sl.ids, sl.anchors, sl.accepted, ri, sl.xi, sl.rej_tokens)
     )
-    labels = model.to_draft_ids(sl.ids[ri[:, 0], label_pos])  # in the drafter's vocabulary
-    rej_labels = model.to_draft_ids(sl.rej_tokens)
-    stats = {"resp_tokens": len(labels), "rej_tokens": len(rej_labels)}
-
-    def head(h: torch.Tensor) -> torch.Tensor:
-        return model.draft_logits(h, target)
-
-    # 3) The loss: the two-stream one (response stream per cfg.loss, rejected stream k3), or expected acceptance.
-    if cfg.loss == "tv":
-        if not model.full_vocab:
-            raise DraftopdError("loss=tv compares full-vocabulary distributions: needs a drafter over the whole vocab")
-        block = ri[:, 0] * sl.anchors.shape[1] + ri[:, 1]
-        tv = expected_acceptance_loss(head(h_resp), target.logits(teacher_h)[back].detach(), block)
-        return tv * (len(block.unique()) / max(den, 1e-8)), stats  # a block mean over the whole update
-    s_resp = token_logprobs(h_resp, labels, head)
-    s_rej = token_logprobs(h_rej, rej_labels, head)
-    t_rej, t_resp = sl.t_rej, torch.zeros_like(s_resp)  # t_resp: only the Bernoulli stream reads it
-    l_resp = None  # acceptance_aware / all_forward: the Bernoulli forward KL, inside opd_loss
-    if cfg.loss == "hard_ce":
-        l_resp = hard_ce(s_resp)
-    elif cfg.loss == "full_kl":
-        l_resp = soft_kl(h_resp, teacher_h, back, model, target)
-    if cfg.teacher_temperature == 0:  # greedy teacher: one-hot on the target's argmax
-        # response tokens are the argmax (greedy rollouts): t_resp = 0; a proposal is taken as the argmax of its
-        # (possibly wrong) prefix when the verify pass gave it p > 1/2, else p = 0 (clamped to logp_min)
-        t_rej = torch.where(t_rej > math.log(0.5), 0.0, cfg.logp_min)
-    elif l_resp is None:  # log p_target(label) per distinct position (its label: the token at the next position)
-        t_resp = token_logprobs(teacher_h, sl.ids.flatten()[where + 1], target.logits)[back]
-    stats["resp_q_of_target_token"] = s_resp.exp().mean().item() if len(s_resp) else 0.0
-    value = opd_loss(
-        s_resp, t_resp, s_rej, t_rej, sl.w_rej, cfg.resp_weight, cfg.rej_weight,
-        rej_reverse_kl=cfg.loss != "all_forward", logp_min=cfg.logp_min, den=den, l_resp=l_resp, w_resp=sl.w_resp,
-    )  # fmt: skip
-    return value, stats
-
-
-def soft_kl(
-    h: torch.Tensor,  # (N, H) the drafter's states of the response slots
-    teacher_h: torch.Tensor,  # (U, H) the target's states that predict their labels, one per distinct position
-    back: torch.Tensor,  # (N,) slot -> its row of teacher_h
-    model: DrafterModel,
-    target: Target,
-    chunk: int = 256,
-) -> torch.Tensor:
-    """Per slot KL(p_target || q_drafter) over the drafter's vocabulary (the EAGLE-3 recipe's soft labels: the target's
-    distribution renormalised over the tokens the drafter can propose), in chunks of slots. (N,) float32.
-
-    The slots go through in the order of their teacher rows, so the slots that share a position fall in one chunk and
-    the target's head runs once for them, and only over the draft vocabulary's rows of the head (the logits of the
-    other tokens would be dropped anyway): (<= chunk, Vd) float32 at a time."""
+    # 3) The objective, on the pieces it reads; the teacher's draft-vocabulary head takes only those rows of the head.
     n = model.config.draft_vocab_size
-    vocab = None if model.full_vocab else model.to_target_ids(torch.arange(n, device=h.device))
-    order = back.argsort(stable=True)
-    out = []
-    for i in range(0, len(h), chunk):
-        idx = order[i : i + chunk]
-        rows, inv = back[idx].unique(return_inverse=True)
-        t = target.logits(teacher_h[rows], vocab).detach()[inv]
-        out.append(full_forward_kl(model.draft_logits(h[idx], target), t))
-    if not out:
-        return h.new_zeros(0, dtype=torch.float32)
-    return torch.cat(out)[order.argsort()]  # back to the slots' order
+    vocab = None if model.full_vocab else model.to_target_ids(torch.arange(n, device=sl.ids.device))
+    pieces = OPDPieces(
+        h_resp, h_rej, model.to_draft_ids(sl.ids[ri[:, 0], label_pos]), model.to_draft_ids(sl.rej_tokens),
+        out.hidden.flatten(0, 1)[where], back, sl.ids.flatten()[where + 1], sl.t_rej, sl.w_resp, sl.w_rej,
+        block=ri[:, 0] * sl.anchors.shape[1] + ri[:, 1],
+        student=lambda h: model.draft_logits(h, target), teacher=target.logits,
+        teacher_draft=lambda h: target.logits(h, vocab),
+    )  # fmt: skip
+    value = draft_opd_objective(
+        pieces, den, cfg.loss, cfg.resp_weight, cfg.rej_weight, cfg.logp_min, cfg.teacher_temperature
+    )
+    return value, {"resp_tokens": len(h_resp), "rej_tokens": len(h_rej)}

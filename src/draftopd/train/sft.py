@@ -30,8 +30,15 @@ from draftopd.config import SFTConfig
 from draftopd.models.base import SeqBatch
 from draftopd.models.io import DRAFTERS
 from draftopd.models.target import Target
-from draftopd.train.common import is_writer, load_run_target, load_sequences, rank_world, sample_order, start_or_resume
 from draftopd.train.losses import token_logprobs, weighted_nll
+from draftopd.train.scaffold import (
+    is_writer,
+    load_run_target,
+    load_sequences,
+    rank_world,
+    sample_order,
+    start_or_resume,
+)
 
 
 def train_sft(cfg: SFTConfig, target: Target | None = None) -> Path:

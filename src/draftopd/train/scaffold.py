@@ -1,5 +1,5 @@
-"""The scaffold both trainers share (``start_or_resume`` -> ``Run``), and its pieces: optimizer and schedule,
-checkpoints, metrics, the feature scale, tau with the real engine.
+"""The scaffold both trainers share (``start_or_resume`` -> ``Run``), and its pieces: optimizer and schedule, the
+trajectory pool and its sample order, the feature scale, tau with the real engine.
 
 A trainer reads top to bottom: load the target and its data, ``run = start_or_resume(...)``, then for each
 step in ``run.steps()``: compute a loss under ``run.autocast()``, ``run.backward(loss)``,
@@ -22,12 +22,8 @@ gradient one process computes on the whole batch: ``batch_size`` (SFT) and ``rol
 Rank 0 writes checkpoints and metrics (no figures: ``draftopd.report`` draws them from ``metrics.jsonl``); every
 rank loads the same checkpoint; a run may resume with another world size (the data order depends on the step, not
 on the ranks).
-
-Checkpoints are folders ``<out>/checkpoints/step_NNNNNN`` holding the drafter (``model.safetensors``,
-float32 so resumption is exact, and ``config.json``), ``training_state.pt`` (optimizer, scheduler, RNG
-states, step, counters; tensors and plain types only, loaded with ``weights_only=True``) and
-``run_config.json``. A folder is written as ``.part`` and renamed, then ``latest`` is updated: a run killed
-at any moment resumes from the last complete checkpoint. Only rank 0 writes (``is_writer``).
+Checkpoints, resumption and the judging of a run folder are ``train/checkpoints.py``; the metrics log is
+``draftopd/metrics.py``. Only rank 0 writes (``is_writer``).
 """
 
 from __future__ import annotations
@@ -37,9 +33,6 @@ import functools
 import json
 import logging
 import math
-import random
-import re
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -50,16 +43,25 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from draftopd import DraftopdError
-from draftopd.atomic import atomic_folder, check_output_dir, write_text, writing
-from draftopd.config import LoopConfig, migrate_loop, to_dict
+from draftopd.atomic import check_output_dir, write_text
+from draftopd.config import LoopConfig
 from draftopd.data.eval_sets import load_prompts
 from draftopd.data.trajectories import load_shards
 from draftopd.decoding.loop import speculative_generate
 from draftopd.distributed import init_distributed, is_writer, rank_world
+from draftopd.metrics import Metrics
 from draftopd.models.base import DrafterModel
 from draftopd.models.io import DRAFTERS, read_drafter, write_drafter
 from draftopd.models.target import Target, load_target
 from draftopd.owner import OutputLock, acquire, sweep
+from draftopd.recipes import to_dict
+from draftopd.train.checkpoints import (
+    carry_moments,
+    is_training_checkpoint,
+    judge_run_folder,
+    load_training_state,
+    save_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,208 +100,6 @@ def sample_order(n: int, seed: int) -> Callable[[int], int]:
         return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + e)).tolist()
 
     return lambda i: epoch_order(i // n)[i % n]
-
-
-CHECKPOINT_FILES = ("model.safetensors", "config.json", "training_state.pt", "run_config.json")
-STEP = re.compile(r"^step_\d{6}$")
-
-
-def save_checkpoint(
-    out: Path, step: int, model, opt, sched, state: dict, run_config: dict, keep: int = 2, keep_every: int = 0
-) -> Path:
-    """Write ``checkpoints/step_NNNNNN`` (a temporary folder, renamed), point ``latest`` at it, then prune
-    older checkpoints of the same config (one that is not, or cannot be read, is left alone) down to the newest
-    ``keep``; steps that are multiples of ``keep_every`` > 0 are kept for good (the checkpoints a study evaluates)."""
-    run_config = json.loads(json.dumps(run_config))  # as stored and read back (tuples become lists)
-    ckdir = out / "checkpoints"
-    final = ckdir / f"step_{step:06d}"
-    rng = {"torch": torch.get_rng_state(), "python": list(random.getstate())}
-    with atomic_folder(final, keep_others=False) as tmp:
-        write_drafter(model, tmp, "checkpoint", torch.float32)  # exact weights for resumption
-        torch.save(
-            {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng, "step": step, **state},
-            tmp / "training_state.pt",
-        )
-        (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2))
-    write_text(ckdir / "latest", final.name)
-    older = [p for p in complete_checkpoints(out) if p.name < final.name and same_config(p, run_config)]
-    older = [p for p in older if not (keep_every and int(p.name[5:]) % keep_every == 0)]
-    for old in older[: max(0, len(older) - (keep - 1))]:  # keep the newest few, this one included
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def complete_checkpoints(out: Path) -> list[Path]:
-    """The checkpoint folders of ``out`` that hold every file a resume reads, oldest first."""
-    ckdir = out / "checkpoints"
-    if not ckdir.is_dir():
-        return []
-    found = [p for p in ckdir.iterdir() if STEP.match(p.name) and p.is_dir()]
-    return sorted(p for p in found if all((p / n).is_file() for n in CHECKPOINT_FILES))
-
-
-def read_run_config(path: Path) -> dict:
-    """A ``run_config.json`` (one written before the ``loop`` section migrated to it: ``migrate_loop``), or a one-line
-    error naming it (empty, torn, not JSON, not an object)."""
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DraftopdError(
-            f"{path}:{e.lineno}: not a run config ({e.msg}); remove it or choose another out"
-        ) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DraftopdError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
-    if not isinstance(d, dict):
-        raise DraftopdError(f"{path}: not a run config (a JSON object); remove it or choose another out")
-    return migrate_loop(d)
-
-
-def same_config(ckpt: Path, run_config: dict) -> bool:
-    try:
-        return not config_changes(read_run_config(ckpt / "run_config.json"), run_config)
-    except DraftopdError:
-        return False
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The checkpoint to resume from: the one ``latest`` names when it is complete, else the newest complete one
-    (``latest`` naming a removed or half-removed step); None when there is none. One line when ``latest`` names a
-    step and none is left."""
-    complete = complete_checkpoints(out)
-    pointer = out / "checkpoints" / "latest"
-    if pointer.is_file():
-        try:
-            name = pointer.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError):
-            name = "?"
-        named = out / "checkpoints" / name
-        if STEP.match(name) and named in complete:
-            return named
-        if not complete:
-            raise DraftopdError(
-                f"{pointer} names {name[:40]!r}, which is missing or incomplete, and no complete checkpoint is left: "
-                f"nothing to resume; choose another out, or remove {out} to start over"
-            )
-        log.warning("%s names %r, which is missing or incomplete: resuming from %s", pointer, name[:40], complete[-1])
-    return complete[-1] if complete else None
-
-
-def is_training_checkpoint(folder: str) -> bool:
-    """One of our ``checkpoints/step_NNNNNN`` folders (raw weights with ``fc_scale``, optimizer state), not a
-    serving folder, nor another trainer's checkpoint (SpecForge's ``training_state.pt`` holds the weights)."""
-    f = Path(folder) if folder else None
-    return f is not None and all((f / name).is_file() for name in ("training_state.pt", "model.safetensors"))
-
-
-def carry_moments(opt, init_from: str) -> bool:
-    """Start AdamW from the moments saved in ``init_from/training_state.pt`` (a training checkpoint of the run
-    being continued); learning rate and schedule stay this run's, so each weight keeps the step size its own
-    history set instead of a fresh Adam's ~lr for every weight. (Measured, docs/RESULTS.md 6: this alone does
-    not remove the tau dip of continued runs at lr 3e-4; a learning rate near where the schedule ended does.)
-    Returns False when ``init_from`` is not a training checkpoint (a serving-layout folder)."""
-    if not is_training_checkpoint(init_from):
-        return False
-    path = Path(init_from) / "training_state.pt"
-    try:
-        saved = torch.load(path, weights_only=True)["optimizer"]["state"]  # never unpickles code
-    except Exception as e:  # noqa: BLE001 - a corrupt or crafted file: one line, nothing executed
-        raise DraftopdError(f"{path}: not a training state ({str(e).splitlines()[0] if str(e) else e!r})") from None
-    params = [p for group in opt.param_groups for p in group["params"]]
-    for i, p in enumerate(params):
-        if i in saved:
-            if saved[i]["exp_avg"].shape != p.shape:
-                raise DraftopdError(f"{path}: optimizer state does not match the drafter (parameter {i})")
-            opt.state[p] = {k: v.to(p.device) if v.dim() else v.clone() for k, v in saved[i].items()}
-    return True
-
-
-STATE_KEYS = ("optimizer", "scheduler", "rng", "step", "counters")
-
-
-def load_training_state(path: Path, opt, sched) -> dict:
-    """Restore optimizer, schedule and RNG from ``path/training_state.pt``; a damaged or foreign file (another
-    trainer's, another drafter's) is a one-line error naming it."""
-    file = path / "training_state.pt"
-    try:
-        state = torch.load(file, weights_only=True)  # never unpickles code
-    except Exception as e:  # noqa: BLE001 - a corrupt or crafted file: one line, nothing executed
-        raise DraftopdError(f"{file}: not a training state ({_first_line(e)})") from None
-    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise DraftopdError(f"{file}: not a draftopd training state (no {', '.join(missing)})")
-    try:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        version, internal, gauss = state["rng"]["python"]
-        random.setstate((version, tuple(internal), gauss))
-        int(state["step"]), dict(state["counters"])
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
-        raise DraftopdError(f"{file}: does not fit this run ({type(e).__name__}: {_first_line(e)})") from None
-    return state
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-class Metrics:
-    """Appends one JSON object per line to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
-
-    def __init__(self, out: Path) -> None:
-        self.path = out / "metrics.jsonl"
-        self.tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tb"))
-        except ImportError:  # pragma: no cover - tensorboard is a dependency, but stay usable without it
-            pass
-
-    def truncate(self, step: int) -> None:
-        """Forget rows after ``step`` (logged by a run that was killed before its next checkpoint; -1 = all), and
-        a torn last line (a kill in the middle of an append)."""
-        keep = [r for r in self.read() if r["step"] <= step] if step >= 0 else []
-        write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))  # atomic: never half a log
-
-    def log(self, step: int, **values) -> None:
-        with writing(self.path), self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
-        if self.tb:
-            for k, v in values.items():
-                if isinstance(v, int | float):
-                    self.tb.add_scalar(k, v, step)
-            self.tb.flush()
-
-    def read(self) -> list[dict]:
-        """The rows; a torn last line (no newline, not JSON) is dropped, any other bad line is a one-line error."""
-        return read_metrics(self.path)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise DraftopdError(f"{path}: cannot be read ({e.strerror or e})") from None
-    lines = text.split("\n")
-    rows = []
-    for i, ln in enumerate(lines, 1):
-        if not ln.strip():
-            continue
-        try:
-            row = json.loads(ln)
-        except (json.JSONDecodeError, ValueError, RecursionError):
-            row = None
-        if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
-            if i == len(lines):  # the last line, without its newline: an append cut short
-                log.warning("%s:%d: a torn last line, dropped", path, i)
-                break
-            raise DraftopdError(f"{path}:{i}: not a metrics row; remove the line or choose another out")
-        rows.append(row)
-    return rows
 
 
 @torch.no_grad()
@@ -364,7 +164,7 @@ class Run:
     scaler: torch.amp.GradScaler
     lock: OutputLock | None = None  # the run folder's (owner.py), held by the writing rank until finish()
     _since_log: dict = field(default_factory=lambda: {"t": time.perf_counter(), "steps": 0, "tokens": 0})
-    _bar: tqdm | None = None
+    bar: tqdm | None = None  # the step progress bar
 
     @property
     def device(self) -> torch.device:
@@ -381,7 +181,7 @@ class Run:
         return self.cfg.loop
 
     def steps(self, desc: str) -> Iterator[int]:
-        self._bar = tqdm(
+        self.bar = tqdm(
             range(self.start, self.loop.max_steps),
             initial=self.start,
             total=self.loop.max_steps,
@@ -389,7 +189,7 @@ class Run:
             disable=not is_writer(),
         )
         self._since_log["t"] = time.perf_counter()
-        return iter(self._bar)
+        return iter(self.bar)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
@@ -443,13 +243,13 @@ class Run:
             shown = {
                 k: f"{v:.4g}" for k, v in {**values, **rate}.items() if k in ("loss", "tokens_per_s", "rollout_tau")
             }
-            self._bar.set_postfix(shown)
+            self.bar.set_postfix(shown)
             since.update(t=time.perf_counter(), steps=0, tokens=0)
         if self.metrics and (done % loop.eval_every == 0 or last):
             tau = self.tau()
             self.metrics.log(done, tau=tau, **self.counters)
             dataset = self.cfg.eval.dataset
-            self._bar.write(f"step {done}: tau {tau:.3f} on {len(self.eval_prompts)} {dataset} prompts")
+            self.bar.write(f"step {done}: tau {tau:.3f} on {len(self.eval_prompts)} {dataset} prompts")
             since["t"] = time.perf_counter()
         if is_writer() and (done % loop.save_every == 0 or last):
             state = {"counters": self.counters}
@@ -467,23 +267,6 @@ class Run:
         """Give up the run folder's lock (``finish`` does; a run that fails releases it when it is dropped)."""
         if self.lock is not None:
             self.lock.release()
-
-
-# settings of the machine or the place, not of the run: a run may resume with other threads (or processes), and
-# from another folder (a moved run)
-MACHINE_KEYS = {"target.threads", "out"}
-
-
-def config_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two run configs, machine settings excepted."""
-    out = []
-    for key in sorted(set(saved) | set(now)):
-        a, b, name = saved.get(key), now.get(key), prefix + key
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_changes(a, b, name + ".")
-        elif a != b and name not in MACHINE_KEYS:
-            out.append(name)
-    return out
 
 
 def start_or_resume(
@@ -509,7 +292,7 @@ def start_or_resume(
     lock = None
     if is_writer():
         check_output_dir(out, "out")
-        lock = acquire(out, f"train {'sft' if hasattr(cfg, 'data') else 'opd'}")
+        lock = acquire(out, cfg.VERB)
     try:
         if lock is not None:
             sweep(out)
@@ -521,26 +304,6 @@ def start_or_resume(
         raise
     run.lock = lock
     return run
-
-
-def judge_run_folder(out: Path, run_config: dict) -> Path | None:
-    """The checkpoint to resume from (None: a fresh start), or a one-line refusal: a run config (at the root or
-    in the checkpoint) that differs from this one, a damaged one, or a finished run with nothing to resume."""
-    ckpt = latest_checkpoint(out)
-    if ckpt is None and (out / "final").exists():
-        raise DraftopdError(
-            f"{out} holds a finished run (final/) but no checkpoint to resume from: nothing was changed; choose "
-            f"another out, or remove {out / 'final'} to train it again"
-        )
-    for f in (out / "run_config.json", ckpt / "run_config.json" if ckpt else None):
-        if f is not None and (f.exists() or f.is_symlink()):
-            changed = config_changes(read_run_config(f), run_config)
-            if changed:
-                raise DraftopdError(
-                    f"{out} holds a run with another config ({', '.join(changed[:3])}; {f}): resume with the same "
-                    "config or another out"
-                )
-    return ckpt
 
 
 def _start(cfg, target: Target, seqs, build, kind: str | None, out: Path) -> Run:
