@@ -118,18 +118,13 @@ class DrafterModel:
             sd["fc_scale"] = self.fc_scale
         return sd
 
-    def unpack_state(self, sd: dict[str, Tensor]) -> tuple[list[str], list[str], Tensor | None]:
-        """Load a state dict that may carry ``fc_scale``; returns (missing, unexpected, scale)."""
-        sd = dict(sd)
-        scale = sd.pop("fc_scale", None)
-        missing, unexpected = self.load_state_dict(sd, strict=False)
-        return missing, unexpected, scale
-
     def load_checked(self, sd: dict[str, Tensor], where: str | Path) -> None:
         """Load a state dict that must fill every weight (and may carry ``fc_scale``); one-line errors naming
         ``where`` for a missing, extra or misshaped tensor."""
+        sd = dict(sd)
+        scale = sd.pop("fc_scale", None)
         try:
-            missing, unexpected, scale = self.unpack_state(sd)
+            missing, unexpected = self.load_state_dict(sd, strict=False)
         except RuntimeError as e:  # shape mismatches
             raise DraftopdError(
                 f"{where}: weights do not match its config ({str(e).splitlines()[-1].strip()})"
