@@ -16,6 +16,9 @@ Shapes: ``H`` hidden, ``V`` target vocabulary, ``Vd`` draft vocabulary.
 
 Names follow the SGLang / vLLM / SpecForge EAGLE-3 layout (``midlayer.*``, ``fc``, ``norm``, ``lm_head``,
 ``d2t``, ``t2d``; no embedding), so export is a save (config.json and the other layouts: ``models/layouts.py``).
+
+Over the 450 lines other drafter files keep to: the TTT forward, the replay of rejected chains and the engine's
+chain are one attention computed three ways (``chain_attention``, ``Eagle3Drafter.propose``), kept side by side.
 """
 
 from __future__ import annotations
@@ -193,14 +196,8 @@ class Eagle3Model(DrafterModel, nn.Module):
         A - 1; block offset k is chain step k - 1. Response slots and the first rejected proposal have the true
         prefix: the teacher-forced TTT unroll. Later rejected proposals were drafted after the draft's own wrong
         tokens: ``branch_forward`` feeds the rejected tokens back as inputs, as the drafter did at inference."""
-        ids, anchors, accepted, resp_idx, rej_idx = (
-            batch.ids,
-            batch.anchors,
-            batch.accepted,
-            batch.resp_idx,
-            batch.rej_idx,
-        )
-        features, rej_tokens, dev = batch.features, batch.rej_tokens, batch.ids.device
+        ids, anchors, accepted, features = batch.ids, batch.anchors, batch.accepted, batch.features
+        resp_idx, rej_idx, rej_tokens, dev = batch.resp_idx, batch.rej_idx, batch.rej_tokens, batch.ids.device
         steps = max(int(resp_idx[:, 2].max()) if len(resp_idx) else 1, int(rej_idx[:, 2].max()) if len(rej_idx) else 1)
         kv: list = []
         outs = ttt_forward(self, embed, features, ids, steps, keep_kv=kv)
