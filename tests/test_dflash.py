@@ -15,6 +15,7 @@ from draftopd.decoding.loop import speculative_generate
 from draftopd.decoding.sampling import SamplingParams
 from draftopd.models.dflash import DFlashConfig, DFlashDrafter, DFlashModel, block_hidden, build_target_layer_ids
 from draftopd.models.io import read_drafter, write_drafter
+from draftopd.models.layouts import KINDS
 from draftopd.models.vocab import draft_vocab_ids
 
 from helpers import make_tiny_target, sharpen, tiny_dflash
@@ -172,10 +173,10 @@ def test_draft_vocabulary_is_the_most_frequent_response_tokens():
     model = reduced_dflash(target, 8)
     # counts in the responses: 3 x5, 4 x4, then 5..13 once (prompt tokens 1, 2, 0 not counted); ties -> lower id
     assert draft_vocab_ids(model.d2t).tolist() == [3, 4, 5, 6, 7, 8, 9, 10]
-    assert model.config.draft_vocab_size == 8 and model.config.to_hf()["draft_vocab_size"] == 8
+    assert model.config.draft_vocab_size == 8 and KINDS["dflash"].to_hf(model.config)["draft_vocab_size"] == 8
     full = DFlashModel.build(target, ArchConfig(num_layers=1, block_size=4, target_layer_ids=(0, 2)), [])
     assert full.d2t is None and full.config.draft_vocab_size == 16  # the default 32000 covers this vocabulary
-    assert "draft_vocab_size" not in full.config.to_hf() and "d2t" not in full.state_dict()
+    assert "draft_vocab_size" not in KINDS["dflash"].to_hf(full.config) and "d2t" not in full.state_dict()
 
 
 def test_greedy_lossless_with_a_reduced_draft_vocabulary():

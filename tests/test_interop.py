@@ -23,6 +23,7 @@ from draftopd.export import FORMATS, export_drafter
 from draftopd.models.dflash import DFlashConfig, DFlashModel
 from draftopd.models.eagle3 import Eagle3Config, Eagle3Model, draft_vocab_map
 from draftopd.models.io import detect, read_drafter, write_drafter
+from draftopd.models.layouts import KINDS, for_engines
 
 from helpers import make_tiny_target
 
@@ -260,7 +261,7 @@ def test_dflash_draft_vocabulary_stays_in_final_and_leaves_every_export(tmp_path
     write_drafter(model, tmp_path / "final", dtype=torch.float32)
     final = read_drafter(tmp_path / "final", target)
     assert final.config == model.config and final.config.draft_vocab_size == 20 and torch.equal(final.d2t, model.d2t)
-    full = final.for_engines()
+    full = for_engines(final)
     assert full.d2t is None and full.config.draft_vocab_size == V and final.d2t is not None  # the source unchanged
     expect = {f"layers.{n}.{k}": s for n in range(2) for k, s in DFLASH_LAYER.items()}
     expect |= {"fc.weight": [H, 2 * H], "hidden_norm.weight": [H], "norm.weight": [H]}
@@ -305,7 +306,7 @@ def test_import_zlab_dflash_folder_without_head_dim(tmp_path, target):
 
 def specforge_eagle3_config(model) -> dict:
     """SpecForge configs/qwen3-8b-eagle3.json's field set: no eagle_config, no num_target_layers."""
-    cfg = model.config.to_hf()
+    cfg = KINDS["eagle3"].to_hf(model.config)
     for k in ("eagle_config", "eagle_aux_hidden_state_layer_ids", "num_target_layers", "mlp_bias", "head_dim"):
         cfg.pop(k)
     return cfg

@@ -31,7 +31,8 @@ from safetensors import SafetensorError
 
 from draftopd import DraftopdError
 from draftopd.atomic import atomic_folder, replacing, write_text
-from draftopd.models.io import DRAFTERS
+from draftopd.models.eagle3 import Eagle3Config
+from draftopd.models.layouts import KINDS
 from draftopd.owner import FOLDER, LEGACY, PART, acquire, lock_file, sweep
 
 from helpers import cli_in_process, error_lines, needs_default_target, one_line_error, run_cli
@@ -491,10 +492,10 @@ def test_drafter_config_sizes_are_bounded_before_anything_is_allocated(drafter, 
     if kind == "dflash":
         cfg = json.loads((drafter / "config.json").read_text())
     else:
-        cfg = DRAFTERS["eagle3"].CONFIG(
+        cfg = KINDS["eagle3"].to_hf(Eagle3Config(
             hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
             num_target_layers=4, vocab_size=49152, draft_vocab_size=64, target_layer_ids=(0, 1, 2),
-        ).to_hf()  # fmt: skip
+        ))  # fmt: skip
     value = bad_value(field, value)
     if field == "block_size" and kind == "dflash":
         cfg["dflash_config"][field] = value

@@ -18,8 +18,9 @@ Every export is written to a temporary sibling folder, read back through ``read_
 tensor and field by field with the source, gets a drafter card (README.md), and only then is renamed to OUT.
 
 A DFlash drafter's draft vocabulary (``d2t``, inference only: see ``models/dflash.py``) is not exported: none of
-these layouts has one, so ``DFlashModel.for_engines`` drops it and the engines draft over the target's full
-vocabulary, still lossless. Our own ``final/`` (layout ``final``) keeps it.
+these layouts has one, so its kind's ``for_engines`` (``models/layouts.py``) drops it and the engines draft over the
+target's full vocabulary, still lossless. Our own ``final/`` (layout ``final``) keeps it. What the card and the
+printed commands say of a kind is asked of ``models/layouts.layout_of(model)``: nothing here branches on the kind.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from draftopd import DraftopdError, __version__
 from draftopd.atomic import check_output_dir
 from draftopd.models.base import DrafterModel
 from draftopd.models.io import drafter_files, read_drafter, write_drafter
+from draftopd.models.layouts import for_engines, layout_of
 from draftopd.models.target import DTYPES
 from draftopd.owner import owning
 from draftopd.recipes import migrate_loop
@@ -68,7 +70,7 @@ def serve_lines(model: DrafterModel, out: Path, to: str, target: str) -> list[st
     """The SGLang and vLLM command lines for this export, the format asked for first."""
     if to == "speculators":
         return [f"vllm serve {out}   # target ({target}) and drafter from the folder's speculators_config"]
-    lines = model.serve_commands(out, target)
+    lines = layout_of(model).serve_commands(model.config, out, target)
     return [lines["vllm"], lines["sglang"]] if to == "vllm" else [lines["sglang"], lines["vllm"]]
 
 
@@ -100,9 +102,9 @@ def drafter_card(
     source_config=None,
 ) -> str:
     """The README.md of an export; ``source_config``: the source's config when export changed it (DFlash)."""
-    c, kind = model.config, model.LABEL
-    ids = list(c.target_layer_ids)
-    shape = model.describe(source_config)
+    c, entry = model.config, layout_of(model)
+    kind, ids = entry.LABEL, list(c.target_layer_ids)
+    shape = entry.describe(c, source_config)
     tgt = target or "unknown (no run_config.json; pass --target)"
     lines = [
         f"# {kind} drafter for {tgt}",
@@ -111,7 +113,7 @@ def drafter_card(
         "",
         "## What it is",
         "",
-        f"- kind: {kind} ({model.ARCH}); {shape}; hidden size {c.hidden_size}, {c.num_attention_heads} heads "
+        f"- kind: {kind} ({entry.ARCHS[0]}); {shape}; hidden size {c.hidden_size}, {c.num_attention_heads} heads "
         f"({c.num_key_value_heads} KV) of dim {c.head_dim}",
         f"- target: `{tgt}`, {c.num_target_layers} layers, vocabulary {c.vocab_size}",
         f"- target layers read: {ids} as outputs of those layers (SGLang / SpecForge / z-lab numbering), "
@@ -153,7 +155,7 @@ def drafter_card(
             "```",
         ]
     else:
-        lines += model.loading_note()
+        lines += entry.loading_note()
     return "\n".join(lines) + "\n"
 
 
@@ -211,7 +213,7 @@ def check_overlap(src: Path, out: Path) -> None:
 
 def _export(src: Path, out: Path, dtype: str, to: str, bench, target: str | None) -> str:
     source = read_drafter(src)
-    model = source.for_engines()  # DFlash: without d2t (the engines have none; lossless over the full vocabulary)
+    model = for_engines(source)  # DFlash: without d2t (the engines have none; lossless over the full vocabulary)
     torch_dtype = DTYPES[dtype]
     run_cfg = find_run_config(src)
     tgt = resolve_target(target, run_cfg[1])

@@ -68,10 +68,9 @@ class DrafterModel:
       (response stream and rejected stream);
     * ``replay_block(chain_length)``: tokens per replayed verify step (anchor + proposals);
     plus the vocabulary maps ``draft_logits``, ``to_draft_ids`` and ``to_target_ids`` (identity for a
-    drafter trained over the target's vocabulary), ``for_engines`` (what export writes), and the facts serving
-    engines need (``serve_tokens``, ``serve_commands``, ``to_speculators``, ``foreign_name``, ``describe``), which
-    ``models/io.py`` and ``export.py`` read without asking which kind they hold. Reading and writing folders:
-    ``models/io.py``.
+    drafter trained over the target's vocabulary) and the feature scale below. Other projects' layouts of a kind
+    (its config.json, tensor names, speculators fields) and what serving engines are told: ``models/layouts.py``;
+    reading and writing folders: ``models/io.py``.
 
     The feature scale: ``fc`` fuses raw target hidden states, which carry "massive activations": a few
     dims 100-1000x the median (SmolLM2 layer 27: max 24,538 against a median of 11). Fed raw to ``fc`` they
@@ -83,10 +82,7 @@ class DrafterModel:
 
     fc: nn.Linear
     fc_scale: Tensor
-    config: object  # the drafter's config dataclass (to_hf / from_hf)
-    ARCH: str  # its `architectures` entry in config.json
-    CONFIG: type  # its config dataclass
-    LABEL: str  # the name people use for the kind ("DFlash", "EAGLE-3")
+    config: object  # the drafter's config dataclass
 
     def draft_logits(self, h: Tensor, target) -> Tensor:
         """Logits (N, V) of drafter states (N, H) over the drafter's vocabulary (default: the target's head)."""
@@ -103,44 +99,6 @@ class DrafterModel:
     def full_vocab(self) -> bool:
         """Whether the drafter is trained over the target's whole vocabulary."""
         return True
-
-    def for_engines(self) -> DrafterModel:
-        """The drafter as the SGLang/vLLM/z-lab layouts hold it (what export writes): itself unless a kind keeps
-        something those layouts cannot (DFlash: its inference-only draft vocabulary)."""
-        return self
-
-    # --- serving facts: what export writes and prints, and how other writers' layouts map onto ours ---
-
-    @property
-    def serve_tokens(self) -> int:
-        """Draft tokens per verify step the serving engines are told to propose (``num_speculative_tokens``)."""
-        raise NotImplementedError
-
-    def serve_commands(self, out: Path | str, target: str) -> dict[str, str]:
-        """The SGLang and vLLM command lines that serve drafter folder ``out`` with ``target`` (plain layout)."""
-        raise NotImplementedError
-
-    def to_speculators(self, sd: dict[str, Tensor], layer: dict) -> tuple[dict[str, Tensor], dict]:
-        """vLLM speculators layout: (tensors renamed as speculators names them, the config's kind-specific
-        top-level fields); may add kind-specific fields to ``layer`` (its ``transformer_layer_config``)."""
-        raise NotImplementedError
-
-    @classmethod
-    def foreign_name(cls, name: str) -> str | None:
-        """A tensor name in another writer's layout (prefixes already stripped) -> ours; None = not ours to load."""
-        return name
-
-    @classmethod
-    def complete_maps(cls, sd: dict[str, Tensor], config) -> None:
-        """Add the vocabulary maps a full-vocabulary drafter's foreign folder may omit (in place)."""
-
-    def describe(self, source_config=None) -> str:
-        """One line of shape facts for a drafter card; ``source_config``: the config before ``for_engines``."""
-        raise NotImplementedError
-
-    def loading_note(self) -> list[str]:
-        """Lines of the drafter card's Python block on loading a plain-layout folder with its engines' own code."""
-        return []
 
     @torch.no_grad()
     def set_feature_scale(self, scale: Tensor) -> None:
@@ -160,18 +118,13 @@ class DrafterModel:
             sd["fc_scale"] = self.fc_scale
         return sd
 
-    def unpack_state(self, sd: dict[str, Tensor]) -> tuple[list[str], list[str], Tensor | None]:
-        """Load a state dict that may carry ``fc_scale``; returns (missing, unexpected, scale)."""
-        sd = dict(sd)
-        scale = sd.pop("fc_scale", None)
-        missing, unexpected = self.load_state_dict(sd, strict=False)
-        return missing, unexpected, scale
-
     def load_checked(self, sd: dict[str, Tensor], where: str | Path) -> None:
         """Load a state dict that must fill every weight (and may carry ``fc_scale``); one-line errors naming
         ``where`` for a missing, extra or misshaped tensor."""
+        sd = dict(sd)
+        scale = sd.pop("fc_scale", None)
         try:
-            missing, unexpected, scale = self.unpack_state(sd)
+            missing, unexpected = self.load_state_dict(sd, strict=False)
         except RuntimeError as e:  # shape mismatches
             raise DraftopdError(
                 f"{where}: weights do not match its config ({str(e).splitlines()[-1].strip()})"

@@ -24,7 +24,8 @@ Shapes: ``H`` hidden (= the target's), ``K`` number of target feature layers, ``
 
 Parameter names are the z-lab/SGLang/vLLM checkpoint names (``layers.N.self_attn.q_proj.weight``,
 ``fc.weight``, ``hidden_norm.weight``, ``norm.weight``; no embedding, no LM head), so export is a save (less
-``d2t``: those layouts have none, and the engines draft over the full vocabulary, see ``for_engines``).
+``d2t``: those layouts have none, and the engines draft over the full vocabulary; config.json and the other
+layouts: ``models/layouts.py``).
 ``DFlashDrafter`` is the engine side: it keeps the projected context K/V of each row and proposes a block.
 Training reads the same forward through ``block_hidden`` (every block of every sequence in one call).
 """
@@ -32,9 +33,7 @@ Training reads the same forward through ``block_hidden`` (every block of every s
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -110,100 +109,6 @@ class DFlashConfig:
             draft_vocab_size=draft_vocab_size,
         )
 
-    def to_hf(self) -> dict:
-        """config.json in the layout SGLang, vLLM and z-lab load (their loaders: SGLang ``models/dflash.py``,
-        vLLM ``qwen3_dflash.py``, z-lab ``dflash/model.py``), plus ``draft_vocab_size`` only for a reduced draft
-        vocabulary (ours: the engines ignore it and have no ``d2t``; ``for_engines`` drops both for export)."""
-        n = self.num_hidden_layers
-        extra = {"draft_vocab_size": self.draft_vocab_size} if self.reduced_vocab else {}
-        return {
-            "architectures": ["DFlashDraftModel"],
-            "model_type": "qwen3",
-            "block_size": self.block_size,
-            "num_target_layers": self.num_target_layers,
-            "dflash_config": {
-                "block_size": self.block_size,
-                "target_layer_ids": self.target_layer_ids,
-                "mask_token_id": self.mask_token_id,
-            },
-            "eagle_aux_hidden_state_layer_ids": [i + 1 for i in self.target_layer_ids],
-            "num_hidden_layers": n,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "attention_dropout": 0.0,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": None,
-            "max_position_embeddings": self.max_position_embeddings,
-            "layer_types": ["full_attention"] * n,
-            "use_sliding_window": False,
-            "sliding_window": None,
-            "max_window_layers": n,
-            "tie_word_embeddings": False,
-            "vocab_size": self.vocab_size,
-            **extra,
-            "torch_dtype": "bfloat16",
-        }
-
-    @classmethod
-    def from_hf(cls, d: dict, num_target_layers: int | None = None) -> DFlashConfig:
-        """Our config from a DFlash ``config.json`` (ours, z-lab's, SpecForge's): ids from
-        ``dflash_config.target_layer_ids``, else top-level ``target_layer_ids``, else top-level
-        ``eagle_aux_hidden_state_layer_ids`` - 1 (vLLM's capture-before numbering), else the DFlash rule; a missing
-        ``head_dim`` is hidden_size / num_attention_heads, a missing ``draft_vocab_size`` the full vocabulary (every
-        file written before the option, and z-lab's). One-line errors naming the field."""
-        dc = d.get("dflash_config") or {}
-        if not isinstance(dc, dict):
-            raise DraftopdError(f"DFlash config.json: dflash_config must be an object, not {str(dc)[:40]!r}")
-        check_sizes({**d, **dc}, "DFlash config.json", 4)  # before anything is allocated
-        need = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
-        missing = [k for k in need if k not in d]
-        if missing:
-            raise DraftopdError(f"DFlash config.json lacks {', '.join(missing)}")
-        n_target = d.get("num_target_layers", dc.get("num_target_layers", num_target_layers))
-        if n_target is None:
-            raise DraftopdError("DFlash config.json lacks num_target_layers (the target's depth)")
-        top = d.get("eagle_aux_hidden_state_layer_ids")
-        ids = dc.get("target_layer_ids", d.get("target_layer_ids"))
-        if ids is None:
-            ids = [i - 1 for i in top] if top else build_target_layer_ids(n_target, d["num_hidden_layers"])
-        elif top is not None and list(top) != [i + 1 for i in ids]:
-            raise DraftopdError(
-                f"DFlash config.json: eagle_aux_hidden_state_layer_ids {list(top)} must be "
-                f"dflash_config.target_layer_ids {list(ids)} + 1 (vLLM refuses it otherwise)"
-            )
-        if "mask_token_id" not in dc and "mask_token_id" not in d:
-            raise DraftopdError("DFlash config.json lacks dflash_config.mask_token_id (vLLM needs it; write it)")
-        mask = int(dc.get("mask_token_id", d.get("mask_token_id")))
-        if not 0 <= mask < d["vocab_size"]:
-            raise DraftopdError(f"DFlash mask_token_id {mask} is outside the vocabulary ({d['vocab_size']})")
-        rope = d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta") or 1e6
-        vd = d.get("draft_vocab_size") or d["vocab_size"]
-        if not 0 < vd <= d["vocab_size"]:
-            raise DraftopdError(f"DFlash draft_vocab_size {vd} is outside 1..vocab_size ({d['vocab_size']})")
-        return cls(
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_attention_heads=d["num_attention_heads"],
-            num_key_value_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
-            head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
-            num_hidden_layers=d["num_hidden_layers"],
-            num_target_layers=int(n_target),
-            vocab_size=d["vocab_size"],
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope),
-            max_position_embeddings=d.get("max_position_embeddings", 8192),
-            block_size=int(dc.get("block_size", d.get("block_size", 16))),
-            target_layer_ids=check_layer_ids(ids, int(n_target)),
-            mask_token_id=mask,
-            draft_vocab_size=vd,
-        )
-
 
 class Attention(nn.Module):
     def __init__(self, c: DFlashConfig) -> None:
@@ -248,10 +153,6 @@ class Layer(nn.Module):
 
 class DFlashModel(DrafterModel, nn.Module):
     """The trainable part of a DFlash drafter (exactly what a checkpoint stores)."""
-
-    ARCH = "DFlashDraftModel"
-    CONFIG = DFlashConfig
-    LABEL = "DFlash"
 
     def __init__(self, c: DFlashConfig) -> None:
         super().__init__()
@@ -299,75 +200,6 @@ class DFlashModel(DrafterModel, nn.Module):
         if model.d2t is not None:
             model.d2t.copy_(draft_vocab_map(response_token_counts(seqs, c.vocab_size), c.draft_vocab_size)[0])
         return model
-
-    def for_engines(self) -> DFlashModel:
-        """The same drafter without its draft vocabulary (no ``d2t``; ``draft_vocab_size`` = the vocabulary): the
-        z-lab/SGLang/vLLM layouts have no ``d2t``, so exports write this and those engines draft over the full
-        vocabulary. Still lossless; acceptance may differ slightly from draftopd's engine, only where the
-        drafter's choice falls outside the draft vocabulary (the full head is the one it was trained against)."""
-        if self.d2t is None:
-            return self
-        full = copy.deepcopy(self)
-        full.d2t = None
-        full.config = dataclasses.replace(self.config, draft_vocab_size=self.config.vocab_size)
-        return full
-
-    # Serving facts (see DrafterModel): SGLang ``models/dflash.py``, vLLM ``qwen3_dflash.py``, speculators
-    # ``models/dflash/config.py``.
-
-    @property
-    def serve_tokens(self) -> int:
-        return self.config.block_size - 1  # one forward drafts the block after its anchor
-
-    def serve_commands(self, out: Path | str, target: str) -> dict[str, str]:
-        c = self.config
-        return {
-            "sglang": f"python -m sglang.launch_server --model-path {target} --speculative-algorithm DFLASH "
-            f"--speculative-draft-model-path {out} --speculative-num-draft-tokens {c.block_size}",
-            "vllm": f"vllm serve {target} --speculative-config "
-            f'\'{{"method": "dflash", "model": "{out}", "num_speculative_tokens": {self.serve_tokens}}}\'',
-        }
-
-    def to_speculators(self, sd: dict[str, Tensor], layer: dict) -> tuple[dict[str, Tensor], dict]:
-        c = self.config
-        layer["layer_types"] = c.to_hf()["layer_types"]
-        fields = {
-            "architectures": ["DFlashSpeculator"],
-            "speculators_model_type": "dflash",
-            "draft_vocab_size": c.vocab_size,
-            "block_size": c.block_size,
-            "aux_hidden_state_layer_ids": [i + 1 for i in c.target_layer_ids],  # vLLM numbers a layer by its input
-            "mask_token_id": c.mask_token_id,
-            "sample_from_anchor": False,
-            "sliding_window_non_causal": False,
-            "target_hidden_size": None,
-        }
-        return sd, fields
-
-    @classmethod
-    def foreign_name(cls, name: str) -> str | None:
-        return None if name == "lm_head.weight" else name  # the head is the target's (z-lab folders may hold it)
-
-    def describe(self, source_config=None) -> str:
-        c, sc = self.config, source_config
-        shape = f"{c.num_hidden_layers} layers, block size {c.block_size}, mask token id {c.mask_token_id}"
-        if isinstance(sc, DFlashConfig) and sc.reduced_vocab and not c.reduced_vocab:
-            shape += (
-                f"; drafts over the full vocabulary ({c.vocab_size}): draftopd's engine drafted over the "
-                f"{sc.draft_vocab_size} most frequent training tokens (d2t), which this layout cannot hold; "
-                "still lossless, acceptance may differ slightly"
-            )
-        return shape
-
-    def loading_note(self) -> list[str]:
-        return [
-            "# z-lab: from dflash.model import DFlashDraftModel; DFlashDraftModel.from_pretrained(path)",
-            "```",
-            "",
-            "Do not load it with `AutoModel.from_pretrained(path, trust_remote_code=True)`: this folder ships",
-            "no `dflash.py`, so transformers builds a plain Qwen3Model with random embeddings and silently drops",
-            "`fc` and `hidden_norm`. Use z-lab's `DFlashDraftModel.from_pretrained` or draftopd's reader.",
-        ]
 
     def engine(self, target, chain_length: int = 0, confidence: float = 0.0) -> DFlashDrafter:
         return DFlashDrafter(self, target, confidence)

@@ -15,7 +15,10 @@ Shapes: ``H`` hidden, ``V`` target vocabulary, ``Vd`` draft vocabulary.
   the same position (one joint softmax), exactly what the chain sees at inference. Step weights 0.8^k.
 
 Names follow the SGLang / vLLM / SpecForge EAGLE-3 layout (``midlayer.*``, ``fc``, ``norm``, ``lm_head``,
-``d2t``, ``t2d``; no embedding), so export is a save.
+``d2t``, ``t2d``; no embedding), so export is a save (config.json and the other layouts: ``models/layouts.py``).
+
+Over the 450 lines other drafter files keep to: the TTT forward, the replay of rejected chains and the engine's
+chain are one attention computed three ways (``chain_attention``, ``Eagle3Drafter.propose``), kept side by side.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -72,91 +74,6 @@ class Eagle3Config:
             target_layer_ids=ids,
         )
 
-    def to_hf(self) -> dict:
-        """config.json of the plain EAGLE-3 layout (SGLang models/llama_eagle3.py, vLLM llama_eagle3.py)."""
-        return {
-            "architectures": ["LlamaForCausalLMEagle3"],
-            "model_type": "llama",
-            "num_hidden_layers": 1,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "attention_dropout": 0.0,
-            "mlp_bias": False,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": None,
-            "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": False,  # true would make SGLang drop the trained lm_head
-            "vocab_size": self.vocab_size,
-            "draft_vocab_size": self.draft_vocab_size,
-            "num_target_layers": self.num_target_layers,
-            "eagle_config": {"eagle_aux_hidden_state_layer_ids": self.target_layer_ids, "use_aux_hidden_state": True},
-            "eagle_aux_hidden_state_layer_ids": [i + 1 for i in self.target_layer_ids],
-            "torch_dtype": "bfloat16",
-        }
-
-    @classmethod
-    def from_hf(cls, d: dict, num_target_layers: int | None = None) -> Eagle3Config:
-        """Our config from an EAGLE-3 ``config.json`` (ours, SpecForge's, SafeAILab's). Layer ids: top-level
-        ``eagle_aux_hidden_state_layer_ids`` - 1 (vLLM numbering: the input of layer id), else
-        ``eagle_config.eagle_aux_hidden_state_layer_ids`` (SGLang/SpecForge numbering: the output of layer id; both
-        present: they must agree), else SpecForge's default rule for the target's depth (``num_target_layers`` of
-        the file, else the argument; with neither, an error rather than a guess). A missing ``head_dim`` is
-        hidden_size / num_attention_heads, a missing ``draft_vocab_size`` the full vocabulary (vLLM's default)."""
-        check_sizes(d, "EAGLE-3 config.json", 4)  # before anything is allocated
-        need = ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
-        missing = [k for k in need if k not in d]
-        if missing:
-            raise DraftopdError(f"EAGLE-3 config.json lacks {', '.join(missing)}")
-        if d.get("num_hidden_layers", 1) != 1:
-            raise DraftopdError(f"EAGLE-3 num_hidden_layers {d['num_hidden_layers']}: only a 1-layer head is served")
-        for flag in ("norm_before_residual", "norm_before_fc", "fc_norm"):
-            if d.get(flag):
-                raise DraftopdError(f"EAGLE-3 config.json: {flag}: true is not supported (SGLang has no such layer)")
-        if d.get("target_hidden_size") not in (None, d["hidden_size"]):
-            raise DraftopdError(f"EAGLE-3 target_hidden_size {d['target_hidden_size']} != hidden_size: not supported")
-        nested = (d.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
-        top = d.get("eagle_aux_hidden_state_layer_ids")
-        n_target = d.get("num_target_layers", num_target_layers)
-        if top is not None:
-            ids = [i - 1 for i in top]
-            if nested is not None and list(nested) != ids:
-                raise DraftopdError(
-                    f"EAGLE-3 config.json: eagle_aux_hidden_state_layer_ids {list(top)} must be "
-                    f"eagle_config.eagle_aux_hidden_state_layer_ids {list(nested)} + 1"
-                )
-        elif nested is not None:
-            ids = list(nested)
-        elif n_target is not None:
-            ids = eagle3_layer_ids(n_target)
-        else:
-            raise DraftopdError(
-                "EAGLE-3 config.json has no layer ids (eagle_config) and no num_target_layers: the default ids "
-                "depend on the target's depth; import it with init_from (which reads the target) or add them"
-            )
-        if n_target is None:
-            n_target = max(ids) + 4  # the inverse of the default rule (high = L - 4); check_target verifies it
-        rope = d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta") or 1e4
-        return cls(
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_attention_heads=d["num_attention_heads"],
-            num_key_value_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
-            head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
-            num_target_layers=int(n_target),
-            vocab_size=d["vocab_size"],
-            draft_vocab_size=d.get("draft_vocab_size") or d["vocab_size"],
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope),
-            max_position_embeddings=d.get("max_position_embeddings", 8192),
-            target_layer_ids=check_layer_ids(ids, int(n_target), "eagle_aux_hidden_state_layer_ids"),
-        )
-
 
 class MidLayer(nn.Module):
     def __init__(self, c: Eagle3Config) -> None:
@@ -191,11 +108,6 @@ class MidLayer(nn.Module):
 
 class Eagle3Model(DrafterModel, nn.Module):
     """The trainable part of an EAGLE-3 drafter (exactly what a checkpoint stores)."""
-
-    ARCH = "LlamaForCausalLMEagle3"
-    CONFIG = Eagle3Config
-    LABEL = "EAGLE-3"
-    SERVE_STEPS = 5  # chain steps the serving engines are told to run (SGLang's and vLLM's usual EAGLE-3 setting)
 
     def __init__(self, c: Eagle3Config) -> None:
         super().__init__()
@@ -246,63 +158,6 @@ class Eagle3Model(DrafterModel, nn.Module):
         model.set_vocab(*draft_vocab_map(counts, c.draft_vocab_size), target.lm_head.weight.detach().cpu())
         return model
 
-    # Serving facts (see DrafterModel): SGLang and vLLM ``llama_eagle3.py``, speculators ``models/eagle3/config.py``.
-
-    @property
-    def serve_tokens(self) -> int:
-        return self.SERVE_STEPS
-
-    def serve_commands(self, out: Path | str, target: str) -> dict[str, str]:
-        k = self.serve_tokens
-        return {
-            "sglang": f"python -m sglang.launch_server --model-path {target} --speculative-algorithm EAGLE3 "
-            f"--speculative-draft-model-path {out} --speculative-num-steps {k} --speculative-eagle-topk 1 "
-            f"--speculative-num-draft-tokens {k + 1}",
-            "vllm": f"vllm serve {target} --speculative-config "
-            f'\'{{"method": "eagle3", "model": "{out}", "num_speculative_tokens": {k}}}\'',
-        }
-
-    def to_speculators(self, sd: dict[str, Tensor], layer: dict) -> tuple[dict[str, Tensor], dict]:
-        c = self.config
-        layer["mlp_bias"] = False
-        fields = {
-            "architectures": ["Eagle3Speculator"],
-            "speculators_model_type": "eagle3",
-            "draft_vocab_size": c.draft_vocab_size,
-            "norm_before_residual": False,
-            "norm_before_fc": False,
-            "fc_norm": False,
-            "norm_output": False,
-            "target_hidden_size": None,
-            "eagle_aux_hidden_state_layer_ids": [i + 1 for i in c.target_layer_ids],  # vLLM: a layer's input
-            "embed_requires_grad": False,
-        }
-        sd = {
-            ("layers.0." + n.removeprefix("midlayer.") if n.startswith("midlayer.") else n): t for n, t in sd.items()
-        }
-        if c.draft_vocab_size == c.vocab_size:  # speculators stores the maps only for a reduced vocabulary
-            sd.pop("d2t"), sd.pop("t2d")
-        return sd, fields
-
-    @classmethod
-    def foreign_name(cls, name: str) -> str | None:
-        return "midlayer." + name.removeprefix("layers.0.") if name.startswith("layers.0.") else name
-
-    @classmethod
-    def complete_maps(cls, sd: dict[str, Tensor], config) -> None:
-        """A full-vocabulary folder may omit both maps (speculators does): d2t offsets 0; t2d marks d2t's ids."""
-        if "d2t" not in sd:
-            sd["d2t"] = torch.zeros(config.draft_vocab_size, dtype=torch.long)
-        if "t2d" not in sd:
-            sd["t2d"] = torch.zeros(config.vocab_size, dtype=torch.bool)
-            sd["t2d"][draft_vocab_ids(sd["d2t"].long())] = True
-
-    def describe(self, source_config=None) -> str:
-        return f"1 layer (midlayer), draft vocabulary {self.config.draft_vocab_size} of {self.config.vocab_size}"
-
-    def loading_note(self) -> list[str]:
-        return ["# SpecForge / SGLang read this folder as it is (LlamaForCausalLMEagle3)", "```"]
-
     def engine(self, target, chain_length: int = 6, confidence: float = 0.0) -> Eagle3Drafter:
         return Eagle3Drafter(self, target, chain_length, confidence)
 
@@ -342,14 +197,8 @@ class Eagle3Model(DrafterModel, nn.Module):
         A - 1; block offset k is chain step k - 1. Response slots and the first rejected proposal have the true
         prefix: the teacher-forced TTT unroll. Later rejected proposals were drafted after the draft's own wrong
         tokens: ``branch_forward`` feeds the rejected tokens back as inputs, as the drafter did at inference."""
-        ids, anchors, accepted, resp_idx, rej_idx = (
-            batch.ids,
-            batch.anchors,
-            batch.accepted,
-            batch.resp_idx,
-            batch.rej_idx,
-        )
-        features, rej_tokens, dev = batch.features, batch.rej_tokens, batch.ids.device
+        ids, anchors, accepted, features = batch.ids, batch.anchors, batch.accepted, batch.features
+        resp_idx, rej_idx, rej_tokens, dev = batch.resp_idx, batch.rej_idx, batch.rej_tokens, batch.ids.device
         steps = max(int(resp_idx[:, 2].max()) if len(resp_idx) else 1, int(rej_idx[:, 2].max()) if len(rej_idx) else 1)
         kv: list = []
         outs = ttt_forward(self, embed, features, ids, steps, keep_kv=kv)

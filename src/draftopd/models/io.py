@@ -14,8 +14,9 @@ Layouts read (``detect`` names them):
 Layouts written (``LAYOUTS``): ``final`` (our serving folder: the feature scale folded into ``fc.weight``, a
 DFlash draft vocabulary kept), ``checkpoint`` (a training checkpoint's weights: raw, plus ``fc_scale``),
 ``plain`` (what SGLang, vLLM, z-lab and SpecForge load as it is: ``final`` without what those layouts cannot
-hold) and ``speculators`` (vLLM's self-describing format). What differs by kind is asked of the drafter class
-(``to_speculators``, ``foreign_name``, ``complete_maps``): nothing here branches on the kind.
+hold) and ``speculators`` (vLLM's self-describing format). What differs by kind is asked of its entry in
+``models/layouts.KINDS`` (``recognises``, ``from_hf``/``to_hf``, ``from_speculators``/``to_speculators``,
+``foreign_name``, ``complete_maps``, ``for_engines``): nothing here branches on the kind.
 
 ``read_drafter(src, target)`` reads the config only, checks it against the target (``models.base.check_target``:
 hidden size, vocabulary, depth, layer ids, draft vocabulary, mask token) with a one-line error naming the field,
@@ -42,16 +43,14 @@ from draftopd.atomic import atomic_folder
 from draftopd.config import DrafterConfig
 from draftopd.decoding.interface import Drafter
 from draftopd.models.base import DrafterModel, check_target
-from draftopd.models.dflash import DFlashModel
-from draftopd.models.eagle3 import Eagle3Model
+from draftopd.models.layouts import KINDS, for_engines, layout_of
 from draftopd.models.pld import PromptLookupDrafter
 from draftopd.models.vocab import draft_vocab_ids
 
-# kind (the name configs use) -> trainable model class: the one table of learned drafter kinds
-DRAFTERS: dict[str, type[DrafterModel]] = {"dflash": DFlashModel, "eagle3": Eagle3Model}
+# kind (the name configs use) -> trainable model class, read off the one table of kinds (``layouts.KINDS``)
+DRAFTERS: dict[str, type[DrafterModel]] = {kind: entry.MODEL for kind, entry in KINDS.items()}
 
 LAYOUTS = ("final", "checkpoint", "plain", "speculators")
-EAGLE3_ARCHS = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM", "Eagle3Speculator")
 DROPPED = ("embed_tokens.weight", "verifier_lm_head.weight", "verifier_norm.weight")  # the target's, not ours
 SPECULATORS_VERSION = "0.9.0"  # the speculators release whose config layout ``speculators`` writes
 LAYER_FIELDS = (  # of our config, what speculators' ``transformer_layer_config`` holds
@@ -128,16 +127,14 @@ def detect(src: str | Path, num_target_layers: int | None = None) -> Source:
     if "speculators_config" in d or "speculators_model_type" in d:
         kind, d = _flatten_speculators(d, num_target_layers)
         layout = layout or "speculators"
-    elif "DFlashDraftModel" in arch or "dflash_config" in d:
-        kind = "dflash"
-    elif any(a in arch for a in EAGLE3_ARCHS) or "draft_vocab_size" in d:
-        kind = "eagle3"
     else:
-        known = ", ".join(["DFlashDraftModel", *EAGLE3_ARCHS, "speculators_config"])
+        kind = next((k for k, entry in KINDS.items() if entry.recognises(d)), None)  # the first that claims it
+    if kind is None:
+        known = ", ".join([*(a for entry in KINDS.values() for a in entry.ARCHS), "speculators_config"])
         raise DraftopdError(f"{cfg_file}: not a drafter config (architectures {arch}; known: {known})")
     layout = layout or kind
     try:
-        config = DRAFTERS[kind].CONFIG.from_hf(d, num_target_layers)
+        config = KINDS[kind].from_hf(d, num_target_layers)
     except DraftopdError as e:
         raise DraftopdError(f"{cfg_file}: {e}") from None
     except (KeyError, TypeError, ValueError) as e:
@@ -163,32 +160,10 @@ def _flatten_speculators(d: dict, num_target_layers: int | None) -> tuple[str, d
         raise DraftopdError("speculators config.json lacks transformer_layer_config")
     if num_target_layers is not None:
         flat.setdefault("num_target_layers", num_target_layers)
-    if kind == "eagle3":
-        if "norm_before_residual" not in d:
-            raise DraftopdError("speculators config.json lacks norm_before_residual (vLLM then reads true)")
-        for k in ("draft_vocab_size", "target_hidden_size", "norm_before_residual", "norm_before_fc", "fc_norm"):
-            if k in d:
-                flat[k] = d[k]
-        if d.get("eagle_aux_hidden_state_layer_ids") is not None:
-            flat["eagle_aux_hidden_state_layer_ids"] = d["eagle_aux_hidden_state_layer_ids"]
-        return "eagle3", flat
-    if kind == "dflash":
-        if d.get("draft_vocab_size", flat.get("vocab_size")) != flat.get("vocab_size"):
-            raise DraftopdError(
-                "speculators DFlash with a reduced draft vocabulary: not supported (ours uses the target's head)"
-            )
-        aux = d.get("aux_hidden_state_layer_ids")
-        if aux is None:
-            raise DraftopdError("speculators DFlash config.json lacks aux_hidden_state_layer_ids")
-        flat["dflash_config"] = {
-            "target_layer_ids": [i - 1 for i in aux],
-            "mask_token_id": d.get("mask_token_id"),
-            "block_size": d.get("block_size", 16),
-        }
-        if d.get("mask_token_id") is None:
-            flat["dflash_config"].pop("mask_token_id")
-        return "dflash", flat
-    raise DraftopdError(f"speculators_model_type {kind!r}: only eagle3 and dflash are supported")
+    entry = KINDS.get(kind) if isinstance(kind, str) else None  # speculators names the kinds as we do
+    if entry is None:
+        raise DraftopdError(f"speculators_model_type {kind!r}: only {' and '.join(KINDS)} are supported")
+    return kind, entry.from_speculators(d, flat)
 
 
 def _load_tensors(src: Source) -> dict[str, Tensor]:
@@ -213,17 +188,17 @@ def _load_tensors(src: Source) -> dict[str, Tensor]:
 def _normalise(sd: dict[str, Tensor], src: Source) -> dict[str, Tensor]:
     """Foreign tensor names -> ours: strip ``draft_model.``/``model.`` prefixes, drop the target's tensors, rename
     the kind's own (``foreign_name``), fill a full vocabulary's absent maps (``complete_maps``); ``d2t`` checked."""
-    c, cls = src.config, DRAFTERS[src.kind]
+    c, entry = src.config, KINDS[src.kind]
     out: dict[str, Tensor] = {}
     for k, v in sd.items():
         for prefix in ("draft_model.", "model."):
             k = k.removeprefix(prefix)
-        name = None if k in DROPPED else cls.foreign_name(k)
+        name = None if k in DROPPED else entry.foreign_name(k)
         if name is not None:
             out[name] = v
     if "d2t" not in out and c.draft_vocab_size != c.vocab_size:
         raise DraftopdError(f"{src.weights}: no d2t for a reduced draft vocabulary ({c.draft_vocab_size})")
-    cls.complete_maps(out, c)
+    entry.complete_maps(out, c)
     if "d2t" in out:
         used = draft_vocab_ids(out["d2t"].long())
         if (
@@ -268,19 +243,20 @@ def drafter_files(
     if layout not in LAYOUTS:
         raise DraftopdError(f"drafter layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     if layout in ("plain", "speculators"):
-        model = model.for_engines()  # DFlash: without d2t (the engines have none; lossless over the full vocabulary)
+        model = for_engines(model)  # DFlash: without d2t (the engines have none; lossless over the full vocabulary)
+    entry = layout_of(model)
     sd = {
         k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
         for k, v in model.pack_state(fold=layout != "checkpoint").items()
     }
-    cfg = {**model.config.to_hf(), "torch_dtype": str(dtype).removeprefix("torch.")}
+    cfg = {**entry.to_hf(model.config), "torch_dtype": str(dtype).removeprefix("torch.")}
     if layout != "speculators":
         return sd, cfg
     if verifier is None:
         raise DraftopdError("the speculators layout names its verifier: pass the target")
     layer = {k: cfg[k] for k in LAYER_FIELDS}
     layer["num_target_layers"] = model.config.num_target_layers  # ours: the target's depth, so no target is needed
-    sd, fields = model.to_speculators(sd, layer)
+    sd, fields = entry.to_speculators(model.config, sd, layer)
     cfg = {
         **fields,
         "speculators_version": SPECULATORS_VERSION,
@@ -290,7 +266,7 @@ def drafter_files(
             "proposal_methods": [
                 {
                     "proposal_type": "greedy",
-                    "speculative_tokens": model.serve_tokens,
+                    "speculative_tokens": entry.serve_tokens(model.config),
                     "verifier_accept_k": 1,
                     "accept_tolerance": 0.0,
                 }
