@@ -29,10 +29,10 @@ import torch
 from torch import Tensor
 
 from draftopd import DraftopdError
-from draftopd.config import check_sizes
 from draftopd.models.base import DrafterModel, check_layer_ids
 from draftopd.models.dflash import DFlashConfig, DFlashModel, build_target_layer_ids
 from draftopd.models.eagle3 import Eagle3Config, Eagle3Model, eagle3_layer_ids
+from draftopd.models.sizes import check_sizes
 from draftopd.models.vocab import draft_vocab_ids
 
 
