@@ -252,3 +252,19 @@ def test_reduced_vocabulary_round_trip_and_a_checkpoint_without_d2t(tmp_path):
     (old / "config.json").write_text(json.dumps(cfg | {"draft_vocab_size": 8}))
     with pytest.raises(DraftopdError, match="no d2t for a reduced draft vocabulary"):
         read_drafter(old)
+
+
+@pytest.mark.parametrize("kind", ["dflash", "eagle3"])
+def test_draft_vocab_size_0_is_the_whole_vocabulary_for_both_kinds(kind):
+    """One meaning (models/vocab.py): 0 and sizes >= the target's vocabulary both give a full-vocabulary drafter."""
+    from draftopd.models.io import DRAFTERS
+    from draftopd.models.vocab import draft_vocab_size_for
+
+    assert draft_vocab_size_for(0, 16) == draft_vocab_size_for(None, 16) == draft_vocab_size_for(99, 16) == 16
+    assert draft_vocab_size_for(8, 16) == 8
+    target = make_tiny_target(vocab=16, layers=4)
+    seqs = [(list(range(12)), 3)]
+    for vd in (0, 16, 1000):
+        arch = ArchConfig(kind=kind, num_layers=1, block_size=4, draft_vocab_size=vd)
+        model = DRAFTERS[kind].build(target, arch, seqs)
+        assert model.full_vocab and model.config.draft_vocab_size == 16, (kind, vd)

@@ -197,10 +197,10 @@ class ArchConfig:
     target_layer_ids: tuple[int, ...] = ()  # () = the architecture's rule for the target's depth
     mask_token_id: int = -1  # dflash: -1 = a special token of the target's tokenizer (not bos/eos/pad)
     # Most frequent training tokens kept in the draft LM head: the response tokens of the SFT data, one rule and one
-    # default for both kinds (>= the target's vocabulary = all of it; SmolLM2 has 49152). eagle3: the rows of its own
-    # trained head. dflash: training is unchanged (the loss uses the target's full head); the engine drafts over the
-    # target head's rows of these tokens only (lossless; saved as d2t). A DFlash checkpoint without d2t (written
-    # before this option, or imported from z-lab/SGLang/vLLM) drafts over the full vocabulary.
+    # default for both kinds (0 or >= the target's vocabulary = all of it: models/vocab.py; SmolLM2 has 49152).
+    # eagle3: the rows of its own trained head. dflash: training is unchanged (the loss uses the target's full head);
+    # the engine drafts over the target head's rows of these tokens only (lossless; saved as d2t). A DFlash checkpoint
+    # without d2t (written before this option, or imported from z-lab/SGLang/vLLM) drafts over the full vocabulary.
     draft_vocab_size: int = 32000
     ttt_steps: int = 6  # eagle3: training-time-test unroll (steps trained per position)
     ttt_decay: float = 0.8  # eagle3: weight of TTT step k is ttt_decay ** k
@@ -216,7 +216,12 @@ class ArchConfig:
             self.block_size,
         )
         need(self.ttt_steps >= 1, "arch.ttt_steps", ">= 1", self.ttt_steps)
-        need(self.draft_vocab_size >= 1, "arch.draft_vocab_size", ">= 1", self.draft_vocab_size)
+        need(
+            self.draft_vocab_size >= 0,
+            "arch.draft_vocab_size",
+            ">= 0 (0: the whole vocabulary)",
+            self.draft_vocab_size,
+        )
         need(self.mask_token_id >= -1, "arch.mask_token_id", ">= 0, or -1 (a special token)", self.mask_token_id)
         need(
             all(i >= 0 for i in self.target_layer_ids),

@@ -44,7 +44,13 @@ from draftopd.decoding.interface import Proposal, confident_length, top_prob
 from draftopd.decoding.slots import SlotCache, left_padded, positions
 from draftopd.models.base import DrafterModel, ReplayBatch, SeqBatch, check_layer_ids, target_shape
 from draftopd.models.layers import MLP, apply_rope, gqa_attention, rope_cos_sin
-from draftopd.models.vocab import draft_tokens, draft_vocab_ids, draft_vocab_map, response_token_counts
+from draftopd.models.vocab import (
+    draft_tokens,
+    draft_vocab_ids,
+    draft_vocab_map,
+    draft_vocab_size_for,
+    response_token_counts,
+)
 
 
 def build_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
@@ -74,12 +80,12 @@ class DFlashConfig:
     block_size: int = 16
     target_layer_ids: list[int] = field(default_factory=list)
     mask_token_id: int = 0
-    draft_vocab_size: int = 0  # tokens the engine drafts over (Vd); 0 or >= vocab_size = the full vocabulary
+    draft_vocab_size: int = 0  # tokens the engine drafts over (Vd; vocab.draft_vocab_size_for: 0 = all)
 
     def __post_init__(self) -> None:
         if self.draft_vocab_size < 0:
             raise DraftopdError(f"DFlash draft_vocab_size {self.draft_vocab_size} must be >= 1")
-        self.draft_vocab_size = min(self.draft_vocab_size or self.vocab_size, self.vocab_size)
+        self.draft_vocab_size = draft_vocab_size_for(self.draft_vocab_size, self.vocab_size)
 
     @property
     def reduced_vocab(self) -> bool:

@@ -36,7 +36,13 @@ from draftopd.decoding.interface import Proposal, confident_length, top_prob
 from draftopd.decoding.slots import SlotCache, left_padded, positions
 from draftopd.models.base import DrafterModel, ReplayBatch, SeqBatch, check_layer_ids, target_shape
 from draftopd.models.layers import MLP, apply_rope, gqa_attention, rope_cos_sin
-from draftopd.models.vocab import draft_tokens, draft_vocab_ids, draft_vocab_map, response_token_counts
+from draftopd.models.vocab import (
+    draft_tokens,
+    draft_vocab_ids,
+    draft_vocab_map,
+    draft_vocab_size_for,
+    response_token_counts,
+)
 
 
 def eagle3_layer_ids(num_target_layers: int) -> list[int]:
@@ -69,7 +75,7 @@ class Eagle3Config:
         ids = check_layer_ids(ids, tcfg.num_hidden_layers)
         return cls(
             **target_shape(tcfg),
-            draft_vocab_size=min(draft_vocab_size, tcfg.vocab_size),
+            draft_vocab_size=draft_vocab_size_for(draft_vocab_size, tcfg.vocab_size),
             target_layer_ids=ids,
         )
 

@@ -198,7 +198,7 @@ class DFlashLayout(DrafterLayout):
         mask = int(dc.get("mask_token_id", d.get("mask_token_id")))
         if not 0 <= mask < d["vocab_size"]:
             raise DraftopdError(f"DFlash mask_token_id {mask} is outside the vocabulary ({d['vocab_size']})")
-        vd = d.get("draft_vocab_size") or d["vocab_size"]
+        vd = d.get("draft_vocab_size") or d["vocab_size"]  # 0 or missing: the whole vocabulary (models/vocab.py)
         if not 0 < vd <= d["vocab_size"]:
             raise DraftopdError(f"DFlash draft_vocab_size {vd} is outside 1..vocab_size ({d['vocab_size']})")
         return DFlashConfig(
@@ -362,7 +362,7 @@ class Eagle3Layout(DrafterLayout):
             **decoder_shape(d, rope_theta=1e4),
             num_target_layers=int(n_target),
             vocab_size=d["vocab_size"],
-            draft_vocab_size=d.get("draft_vocab_size") or d["vocab_size"],
+            draft_vocab_size=d.get("draft_vocab_size") or d["vocab_size"],  # 0 or missing: the whole vocabulary
             target_layer_ids=check_layer_ids(ids, int(n_target), "eagle_aux_hidden_state_layer_ids"),
         )
 

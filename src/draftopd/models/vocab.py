@@ -12,6 +12,11 @@ probability min(1, p(x) / q(x)) and resamples from max(p - q, 0): tokens the dra
 their whole target probability in the residual, so every committed token is distributed as the target's own
 sample. The vocabulary only changes how often proposals are accepted, never what is generated.
 
+``draft_vocab_size`` means one thing everywhere (a recipe's ``arch``, a drafter's ``config.json``, ours or another
+project's): the number of tokens the drafter drafts over; 0, a missing field, or any size >= the target's vocabulary
+is the whole vocabulary (``draft_vocab_size_for``). A drafter's ``config.json`` describes its tensors, so there a size
+above the target's vocabulary is refused rather than read as the whole of it.
+
 Kept here, below ``dflash.py`` and ``eagle3.py``, so the two architectures share it without importing each other.
 """
 
@@ -21,6 +26,12 @@ import torch
 from torch import Tensor
 
 from draftopd.decoding.sampling import SamplingParams, logits_to_probs, sample
+
+
+def draft_vocab_size_for(n: int | None, vocab_size: int) -> int:
+    """The draft vocabulary's size for ``draft_vocab_size`` ``n`` and a target of ``vocab_size`` tokens: 0 or None
+    (unset) and sizes >= ``vocab_size`` mean the whole vocabulary."""
+    return min(n or vocab_size, vocab_size)
 
 
 def response_token_counts(seqs: list[tuple[list[int], int]], vocab_size: int) -> Tensor:
