@@ -167,7 +167,7 @@ def generate_trajectories(cfg: DataConfig, target: Target | None = None) -> Path
     second ``data`` on it stops in one line) and first removes what killed runs left there."""
     out = Path(cfg.out)
     check_output_dir(out, "data out")  # before the target loads
-    with owning(out, "data") if is_writer() else contextlib.nullcontext():
+    with owning(out, "data", inside=True) if is_writer() else contextlib.nullcontext():
         return _generate(cfg, out, target)
 
 

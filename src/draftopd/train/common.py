@@ -492,6 +492,7 @@ def start_or_resume(
     seqs: list[tuple[list[int], int]],
     build: Callable[[], DrafterModel] | None,
     kind: str | None = None,
+    verb: str = "train",
 ) -> Run:
     """Everything before a trainer's first step, the same for SFT and OPD.
 
@@ -504,12 +505,13 @@ def start_or_resume(
     checkpoint (a finished run whose checkpoints were removed) is refused, never trained over. ``seqs`` (token
     ids, prompt length) give the feature scale of a drafter that has none yet. ``kind``, when given, is the
     drafter kind the config asks for (an ``init_from`` of another kind is refused). On a fresh start the run
-    config is written and tau of the starting drafter is the first metrics row (step 0)."""
+    config is written and tau of the starting drafter is the first metrics row (step 0). ``verb``: what the lock
+    names as its holder (``train sft``, ``train opd``)."""
     out = Path(cfg.out)
     lock = None
     if is_writer():
         check_output_dir(out, "out")
-        lock = acquire(out, f"train {'sft' if hasattr(cfg, 'data') else 'opd'}")
+        lock = acquire(out, verb, inside=True)  # in the run folder, its path resolved (owner.py)
     try:
         if lock is not None:
             sweep(out)

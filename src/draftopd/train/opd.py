@@ -80,7 +80,7 @@ def train_opd(cfg: OPDConfig, target: Target | None = None) -> Path:
     longest = max((p for p, _ in pool), key=len, default=[])
     target.check_prompt(longest, cfg.max_new_tokens, f"the longest prompt of {cfg.data}")  # before any work
     sequence = sample_order(len(pool), cfg.loop.seed)  # the same draw as SFT's
-    run = start_or_resume(cfg, target, seqs, build=None)
+    run = start_or_resume(cfg, target, seqs, build=None, verb="train opd")
     run.counters.setdefault("rollout_tokens", 0)
     model, share = run.model, update_rows // world  # rank r takes rows [r * share, (r + 1) * share) of each update
     for step in run.steps("opd"):
