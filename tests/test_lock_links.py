@@ -198,3 +198,28 @@ def test_a_writable_run_folder_under_a_read_only_parent_trains(tiny, data, promp
         assert rc == 0, err
     assert (run / "final" / "model.safetensors").is_file() and names(parent) == ["run", "traj"]
     assert LOCK not in names(run) + names(traj)
+
+
+# --- 3. empty path values -----------------------------------------------------------------------------------------
+
+
+def test_every_empty_path_value_is_refused(tiny, drafter, tmp_path, capsys, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # the default outputs (runs/...) would land here
+    none = str(tmp_path / "no-target")  # were the value dropped, the run would stop at the missing target
+    for argv, flag in (
+        (["data", "--target", none, "--config", ""], "--config ''"),
+        (["train", "sft", "--target", none, "--config", " "], "--config ' '"),
+        (["generate", "--prompt", "hi", "--target", none, "--config", ""], "--config ''"),
+        (["bench", "--target", none, "--json", ""], "--json ''"),
+        (["bench", "--target", none, "--plot", ""], "--plot ''"),
+        (["bench", "--target", none, "--gsm8k", ""], "--gsm8k ''"),
+        (["data", "--target", none, "--gsm8k", ""], "--gsm8k ''"),
+        (["export", str(drafter), str(work / "x"), "--bench", ""], "--bench ''"),
+        (["export", str(drafter), str(work / "x"), "--target", ""], "--target ''"),
+        (["generate", "--prompt", "hi", "--target", ""], "--target ''"),
+    ):
+        line = one_line_error(capsys, monkeypatch, *argv, text=flag)
+        assert line.startswith(f"error: {flag}: give "), line
+    assert names(work) == [] and names(tmp_path) == ["work"]
