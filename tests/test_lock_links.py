@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from draftopd import DraftopdError
 from draftopd.cli import main
@@ -223,3 +224,32 @@ def test_every_empty_path_value_is_refused(tiny, drafter, tmp_path, capsys, monk
         line = one_line_error(capsys, monkeypatch, *argv, text=flag)
         assert line.startswith(f"error: {flag}: give "), line
     assert names(work) == [] and names(tmp_path) == ["work"]
+
+
+# --- 4. data with no usable trajectory, past the context window ----------------------------------------------------
+
+
+def test_data_with_no_usable_trajectory_is_one_line_before_any_write(
+    tiny, data, drafter, prompts, tmp_path, capsys, monkeypatch
+):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    torch.save([], empty / "shard_00000.pt")  # every shard empty
+    torch.save([], empty / "shard_00001.pt")
+    short = tmp_path / "short"
+    assert cli_in_process(capsys, monkeypatch, *data_args(tiny, short, prompts, "--max-new-tokens", "1"))[0] == 0
+    out = tmp_path / "out"
+    for folder, why in ((empty, "every one is empty"), (short, "made with max_new_tokens 1")):
+        for argv in (sft_args(tiny, folder, out), opd_args(tiny, folder, out, drafter)):  # drafter: a checkpoint
+            line = one_line_error(capsys, monkeypatch, *argv, text=f"{folder}: no usable trajectory")
+            assert why in line, line
+            assert not out.exists()
+    argv = sft_args(tiny, data, out, "--set", "max_len=3")  # every prompt is longer than 1 token
+    one_line_error(capsys, monkeypatch, *argv, text="max_len 3 cuts each to less than its prompt + 2 tokens")
+    assert not out.exists()
+    long = tmp_path / "long"
+    long.mkdir()  # one trajectory of 1100 tokens: past the tiny target's 1024 positions unless max_len cuts it
+    torch.save([{"prompt": list(range(5, 1005)), "response": list(range(5, 105))}], long / "shard_00000.pt")
+    argv = sft_args(tiny, long, out, "--set", "max_len=2000")
+    line = one_line_error(capsys, monkeypatch, *argv, text="max_len 2000: the longest trajectory of")
+    assert "keeps 1100 tokens, past the target's context window of 1024" in line and not out.exists()

@@ -63,6 +63,41 @@ def load_shards(folder: str | Path) -> list[dict]:
     return rows
 
 
+def training_sequences(folder: str | Path, max_len: int = 1 << 30) -> list[tuple[list[int], int]]:
+    """(prompt + response ids cut to ``max_len``, prompt length) of every trajectory of ``folder`` with a response
+    token after the first anchor (2 response tokens within ``max_len``); a one-line error when none has one (every
+    shard empty, responses of one token, ``max_len`` shorter than every prompt + 2), before a trainer writes."""
+    rows = load_shards(folder)
+    seqs = [((r["prompt"] + r["response"])[:max_len], len(r["prompt"])) for r in rows]
+    usable = [x for x in seqs if len(x[0]) > x[1] + 1]
+    if usable:
+        return usable
+    if not rows:
+        why = "its shards hold no trajectory (every one is empty): run `draftopd data` into another folder"
+    elif max(len(r["response"]) for r in rows) < 2:
+        made = (read_manifest(folder) or {}).get("settings", {}).get("max_new_tokens", "?")
+        why = (
+            f"none of its {len(rows)} responses has 2 tokens or more (made with max_new_tokens {made}): "
+            "run `draftopd data` with --max-new-tokens 2 or more"
+        )
+    else:
+        shortest = min(len(r["prompt"]) for r in rows)
+        why = f"max_len {max_len} cuts each to less than its prompt + 2 tokens (the shortest prompt has {shortest})"
+    raise DraftopdError(f"{folder}: no usable trajectory, nothing to train on ({why})")
+
+
+def read_manifest(folder: str | Path) -> dict | None:
+    """``manifest.json`` of a data folder, or None when there is none (a hand-made or older folder) or it is not a
+    JSON object; its ``settings`` always a dict."""
+    try:
+        m = json.loads((Path(folder) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(m, dict):
+        return None
+    return {**m, "settings": m["settings"] if isinstance(m.get("settings"), dict) else {}}
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__

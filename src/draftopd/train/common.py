@@ -53,7 +53,7 @@ from draftopd import DraftopdError
 from draftopd.atomic import atomic_folder, check_output_dir, write_text, writing
 from draftopd.config import LoopConfig, migrate_loop, to_dict
 from draftopd.data.eval_sets import load_prompts
-from draftopd.data.trajectories import load_shards
+from draftopd.data.trajectories import training_sequences
 from draftopd.decoding.loop import speculative_generate
 from draftopd.distributed import init_distributed, is_writer, rank_world
 from draftopd.models.base import DrafterModel
@@ -84,8 +84,7 @@ def make_optimizer(loop: LoopConfig, model: torch.nn.Module):
 def load_sequences(data: str, max_len: int = 1 << 30) -> list[tuple[list[int], int]]:
     """(prompt + response ids cut to ``max_len``, prompt length) of every trajectory of a data folder with a response
     token after the first anchor: the pool SFT trains on and Draft-OPD rolls out from (``sample_order``)."""
-    seqs = [((r["prompt"] + r["response"])[:max_len], len(r["prompt"])) for r in load_shards(data)]
-    return [x for x in seqs if len(x[0]) > x[1] + 1]
+    return training_sequences(data, max_len)  # one line when there is none
 
 
 def sample_order(n: int, seed: int) -> Callable[[int], int]:
