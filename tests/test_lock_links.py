@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -253,3 +254,44 @@ def test_data_with_no_usable_trajectory_is_one_line_before_any_write(
     argv = sft_args(tiny, long, out, "--set", "max_len=2000")
     line = one_line_error(capsys, monkeypatch, *argv, text="max_len 2000: the longest trajectory of")
     assert "keeps 1100 tokens, past the target's context window of 1024" in line and not out.exists()
+
+
+# --- 5. replay checks what it replays -------------------------------------------------------------------------------
+
+
+def test_replay_refuses_another_targets_and_sampled_data(tiny, data, drafter, prompts, tmp_path, capsys, monkeypatch):
+    from draftopd.train.common import Run
+
+    other = tmp_path / "other-target"
+    shutil.copytree(tiny, other)  # the same weights in another folder: another target as far as data can tell
+    theirs, sampled = tmp_path / "theirs", tmp_path / "sampled"
+    assert cli_in_process(capsys, monkeypatch, *data_args(other, theirs, prompts))[0] == 0
+    args = data_args(tiny, sampled, prompts, "--set", "sampling.temperature=0.8")
+    assert cli_in_process(capsys, monkeypatch, *args)[0] == 0
+    out = tmp_path / "opd"
+    line = one_line_error(capsys, monkeypatch, *opd_args(tiny, theirs, out, drafter), text="rollouts replay")
+    assert f"made by target {str(other)!r}, this run's is {str(tiny)!r}" in line, line
+    line = one_line_error(capsys, monkeypatch, *opd_args(tiny, sampled, out, drafter), text="rollouts replay")
+    assert "sampled at temperature 0.8, replay needs 0" in line, line
+    assert not out.exists()
+    # both in one line; the dtype too; a link to the same target, or no manifest at all, is accepted
+    from draftopd.train.replay import check_replay_data
+
+    with pytest.raises(DraftopdError, match=r"made by target .*; made in float32, this run's target is bfloat16"):
+        check_replay_data(theirs, str(tiny), torch.bfloat16)
+    link = tmp_path / "tiny-link"
+    link.symlink_to(tiny)
+    check_replay_data(data, str(link), torch.float32)
+    check_replay_data(tmp_path, str(other), torch.bfloat16)
+    # live rollouts regenerate from the prompts: the sampled data's prompts are fine there; its lock says `train opd`
+    labels: list[str] = []
+    end_step = Run.end_step
+
+    def peek(self, done, *a, **kw):
+        labels.append(lock_file(self.out, inside=True).read_text())
+        return end_step(self, done, *a, **kw)
+
+    monkeypatch.setattr(Run, "end_step", peek)
+    rc, _, err = cli_in_process(capsys, monkeypatch, *opd_args(tiny, sampled, out, drafter, "--set", "rollouts=live"))
+    assert rc == 0, err
+    assert labels and labels[0] == f"{os.getpid()} train opd\n"

@@ -59,7 +59,14 @@ from draftopd.train.losses import (
     stream_denominator,
     token_logprobs,
 )
-from draftopd.train.replay import ReplayPlan, all_anchors, build_replay_plan, derive_records, randomize_anchors
+from draftopd.train.replay import (
+    ReplayPlan,
+    all_anchors,
+    build_replay_plan,
+    check_replay_data,
+    derive_records,
+    randomize_anchors,
+)
 
 Row = tuple[list[int], list[int], list[VerifyStep]]  # prompt ids, response ids, verify records
 
@@ -74,6 +81,8 @@ def train_opd(cfg: OPDConfig, target: Target | None = None) -> Path:
         raise DraftopdError(f"rollout_batch x accum = {update_rows} (global) must be a multiple of {world} processes")
     cfg = cfg.for_kind(detect(latest_checkpoint(Path(cfg.out)) or cfg.init_from).kind)  # None fields: the recipe
     target = load_run_target(cfg, target)
+    if cfg.rollouts == "replay":  # before anything is written
+        check_replay_data(cfg.data, cfg.target.path, target.dtype)
     seqs = load_sequences(cfg.data)
     check_budget(cfg)
     pool = [(ids[:p], ids[p : p + cfg.max_new_tokens]) for ids, p in seqs]  # (prompt, target's greedy response)
