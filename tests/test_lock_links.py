@@ -295,3 +295,23 @@ def test_replay_refuses_another_targets_and_sampled_data(tiny, data, drafter, pr
     rc, _, err = cli_in_process(capsys, monkeypatch, *opd_args(tiny, sampled, out, drafter, "--set", "rollouts=live"))
     assert rc == 0, err
     assert labels and labels[0] == f"{os.getpid()} train opd\n"
+
+
+# --- 6. an engine that is not installed -----------------------------------------------------------------------------
+
+
+def test_data_engine_vllm_absent_is_one_line_and_leaves_the_folder_usable(
+    tiny, prompts, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr("draftopd.data.vllm_engine.vllm_available", lambda: False)
+    traj = tmp_path / "traj"
+    args = data_args(tiny, traj, prompts)
+    one_line_error(capsys, monkeypatch, *args, "--engine", "vllm", text="engine vllm: vllm is not importable")
+    assert names(tmp_path) == []  # nothing written, not even the folder
+    traj.mkdir()
+    one_line_error(capsys, monkeypatch, *args, "--engine", "vllm", text="engine vllm")
+    assert names(traj) == []
+    # a manifest that a failed start left (no shard made): the folder is still usable with the default engine
+    (traj / "manifest.json").write_text(json.dumps({"prompts": 4, "prompts_sha256": "0" * 64, "settings": {}}))
+    assert cli_in_process(capsys, monkeypatch, *args)[0] == 0
+    assert len(list(traj.glob("shard_*.pt"))) == 2

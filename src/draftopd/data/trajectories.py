@@ -135,12 +135,14 @@ def provenance(cfg: DataConfig, target: Target, items: list[tuple[str, list[int]
 
 
 def check_manifest(out: Path, mine: dict) -> None:
-    """Refuse a data folder whose shards were made from other prompts or with other output settings."""
+    """Refuse a data folder whose shards were made from other prompts or with other output settings. A folder
+    without shards is accepted whatever its manifest says (one a run that failed before its first shard left):
+    there is nothing to mix with, and the manifest is written again."""
     mpath = out / "manifest.json"
-    if not mpath.exists():
-        if any(out.glob("shard_*.pt")):
-            raise DraftopdError(f"{out} holds shards but no manifest.json: choose another data.out")
+    if not any(out.glob("shard_*.pt")):
         return
+    if not mpath.exists():
+        raise DraftopdError(f"{out} holds shards but no manifest.json: choose another data.out")
     try:
         old = json.loads(mpath.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -186,6 +188,17 @@ def build_prompt_list(cfg: DataConfig, target: Target) -> list[tuple[str, list[i
     return sorted(items, key=lambda x: len(x[1]))  # length buckets: neighbours pad little
 
 
+def check_engine(engine: str) -> None:
+    """One line, before the target loads or anything is written, when ``engine`` cannot run here."""
+    from draftopd.data import vllm_engine
+
+    if engine == "vllm" and not vllm_engine.vllm_available():
+        raise DraftopdError(
+            "engine vllm: vllm is not importable here (nothing was written): run scripts/vllm_env.sh and use "
+            ".venv-vllm/bin/draftopd, or drop --engine vllm"
+        )
+
+
 def _start_vllm(cfg: DataConfig, target: Target, items: list[tuple[str, list[int]]], world: int) -> VllmEngine:
     """The vLLM engine for ``engine: vllm`` (one process: vLLM batches by itself)."""
     from draftopd.data.vllm_engine import VllmEngine
@@ -202,6 +215,7 @@ def generate_trajectories(cfg: DataConfig, target: Target | None = None) -> Path
     second ``data`` on it stops in one line) and first removes what killed runs left there."""
     out = Path(cfg.out)
     check_output_dir(out, "data out")  # before the target loads
+    check_engine(cfg.engine)
     with owning(out, "data", inside=True) if is_writer() else contextlib.nullcontext():
         return _generate(cfg, out, target)
 
