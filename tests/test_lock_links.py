@@ -315,3 +315,28 @@ def test_data_engine_vllm_absent_is_one_line_and_leaves_the_folder_usable(
     (traj / "manifest.json").write_text(json.dumps({"prompts": 4, "prompts_sha256": "0" * 64, "settings": {}}))
     assert cli_in_process(capsys, monkeypatch, *args)[0] == 0
     assert len(list(traj.glob("shard_*.pt"))) == 2
+
+
+# --- 7. the smaller items -------------------------------------------------------------------------------------------
+
+
+def test_an_empty_loop_section_takes_dotted_overrides(tmp_path):
+    from draftopd.config import SFTConfig, load
+
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text("loop:\nbatch_size: 4\n")  # `loop:` with nothing under it
+    cfg = load(SFTConfig, recipe, ["loop.max_steps=5"])
+    assert cfg.loop.max_steps == 5 and cfg.loop.lr == SFTConfig().loop.lr and cfg.batch_size == 4
+    with pytest.raises(DraftopdError, match="batch_size is not a section"):
+        load(SFTConfig, recipe, ["batch_size.x=1"])
+
+
+def test_a_gsm8k_question_that_is_not_a_string_is_refused(tmp_path, monkeypatch):
+    from draftopd.data.eval_sets import gsm8k
+
+    file = tmp_path / "g.jsonl"
+    for bad, what in ((None, "NoneType, not a string"), (7, "int, not a string"), ("  ", "empty")):
+        file.write_text(json.dumps({"question": "Fine?", "answer": "1"}) + "\n" + json.dumps({"question": bad}) + "\n")
+        monkeypatch.setenv("DRAFTOPD_GSM8K", str(file))
+        with pytest.raises(DraftopdError, match=f"record 2: 'question' is {what}"):
+            gsm8k(split="train")

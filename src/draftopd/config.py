@@ -339,7 +339,9 @@ def apply_override(data: dict, override: str) -> None:
         raise DraftopdError(f"override {key.strip()}=...: invalid YAML value ({type(e).__name__})") from None
     node = data
     for p in parts[:-1]:
-        node = node.setdefault(p, {})
+        if node.get(p) is None:  # not there, or an empty section in the recipe (`loop:`)
+            node[p] = {}
+        node = node[p]
         if not isinstance(node, dict):
             raise DraftopdError(f"override {override!r}: {p} is not a section")
     node[parts[-1]] = value
