@@ -106,6 +106,27 @@ def test_a_run_folder_and_a_link_to_it_have_one_owner(tiny, data, tmp_path, caps
     assert (run / "final" / "model.safetensors").is_file() and not (run / LOCK).exists()
 
 
+def test_a_folder_removed_as_its_lock_is_taken_is_made_again_and_removed_on_release(tmp_path, monkeypatch):
+    """The folder exists (another owner made it) and vanishes as this one opens its lock (that owner's release
+    removed it, empty): it is made again for the lock, and removed on release, as a folder this owner made."""
+    import draftopd.owner as owner
+
+    run = tmp_path / "run"
+    run.mkdir()
+    real, calls = owner._open_lock, []
+
+    def vanishing(lock, path):
+        if not calls:
+            lock.parent.rmdir()
+        calls.append(lock)
+        return real(lock, path)
+
+    monkeypatch.setattr(owner, "_open_lock", vanishing)
+    with acquire(run, "data", inside=True):
+        assert len(calls) == 2 and names(run) == [LOCK]
+    assert names(tmp_path) == []
+
+
 def test_a_lock_file_that_is_a_link_is_refused_and_nothing_is_written_through_it(
     tiny, data, tmp_path, capsys, monkeypatch
 ):

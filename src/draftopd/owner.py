@@ -191,10 +191,12 @@ def acquire(path: str | Path, what: str, inside: bool = False, peek: bool = True
     if inside:
         _check_no_dangling_link(path)
     lock = lock_file(path, inside)
-    made = [d for d in [lock.parent, *lock.parent.parents] if not d.exists()]  # deepest first
+    made: list[Path] = []  # the folders made for the lock, deepest first (again after one vanished: see below)
     try:
         for _ in range(100):
             if not lock.parent.is_dir():
+                missing = [d for d in [lock.parent, *lock.parent.parents] if not d.exists() and d not in made]
+                made = sorted([*made, *missing], key=lambda d: len(d.parts), reverse=True)
                 lock.parent.mkdir(parents=True, exist_ok=True)
             fd = _open_lock(lock, path)
             if fd is None:
