@@ -221,6 +221,13 @@ def one_line_error(capsys, monkeypatch, *argv: str, text: str = "") -> str:
     return lines[0]
 
 
+def prompt_file(folder: Path, n: int) -> Path:
+    """``folder/p.jsonl``: ``n`` short arithmetic prompts, a data source for `draftopd data` on a tiny target."""
+    path = folder / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?"}) + "\n" for i in range(n)))
+    return path
+
+
 def metric_rows(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 

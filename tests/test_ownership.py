@@ -193,18 +193,30 @@ def test_two_concurrent_exports_to_one_folder_end_with_one_refused(drafter, tmp_
 
 
 @needs_default_target
-def test_two_concurrent_train_sft_end_with_one_refused_and_each_step_logged_once(tiny, data, tmp_path):
+@pytest.mark.parametrize("spelling", ["run", "runlink"])
+def test_two_concurrent_train_sft_end_with_one_refused_and_each_step_logged_once(tiny, data, tmp_path, spelling):
+    """The second process names the run folder as the first does, or (issue 33) through a symbolic link to it; the
+    two learning rates differ, so the run left is shown to be the winner's alone."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "draftopd.cli", *sft_args(tiny, data, out, 100, "--set", "loop.save_every=25")]
+    out.mkdir()
+    (tmp_path / "runlink").symlink_to(out)
+    lrs = [0.0006, 0.01]
+    cmds = [
+        [sys.executable, "-m", "draftopd.cli",
+         *sft_args(tiny, data, tmp_path / name, 100, "--set", "loop.save_every=25", "--set", f"loop.lr={lr}")]
+        for name, lr in zip(["run", spelling], lrs, strict=True)
+    ]  # fmt: skip
     # started together: the first to lock trains ~5 s (100 steps), the other arrives within a second and is refused
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cmd in cmds]
     results = [(p.wait(timeout=600), *p.communicate()) for p in procs]
     assert sorted(r[0] for r in results) == [0, 2], [(r[0], r[2][-800:]) for r in results]
     lost = next(r[2] for r in results if r[0] == 2)
     assert len(error_lines(lost)) == 1 and "in use by another draftopd process (pid" in lost, lost
+    won = lrs[[r[0] for r in results].index(0)]
+    assert json.loads((out / "run_config.json").read_text())["loop"]["lr"] == won
     keys = [(r["step"], tuple(sorted(r))) for r in rows(out)]
     assert len(keys) == len(set(keys)) and max(k[0] for k in keys) == 100  # every row once
-    assert stray(tmp_path) == []
+    assert (out / "final" / "model.safetensors").is_file() and stray(tmp_path) == []
 
 
 @needs_default_target

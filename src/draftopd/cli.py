@@ -81,6 +81,26 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return o
 
 
+# path flags and what each wants: given empty (an unset shell variable, ``--json "$OUT"``) they are refused in one
+# line, never read as "not given" (``--out`` and ``--drafter``: ``_out``, ``_overrides``; export's DRAFTER and OUT:
+# ``export_drafter``)
+PATH_FLAGS = {
+    "config": "a YAML recipe",
+    "json": "a file name",
+    "plot": "a file name",
+    "gsm8k": "a GSM8K folder, a jsonl file or 'hub'",
+    "bench": "a `draftopd bench --json` result",
+    "target": "'default', a model folder or a hub id",
+}
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    for dest, wanted in PATH_FLAGS.items():
+        value = getattr(args, dest, None)
+        if isinstance(value, str) and not value.strip():  # generate's --json is a switch (a bool)
+            raise DraftopdError(f"--{dest} {value!r}: give {wanted}")
+
+
 def _out(args: argparse.Namespace) -> list[str]:
     """``--out`` as an override; ``--out ''`` (an unset shell variable) is refused, never dropped."""
     if args.out is None:
@@ -323,9 +343,10 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    if getattr(args, "gsm8k", None):  # the configured GSM8K location, for this process and its children
-        os.environ["DRAFTOPD_GSM8K"] = args.gsm8k
     try:
+        _check_paths(args)  # before anything runs
+        if getattr(args, "gsm8k", None):  # the configured GSM8K location, for this process and its children
+            os.environ["DRAFTOPD_GSM8K"] = args.gsm8k
         return args.func(args)
     except DraftopdError as e:
         if args.verbose:

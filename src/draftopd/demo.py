@@ -42,7 +42,7 @@ import yaml
 from draftopd import DraftopdError
 from draftopd.atomic import check_output_dir, write_json, write_text
 from draftopd.config import DemoConfig, DrafterConfig
-from draftopd.owner import owning, sweep
+from draftopd.owner import contents, owning, sweep
 from draftopd.recipes import load, to_dict
 
 STAGES = ("data", "sft", "opd", "sft_continued", "bench", "tau")
@@ -155,21 +155,25 @@ def is_demo_folder(out: Path) -> bool:
 
 def claim(out: Path, fresh: bool) -> None:
     """Make ``out`` the demo's folder, or refuse: a missing or empty folder is created and marked; one that
-    carries the marker is resumed (``fresh``: removed and made again); anything else is left untouched."""
+    carries the marker is resumed (``fresh``: emptied first); anything else is left untouched."""
     check_output_dir(out, "demo out")
     if fresh and out.is_symlink():
         raise DraftopdError(
             f"demo --fresh --out {out}: a symbolic link (to {os.readlink(out)}); --fresh removes only a real "
             "folder: give the folder it points to, or drop --fresh to resume in it"
         )
-    if out.is_dir() and any(out.iterdir()) and not is_demo_folder(out):
+    if out.is_dir() and contents(out) and not is_demo_folder(out):
         raise DraftopdError(
             f"{out} is not empty and was not made by `draftopd demo` (it has no {MARKER}): nothing was changed; "
             + ("--fresh removes only a demo's own folder; " if fresh else "")
             + "choose another --out"
         )
-    if fresh and out.exists():
-        shutil.rmtree(out)
+    if fresh and out.is_dir():  # emptied, not removed: its lock (owner.py) stays where it is, held
+        for p in contents(out):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     if not (out / MARKER).is_file():
         write_text(out / MARKER, "made by `draftopd demo`: `draftopd demo --fresh` may remove this folder\n")
@@ -180,7 +184,7 @@ def run_demo(cfg: DemoConfig, fresh: bool = False, say=print) -> Path:
     is held throughout (a second demo on it stops in one line); each stage locks its own folder."""
     out = Path(cfg.out)
     check_output_dir(out, "demo out")
-    with owning(out, "demo", sweep_inside=False):
+    with owning(out, "demo", sweep_inside=False, inside=True):
         claim(out, fresh)
         for folder in (out, out / "configs", out / "done", out / "figures"):  # the demo's own files
             sweep(folder)

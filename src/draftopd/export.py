@@ -37,7 +37,7 @@ from draftopd.models.base import DrafterModel
 from draftopd.models.io import drafter_files, read_drafter, write_drafter
 from draftopd.models.layouts import for_engines, layout_of
 from draftopd.models.target import DTYPES
-from draftopd.owner import owning
+from draftopd.owner import contents, owning
 from draftopd.recipes import migrate_loop
 
 FORMATS = {"sglang": "plain", "vllm": "plain", "hf": "plain", "speculators": "speculators"}  # --to -> layout
@@ -194,7 +194,7 @@ def export_drafter(
         raise DraftopdError(f"export: {out} is a symbolic link (to {os.readlink(out)}): give a real folder path")
     check_output_dir(out, "export OUT")
     with owning(out, "export", sweep_inside=False):  # a second export to OUT stops here, in one line
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:  # checked under the lock
+        if out.exists() and (not out.is_dir() or contents(out)) and not force:  # checked under the lock
             raise DraftopdError(f"export: {out} exists and is not empty (--force replaces it)")
         return _export(src, out, dtype, to, bench, target)
 

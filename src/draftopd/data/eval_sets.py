@@ -137,7 +137,11 @@ def gsm8k(limit: int | None = None, split: str = "test_dev") -> list[str]:
     for i, row in enumerate(read_jsonl(file, limit)):
         if "question" not in row:
             raise DraftopdError(f"{file}: record {i + 1} has no 'question' field")
-        out.append(MATH_TEMPLATE.format(problem=row["question"]))
+        question = row["question"]
+        if not isinstance(question, str) or not question.strip():
+            what = "empty" if isinstance(question, str) else f"{type(question).__name__}, not a string"
+            raise DraftopdError(f"{file}: record {i + 1}: 'question' is {what}")
+        out.append(MATH_TEMPLATE.format(problem=question))
     if not out:
         raise DraftopdError(f"{file}: no GSM8K records")
     return out

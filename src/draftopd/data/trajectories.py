@@ -64,6 +64,41 @@ def load_shards(folder: str | Path) -> list[dict]:
     return rows
 
 
+def training_sequences(folder: str | Path, max_len: int = 1 << 30) -> list[tuple[list[int], int]]:
+    """(prompt + response ids cut to ``max_len``, prompt length) of every trajectory of ``folder`` with a response
+    token after the first anchor (2 response tokens within ``max_len``); a one-line error when none has one (every
+    shard empty, responses of one token, ``max_len`` shorter than every prompt + 2), before a trainer writes."""
+    rows = load_shards(folder)
+    seqs = [((r["prompt"] + r["response"])[:max_len], len(r["prompt"])) for r in rows]
+    usable = [x for x in seqs if len(x[0]) > x[1] + 1]
+    if usable:
+        return usable
+    if not rows:
+        why = "its shards hold no trajectory (every one is empty): run `draftopd data` into another folder"
+    elif max(len(r["response"]) for r in rows) < 2:
+        made = (read_manifest(folder) or {}).get("settings", {}).get("max_new_tokens", "?")
+        why = (
+            f"none of its {len(rows)} responses has 2 tokens or more (made with max_new_tokens {made}): "
+            "run `draftopd data` with --max-new-tokens 2 or more"
+        )
+    else:
+        shortest = min(len(r["prompt"]) for r in rows)
+        why = f"max_len {max_len} cuts each to less than its prompt + 2 tokens (the shortest prompt has {shortest})"
+    raise DraftopdError(f"{folder}: no usable trajectory, nothing to train on ({why})")
+
+
+def read_manifest(folder: str | Path) -> dict | None:
+    """``manifest.json`` of a data folder, or None when there is none (a hand-made or older folder) or it is not a
+    JSON object; its ``settings`` always a dict."""
+    try:
+        m = json.loads((Path(folder) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(m, dict):
+        return None
+    return {**m, "settings": m["settings"] if isinstance(m.get("settings"), dict) else {}}
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -101,12 +136,14 @@ def provenance(cfg: DataConfig, target: Target, items: list[tuple[str, list[int]
 
 
 def check_manifest(out: Path, mine: dict) -> None:
-    """Refuse a data folder whose shards were made from other prompts or with other output settings."""
+    """Refuse a data folder whose shards were made from other prompts or with other output settings. A folder
+    without shards is accepted whatever its manifest says (one a run that failed before its first shard left):
+    there is nothing to mix with, and the manifest is written again."""
     mpath = out / "manifest.json"
-    if not mpath.exists():
-        if any(out.glob("shard_*.pt")):
-            raise DraftopdError(f"{out} holds shards but no manifest.json: choose another data.out")
+    if not any(out.glob("shard_*.pt")):
         return
+    if not mpath.exists():
+        raise DraftopdError(f"{out} holds shards but no manifest.json: choose another data.out")
     try:
         old = json.loads(mpath.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -152,6 +189,17 @@ def build_prompt_list(cfg: DataConfig, target: Target) -> list[tuple[str, list[i
     return sorted(items, key=lambda x: len(x[1]))  # length buckets: neighbours pad little
 
 
+def check_engine(engine: str) -> None:
+    """One line, before the target loads or anything is written, when ``engine`` cannot run here."""
+    from draftopd.data import vllm_engine
+
+    if engine == "vllm" and not vllm_engine.vllm_available():
+        raise DraftopdError(
+            "engine vllm: vllm is not importable here (nothing was written): run scripts/vllm_env.sh and use "
+            ".venv-vllm/bin/draftopd, or drop --engine vllm"
+        )
+
+
 def _start_vllm(cfg: DataConfig, target: Target, items: list[tuple[str, list[int]]], world: int) -> VllmEngine:
     """The vLLM engine for ``engine: vllm`` (one process: vLLM batches by itself)."""
     from draftopd.data.vllm_engine import VllmEngine
@@ -168,7 +216,8 @@ def generate_trajectories(cfg: DataConfig, target: Target | None = None) -> Path
     second ``data`` on it stops in one line) and first removes what killed runs left there."""
     out = Path(cfg.out)
     check_output_dir(out, "data out")  # before the target loads
-    with owning(out, "data") if is_writer() else contextlib.nullcontext():
+    check_engine(cfg.engine)
+    with owning(out, "data", inside=True) if is_writer() else contextlib.nullcontext():
         return _generate(cfg, out, target)
 
 

@@ -45,7 +45,15 @@ from draftopd.models.io import detect
 from draftopd.models.target import Target, TargetOutput
 from draftopd.train.checkpoints import latest_checkpoint
 from draftopd.train.losses import OPDPieces, draft_opd_objective, stream_denominator
-from draftopd.train.replay import ReplayPlan, Row, all_anchors, build_replay_plan, randomize_anchors, rollouts
+from draftopd.train.replay import (
+    ReplayPlan,
+    Row,
+    all_anchors,
+    build_replay_plan,
+    check_replay_data,
+    randomize_anchors,
+    rollouts,
+)
 from draftopd.train.scaffold import load_run_target, load_sequences, rank_world, sample_order, start_or_resume
 
 Pool = list[tuple[list[int], list[int]]]  # (prompt ids, the target's greedy response)
@@ -101,6 +109,8 @@ def prepare(cfg: OPDConfig, target: Target | None) -> tuple[OPDConfig, Target, l
         raise DraftopdError(f"rollout_batch x accum = {update_rows} (global) must be a multiple of {world} processes")
     cfg = cfg.for_kind(detect(latest_checkpoint(Path(cfg.out)) or cfg.init_from).kind)  # None fields: the recipe
     target = load_run_target(cfg, target)
+    if cfg.rollouts == "replay":  # before anything is written
+        check_replay_data(cfg.data, cfg.target.path, target.dtype)
     seqs = load_sequences(cfg.data)
     check_budget(cfg)
     pool = [(ids[:p], ids[p : p + cfg.max_new_tokens]) for ids, p in seqs]  # (prompt, target's greedy response)

@@ -32,15 +32,51 @@ past a trajectory that ended at EOS (accepted or not by the target's argmax afte
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from draftopd import DraftopdError
 from draftopd.config import OPDConfig
+from draftopd.data.trajectories import read_manifest
 from draftopd.decoding.interface import ReplayDrafter
 from draftopd.decoding.loop import VerifyStep, speculative_generate
-from draftopd.models.target import Target, TargetOutput
+from draftopd.models.target import Target, TargetOutput, resolve_target_path
+
+
+def check_replay_data(data: str | Path, target_path: str, dtype: torch.dtype) -> None:
+    """Replay takes the trajectories of ``data`` for this run's target's greedy rollouts: one line naming each
+    mismatch when its manifest says they were made by another target (``target_path``, compared as resolved
+    folders), in another dtype, or sampled (temperature other than 0). A folder without a manifest (hand-made, or
+    older) is taken as it is, and so is a setting its manifest does not record."""
+    made = (read_manifest(data) or {}).get("settings", {})
+    mine = {"target": target_path, "dtype": str(dtype).removeprefix("torch.")}
+    wrong = []
+    if "target" in made and not _same_target(str(made["target"]), target_path):
+        wrong.append(f"made by target {made['target']!r}, this run's is {target_path!r}")
+    if "dtype" in made and made["dtype"] != mine["dtype"]:
+        wrong.append(f"made in {made['dtype']}, this run's target is {mine['dtype']}")
+    if made.get("temperature", 0) != 0:
+        wrong.append(f"sampled at temperature {made['temperature']}, replay needs 0 (greedy)")
+    if wrong:
+        raise DraftopdError(
+            f"rollouts replay: the trajectories of {data} were {'; '.join(wrong)}: replayed they would not be this "
+            "target's greedy rollouts; make data with this target, dtype and temperature 0, or set rollouts=live"
+        )
+
+
+def _same_target(a: str, b: str) -> bool:
+    """Two target spellings of one model: equal, or resolving to one folder (``default`` included)."""
+    if a == b:
+        return True
+    try:
+        return os.path.realpath(resolve_target_path(a)) == os.path.realpath(resolve_target_path(b))
+    except (DraftopdError, OSError):  # one no longer there, or not readable: not shown to be the same
+        return False
+
 
 Row = tuple[list[int], list[int], list[VerifyStep]]  # prompt ids, response ids, verify records
 

@@ -46,7 +46,7 @@ from draftopd import DraftopdError
 from draftopd.atomic import check_output_dir, write_text
 from draftopd.config import LoopConfig
 from draftopd.data.eval_sets import load_prompts
-from draftopd.data.trajectories import load_shards
+from draftopd.data.trajectories import training_sequences
 from draftopd.decoding.loop import speculative_generate
 from draftopd.distributed import init_distributed, is_writer, rank_world
 from draftopd.metrics import Metrics
@@ -86,8 +86,7 @@ def make_optimizer(loop: LoopConfig, model: torch.nn.Module):
 def load_sequences(data: str, max_len: int = 1 << 30) -> list[tuple[list[int], int]]:
     """(prompt + response ids cut to ``max_len``, prompt length) of every trajectory of a data folder with a response
     token after the first anchor: the pool SFT trains on and Draft-OPD rolls out from (``sample_order``)."""
-    seqs = [((r["prompt"] + r["response"])[:max_len], len(r["prompt"])) for r in load_shards(data)]
-    return [x for x in seqs if len(x[0]) > x[1] + 1]
+    return training_sequences(data, max_len)  # one line when there is none
 
 
 def sample_order(n: int, seed: int) -> Callable[[int], int]:
@@ -287,12 +286,13 @@ def start_or_resume(
     checkpoint (a finished run whose checkpoints were removed) is refused, never trained over. ``seqs`` (token
     ids, prompt length) give the feature scale of a drafter that has none yet. ``kind``, when given, is the
     drafter kind the config asks for (an ``init_from`` of another kind is refused). On a fresh start the run
-    config is written and tau of the starting drafter is the first metrics row (step 0)."""
+    config is written and tau of the starting drafter is the first metrics row (step 0). The lock names its
+    holder by the config's verb (``TrainConfig.VERB``: ``train sft``, ``train opd``)."""
     out = Path(cfg.out)
     lock = None
     if is_writer():
         check_output_dir(out, "out")
-        lock = acquire(out, cfg.VERB)
+        lock = acquire(out, cfg.VERB, inside=True)  # in the run folder, its path resolved (owner.py)
     try:
         if lock is not None:
             sweep(out)

@@ -48,6 +48,7 @@ def train_sft(cfg: SFTConfig, target: Target | None = None) -> Path:
         raise DraftopdError(f"batch_size {cfg.batch_size} (global) must be a multiple of the {world} processes")
     target = load_run_target(cfg, target)
     seqs = load_sequences(cfg.data, cfg.max_len)
+    check_context(cfg, seqs, target)
     kind = DRAFTERS[cfg.arch.kind]
     run = start_or_resume(cfg, target, seqs, lambda: kind.build(target, cfg.arch, seqs), cfg.arch.kind)
     model, layer_ids = run.model, run.model.config.target_layer_ids
@@ -74,6 +75,17 @@ def train_sft(cfg: SFTConfig, target: Target | None = None) -> Path:
             step + 1, int(g["tokens"]), loss=g["loss"], grad_norm=grad_norm, slot_acc=acc, slots=int(g["slots"])
         )
     return run.finish()
+
+
+def check_context(cfg: SFTConfig, seqs: list[tuple[list[int], int]], target: Target) -> None:
+    """One line, before anything is written, when a sequence cut to ``max_len`` is still longer than the target's
+    context window (its features there would be past the positions the target was trained on)."""
+    longest = max(len(s) for s, _ in seqs)
+    if longest > target.max_positions:
+        raise DraftopdError(
+            f"max_len {cfg.max_len}: the longest trajectory of {cfg.data} keeps {longest} tokens, past the target's "
+            f"context window of {target.max_positions}: set max_len to {target.max_positions} or less"
+        )
 
 
 def seq_batch(
