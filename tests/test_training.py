@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,27 @@ def sft_run(request, tiny_folder, shards, tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("sft") / "run"
     run_cli(*sft_args(tiny_folder, shards, out, steps=10, dtype=request.param), check=True)
     return out, request.param
+
+
+@pytest.fixture(scope="module")
+def shards_in(tiny_folder, shards, tmp_path_factory) -> Callable[[str], Path]:
+    """dtype -> the trajectories of ``shards`` made by the tiny target in that dtype (``shards`` itself for fp32):
+    replay takes only data made in the run's own dtype (docs/RELIABILITY.md, issue 33)."""
+    made = {"fp32": shards}
+
+    def get(dtype: str) -> Path:
+        if dtype not in made:
+            cfg = json.loads((shards / "manifest.json").read_text())["config"]
+            out = tmp_path_factory.mktemp(f"data-{dtype}") / "traj"
+            run_cli(
+                "data", "--target", str(tiny_folder), "--dtype", dtype, "--out", str(out),
+                "--max-new-tokens", str(cfg["sampling"]["max_new_tokens"]), "--set", f"sources={cfg['sources']}",
+                "--set", f"chunk_size={cfg['chunk_size']}", "--set", f"batch_size={cfg['batch_size']}", check=True,
+            )  # fmt: skip
+            made[dtype] = out
+        return made[dtype]
+
+    return get
 
 
 def test_sft_runs_and_writes_everything(sft_run):
@@ -122,10 +144,10 @@ def test_resume_refuses_another_config(tiny_folder, shards, tmp_path):
     assert proc.returncode == 2 and "another config" in proc.stderr
 
 
-def test_opd_from_sft_changes_the_drafter(tiny_folder, shards, sft_run, tmp_path):
+def test_opd_from_sft_changes_the_drafter(tiny_folder, shards_in, sft_run, tmp_path):
     sft_run, dtype = sft_run
     out = tmp_path / "opd"
-    run_opd(tiny_folder, sft_run / "final", out, shards, dtype=dtype)
+    run_opd(tiny_folder, sft_run / "final", out, shards_in(dtype), dtype=dtype)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert len(train_rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in train_rows)
@@ -141,12 +163,12 @@ def test_opd_from_sft_changes_the_drafter(tiny_folder, shards, sft_run, tmp_path
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {2}  # a serving folder: fresh AdamW
 
 
-def test_opd_from_a_training_checkpoint_carries_the_moments(tiny_folder, shards, sft_run, tmp_path):
+def test_opd_from_a_training_checkpoint_carries_the_moments(tiny_folder, shards_in, sft_run, tmp_path):
     """From ``checkpoints/step_N`` the AdamW moments (and fc_scale) of the SFT run carry over: N + 2 steps."""
     sft_run, dtype = sft_run
     ckpt = sft_run / "checkpoints" / "step_000010"
     out = tmp_path / "opd"
-    run_opd(tiny_folder, ckpt, out, shards, dtype=dtype)
+    run_opd(tiny_folder, ckpt, out, shards_in(dtype), dtype=dtype)
     sft_state = torch.load(ckpt / "training_state.pt", weights_only=True)["optimizer"]["state"]
     state = torch.load(out / "checkpoints" / "step_000002" / "training_state.pt", weights_only=True)
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {12}
@@ -161,7 +183,7 @@ def test_opd_from_a_training_checkpoint_carries_the_moments(tiny_folder, shards,
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_eagle3_opd_replays_rejected_chains(tiny_folder, shards, tmp_path, dtype):
+def test_eagle3_opd_replays_rejected_chains(tiny_folder, shards, shards_in, tmp_path, dtype):
     """EAGLE-3 Draft-OPD (the verify blocks replayed, not the EAGLE-3 recipe's whole-sequence TTT): replay with the
     rejected tokens fed back."""
     sft = tmp_path / "eagle"
@@ -172,7 +194,7 @@ def test_eagle3_opd_replays_rejected_chains(tiny_folder, shards, tmp_path, dtype
     out = tmp_path / "opd"
     opd_extra = ("--set", "chain_length=3", "--set", "eval.chain_length=3", "--set", "anchors=verify")
     opd_extra += ("--set", "rej_weight=1", "--set", "loss=acceptance_aware")
-    run_opd(tiny_folder, sft / "final", out, shards, *opd_extra, dtype=dtype)
+    run_opd(tiny_folder, sft / "final", out, shards_in(dtype), *opd_extra, dtype=dtype)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert len(train_rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in train_rows)
