@@ -79,7 +79,7 @@ def test_a_run_folder_and_a_link_to_it_have_one_owner(tiny, data, tmp_path, caps
     """The race of the issue in one process: once ``train sft --set out=run`` holds its folder, before it has
     written anything, ``train sft --set out=runlink`` (another lr) starts and is refused in one line naming the
     holder; the first run finishes intact."""
-    from draftopd.train import common
+    from draftopd.train import scaffold as common
 
     run, link = tmp_path / "run", tmp_path / "runlink"
     run.mkdir()
