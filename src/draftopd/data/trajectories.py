@@ -269,7 +269,8 @@ def _generate(cfg: DataConfig, out: Path, target: Target | None) -> Path:
                     tmp.write_bytes(shardfile.dumps(rows))
                 if record is not None:
                     record.add(name, secs)
-            log.info("%s: %d rows, %d new tokens in %.1f s (%.1f tok/s)", name, len(rows), made, secs, made / secs)
+            rate = made / max(secs, 1e-9)
+            log.info("%s: %d rows, %d new tokens in %.1f s (%.1f tok/s)", name, len(rows), made, secs, rate)
     if new_tokens:
         log.info(
             "engine %s: %d new tokens in %.1f s (%.1f tok/s)", cfg.engine, new_tokens, seconds, new_tokens / seconds
@@ -403,12 +404,10 @@ class PoolRecord:
         }
         self.sync()
 
-    def add(self, name: str, seconds: float | None, machine: str | None = "this") -> None:
+    def add(self, name: str, seconds: float) -> None:
+        """Record shard ``name``, just written by this process in ``seconds`` of generation."""
         rec = shardfile.record((self.out / name).read_bytes())
-        rec |= {"seconds": None if seconds is None else round(seconds, 1), "machine": machine}
-        if machine == "this":
-            rec["machine"] = self.machine
-        self.m["shards"][name] = rec
+        self.m["shards"][name] = rec | {"seconds": round(seconds, 1), "machine": self.machine}
         self._write()
 
     def sync(self) -> None:
@@ -460,7 +459,8 @@ def regenerate_shard(folder: str | Path, name: str, out: str | Path, threads: in
         raise DraftopdError(f"{folder}: its shards cannot be made again here ({why})")
     i = int(name.split("_")[1].split(".")[0])
     chunk = items[i * cfg.chunk_size : (i + 1) * cfg.chunk_size]
-    rows, seconds = generate_chunk(cfg, target, chunk, i)
+    vllm = _start_vllm(cfg, target, items, 1) if cfg.engine == "vllm" else None
+    rows, seconds = generate_chunk(cfg, target, chunk, i, vllm)
     data = shardfile.dumps(rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / name).write_bytes(data)
