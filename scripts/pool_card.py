@@ -109,6 +109,15 @@ def pool_card(name: str, pool: Path, stats: list[dict]) -> str:
         info = s["info"]
         lines += [f"## `{s['folder'].name}`", "", f"- source: `{s['source']}`: {info.get('origin', '?')}"]
         lines += [f"- licence: {info.get('licence', '?')}", f"- prompts sha256: `{s['manifest']['prompts_sha256']}`"]
+        checks = s["folder"] / "verified.json"
+        for v in json.loads(checks.read_text()) if checks.is_file() else []:
+            same = "the same bytes" if v["same"] else "the same ids, other bytes" if v["same_payload"] else "DIFFERENT"
+            m = v["this_machine"]
+            lines.append(
+                f"- made again ({v['date']}, `scripts/pool_verify.py --record`): {v['shard']}: {same} "
+                f"({m['cpu']}, {m['dtype']}, {m['threads']} threads, torch {m['torch']}, batch {m['batch_size']}; "
+                f"{v['seconds']} s)"
+            )
         lines += ["", "| shard | rows | response tokens | bytes | sha256 |", "|---|---:|---:|---:|---|"]
         for shard, r in sorted(s["manifest"].get("shards", {}).items()):
             lines.append(f"| {shard} | {r['rows']} | {r['response_tokens']:,} | {r['bytes']:,} | `{r['sha256']}` |")

@@ -3,7 +3,10 @@ records, in a temporary folder, and compare it with the committed one byte for b
 its payload: the token ids whatever liblzma compressed them). Prints same/different and the machines of both runs
 (CPU, kernel flags, dtype, threads, torch); exit status 0 when the bytes are the same, 1 when they differ.
 
-    python scripts/pool_verify.py pools/smollm2-135m-instruct/B/gsm8k_b [shard_00000.u16.xz] [--threads N]
+    python scripts/pool_verify.py pools/smollm2-135m-instruct/B/gsm8k_b [shard_00000.u16.xz] [--threads N] [--record]
+
+--record appends the outcome to FOLDER/verified.json (shard, same or not, both machines, seconds, UTC date), which
+the pool cards (scripts/pool_card.py) list.
 
 Expect the same bytes on the same kind of CPU (same kernel flags) with the same torch build: bf16 kernels round
 differently across instruction sets, block shapes and library versions.
@@ -12,6 +15,7 @@ differently across instruction sets, block shapes and library versions.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import sys
@@ -29,6 +33,7 @@ def main() -> int:
     ap.add_argument("shard", nargs="?", help="shard file name (default: the smallest recorded shard)")
     ap.add_argument("--threads", type=int, help="torch threads (default: as the manifest's config)")
     ap.add_argument("--json", help="also write the comparison to this file")
+    ap.add_argument("--record", action="store_true", help="append the outcome to FOLDER/verified.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="[pool_verify] %(message)s")
     shards = json.loads((Path(args.folder) / "manifest.json").read_text())["shards"]
@@ -47,6 +52,23 @@ def main() -> int:
         print(f"    avx512/amx flags: {flags}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
+    if args.record:
+        path = Path(args.folder) / "verified.json"
+        done = json.loads(path.read_text()) if path.is_file() else []
+        keep = ("cpu", "cpu_flags", "dtype", "threads", "torch", "transformers", "batch_size", "engine")
+        done.append(
+            {
+                "shard": name,
+                "same": res["same"],
+                "same_payload": res["same_payload"],
+                "sha256": again["sha256"],
+                "seconds": again["seconds"],
+                "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%MZ"),
+                "recorded_machine": {k: (res["recorded_machine"] or {}).get(k) for k in keep},
+                "this_machine": {k: res["this_machine"].get(k) for k in keep},
+            }
+        )
+        path.write_text(json.dumps(done, indent=2, sort_keys=True) + "\n")
     return 0 if res["same"] else 1
 
 
