@@ -14,5 +14,5 @@ if git diff --cached --quiet -- pools; then
   exit 0
 fi
 new=$(git diff --cached --name-only --diff-filter=A -- 'pools/*.u16.xz' | sed -E 's#pools/smollm2-135m-instruct/##; s#/shard_#:#; s#\.u16\.xz##' | tr '\n' ' ')
-git commit -q -m "pools: ${new:-cards and manifests}(${summary#*: })" -- pools
+git commit -q -m "pools: ${new:-cards and manifests }(${summary#*: })" -- pools
 git log --oneline -1
