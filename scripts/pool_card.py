@@ -15,7 +15,8 @@ from pathlib import Path
 POOLS = {
     "A": "the SFT pool: GSM8K train less pool B (gsm8k_a), ShareGPT first turns (sharegpt), MBPP code stubs (mbpp)",
     "B": "2,000 GSM8K-train questions held out of pool A (src/draftopd/data/gsm8k/pool_b.txt, a seeded rule), for "
-    "the Draft-OPD test of the next issue: never used for SFT here",
+    "the Draft-OPD test of the next issue: never used for SFT here (its generation started from the code of e466a14, "
+    "before manifests recorded draftopd's commit)",
 }
 COMMAND = (
     "PY=.venv/bin/python nohup nice -n 19 setsid bash scripts/pool_generate.sh > logs/pool-gen.log 2>&1 &  # resumable"
@@ -53,7 +54,8 @@ def machines(stats: list[dict]) -> list[str]:
     for mid, d in sorted(seen.items()):
         flags = " ".join(f for f in d["cpu_flags"] if "512" in f or "amx" in f or f in ("avx2", "fma"))
         out.append(
-            f"- `{mid}`: {d['cpu']}, {d['cores']} cores ({flags}); torch {d['torch']}, transformers "
+            f"- `{mid}`: draftopd {d.get('draftopd', '(commit not recorded)')}"
+            f"; {d['cpu']}, {d['cores']} cores ({flags}); torch {d['torch']}, transformers "
             f"{d['transformers']}, {d['threads']} threads, {d['dtype']}, engine {d['engine']}, batch {d['batch_size']}"
         )
     return out

@@ -351,12 +351,30 @@ def cpu_description() -> dict:
     return {"cpu": model, "cpu_flags": flags, "cores": os.cpu_count()}
 
 
+def code_version() -> str:
+    """draftopd's version and, in a git checkout, the commit of its source (``+changes``: src/ differs from it)."""
+    import subprocess
+
+    from draftopd import __version__
+
+    src = Path(__file__).resolve().parents[2]
+    try:
+        run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=10, cwd=src, check=True)
+        commit = run(["git", "rev-parse", "--short=12", "HEAD"]).stdout.strip()
+        changed = run(["git", "status", "--porcelain", "--", str(src)]).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__} {commit}{' +changes' if changed else ''}"
+
+
 def machine_description(cfg: DataConfig, target: Target) -> dict:
-    """What made a shard: CPU, kernel flags, library versions, threads, dtype, device, engine and batch size."""
+    """What made a shard: CPU, kernel flags, library versions, draftopd's commit, threads, dtype, device, engine and
+    batch size."""
     import transformers
 
     return {
         **cpu_description(),
+        "draftopd": code_version(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
