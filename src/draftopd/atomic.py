@@ -126,8 +126,8 @@ def write_text(path: str | Path, text: str) -> Path:
     return path
 
 
-def write_json(path: str | Path, obj: object, indent: int | None = 2) -> Path:
-    return write_text(path, json.dumps(obj, indent=indent) + ("\n" if indent is not None else ""))
+def write_json(path: str | Path, obj: object, indent: int | None = 2, sort_keys: bool = False) -> Path:
+    return write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + ("\n" if indent is not None else ""))
 
 
 def _first_existing(path: Path) -> Path:

@@ -176,10 +176,15 @@ class DataConfig:
     chunk_size: int = 64  # prompts per shard (the unit of resumption)
     out: str = "runs/data/trajectories"
     engine: str = "hf"  # hf (our decoding loop) | vllm (vLLM's offline API where vllm is importable)
+    # pt: torch.save'd lists (shard_NNNNN.pt) | u16: compact, byte-deterministic uint16 ids, xz (shard_NNNNN.u16.xz,
+    # data/shardfile.py), each shard's sha256 and the machine that made it in the manifest: for committed pools
+    shard_format: str = "pt"
 
     def __post_init__(self) -> None:
-        need(bool(self.sources), "sources", "a list of gsm8k, sharegpt or jsonl paths", self.sources)
+        rule = "a list of gsm8k, gsm8k_a, gsm8k_b, sharegpt, mbpp or jsonl paths"
+        need(bool(self.sources), "sources", rule, self.sources)
         need(self.engine in ("hf", "vllm"), "engine", "hf or vllm", self.engine)
+        need(self.shard_format in ("pt", "u16"), "shard_format", "pt or u16", self.shard_format)
         need(self.limit_per_source >= 1, "limit_per_source", ">= 1", self.limit_per_source)
         need(self.max_prompt_tokens >= 1, "max_prompt_tokens", ">= 1", self.max_prompt_tokens)
         need(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)

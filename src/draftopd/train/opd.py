@@ -40,6 +40,7 @@ import torch
 
 from draftopd import DraftopdError
 from draftopd.config import OPDConfig
+from draftopd.data.trajectories import data_folders
 from draftopd.models.base import DrafterModel, ReplayBatch
 from draftopd.models.io import detect
 from draftopd.models.target import Target, TargetOutput
@@ -121,13 +122,16 @@ def prepare(cfg: OPDConfig, target: Target | None) -> tuple[OPDConfig, Target, l
 
 def check_budget(cfg: OPDConfig) -> None:
     """Replay cuts the trajectories to ``max_new_tokens``: a greedy response to a budget N is the first N tokens of
-    the response to a larger one, never more; a budget past the data's cannot be replayed."""
-    manifest = Path(cfg.data) / "manifest.json"
-    try:
-        made = json.loads(manifest.read_text())["settings"]["max_new_tokens"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # an older or hand-made data folder: its responses are taken as they are
-    if cfg.rollouts == "replay" and cfg.max_new_tokens > made:
+    the response to a larger one, never more; a budget past the data's cannot be replayed. A pool of several data
+    folders is bounded by its smallest budget."""
+    made = None
+    for folder in data_folders(cfg.data) if Path(cfg.data).is_dir() else []:
+        try:
+            n = json.loads((folder / "manifest.json").read_text())["settings"]["max_new_tokens"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # an older or hand-made data folder: its responses are taken as they are
+        made = n if made is None else min(made, n)
+    if made is not None and cfg.rollouts == "replay" and cfg.max_new_tokens > made:
         raise DraftopdError(
             f"max_new_tokens {cfg.max_new_tokens} exceeds the {made} tokens the trajectories of {cfg.data} were "
             "generated with: replay cannot know what the target writes past them (lower it, or rollouts=live)"

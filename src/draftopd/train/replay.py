@@ -41,7 +41,7 @@ from torch import Tensor
 
 from draftopd import DraftopdError
 from draftopd.config import OPDConfig
-from draftopd.data.trajectories import read_manifest
+from draftopd.data.trajectories import data_folders, read_manifest
 from draftopd.decoding.interface import ReplayDrafter
 from draftopd.decoding.loop import VerifyStep, speculative_generate
 from draftopd.models.target import Target, TargetOutput, resolve_target_path
@@ -52,18 +52,23 @@ def check_replay_data(data: str | Path, target_path: str, dtype: torch.dtype) ->
     mismatch when its manifest says they were made by another target (``target_path``, compared as resolved
     folders), in another dtype, or sampled (temperature other than 0). A folder without a manifest (hand-made, or
     older) is taken as it is, and so is a setting its manifest does not record."""
-    made = (read_manifest(data) or {}).get("settings", {})
-    mine = {"target": target_path, "dtype": str(dtype).removeprefix("torch.")}
+    folders = data_folders(data) if Path(data).is_dir() else []
+    for folder in folders or [Path(data)]:  # a pool: each of its data folders
+        _check_one(folder, target_path, str(dtype).removeprefix("torch."))
+
+
+def _check_one(folder: Path, target_path: str, dtype: str) -> None:
+    made = (read_manifest(folder) or {}).get("settings", {})
     wrong = []
     if "target" in made and not _same_target(str(made["target"]), target_path):
         wrong.append(f"made by target {made['target']!r}, this run's is {target_path!r}")
-    if "dtype" in made and made["dtype"] != mine["dtype"]:
-        wrong.append(f"made in {made['dtype']}, this run's target is {mine['dtype']}")
+    if "dtype" in made and made["dtype"] != dtype:
+        wrong.append(f"made in {made['dtype']}, this run's target is {dtype}")
     if made.get("temperature", 0) != 0:
         wrong.append(f"sampled at temperature {made['temperature']}, replay needs 0 (greedy)")
     if wrong:
         raise DraftopdError(
-            f"rollouts replay: the trajectories of {data} were {'; '.join(wrong)}: replayed they would not be this "
+            f"rollouts replay: the trajectories of {folder} were {'; '.join(wrong)}: replayed they would not be this "
             "target's greedy rollouts; make data with this target, dtype and temperature 0, or set rollouts=live"
         )
 
