@@ -308,8 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=(*DTYPE_NAMES, "q8_0"), default="bf16", help="the drafter's (q8_0: gguf only)")
     p.add_argument(
         "--target-dtype",
-        choices=("q4_1", "q8_0", "bf16", "f16", "f32"),
-        help="gguf: the target GGUF's type (default q4_1, the embedded default target's own file; f32 for others)",
+        choices=("q4_1", "q8_0", "bf16", "f16", "f32", "none"),
+        help="gguf: the target GGUF written beside the drafter (default q4_1, the embedded default target's own "
+        "file; f32 for other targets; none: no target file)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
     p.add_argument("--bench", metavar="RESULT", help="a `draftopd bench --json` result: its tau goes on the card")

