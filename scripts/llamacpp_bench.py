@@ -79,7 +79,9 @@ def metrics(run: dict, plain: dict | None) -> dict:
         "accepted": accepted,
         "ms_per_step": gen_ms / (steps + len(rows)),
     }
-    if plain is not None:
+    if plain is None:  # the baseline itself: no drafting, nothing to compare
+        m["tau"] = None
+    else:
         plain_ms = sum(ms for *_, ms in plain["per_prompt"]) / plain["generated"]
         m["speedup"] = run["tok_s"] / plain["tok_s"]
         m["lossless"] = run["tokens"] == plain["tokens"]

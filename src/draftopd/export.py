@@ -44,8 +44,8 @@ from draftopd.models.target import DTYPES
 from draftopd.owner import owning
 from draftopd.recipes import migrate_loop
 
-# --to -> the layout written (gguf: the converter's input)
-FORMATS = {"sglang": "plain", "vllm": "plain", "hf": "plain", "speculators": "speculators", "gguf": "plain"}
+FORMATS = {"sglang": "plain", "vllm": "plain", "hf": "plain", "speculators": "speculators"}  # --to -> layout
+TO = (*FORMATS, "gguf")  # gguf: llama.cpp's files (llamacpp.py), from the plain layout
 HUB_DEFAULT = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub model the embedded default target was quantised from
 
 
@@ -204,8 +204,8 @@ def export_drafter(
         if not str(value).strip():
             raise DraftopdError(f"export: {what} is empty ({str(value)!r}): give a folder")
     src, out = Path(src), Path(out)
-    if to not in FORMATS:
-        raise DraftopdError(f"export --to {to!r}: use one of {', '.join(FORMATS)}")
+    if to not in TO:
+        raise DraftopdError(f"export --to {to!r}: use one of {', '.join(TO)}")
     if dtype not in DTYPES and not (to == "gguf" and dtype == "q8_0"):
         also = " (and q8_0 with --to gguf)" if to != "gguf" else ", q8_0"
         raise DraftopdError(f"export --dtype {dtype!r}: use one of {', '.join(DTYPES)}{also}")
@@ -272,6 +272,7 @@ def _export_gguf(src: Path, out: Path, dtype: str, bench, target: str | None, ta
         DRAFT_TYPES,
         check_drafter,
         check_target,
+        check_target_dtype,
         convert,
         converter,
         target_file,
@@ -291,6 +292,8 @@ def _export_gguf(src: Path, out: Path, dtype: str, bench, target: str | None, ta
     target_dir = Path(tgt)
     is_default = target_dir.resolve() == assets.default_target_dir().resolve()
     tdtype = target_dtype or ("q4_1" if is_default else "f32")
+    if tdtype != "none":
+        check_target_dtype(target_dir, tdtype)  # before the conversion, not after it
     tcfg = json.loads((target_dir / "config.json").read_text())
     tcfg = tcfg.get("text_config", tcfg)
     if tcfg.get("num_hidden_layers") != model.config.num_target_layers:

