@@ -9,11 +9,11 @@ and failed instead where ``DRAFTOPD_ENGINE_CHECKS=1``: CI's engine step).
   exactly as without it (the tiny target: random weights, nothing accepted; the losslessness of the plumbing).
 * The serve check: an EAGLE-3 and a DFlash drafter of the default target (conftest's ``quick_drafter``, shared with
   the vLLM check), exported with ``--to gguf --dtype fp32``, served by llama.cpp against the target's Q4_1 file (the
-  wheel's) and an F32 GGUF of our weights, greedy, 16 GSM8K prompts x 64 new tokens, batch 1, 2 threads: the token
-  ids with the drafter equal llama.cpp's own without it, prompt by prompt, for both target dtypes. It prints
-  llama.cpp's draft acceptance and tau beside ``draftopd bench``'s (tau_only, ungated, the same prompts and chain)
-  and llama.cpp's tokens/s with and without the drafter (not of record: CI's machine is not idle; the measurement of
-  record is ``scripts/llamacpp_bench.py``).
+  wheel's) and an F32 GGUF of our weights, greedy, 16 GSM8K prompts x 64 new tokens, batch 1, 2 threads
+  (``DRAFTOPD_LLAMACPP_THREADS``): the token ids with the drafter equal llama.cpp's own without it, prompt by prompt,
+  for both target dtypes. It prints llama.cpp's draft acceptance and tau beside ``draftopd bench``'s (tau_only,
+  ungated, the same prompts and chain) and llama.cpp's tokens/s with and without the drafter (not of record: CI's
+  machine is not idle; the measurement of record is ``scripts/llamacpp_bench.py``).
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ pytestmark = [
     ),
 ]
 SERVE_PROMPTS = 16  # GSM8K test_dev prompts of the serve check
-THREADS = 2
+THREADS = int(os.environ.get("DRAFTOPD_LLAMACPP_THREADS", "2"))  # 1 on a busy machine: 2 OpenMP threads on 2
+# shared cores wait on each other (seen here: 16 prompts x 64 tokens plain Q4_1 took > 15 min at load 11)
 
 # What llama.cpp's converter writes for our plain layout (names, GGML type at --outtype f32, numpy shape), per kind;
 # L: the drafter's layers. EAGLE-3: llama's tensors + fc, attn_norm_2 (hidden_norm), the reduced head, d2t (I64, t2d
