@@ -14,7 +14,7 @@ from draftopd import assets
 from draftopd.models.io import DRAFTERS, write_drafter
 from draftopd.models.target import Target
 
-from helpers import make_tiny_target, run_cli
+from helpers import make_tiny_target, run_cli, serve_data_overrides, train_quick
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # GSM8K comes from the committed 40-record fixture, forced over any user setting: the suite never needs ../shared.
@@ -35,6 +35,33 @@ def real_target_fp32() -> Target:
     from draftopd.models.target import load_target
 
     return load_target("default", "fp32")
+
+
+@pytest.fixture(scope="session")
+def serve_data(real_target_fp32, tmp_path_factory) -> Path:
+    """The serving checks' training data: 16 GSM8K-train trajectories from the hf engine (helpers.serve_data_overrides:
+    batched, fp32, 1 thread); made once per session, for the vLLM and the llama.cpp checks alike."""
+    from draftopd.config import DataConfig
+    from draftopd.data.trajectories import generate_trajectories
+    from draftopd.recipes import load
+
+    out = tmp_path_factory.mktemp("serve") / "hf"
+    torch.set_num_threads(1)
+    return generate_trajectories(load(DataConfig, None, serve_data_overrides(out, "hf")), real_target_fp32)
+
+
+@pytest.fixture(scope="session")
+def quick_drafter(serve_data, tmp_path_factory):
+    """``quick_drafter(kind)``: the serving checks' barely trained drafter of that kind (helpers.train_quick), its
+    ``final/``; trained once per session on ``serve_data`` and shared by the vLLM and llama.cpp checks."""
+    made: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in made:
+            made[kind] = train_quick(kind, serve_data, tmp_path_factory.mktemp(f"sft-{kind}"))
+        return made[kind]
+
+    return get
 
 
 @pytest.fixture(scope="session")

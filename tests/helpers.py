@@ -307,3 +307,51 @@ def run_opd(tiny_folder, init, out, data, *extra, dtype="fp32", run=True):
         *extra,
     )
     return run_cli(*args, check=True) if run else args
+
+
+# --- the serving checks' drafters (tests/test_vllm.py, tests/test_llamacpp.py) ---
+
+SERVE_NEW = 64  # new tokens per prompt of the serving checks' data and decoding
+
+
+def serve_data_overrides(out: Path, engine: str) -> list[str]:
+    """``draftopd data`` settings of the serving checks: 16 GSM8K-train prompts, fp32, 1 thread, batch 16."""
+    return [
+        f"out={out}",
+        f"engine={engine}",
+        "target.dtype=fp32",
+        "target.threads=1",
+        "sources=[gsm8k]",
+        "limit_per_source=16",
+        f"sampling.max_new_tokens={SERVE_NEW}",
+        "batch_size=16",
+    ]
+
+
+def train_quick(kind: str, data: Path, out: Path) -> Path:
+    """A drafter of the default target barely trained (60 SFT steps, fp32, 1 thread): EAGLE-3 with a 4096-token
+    draft vocabulary and 3 TTT steps, or DFlash with 1 layer and block 4. Returns its ``final/``."""
+    from draftopd.config import SFTConfig
+    from draftopd.recipes import load
+    from draftopd.train.sft import train_sft
+
+    arch = (
+        ["arch.kind=dflash", "arch.num_layers=1", "arch.block_size=4", "blocks_per_seq=8"]
+        if kind == "dflash"
+        else ["arch.kind=eagle3", "arch.ttt_steps=3"]
+    )
+    sets = [
+        f"data={data}",
+        f"out={out}",
+        "target.dtype=fp32",
+        "target.threads=1",
+        "loop.max_steps=60",
+        "batch_size=4",
+        "max_len=320",
+        "loop.lr=1e-3",
+        "arch.draft_vocab_size=4096",
+        "loop.eval_every=1000",
+        "loop.save_every=1000",
+        *arch,
+    ]
+    return Path(train_sft(load(SFTConfig, None, sets)))

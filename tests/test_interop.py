@@ -20,9 +20,10 @@ from draftopd.cli import main
 from draftopd.decoding.interface import DecodeState
 from draftopd.decoding.sampling import SamplingParams
 from draftopd.export import FORMATS, export_drafter
+from draftopd.llamacpp import rotary_rows
 from draftopd.models.dflash import DFlashConfig, DFlashModel
 from draftopd.models.eagle3 import Eagle3Config, Eagle3Model, draft_vocab_map
-from draftopd.models.io import detect, read_drafter, write_drafter
+from draftopd.models.io import detect, drafter_files, read_drafter, write_drafter
 from draftopd.models.layouts import KINDS, for_engines
 
 from helpers import make_tiny_target
@@ -504,3 +505,54 @@ def test_speculators_package_gives_our_first_step_logits(tmp_path, target, vd):
     full[torch.arange(vd) + d2t_theirs] = torch.softmax(logits[0][0, s - 1], -1)
     torch.testing.assert_close(prop.probs[0, 0], full, atol=1e-5, rtol=1e-4)
     assert int(full.argmax()) == int(prop.probs[0, 0].argmax())
+
+
+# --- --to gguf (llama.cpp): what needs no side venv (the converter's own output: tests/test_llamacpp.py) -----------
+
+
+@pytest.mark.parametrize("kind", ["dflash", "eagle3"])
+def test_gguf_table_names_every_tensor_the_plain_layout_writes(kind, target):
+    model = for_engines(make_drafter(kind, target))
+    sd = drafter_files(model, "plain", torch.float32)[0]
+    names = KINDS[kind].gguf_tensors(model.config)
+    assert set(sd) - set(names) == ({"t2d"} if kind == "eagle3" else set())  # llama.cpp does not use t2d
+    assert set(names) <= set(sd) and len({g for g, _ in names.values()}) == len(names)
+    ids = model.config.target_layer_ids
+    assert KINDS[kind].gguf_metadata(model.config)[f"{kind}.target_layers"] == [i + 1 for i in ids]
+
+
+def test_rotary_rows_is_llama_cpps_order():
+    # 2 heads of dim 4: HF keeps each head's rotary halves apart [x0 x1 y0 y1], llama.cpp interleaves [x0 y0 x1 y1]
+    w = torch.arange(8.0)[:, None].expand(8, 3)
+    assert rotary_rows(w, 2)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+def test_export_gguf_refusals_come_before_any_work(tmp_path, target, monkeypatch, capsys):
+    import draftopd.llamacpp as lc
+
+    ckpt = training_checkpoint(make_drafter("dflash", target), tmp_path / "ck")
+    monkeypatch.setenv("DRAFTOPD_GGUF_VENV", str(tmp_path / "nowhere"))
+    assert main(["export", str(ckpt), str(tmp_path / "a"), "--to", "gguf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "run `bash scripts/gguf_env.sh`" in err, err
+    with pytest.raises(DraftopdError, match="--target-dtype is for --to gguf"):
+        export_drafter(ckpt, tmp_path / "b", "fp32", to="sglang", target_dtype="f32")
+    with pytest.raises(DraftopdError, match=r"--dtype 'q8_0'.*\(and q8_0 with --to gguf\)"):
+        export_drafter(ckpt, tmp_path / "c", "q8_0", to="vllm")
+
+    def never(*a, **k):
+        raise AssertionError("converted before the refusal")
+
+    monkeypatch.setattr(lc, "converter", lambda: (Path("python"), Path("convert_hf_to_gguf.py")))
+    monkeypatch.setattr(lc, "convert", never)
+    with pytest.raises(DraftopdError, match="needs the target's local HF folder.*tiny-target has no config.json"):
+        export_drafter(ckpt, tmp_path / "d", "fp32", to="gguf")  # run_config.json names a target not here
+    folder = tmp_path / "tgt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"num_hidden_layers": L, "hidden_size": H, "vocab_size": V}))
+    with pytest.raises(DraftopdError, match="q4_1 is the embedded default target's own file"):
+        export_drafter(ckpt, tmp_path / "e", "fp32", to="gguf", target=str(folder), target_dtype="q4_1")
+    (folder / "config.json").write_text(json.dumps({"num_hidden_layers": L + 2}))
+    with pytest.raises(DraftopdError, match="has 6 layers, the drafter was trained for 4"):
+        export_drafter(ckpt, tmp_path / "f", "fp32", to="gguf", target=str(folder))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "tgt"]  # nothing written

@@ -2,12 +2,13 @@
 
 * ``draftopd data --engine vllm`` writes the same trajectories as ``--engine hf``, token for token (fp32, greedy,
   the default target, 16 GSM8K prompts), from the same prompt hash.
-* The serve check: an EAGLE-3 and a DFlash drafter of the default target (trained here for a minute on those
-  trajectories), exported with ``draftopd export --to vllm`` and served by vLLM (``scripts/vllm_serve.py``):
-  greedy output equals plain decoding, and vLLM's acceptance equals ``draftopd bench``'s (tau_only, ungated, the
-  same prompts and chain), prompt by prompt, up to one verify step and one accepted draft: vLLM verifies a full
-  chain in the last step and truncates (our engine drafts only what the budget allows), and a barely trained
-  drafter has near-ties that the two engines' fp32 kernels can break differently.
+* The serve check: an EAGLE-3 and a DFlash drafter of the default target (trained for a minute on those trajectories:
+  conftest's ``quick_drafter``, shared with the llama.cpp check), exported with ``draftopd export --to vllm`` and
+  served by vLLM (``scripts/vllm_serve.py``): greedy output equals plain decoding, and vLLM's acceptance equals
+  ``draftopd bench``'s (tau_only, ungated, the same prompts and chain), prompt by prompt, up to one verify step and
+  one accepted draft: vLLM verifies a full chain in the last step and truncates (our engine drafts only what the
+  budget allows), and a barely trained drafter has near-ties that the two engines' fp32 kernels can break
+  differently.
 
 Everything runs in fp32 on 1 thread. vLLM runs in subprocesses of the side venv's python; ``$DRAFTOPD_VLLM_PYTHON``
 points at another interpreter where ``import vllm`` works.
@@ -22,15 +23,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from draftopd.bench.run import run_bench
-from draftopd.config import BenchConfig, DataConfig, SFTConfig
-from draftopd.data.trajectories import generate_trajectories, load_shards
+from draftopd.config import BenchConfig
+from draftopd.data.trajectories import load_shards
 from draftopd.decoding.loop import speculative_generate
 from draftopd.export import export_drafter
 from draftopd.models.target import resolve_target_path
 from draftopd.recipes import load
+
+from helpers import SERVE_NEW, serve_data_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PY = Path(os.environ.get("DRAFTOPD_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
@@ -38,7 +40,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not VLLM_PY.exists(), reason=f"no vLLM side venv at {VLLM_PY} (bash scripts/vllm_env.sh)"),
 ]
-NEW = 64  # new tokens per prompt
+NEW = SERVE_NEW  # new tokens per prompt
 SERVE_PROMPTS = 8  # GSM8K test_dev prompts of the serve check
 K = {"eagle3": 5, "dflash": 3}  # drafted tokens per verify step (DFlash: block 4)
 
@@ -53,31 +55,10 @@ def _run(cmd: list[str], timeout: int = 900) -> str:
     return res.stdout
 
 
-@pytest.fixture(scope="module")
-def hf_data(real_target_fp32, tmp_path_factory) -> Path:
-    """16 GSM8K-train trajectories from the hf engine, batched, fp32, 1 thread."""
-    out = tmp_path_factory.mktemp("vllm") / "hf"
-    cfg = load(DataConfig, None, _data_overrides(out, "hf"))
-    torch.set_num_threads(1)
-    return generate_trajectories(cfg, real_target_fp32)
-
-
-def _data_overrides(out: Path, engine: str) -> list[str]:
-    return [
-        f"out={out}",
-        f"engine={engine}",
-        "target.dtype=fp32",
-        "target.threads=1",
-        "sources=[gsm8k]",
-        "limit_per_source=16",
-        f"sampling.max_new_tokens={NEW}",
-        "batch_size=16",
-    ]
-
-
-def test_data_engine_vllm_equals_hf(hf_data):
+def test_data_engine_vllm_equals_hf(serve_data):
+    hf_data = serve_data
     out = hf_data.parent / "vllm"
-    sets = [a for o in _data_overrides(out, "vllm") for a in ("--set", o)]
+    sets = [a for o in serve_data_overrides(out, "vllm") for a in ("--set", o)]
     _run([str(VLLM_PY.parent / "draftopd"), "data", *sets])
     hf, vl = load_shards(hf_data), load_shards(out)
     assert len(hf) == len(vl) == 16
@@ -90,35 +71,10 @@ def test_data_engine_vllm_equals_hf(hf_data):
     assert load_shards(out) == vl
 
 
-def _train(kind: str, data: Path, out: Path) -> Path:
-    arch = (
-        ["arch.kind=dflash", "arch.num_layers=1", "arch.block_size=4", "blocks_per_seq=8"]
-        if kind == "dflash"
-        else ["arch.kind=eagle3", "arch.ttt_steps=3"]
-    )
-    sets = [
-        f"data={data}",
-        f"out={out}",
-        "target.dtype=fp32",
-        "target.threads=1",
-        "loop.max_steps=60",
-        "batch_size=4",
-        "max_len=320",
-        "loop.lr=1e-3",
-        "arch.draft_vocab_size=4096",
-        "loop.eval_every=1000",
-        "loop.save_every=1000",
-        *arch,
-    ]
-    from draftopd.train.sft import train_sft
-
-    return Path(train_sft(load(SFTConfig, None, sets)))
-
-
 @pytest.mark.parametrize("kind", ["eagle3", "dflash"])
-def test_vllm_serves_our_export_lossless_with_our_acceptance(kind, hf_data, real_target_fp32, tmp_path):
+def test_vllm_serves_our_export_lossless_with_our_acceptance(kind, quick_drafter, real_target_fp32, tmp_path):
     target = real_target_fp32
-    final = _train(kind, hf_data, tmp_path / f"sft-{kind}")
+    final = quick_drafter(kind)
     served = tmp_path / f"{kind}-vllm"
     export_drafter(final, served, "fp32", to="vllm")
 

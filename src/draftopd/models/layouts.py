@@ -11,7 +11,10 @@ derives ``DRAFTERS`` (kind -> trainable class) from it. Each entry answers, for 
 * ``foreign_name`` / ``complete_maps``: tensors of other writers' folders -> ours;
 * ``for_engines``: the drafter as those layouts can hold it (what export writes);
 * ``serve_tokens``, ``serve_commands``: what serving engines are told; ``LABEL``, ``describe``, ``loading_note``: the
-  drafter card's lines.
+  drafter card's lines;
+* ``GGUF_ARCH``, ``SPEC_TYPE``, ``gguf_tensors``, ``gguf_metadata``: the kind in llama.cpp (the architecture its
+  converter writes, ``llama-server --spec-type``, our plain-layout tensors -> its GGUF names, the metadata it must
+  carry; ``llamacpp.py`` checks every GGUF export against them).
 
 ``models/io.py`` and ``export.py`` ask the entry (``KINDS[kind]``, or ``layout_of(model)``) and never the type.
 Field lists: SGLang ``python/sglang/srt/models/dflash.py`` and ``models/llama_eagle3.py``; vLLM
@@ -43,6 +46,8 @@ class DrafterLayout:
     ARCHS: tuple[str, ...]  # `architectures` names of this kind's config.json; the first is the one we write
     MARKER: str  # a config.json key that names the kind without `architectures`
     LABEL: str  # the name people use for the kind
+    GGUF_ARCH: str  # ``general.architecture`` of its GGUF (llama.cpp's convert_hf_to_gguf.py)
+    SPEC_TYPE: str  # ``llama-server --spec-type`` that drafts with it
 
     def recognises(self, d: dict) -> bool:
         """Whether ``config.json`` ``d`` is of this kind (by its ``architectures``, else its marker key)."""
@@ -94,6 +99,38 @@ class DrafterLayout:
         """Lines of the drafter card's Python block on loading a plain-layout folder with its engines' own code."""
         return []
 
+    def gguf_tensors(self, c) -> dict[str, tuple[str, int | None]]:
+        """Our plain-layout tensor name -> (its name in llama.cpp's GGUF, the head count of llama.cpp's rotary row
+        order where the converter reorders the rows (Llama-style q/k), else None). Tensors not listed are not in the
+        GGUF (EAGLE-3's ``t2d``)."""
+        raise NotImplementedError
+
+    def gguf_metadata(self, c) -> dict[str, object]:
+        """The kind's own GGUF keys and the values llama.cpp must read (the decoder shape keys are checked for
+        every kind by ``llamacpp.py``)."""
+        raise NotImplementedError
+
+
+def gguf_layer(prefix: str, bid: int, heads: tuple[int, int] | None, qk_norm: bool) -> dict[str, tuple]:
+    """One decoder layer's tensors (HF Llama/Qwen3 names under ``prefix``) -> llama.cpp's ``blk.N.*`` names;
+    ``heads``: (query heads, KV heads) where the converter puts q/k rows in llama.cpp's rotary order."""
+    q, kv = heads if heads is not None else (None, None)
+    names = {
+        "input_layernorm.weight": ("attn_norm.weight", None),
+        "self_attn.q_proj.weight": ("attn_q.weight", q),
+        "self_attn.k_proj.weight": ("attn_k.weight", kv),
+        "self_attn.v_proj.weight": ("attn_v.weight", None),
+        "self_attn.o_proj.weight": ("attn_output.weight", None),
+        "post_attention_layernorm.weight": ("ffn_norm.weight", None),
+        "mlp.gate_proj.weight": ("ffn_gate.weight", None),
+        "mlp.up_proj.weight": ("ffn_up.weight", None),
+        "mlp.down_proj.weight": ("ffn_down.weight", None),
+    }
+    if qk_norm:
+        names["self_attn.q_norm.weight"] = ("attn_q_norm.weight", None)
+        names["self_attn.k_norm.weight"] = ("attn_k_norm.weight", None)
+    return {prefix + ours: (f"blk.{bid}.{theirs}", h) for ours, (theirs, h) in names.items()}
+
 
 def decoder_fields(c) -> dict:
     """The Llama/Qwen3 decoder-layer fields both kinds' config.json hold, from our config ``c``."""
@@ -137,6 +174,8 @@ class DFlashLayout(DrafterLayout):
     ARCHS = ("DFlashDraftModel",)
     MARKER = "dflash_config"
     LABEL = "DFlash"
+    GGUF_ARCH = "dflash"
+    SPEC_TYPE = "draft-dflash"
 
     def to_hf(self, c: DFlashConfig) -> dict:
         """config.json in the layout SGLang, vLLM and z-lab load (their loaders: SGLang ``models/dflash.py``,
@@ -291,6 +330,22 @@ class DFlashLayout(DrafterLayout):
             "`fc` and `hidden_norm`. Use z-lab's `DFlashDraftModel.from_pretrained` or draftopd's reader.",
         ]
 
+    def gguf_tensors(self, c: DFlashConfig) -> dict[str, tuple[str, int | None]]:
+        """Qwen3-style layers (rotary halves as HF has them: no reordering); ``hidden_norm`` -> ``enc.output_norm``;
+        no embedding or head (llama.cpp takes the target's) and no draft vocabulary (its DFlash has none)."""
+        names = {"fc.weight": ("fc.weight", None), "hidden_norm.weight": ("enc.output_norm.weight", None)}
+        for i in range(c.num_hidden_layers):
+            names |= gguf_layer(f"layers.{i}.", i, None, qk_norm=True)
+        return names | {"norm.weight": ("output_norm.weight", None)}
+
+    def gguf_metadata(self, c: DFlashConfig) -> dict[str, object]:
+        return {
+            "dflash.block_count": c.num_hidden_layers,
+            "dflash.block_size": c.block_size,
+            "dflash.target_layers": [i + 1 for i in c.target_layer_ids],  # llama.cpp numbers a layer by its input
+            "tokenizer.ggml.mask_token_id": c.mask_token_id,
+        }
+
 
 class Eagle3Layout(DrafterLayout):
     """EAGLE-3: the SpecForge / SafeAILab / SGLang / vLLM layout (``midlayer.*``, ``d2t``, ``t2d``)."""
@@ -299,6 +354,8 @@ class Eagle3Layout(DrafterLayout):
     ARCHS = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM", "Eagle3Speculator")
     MARKER = "draft_vocab_size"  # also in a reduced DFlash config: KINDS asks DFlash first
     LABEL = "EAGLE-3"
+    GGUF_ARCH = "eagle3"
+    SPEC_TYPE = "draft-eagle3"
     SERVE_STEPS = 5  # chain steps the serving engines are told to run (SGLang's and vLLM's usual EAGLE-3 setting)
 
     def to_hf(self, c: Eagle3Config) -> dict:
@@ -426,6 +483,28 @@ class Eagle3Layout(DrafterLayout):
 
     def loading_note(self) -> list[str]:
         return ["# SpecForge / SGLang read this folder as it is (LlamaForCausalLMEagle3)", "```"]
+
+    def gguf_tensors(self, c: Eagle3Config) -> dict[str, tuple[str, int | None]]:
+        """A Llama layer (q/k rows in llama.cpp's rotary order); ``hidden_norm`` -> ``attn_norm_2``; the reduced head
+        ``output``; ``d2t`` as absolute target ids (int64); ``t2d`` is not stored (llama.cpp does not use it)."""
+        names = {"fc.weight": ("fc.weight", None)}
+        names |= gguf_layer("midlayer.", 0, (c.num_attention_heads, c.num_key_value_heads), qk_norm=False)
+        names["midlayer.hidden_norm.weight"] = ("blk.0.attn_norm_2.weight", None)
+        return names | {
+            "norm.weight": ("output_norm.weight", None),
+            "lm_head.weight": ("output.weight", None),
+            "d2t": ("d2t", None),
+        }
+
+    def gguf_metadata(self, c: Eagle3Config) -> dict[str, object]:
+        return {
+            "eagle3.block_count": 1,
+            "eagle3.target_layers": [i + 1 for i in c.target_layer_ids],  # llama.cpp numbers a layer by its input
+            "eagle3.target_hidden_size": c.hidden_size,
+            "eagle3.vocab_size": c.vocab_size,
+            "eagle3.norm_before_residual": False,
+            "eagle3.norm_before_fc": False,
+        }
 
 
 # kind (the name configs use, and speculators' ``speculators_model_type``) -> its layout: the one table of learned
