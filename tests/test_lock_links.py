@@ -303,7 +303,11 @@ def test_replay_refuses_another_targets_and_sampled_data(tiny, data, drafter, pr
     link = tmp_path / "tiny-link"
     link.symlink_to(tiny)
     check_replay_data(data, str(link), torch.float32)
-    check_replay_data(tmp_path, str(other), torch.bfloat16)
+    bare = tmp_path / "bare"  # no manifest (a hand-made folder): taken as it is; a folder of data folders is a
+    bare.mkdir()  # pool, each of its folders checked (tmp_path itself now holds `theirs` and `sampled`)
+    check_replay_data(bare, str(other), torch.bfloat16)
+    with pytest.raises(DraftopdError, match="sampled at temperature 0.8"):
+        check_replay_data(tmp_path, str(tiny), torch.float32)
     # live rollouts regenerate from the prompts: the sampled data's prompts are fine there; its lock says `train opd`
     labels: list[str] = []
     end_step = Run.end_step

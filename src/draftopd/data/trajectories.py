@@ -502,7 +502,7 @@ def regenerate_shard(folder: str | Path, name: str, out: str | Path, threads: in
     """Make shard ``name`` of a ``u16`` folder again into ``out`` with the settings its manifest records (the same
     prompts, checked by their hash; ``threads`` as recorded unless given) and compare: ``same`` (file sha256),
     ``same_payload`` (the ids, whatever liblzma compressed them), and the machines of both runs."""
-    from draftopd.config import from_dict
+    from draftopd.recipes import from_dict
 
     folder, out = Path(folder), Path(out)
     manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
