@@ -32,7 +32,6 @@ Usage: draftopd train opd --config configs/opd-dflash.yaml --set init_from=runs/
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +39,7 @@ import torch
 
 from draftopd import DraftopdError
 from draftopd.config import OPDConfig
-from draftopd.data.trajectories import data_folders
+from draftopd.data.trajectories import data_folders, read_manifest
 from draftopd.models.base import DrafterModel, ReplayBatch
 from draftopd.models.io import detect
 from draftopd.models.target import Target, TargetOutput
@@ -124,13 +123,10 @@ def check_budget(cfg: OPDConfig) -> None:
     """Replay cuts the trajectories to ``max_new_tokens``: a greedy response to a budget N is the first N tokens of
     the response to a larger one, never more; a budget past the data's cannot be replayed. A pool of several data
     folders is bounded by its smallest budget."""
-    made = None
-    for folder in data_folders(cfg.data) if Path(cfg.data).is_dir() else []:
-        try:
-            n = json.loads((folder / "manifest.json").read_text())["settings"]["max_new_tokens"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # an older or hand-made data folder: its responses are taken as they are
-        made = n if made is None else min(made, n)
+    folders = data_folders(cfg.data) if Path(cfg.data).is_dir() else []
+    budgets = [(read_manifest(f) or {"settings": {}})["settings"].get("max_new_tokens") for f in folders]
+    budgets = [n for n in budgets if isinstance(n, int)]  # an older or hand-made folder's responses: taken as they are
+    made = min(budgets, default=None)
     if made is not None and cfg.rollouts == "replay" and cfg.max_new_tokens > made:
         raise DraftopdError(
             f"max_new_tokens {cfg.max_new_tokens} exceeds the {made} tokens the trajectories of {cfg.data} were "
