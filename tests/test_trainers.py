@@ -164,3 +164,19 @@ def test_a_refused_second_train_opd_names_train_opd(tiny_folder, loaded, data, t
         assert "`draftopd train opd`" in line, line
     finally:
         run.release()
+
+
+def test_replay_refuses_a_budget_past_the_datas(data, tmp_path):
+    """A greedy response to N tokens says nothing past N: replay with a larger budget is one line, live is allowed;
+    a folder of data folders is bounded by its smallest budget."""
+    from draftopd import DraftopdError
+    from draftopd.train.opd import check_budget
+
+    with pytest.raises(DraftopdError, match="max_new_tokens 16 exceeds the 12 tokens"):
+        check_budget(OPDConfig(data=str(data), max_new_tokens=16))
+    check_budget(OPDConfig(data=str(data), max_new_tokens=12))
+    check_budget(OPDConfig(data=str(data), max_new_tokens=16, rollouts="live"))
+    pool = tmp_path / "pool"
+    shutil.copytree(data, pool / "a")
+    with pytest.raises(DraftopdError, match="exceeds the 12 tokens"):
+        check_budget(OPDConfig(data=str(pool), max_new_tokens=13))
