@@ -71,7 +71,8 @@ class Drafter(Protocol):
     def update(self, state: DecodeState, n_accepted: Tensor, features: Tensor | None) -> None:
         """After verify: row b committed ``n_accepted[b] + 1`` tokens to the target cache (the old last token
         and the accepted proposals); ``features`` (B, w, F) are the target features of the block's first
-        ``w = 1 + max(n_accepted)`` slots (those some row committed; the rest of the block is no row's)."""
+        ``w = 1 + max(n_accepted)`` slots (those some row committed; the rest of the block is no row's). After a
+        tree verify the same, in path order: the root's features, then those of the accepted path's nodes."""
 
     def select(self, rows: Tensor) -> None:
         """Keep only these batch rows (finished rows are dropped from the batch)."""

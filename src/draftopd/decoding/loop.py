@@ -7,7 +7,9 @@ accept, commit: one target call) and the outer loop ``speculative_generate`` (bu
 batch, statistics). Batching without per-row cache copies: rows share one ``SlotCache`` (``decoding/slots.py``):
 left-padded prompts, rejected drafts masked out per row, slots nobody uses dropped, so at batch 1 this is plain
 crop-and-continue. A round moves data to the host twice: the block width (a shape) and one packed tensor of
-every row's accepted count, next token and proposals.
+every row's accepted count, next token and proposals. A drafter may propose a tree instead of a chain
+(``Proposal.parents``): one forward verifies all its nodes under a tree attention mask, ``decoding/tree.py`` picks the
+accepted path, and ``SlotCache.commit_path`` keeps that path's slots only.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ class SpecStats:
     committed: list[int] = field(default_factory=list)  # tokens committed per (row, verify step)
     # per prompt, in the caller's order (merged stats append): (tokens committed, verify steps) after prefill
     per_prompt: list[tuple[int, int]] = field(default_factory=list)
-    proposed_at: Counter = field(default_factory=Counter)  # draft position j (1-based) -> times proposed
-    accepted_at: Counter = field(default_factory=Counter)  # draft position j -> times accepted
+    proposed_at: Counter = field(default_factory=Counter)  # draft position j (1-based; a tree: depth j) -> rows
+    accepted_at: Counter = field(default_factory=Counter)  # draft position j -> times accepted (a tree: reached)
     target_calls: int = 0  # target forwards, prefill included
     target_tokens: int = 0  # tokens those forwards processed (a compute measure: batch rows x block width)
     new_tokens: int = 0
