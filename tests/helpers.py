@@ -90,20 +90,10 @@ def sharpen(model):
     return model
 
 
-class NoisyOracleDrafter:
-    """Drafts from the target itself (full forward, no cache), mixed with a random distribution.
-
-    Greedy: the target's argmax, replaced by a random token with probability ``noise``; sampling: tokens
-    drawn from ``q = (1 - noise) * p_target + noise * r``, returned with ``q`` so verification is lossless.
-    Rows propose different numbers of tokens (1..k), so batched rows accept different lengths.
-    """
+class StatelessDrafter:
+    """What the tests' drafters without state share: no target features, and start/update/select do nothing."""
 
     layer_ids: tuple[int, ...] = ()
-
-    def __init__(self, target, k: int = 4, noise: float = 0.3, seed: int = 0) -> None:
-        self.target, self.k, self.noise = target, k, noise
-        self.g = torch.Generator().manual_seed(seed)
-        self.r = torch.softmax(torch.randn(target.vocab_size, generator=self.g) * 2, -1)
 
     def start(self, state, features):
         pass
@@ -113,6 +103,20 @@ class NoisyOracleDrafter:
 
     def select(self, rows):
         pass
+
+
+class NoisyOracleDrafter(StatelessDrafter):
+    """Drafts from the target itself (full forward, no cache), mixed with a random distribution.
+
+    Greedy: the target's argmax, replaced by a random token with probability ``noise``; sampling: tokens
+    drawn from ``q = (1 - noise) * p_target + noise * r``, returned with ``q`` so verification is lossless.
+    Rows propose different numbers of tokens (1..k), so batched rows accept different lengths.
+    """
+
+    def __init__(self, target, k: int = 4, noise: float = 0.3, seed: int = 0) -> None:
+        self.target, self.k, self.noise = target, k, noise
+        self.g = torch.Generator().manual_seed(seed)
+        self.r = torch.softmax(torch.randn(target.vocab_size, generator=self.g) * 2, -1)
 
     @torch.no_grad()
     def propose(self, state, params, generator=None):

@@ -86,6 +86,8 @@ class DrafterConfig:
     num_tokens: int = 10  # pld: proposals per step
     max_ngram: int = 2  # pld: longest n-gram matched
     min_ngram: int = 1  # pld: shortest n-gram matched
+    lookup: bool = False  # path/shape: prompt lookup's continuation (num_tokens, max_ngram, min_ngram) merged into
+    #                       each proposal as one more branch from the root: a draft tree (decoding/lookup.py)
 
     def __post_init__(self) -> None:
         need(self.kind in self.KINDS, "drafter.kind", "pld, none, path or shape", self.kind)
@@ -101,6 +103,12 @@ class DrafterConfig:
         need(self.max_ngram >= self.min_ngram, "drafter.max_ngram", f">= min_ngram ({self.min_ngram})", self.max_ngram)
         need(self.chain_length >= 1, "drafter.chain_length", ">= 1", self.chain_length)
         need(0.0 <= self.confidence < 1.0, "drafter.confidence", "in [0, 1)", self.confidence)
+        need(
+            not self.lookup or self.kind in ("path", "shape"),
+            "drafter.lookup",
+            "false for kind pld or none (it adds prompt lookup to a learned drafter's proposals)",
+            self.lookup,
+        )
 
 
 @dataclass(frozen=True)

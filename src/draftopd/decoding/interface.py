@@ -35,6 +35,9 @@ class Proposal:
     tokens: Tensor  # (B, k) proposed ids; entries at j >= n[b] are padding
     n: Tensor  # (B,) number of real proposals per row
     probs: Tensor | None = None  # (B, k, V) the distributions the tokens were drawn from; None = deterministic
+    parents: Tensor | None = None  # (B, k) long: node j's parent, -1 = the root (state.last) or an index < j
+    #  (topological order); None = a chain (node j's parent is j - 1). Nodes j >= n[b] are padding.
+    #  Siblings carry distinct tokens. A tree's nodes are deterministic candidates: probs must be None.
 
 
 def top_prob(logits: Tensor) -> Tensor:
@@ -68,7 +71,8 @@ class Drafter(Protocol):
     def update(self, state: DecodeState, n_accepted: Tensor, features: Tensor | None) -> None:
         """After verify: row b committed ``n_accepted[b] + 1`` tokens to the target cache (the old last token
         and the accepted proposals); ``features`` (B, w, F) are the target features of the block's first
-        ``w = 1 + max(n_accepted)`` slots (those some row committed; the rest of the block is no row's)."""
+        ``w = 1 + max(n_accepted)`` slots (those some row committed; the rest of the block is no row's). After a
+        tree verify the same, in path order: the root's features, then those of the accepted path's nodes."""
 
     def select(self, rows: Tensor) -> None:
         """Keep only these batch rows (finished rows are dropped from the batch)."""

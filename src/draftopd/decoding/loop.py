@@ -7,7 +7,9 @@ accept, commit: one target call) and the outer loop ``speculative_generate`` (bu
 batch, statistics). Batching without per-row cache copies: rows share one ``SlotCache`` (``decoding/slots.py``):
 left-padded prompts, rejected drafts masked out per row, slots nobody uses dropped, so at batch 1 this is plain
 crop-and-continue. A round moves data to the host twice: the block width (a shape) and one packed tensor of
-every row's accepted count, next token and proposals.
+every row's accepted count, next token and proposals. A drafter may propose a tree instead of a chain
+(``Proposal.parents``): one forward verifies all its nodes under a tree attention mask, ``decoding/tree.py`` picks the
+accepted path, and ``SlotCache.commit_path`` keeps that path's slots only.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from draftopd import DraftopdError
+from draftopd.decoding import tree
 from draftopd.decoding.interface import DecodeState, Drafter, Proposal
 from draftopd.decoding.sampling import SamplingParams, logits_to_probs, sample, verify
 from draftopd.decoding.slots import SlotCache, left_padded, positions
@@ -47,8 +51,8 @@ class SpecStats:
     committed: list[int] = field(default_factory=list)  # tokens committed per (row, verify step)
     # per prompt, in the caller's order (merged stats append): (tokens committed, verify steps) after prefill
     per_prompt: list[tuple[int, int]] = field(default_factory=list)
-    proposed_at: Counter = field(default_factory=Counter)  # draft position j (1-based) -> times proposed
-    accepted_at: Counter = field(default_factory=Counter)  # draft position j -> times accepted
+    proposed_at: Counter = field(default_factory=Counter)  # draft position j (1-based; a tree: depth j) -> rows
+    accepted_at: Counter = field(default_factory=Counter)  # draft position j -> times accepted (a tree: reached)
     target_calls: int = 0  # target forwards, prefill included
     target_tokens: int = 0  # tokens those forwards processed (a compute measure: batch rows x block width)
     new_tokens: int = 0
@@ -157,15 +161,26 @@ def prefill(
 class RoundRow:
     """What one round did for one row, on the host."""
 
-    drafted: list[int]  # the proposals d_1..d_n the target verified
+    drafted: list[int]  # the proposals d_1..d_n the target verified (a tree: only its accepted path's tokens)
     n_accepted: int  # r: d_1..d_r were accepted
     token: int  # the target's correction (r < n) or bonus (r == n) token
     logprobs: list[float]  # log p_target(d_j | prefix, d_<j) at T=1, when recording (else empty)
+    tree: tuple[int, int] | None = None  # a tree's (nodes verified, depth of its deepest verified node); None: chain
 
     @property
     def committed(self) -> list[int]:
         """The round's tokens: d_1..d_r, then the correction or bonus (an EOS among them ends the row there)."""
         return self.drafted[: self.n_accepted] + [self.token]
+
+    @property
+    def nodes(self) -> int:
+        """Proposals in the verified block (a chain: its length; a tree: its nodes)."""
+        return len(self.drafted) if self.tree is None else self.tree[0]
+
+    @property
+    def depth(self) -> int:
+        """The deepest proposal verified: draft positions 1..depth were proposed."""
+        return len(self.drafted) if self.tree is None else self.tree[1]
 
 
 def speculative_round(
@@ -179,14 +194,52 @@ def speculative_round(
     stats: SpecStats,
     record: bool = False,
 ) -> list[RoundRow]:
-    """One target call for every live row: draft up to ``budget[b]`` tokens, verify them, accept (the pure rule
-    of ``decoding.sampling``), commit the accepted tokens and the next one to the cache, ``state`` and the drafter."""
+    """One target call for every live row: draft up to ``budget[b]`` tokens (a chain, or a tree: ``decoding.tree``),
+    verify them, accept (the pure rule of ``decoding.sampling`` or ``decoding.tree``), commit the accepted tokens and
+    the next one to the cache, ``state`` and the drafter."""
     nb, dev = state.last.shape[0], target.device
     t_draft = time.perf_counter()
     if drafter is not None:
         prop = drafter.propose(state, params, generator)
     else:
         prop = Proposal(torch.zeros(nb, 0, dtype=torch.long, device=dev), torch.zeros(nb, dtype=torch.long))
+    stats.draft_s += time.perf_counter() - t_draft
+    if prop.parents is not None and record:
+        raise DraftopdError("record=True (the OPD rollouts' verify records) supports chain proposals, not trees")
+    ctx = _Round(target, cache, state, budget, params, generator, stats, _layers(drafter))
+    if prop.parents is None:
+        rows, n_acc, nxt, features = _verify_chain(ctx, prop, record)
+    else:
+        rows, n_acc, nxt, features = _verify_tree(ctx, prop)
+    for b, row in enumerate(rows):
+        state.history[b] += row.committed
+    state.next_pos = state.next_pos + n_acc + 1
+    state.last = nxt
+    if drafter is not None:
+        drafter.update(state, n_acc, features)
+    return rows
+
+
+@dataclass
+class _Round:
+    """What verifying one round's proposal reads and updates (``_verify_chain`` and ``_verify_tree`` alike)."""
+
+    target: Target
+    cache: SlotCache
+    state: DecodeState
+    budget: list[int]  # per row: tokens it may still commit after the next one
+    params: SamplingParams
+    generator: torch.Generator | None
+    stats: SpecStats
+    layers: tuple[int, ...]  # the drafter's target layers (features to return)
+
+
+def _verify_chain(ctx: _Round, prop: Proposal, record: bool) -> tuple[list[RoundRow], Tensor, Tensor, Tensor | None]:
+    """Verify a chain, accept, commit to the cache: (rows, n_accepted (B,), next token (B,), the features of the
+    committed slots (B, 1 + max n_accepted, F) or None)."""
+    target, cache, state, budget, stats = ctx.target, ctx.cache, ctx.state, ctx.budget, ctx.stats
+    params, generator, layers = ctx.params, ctx.generator, ctx.layers
+    nb, dev = state.last.shape[0], target.device
     n_draft = torch.minimum(prop.n.to(dev), torch.tensor(budget, device=dev))  # (B,) never past a row's budget
     k = int(n_draft.max()) if prop.tokens.shape[1] else 0  # the block's width is a shape: host sync 1
     draft = prop.tokens[:, :k].to(dev)  # (B, k); entries past n_draft[b] are padding
@@ -196,14 +249,13 @@ def speculative_round(
     block = torch.cat([state.last[:, None], draft], dim=1)  # (B, k + 1)
     block_pos = state.next_pos[:, None] + torch.arange(k + 1, device=dev)  # (B, k + 1)
     t_verify = time.perf_counter()
-    out = target.forward(block, cache.attention_mask(k + 1, nb, dev).long(), block_pos, cache, _layers(drafter), "all")
+    out = target.forward(block, cache.attention_mask(k + 1, nb, dev).long(), block_pos, cache, layers, "all")
     n_acc, nxt = verify(draft, n_draft, out.logits, params, p_draft, generator)  # (B,), (B,)
     # One transfer to the host (sync 2): per row [r, next token, n, d_1..d_k]; the log-probs too when recording.
     packed = torch.cat([n_acc[:, None], nxt[:, None], n_draft[:, None], draft], 1).tolist()
     logp = [[] for _ in packed]
     if record and k:
         logp = torch.log_softmax(out.logits[:, :k], -1).gather(-1, draft[..., None]).squeeze(-1).tolist()
-    stats.draft_s += t_verify - t_draft
     stats.verify_s += time.perf_counter() - t_verify
 
     # Commit: block slots 0..r of a row (its old last token and accepted drafts) are its context now; slots past
@@ -211,13 +263,48 @@ def speculative_round(
     width = 1 + max(row[0] for row in packed)
     cache.commit(torch.arange(k + 1, device=dev)[None, :] <= n_acc[:, None], drop=k + 1 - width)  # (B, k + 1)
     rows = [RoundRow(d[:n], r, t, lp[:n]) for (r, t, n, *d), lp in zip(packed, logp, strict=True)]
-    for b, row in enumerate(rows):
-        state.history[b] += row.committed
-    state.next_pos = state.next_pos + n_acc + 1
-    state.last = nxt
-    if drafter is not None:
-        drafter.update(state, n_acc, None if out.features is None else out.features[:, :width])
-    return rows
+    return rows, n_acc, nxt, None if out.features is None else out.features[:, :width]
+
+
+def _verify_tree(ctx: _Round, prop: Proposal) -> tuple[list[RoundRow], Tensor, Tensor, Tensor | None]:
+    """``_verify_chain`` for a draft tree: one target call over the block [last, nodes] with a tree attention mask,
+    the path rule of ``decoding.tree.accept``, and ``SlotCache.commit_path`` (the accepted path's slots, root first,
+    moved to the front of the block; the rest cropped). The features handed on are the path's, in path order."""
+    if prop.probs is not None:
+        raise DraftopdError("a tree proposal carries probs: tree nodes are deterministic candidates (probs None)")
+    target, cache, state, budget, stats = ctx.target, ctx.cache, ctx.state, ctx.budget, ctx.stats
+    params, generator, layers = ctx.params, ctx.generator, ctx.layers
+    nb, dev = state.last.shape[0], target.device
+    n = prop.n.to(dev)
+    k = int(n.max()) if prop.tokens.shape[1] else 0  # host sync 1
+    nodes, parents = prop.tokens[:, :k].to(dev), prop.parents[:, :k].to(dev)  # (B, k)
+    depth, anc = tree.layout(parents, n)  # (B, k), (B, k + 1, k + 1)
+
+    # Node j sits at position next_pos + depth(j) and attends to the row's committed slots, then to its ancestors
+    # and itself within the block: its logits score its children, as a chain verify of its path would.
+    block = torch.cat([state.last[:, None], nodes], 1)  # (B, k + 1)
+    slot_depth = torch.cat([torch.zeros(nb, 1, dtype=torch.long, device=dev), depth], 1)  # (B, k + 1)
+    committed = cache.attention_mask(0, nb, dev)  # (B, S)
+    allowed = torch.cat([committed[:, None].expand(-1, k + 1, -1), anc], 2)  # (B, k + 1, S + k + 1)
+    t_verify = time.perf_counter()
+    out = target.masked_forward(block, state.next_pos[:, None] + slot_depth, allowed, cache, layers, "all")
+    max_depth = torch.tensor(budget, device=dev)
+    n_acc, path, nxt = tree.accept(nodes, parents, n, out.logits, params, generator, max_depth)
+    # Sync 2, per row: [r, next token, nodes, deepest verified node, the path's tokens d_1..d_k (past r: padding)].
+    verified = (torch.arange(k, device=dev) < n[:, None]) & (depth <= max_depth[:, None])
+    deepest = torch.cat([slot_depth[:, :1], depth * verified], 1).amax(1)
+    path_tokens = block.gather(1, path)[:, 1:]
+    packed = torch.cat([n_acc[:, None], nxt[:, None], n[:, None], deepest[:, None], path_tokens], 1).tolist()
+    stats.verify_s += time.perf_counter() - t_verify
+
+    width = 1 + max(row[0] for row in packed)
+    keep = path[:, :width]  # (B, width) block slots of each row's path, root first
+    cache.commit_path(keep, torch.arange(width, device=dev)[None, :] <= n_acc[:, None])
+    rows = [RoundRow(d[:r], r, t, [], (m, depth_)) for r, t, m, depth_, *d in packed]
+    features = None
+    if out.features is not None:  # (B, k + 1, F) -> the path's (B, width, F)
+        features = out.features.gather(1, keep[..., None].expand(-1, -1, out.features.shape[2]))
+    return rows, n_acc, nxt, features
 
 
 def _layers(drafter: Drafter | None) -> tuple[int, ...]:
@@ -265,7 +352,7 @@ def speculative_generate(
         budget = [max_new_tokens - len(out_tokens[r]) - 1 for r in state.rows]
         round_rows = speculative_round(target, drafter, cache, state, budget, params, generator, stats, record)
         stats.target_calls += 1
-        stats.target_tokens += len(round_rows) * (1 + max(len(x.drafted) for x in round_rows))
+        stats.target_tokens += len(round_rows) * (1 + max(x.nodes for x in round_rows))
         live = []
         for r, x in zip(state.rows, round_rows, strict=True):
             if record:
@@ -276,7 +363,7 @@ def speculative_generate(
             out_tokens[r] += new
             stats.committed.append(len(new))  # r + 1, unless EOS cut the block short
             stats.per_prompt[r] = (stats.per_prompt[r][0] + len(new), stats.per_prompt[r][1] + 1)
-            for j in range(1, len(x.drafted) + 1):
+            for j in range(1, x.depth + 1):  # a tree: depth j proposed (by any node), reached or not
                 stats.proposed_at[j] += 1
                 stats.accepted_at[j] += int(j <= x.n_accepted)
             live.append(stop is None and len(out_tokens[r]) < max_new_tokens)

@@ -78,6 +78,21 @@ class SlotCache(DynamicCache):
             valid = valid[:, : valid.shape[1] - drop]
         self.mask = valid if self.mask is None else torch.cat([self.mask, valid], 1)
 
+    def commit_path(self, index: Tensor, valid: Tensor) -> None:
+        """The slots appended since the last commit were a verified draft tree's block ``[root, nodes]``: row b keeps
+        block slots ``index[b]`` (B, W) (its accepted path, root first), moved to the front of the block, real where
+        ``valid`` (B, W) (each row's path padded past its length); the rest of the block is cropped. So a rejected
+        sibling's keys and values are never read again, and every kept slot sits where a chain commit of the same
+        tokens would put it (position ids are per row and travel with the keys, which rope already rotated)."""
+        start = self.width
+        for layer in self.layers:
+            block_k, block_v = layer.keys[:, :, start:], layer.values[:, :, start:]  # (B, heads, T, D)
+            idx = index[:, None, :, None].expand(-1, block_k.shape[1], -1, block_k.shape[3])  # (B, heads, W, D)
+            keys, values = block_k.gather(2, idx), block_v.gather(2, idx)
+            layer.crop(start - layer.get_seq_length())  # negative: remove the whole block
+            layer.update(keys, values)
+        self.mask = valid if self.mask is None else torch.cat([self.mask, valid], 1)
+
     def select(self, rows: Tensor) -> None:
         """Keep these batch rows (finished rows leave), then drop the slots no remaining row uses."""
         self.batch_select_indices(rows)

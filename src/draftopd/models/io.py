@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,9 +43,10 @@ from draftopd import DraftopdError
 from draftopd.atomic import atomic_folder
 from draftopd.config import DrafterConfig
 from draftopd.decoding.interface import Drafter
+from draftopd.decoding.lookup import LookupBranch
 from draftopd.models.base import DrafterModel, check_target
 from draftopd.models.layouts import KINDS, for_engines, layout_of
-from draftopd.models.pld import PromptLookupDrafter
+from draftopd.models.pld import PromptLookupDrafter, lookup
 from draftopd.models.vocab import draft_vocab_ids
 
 # kind (the name configs use) -> trainable model class, read off the one table of kinds (``layouts.KINDS``)
@@ -286,6 +288,11 @@ def build_drafter(cfg: DrafterConfig, target) -> Drafter | None:
     """``none`` -> plain decoding, ``pld`` -> prompt lookup, ``path`` -> a drafter folder in any layout above,
     ``shape`` -> an untrained drafter of shape ``cfg.arch`` (seed 0; its draft vocabulary the lowest ids): what a
     step of that shape costs, not what it accepts."""
+    if cfg.lookup:  # the drafter's proposals with prompt lookup's continuation as one more branch: a draft tree
+        inner = build_drafter(replace(cfg, lookup=False), target)
+        return LookupBranch(
+            inner, partial(lookup, num_tokens=cfg.num_tokens, max_ngram=cfg.max_ngram, min_ngram=cfg.min_ngram)
+        )
     if cfg.kind == "none":
         return None
     if cfg.kind == "pld":

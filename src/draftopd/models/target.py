@@ -189,15 +189,28 @@ class Target:
             logits = None
         return TargetOutput(logits=logits, features=feats, hidden=hidden)
 
-    def branch_forward(self, input_ids: Tensor, position_ids: Tensor, allowed: Tensor, cache: SlotCache) -> Tensor:
-        """Last hidden states (B, T, H) of query tokens that attend where ``allowed`` (B, T, S + T) bool says: the
-        ``S`` keys in ``cache`` first, then the ``T`` queries themselves (e.g. draft branches off a cached
-        trajectory, each seeing the true prefix before it and itself causally). The mask goes in as an additive
-        float mask (0 where allowed, the dtype's minimum elsewhere), which eager and SDPA attention both take as it
-        is (SDPA gives bit-identical states to the same mask as booleans). The cache grows by T slots."""
+    def masked_forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        allowed: Tensor,
+        cache: SlotCache,
+        layer_ids: tuple[int, ...] = (),
+        logits_at: str = "all",
+    ) -> TargetOutput:
+        """``forward`` of query tokens that attend where ``allowed`` (B, T, S + T) bool says: the ``S`` keys in
+        ``cache`` first, then the ``T`` queries themselves (draft branches off a cached trajectory, each seeing the
+        true prefix before it and itself causally; a draft tree's nodes, each seeing its ancestors). The mask goes in
+        as an additive float mask (0 where allowed, the dtype's minimum elsewhere), which eager and SDPA attention
+        both take as it is (SDPA gives bit-identical states to the same mask as booleans). The cache grows by T
+        slots."""
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
         mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]  # (B, 1, T, S + T)
-        return self.forward(input_ids, mask, position_ids, cache, (), "none").hidden
+        return self.forward(input_ids, mask, position_ids, cache, layer_ids, logits_at)
+
+    def branch_forward(self, input_ids: Tensor, position_ids: Tensor, allowed: Tensor, cache: SlotCache) -> Tensor:
+        """Last hidden states (B, T, H) of ``masked_forward`` (no logits, no features)."""
+        return self.masked_forward(input_ids, position_ids, allowed, cache, (), "none").hidden
 
     def encode_chat(self, prompt: str | list[dict[str, str]]) -> list[int]:
         """Token ids of a user prompt (or a message list) with the chat template and generation prompt."""
