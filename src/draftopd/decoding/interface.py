@@ -35,6 +35,9 @@ class Proposal:
     tokens: Tensor  # (B, k) proposed ids; entries at j >= n[b] are padding
     n: Tensor  # (B,) number of real proposals per row
     probs: Tensor | None = None  # (B, k, V) the distributions the tokens were drawn from; None = deterministic
+    parents: Tensor | None = None  # (B, k) long: node j's parent, -1 = the root (state.last) or an index < j
+    #  (topological order); None = a chain (node j's parent is j - 1). Nodes j >= n[b] are padding.
+    #  Siblings carry distinct tokens. A tree's nodes are deterministic candidates: probs must be None.
 
 
 def top_prob(logits: Tensor) -> Tensor:
