@@ -83,7 +83,8 @@ class DrafterConfig:
     chain_length: int = 6  # eagle3: tokens drafted per verify step (at most, with a confidence threshold)
     confidence: float = 0.5  # eagle3/dflash: a proposal ends at the first token drafted with top-1 probability
     #                          below this (that token included; eagle3 then stops drafting); 0 = never (RESULTS 8.5)
-    tree_budget: int = 0  # dflash/eagle3: draft-tree nodes verified per step (0 = a chain; models/trees.py)
+    tree_budget: int = 0  # dflash/eagle3: draft-tree nodes verified per step (0 = a chain; models/trees.py); trees
+    #                       ignore `confidence` (the budget bounds what is verified)
     tree_topk: int = 4  # dflash/eagle3 trees: candidates per position (dflash), children and frontier (eagle3)
     num_tokens: int = 10  # pld: proposals per step
     max_ngram: int = 2  # pld: longest n-gram matched
