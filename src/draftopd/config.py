@@ -103,9 +103,9 @@ class DrafterConfig:
         need(self.min_ngram >= 1, "drafter.min_ngram", ">= 1", self.min_ngram)
         need(self.max_ngram >= self.min_ngram, "drafter.max_ngram", f">= min_ngram ({self.min_ngram})", self.max_ngram)
         need(self.chain_length >= 1, "drafter.chain_length", ">= 1", self.chain_length)
-        need(0.0 <= self.confidence < 1.0, "drafter.confidence", "in [0, 1)", self.confidence)
         need(self.tree_budget >= 0, "drafter.tree_budget", ">= 0 (0 = a chain)", self.tree_budget)
         need(self.tree_topk >= 1, "drafter.tree_topk", ">= 1", self.tree_topk)
+        need(0.0 <= self.confidence < 1.0, "drafter.confidence", "in [0, 1)", self.confidence)
 
 
 @dataclass(frozen=True)
