@@ -83,6 +83,9 @@ class DrafterConfig:
     chain_length: int = 6  # eagle3: tokens drafted per verify step (at most, with a confidence threshold)
     confidence: float = 0.5  # eagle3/dflash: a proposal ends at the first token drafted with top-1 probability
     #                          below this (that token included; eagle3 then stops drafting); 0 = never (RESULTS 8.5)
+    tree_budget: int = 0  # dflash/eagle3: draft-tree nodes verified per step (0 = a chain; models/trees.py); trees
+    #                       ignore `confidence` (the budget bounds what is verified)
+    tree_topk: int = 4  # dflash/eagle3 trees: candidates per position (dflash), children and frontier (eagle3)
     num_tokens: int = 10  # pld: proposals per step
     max_ngram: int = 2  # pld: longest n-gram matched
     min_ngram: int = 1  # pld: shortest n-gram matched
@@ -102,6 +105,8 @@ class DrafterConfig:
         need(self.min_ngram >= 1, "drafter.min_ngram", ">= 1", self.min_ngram)
         need(self.max_ngram >= self.min_ngram, "drafter.max_ngram", f">= min_ngram ({self.min_ngram})", self.max_ngram)
         need(self.chain_length >= 1, "drafter.chain_length", ">= 1", self.chain_length)
+        need(self.tree_budget >= 0, "drafter.tree_budget", ">= 0 (0 = a chain)", self.tree_budget)
+        need(self.tree_topk >= 1, "drafter.tree_topk", ">= 1", self.tree_topk)
         need(0.0 <= self.confidence < 1.0, "drafter.confidence", "in [0, 1)", self.confidence)
         need(
             not self.lookup or self.kind in ("path", "shape"),

@@ -61,8 +61,9 @@ class DrafterModel:
     Each architecture implements five methods, so no caller branches on the kind:
 
     * ``build(target, arch, seqs)`` (classmethod): a fresh drafter shaped from the target's config;
-    * ``engine(target, chain_length, confidence)``: the engine-side drafter (``Drafter``) for the speculative
-      loop (``confidence``: see ``confident_length``);
+    * ``engine(target, chain_length, confidence, tree_budget, tree_topk)``: the engine-side drafter (``Drafter``)
+      for the speculative loop (``confidence``: see ``confident_length``; a tree budget > 0: draft trees,
+      ``models/trees.py``);
     * ``sft_states(embed, batch, cfg)``: drafter states, labels and loss weights of an SFT batch;
     * ``replay_states(embed, batch)``: the states of the Draft-OPD replay slots of a ``ReplayBatch``
       (response stream and rejected stream);

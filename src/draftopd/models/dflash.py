@@ -44,6 +44,7 @@ from draftopd.decoding.interface import Proposal, confident_length, top_prob
 from draftopd.decoding.slots import SlotCache, left_padded, positions
 from draftopd.models.base import DrafterModel, ReplayBatch, SeqBatch, check_layer_ids, target_shape
 from draftopd.models.layers import MLP, apply_rope, gqa_attention, rope_cos_sin
+from draftopd.models.trees import check_tree, prefix_tree
 from draftopd.models.vocab import (
     draft_tokens,
     draft_vocab_ids,
@@ -206,8 +207,10 @@ class DFlashModel(DrafterModel, nn.Module):
             model.d2t.copy_(draft_vocab_map(response_token_counts(seqs, c.vocab_size), c.draft_vocab_size)[0])
         return model
 
-    def engine(self, target, chain_length: int = 0, confidence: float = 0.0) -> DFlashDrafter:
-        return DFlashDrafter(self, target, confidence)
+    def engine(
+        self, target, chain_length: int = 0, confidence: float = 0.0, tree_budget: int = 0, tree_topk: int = 4
+    ) -> DFlashDrafter:
+        return DFlashDrafter(self, target, confidence, tree_budget, tree_topk)
 
     def replay_block(self, chain_length: int) -> int:
         return self.config.block_size
@@ -295,12 +298,21 @@ class DFlashDrafter:
     """Engine side of DFlash: per-row context K/V caches, one forward proposes ``block_size - 1`` tokens.
 
     With a draft vocabulary (``model.d2t``) the target LM head's rows of those tokens are sliced once here, in
-    the target's dtype and device, and each step scores the slots against them only."""
+    the target's dtype and device, and each step scores the slots against them only.
 
-    def __init__(self, model: DFlashModel, target, confidence: float = 0.0) -> None:
+    With ``tree_budget`` > 0 the same forward proposes a tree instead (DDTree, ``trees.prefix_tree``): the best
+    ``tree_budget`` prefixes over each slot's top ``tree_topk`` tokens, ranked by summed log-probability at
+    temperature 1 whatever the sampling temperature (the loop verifies tree nodes as deterministic candidates). The
+    confidence threshold does not apply to trees: the budget bounds what the target verifies."""
+
+    def __init__(
+        self, model: DFlashModel, target, confidence: float = 0.0, tree_budget: int = 0, tree_topk: int = 4
+    ) -> None:
+        check_tree(tree_budget, tree_topk)
         # a copy in the target's dtype and device: the caller's (training) weights stay as they are
         self.model = copy.deepcopy(model).to(target.device, target.dtype).eval()
         self.target, self.confidence = target, confidence
+        self.tree_budget, self.tree_topk = tree_budget, tree_topk
         self.draft_ids: Tensor | None = None  # (Vd,) target id of each draft id; None = the full vocabulary
         self.head_w = self.head_b = None  # (Vd, H), (Vd,): the target head's rows of the draft vocabulary
         if self.model.d2t is not None:
@@ -329,12 +341,23 @@ class DFlashDrafter:
         mask = self.cache.attention_mask(bs, b, dev)[:, None, None, :].expand(b, 1, bs, -1)
         h = self.model(self.target.embed(block), pos, self.cache.pairs(), mask)
         logits = self.logits(h[:, 1:])  # (B, bs - 1, Vd): slot k predicts the token k after the anchor
+        if self.tree_budget:
+            return self.tree(logits)
         tokens, probs = draft_tokens(logits, self.draft_ids, self.target.vocab_size, params, generator)
         # the whole block is drafted in one pass; a confidence threshold only trims what the target verifies
         n = torch.full((b,), bs - 1, dtype=torch.long, device=dev)
         if self.confidence > 0:
             n = confident_length(top_prob(logits), self.confidence)
         return Proposal(tokens, n, probs)
+
+    def tree(self, logits: Tensor) -> Proposal:
+        """The DDTree proposal from a block's slot logits (B, bs - 1, Vd): node depth d (0-based) is slot d."""
+        lp, idx = torch.log_softmax(logits, -1).topk(min(self.tree_topk, logits.shape[-1]), -1)  # (B, bs - 1, K)
+        ids = idx if self.draft_ids is None else self.draft_ids[idx]  # target ids of each slot's candidates
+        depth, cand, parents = prefix_tree(lp, self.tree_budget)  # (B, n) each
+        tokens = ids[torch.arange(ids.shape[0], device=ids.device)[:, None], depth, cand]
+        n = torch.full((ids.shape[0],), tokens.shape[1], dtype=torch.long, device=ids.device)
+        return Proposal(tokens, n, None, parents)
 
     @torch.inference_mode()
     def propose_at(self, features: Tensor, ids: Tensor, anchors: Tensor, chunk: int = 64) -> Tensor:

@@ -17,8 +17,12 @@ Shapes: ``H`` hidden, ``V`` target vocabulary, ``Vd`` draft vocabulary.
 Names follow the SGLang / vLLM / SpecForge EAGLE-3 layout (``midlayer.*``, ``fc``, ``norm``, ``lm_head``,
 ``d2t``, ``t2d``; no embedding), so export is a save (config.json and the other layouts: ``models/layouts.py``).
 
+* Draft trees (``tree_budget`` > 0, issue #34): EAGLE-2's dynamic tree, the chain grown K nodes per depth under
+  a tree attention mask (``Eagle3Drafter.grow``; the ranking rules: ``models/trees.py``).
+
 Over the 450 lines other drafter files keep to: the TTT forward, the replay of rejected chains and the engine's
-chain are one attention computed three ways (``chain_attention``, ``Eagle3Drafter.propose``), kept side by side.
+chain and tree are one attention computed four ways (``chain_attention``, ``Eagle3Drafter.propose``/``grow``),
+kept side by side.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from draftopd.decoding.interface import Proposal, confident_length, top_prob
 from draftopd.decoding.slots import SlotCache, left_padded, positions
 from draftopd.models.base import DrafterModel, ReplayBatch, SeqBatch, check_layer_ids, target_shape
 from draftopd.models.layers import MLP, apply_rope, gqa_attention, rope_cos_sin
+from draftopd.models.trees import check_tree, keep_best
 from draftopd.models.vocab import (
     draft_tokens,
     draft_vocab_ids,
@@ -163,8 +168,10 @@ class Eagle3Model(DrafterModel, nn.Module):
         model.set_vocab(*draft_vocab_map(counts, c.draft_vocab_size), target.lm_head.weight.detach().cpu())
         return model
 
-    def engine(self, target, chain_length: int = 6, confidence: float = 0.0) -> Eagle3Drafter:
-        return Eagle3Drafter(self, target, chain_length, confidence)
+    def engine(
+        self, target, chain_length: int = 6, confidence: float = 0.0, tree_budget: int = 0, tree_topk: int = 4
+    ) -> Eagle3Drafter:
+        return Eagle3Drafter(self, target, chain_length, confidence, tree_budget, tree_topk)
 
     def replay_block(self, chain_length: int) -> int:
         return chain_length + 1  # the anchor, then one proposal per chain step
@@ -376,12 +383,23 @@ def branch_forward(
 
 
 class Eagle3Drafter:
-    """Engine side of EAGLE-3: its own KV cache over committed (feature, token) pairs, then a k-step chain."""
+    """Engine side of EAGLE-3: its own KV cache over committed (feature, token) pairs, then a k-step chain, or with
+    ``tree_budget`` > 0 EAGLE-2's dynamic tree of up to ``chain_length`` depths (``grow``)."""
 
-    def __init__(self, model: Eagle3Model, target, chain_length: int = 6, confidence: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: Eagle3Model,
+        target,
+        chain_length: int = 6,
+        confidence: float = 0.0,
+        tree_budget: int = 0,
+        tree_topk: int = 4,
+    ) -> None:
+        check_tree(tree_budget, tree_topk)
         # a copy in the target's dtype and device: the caller's (training) weights stay as they are
         self.model = copy.deepcopy(model).to(target.device, target.dtype).eval()
         self.target, self.chain_length, self.confidence = target, chain_length, confidence
+        self.tree_budget, self.tree_topk = tree_budget, tree_topk
         self.draft_ids = draft_vocab_ids(self.model.d2t)  # (Vd,) target id of each draft id
         self.layer_ids = tuple(model.config.target_layer_ids)
         self.cache = SlotCache()  # the committed pairs' K/V (B, nkv, S, D) in one layer, and which slots are real
@@ -436,14 +454,15 @@ class Eagle3Drafter:
         pair = (anchors - 1).clamp_min(0)  # the pair each anchor's chain starts from
         return toks.gather(1, pair[..., None].expand(-1, -1, toks.shape[-1]))
 
-    @torch.inference_mode()
-    def propose(self, state, params, generator=None) -> Proposal:
+    def commit(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """1) Commit the pending pairs: causal among themselves, all earlier committed slots visible. Returns the
+        output (B, 1, H) of each row's last pair and its position (B,), the committed K/V (B, nkv, S, D) and their
+        mask (B, S): where a proposal (chain or tree) starts."""
         m, embed = self.model, self.target.embed
         feats, toks, pos, valid = self.pending
         self.pending = None  # consumed: the next update() brings the next block's pairs
         b, t = toks.shape
         dev = toks.device
-        # 1) Commit the pending pairs: causal among themselves, all earlier committed slots visible.
         h = m.fuse(feats)
         cos, sin = m.rope(pos, h.dtype)
         q, k, v = m.midlayer.qkv(embed(toks), h, cos, sin)
@@ -456,8 +475,18 @@ class Eagle3Drafter:
         out = m.midlayer.finish(h, gqa_attention(q, ck, cv, mask))
         rows = torch.arange(b, device=dev)
         last = valid.long().cumsum(1).argmax(1)  # index of each row's last real pair
-        g = out[rows, last][:, None]  # (B, 1, H)
-        p_last = pos[rows, last]
+        return out[rows, last][:, None], pos[rows, last], ck, cv, cmask
+
+    @torch.inference_mode()
+    def propose(self, state, params, generator=None) -> Proposal:
+        m, embed = self.model, self.target.embed
+        g, p_last, ck, cv, cmask = self.commit()
+        b, dev = g.shape[0], g.device
+        if self.tree_budget:
+            scores, tokens, parents = self.grow(g, p_last, ck, cv, cmask)
+            keep, par = keep_best(scores, parents, self.tree_budget)
+            n = torch.full((b,), keep.shape[1], dtype=torch.long, device=dev)
+            return Proposal(tokens.gather(1, keep), n, None, par)
         # 2) The chain: each step's output hidden state and drafted token feed the next step. With a confidence
         #    threshold a row's proposal ends at its first token the drafter is unsure of (``confident_length``),
         #    and the chain stops early once every row has ended: steps nobody would verify are never drafted.
@@ -487,3 +516,46 @@ class Eagle3Drafter:
         else:
             n = torch.full((b,), len(tokens), dtype=torch.long, device=dev)
         return Proposal(torch.stack(tokens, 1), n, torch.stack(probs, 1) if probs else None)
+
+    def grow(self, g: Tensor, p_last: Tensor, ck: Tensor, cv: Tensor, cmask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """EAGLE-2's dynamic tree, grown from the last committed pair's output ``g`` (B, 1, H) at position ``p_last``
+        (B,) over the committed K/V ``ck``/``cv`` (B, nkv, S, D) and their mask ``cmask`` (B, S).
+
+        With K = ``tree_topk``: the root's top-K tokens are depth 1 and the first frontier. At depth d < chain_length
+        the K frontier nodes of each row run one drafter step together as K queries: node (token t, parent's output
+        state) at rope position p_last + d, as the chain's step would, attending to the committed slots and, among
+        the tree's keys (the expanded nodes, K per depth), to its ancestors' and its own (``anc``: the chain's
+        keys, generalised to a tree). Each gives its top-K children, path log-prob = the node's + the child's
+        (temperature 1); of the K*K, the K best are the next frontier. Returns every generated node, N = K +
+        (chain_length - 1) * K*K of them in topological order (siblings best first): path log-probs, target ids and
+        parents (-1 = the root), each (B, N); ``propose`` keeps the best ``tree_budget`` (``trees.keep_best``). The
+        confidence threshold does not apply to trees: the budget bounds what the target verifies."""
+        m, embed, b, dev = self.model, self.target.embed, g.shape[0], g.device
+        k = min(self.tree_topk, m.config.draft_vocab_size)
+        score, tok = torch.log_softmax(m.logits(g), -1).topk(k, -1)  # (B, 1, K): the root's children, best first
+        score, tok = score[:, 0], self.draft_ids[tok[:, 0]]  # (B, K) the frontier's path log-probs, target ids
+        scores, tokens, parents = [score], [tok], [torch.full((b, k), -1, dtype=torch.long, device=dev)]
+        front = torch.arange(k, device=dev).expand(b, k)  # (B, K) each frontier node's index among generated nodes
+        g_par = g.expand(b, k, -1)  # (B, K, H) each frontier node's parent's output state
+        anc = torch.zeros(b, k, 0, dtype=torch.bool, device=dev)  # (B, K, T) the tree keys of a node's ancestors
+        eye = torch.eye(k, dtype=torch.bool, device=dev).expand(b, k, k)
+        done = k  # nodes generated before this depth's candidates
+        for d in range(1, self.chain_length):
+            cos, sin = m.rope((p_last + d)[:, None].expand(b, k), g.dtype)
+            q, kk, vv = m.midlayer.qkv(embed(tok), g_par, cos, sin)
+            ck, cv = torch.cat([ck, kk], 2), torch.cat([cv, vv], 2)  # tree keys: K per depth, after the committed
+            anc = torch.cat([anc, eye], -1)  # (B, K, T + K): ancestors and the node itself
+            mask = torch.cat([cmask[:, None].expand(b, k, -1), anc], -1)[:, None]  # (B, 1, K, S + T + K)
+            out = m.midlayer.finish(g_par, gqa_attention(q, ck, cv, mask))  # (B, K, H)
+            child, ctok = torch.log_softmax(m.logits(out), -1).topk(k, -1)  # (B, K, K) each node's top-K children
+            cand = (score[..., None] + child).flatten(1)  # (B, K*K) path log-probs
+            scores.append(cand)
+            tokens.append(self.draft_ids[ctok].flatten(1))
+            parents.append(front[..., None].expand(b, k, k).flatten(1))
+            best = cand.topk(k, -1).indices  # (B, K) the next frontier among the candidates
+            at = best // k  # the frontier slot of each one's parent
+            score, tok, front = cand.gather(1, best), tokens[-1].gather(1, best), done + best
+            done += k * k
+            anc = anc.gather(1, at[..., None].expand(-1, -1, anc.shape[-1]))  # a child inherits its parent's row
+            g_par = out.gather(1, at[..., None].expand(-1, -1, out.shape[-1]))
+        return torch.cat(scores, 1), torch.cat(tokens, 1), torch.cat(parents, 1)

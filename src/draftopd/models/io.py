@@ -297,11 +297,12 @@ def build_drafter(cfg: DrafterConfig, target) -> Drafter | None:
         return None
     if cfg.kind == "pld":
         return PromptLookupDrafter(cfg.num_tokens, cfg.max_ngram, cfg.min_ngram)
+    tree = {"tree_budget": cfg.tree_budget, "tree_topk": cfg.tree_topk}
     if cfg.kind == "path" and cfg.path:
-        return read_drafter(cfg.path, target).engine(target, cfg.chain_length, cfg.confidence)
+        return read_drafter(cfg.path, target).engine(target, cfg.chain_length, cfg.confidence, **tree)
     if cfg.kind == "shape" and cfg.arch is not None:
         with torch.random.fork_rng(devices=[]):  # the caller's random state untouched
             torch.manual_seed(0)
             model = DRAFTERS[cfg.arch.kind].build(target, cfg.arch, [])
-        return model.engine(target, cfg.chain_length, cfg.confidence)
+        return model.engine(target, cfg.chain_length, cfg.confidence, **tree)
     raise DraftopdError(f"unknown drafter {cfg.kind!r}: use 'pld', 'none', 'shape' or a drafter folder")
