@@ -6,12 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from draftopd.bench import run
 from draftopd.bench.cost import cost_dtypes, costs_result, format_costs, step_costs
-from draftopd.bench.run import TAU_KEYS, build_methods, run_bench
+from draftopd.bench.run import TAU_KEYS, build_methods, format_table, lossless_columns, run_bench
 from draftopd.config import BenchConfig
+from draftopd.decoding import loop
 from draftopd.models.target import load_target
 from draftopd.recipes import load
 
@@ -54,6 +56,64 @@ def test_each_method_decodes_with_its_own_settings(tiny, drafter, target):
     # never sure (top-1 ~ 1/64), so at confidence 0.9 each proposal ends at its first token
     assert [len(rows[n]["acceptance_rate"]) for n in ("short", "long", "gated")] == [2, 5, 1]
     assert all(m["lossless"] == 1.0 for m in rows.values())  # greedy fp32: every method reproduces plain decoding
+
+
+def test_lossless_is_checked_in_fp32_not_in_the_bench_dtype(tiny, monkeypatch):
+    """A bf16 bench whose speculative text differs from bf16 plain text (made so here: every drafted generation in
+    bf16 gets its last token changed, as a numerics flip would) still reads lossless 1.0: lossless is the fp32
+    re-run's. The bf16 disagreement is its own column, with the index of the first difference."""
+    seen = []
+
+    def flip_in_bf16(target, prompts, drafter, *args, **kw):
+        g = real(target, prompts, drafter, *args, **kw)
+        seen.append(target.dtype)
+        if drafter is not None and target.dtype == torch.bfloat16:
+            g.tokens = [t[:-1] + [t[-1] + 1] for t in g.tokens]
+        return g
+
+    real = run.speculative_generate
+    monkeypatch.setattr(run, "speculative_generate", flip_in_bf16)
+    cfg = bench_config(
+        tiny, "target.dtype=bf16", "limit=3", "lossless_prompts=2", methods(e={**EAGLE, "chain_length": 3})
+    )
+    result = run_bench(cfg, progress=False)
+    r = result["datasets"]["gsm8k"]
+    assert result["dtype"] == "bfloat16" and result["lossless_dtype"] == "float32" and r["lossless_prompts"] == 2
+    assert seen.count(torch.float32) == 2 * 2  # the check: plain and the method on the first 2 prompts, in fp32
+    e = r["methods"]["e"]
+    assert e["lossless"] == 1.0 and r["methods"]["plain"]["lossless"] == 1.0
+    assert e["text_agree"] == 0.0 and e["first_diff"] == 9.0  # the last of 10 tokens differs on every prompt
+    table = format_table(result)
+    assert "bf16 agree" in table and "0.00 @9" in table and "first 2 prompts per set" in table
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_fp32_check_catches_a_lossy_verify(tiny, monkeypatch, dtype):
+    """A verify that accepts every draft (an untrained drafter's, wrong) must not read lossless: in fp32 from the
+    timed run itself, in bf16 from the fp32 re-run."""
+
+    def accept_all(draft, n_draft, logits, *args, **kw):
+        return n_draft, logits[torch.arange(len(n_draft)), n_draft].argmax(-1)  # the bonus token after them all
+
+    monkeypatch.setattr(loop, "verify", accept_all)
+    cfg = bench_config(tiny, f"target.dtype={dtype}", "lossless_prompts=2", methods(e={**EAGLE, "confidence": 0}))
+    r = run_bench(cfg, progress=False)["datasets"]["gsm8k"]
+    assert r["methods"]["plain"]["lossless"] == 1.0 and r["methods"]["e"]["lossless"] < 1.0
+    assert r["lossless_prompts"] == 2
+
+
+def test_old_results_keep_their_meaning(tiny, target):
+    """A result written before the fp32 check: in fp32 its 'lossless' still is, in bf16 it was the agreement."""
+    result = run_bench(bench_config(tiny, methods(e={"kind": "pld"})), target, progress=False)
+    for row in result["datasets"]["gsm8k"]["methods"].values():
+        row["lossless"] = 0.5
+        del row["text_agree"], row["first_diff"]
+    del result["lossless_dtype"]
+    row = result["datasets"]["gsm8k"]["methods"]["e"]
+    assert lossless_columns(result, row) == (0.5, 0.5, None)
+    result["dtype"] = "bfloat16"
+    assert lossless_columns(result, row) == (None, 0.5, None)
+    assert "an older result" in format_table(result) and "0.50" in format_table(result)
 
 
 def test_timed_and_tau_only_benches_run_the_one_loop(tiny, target, monkeypatch):
