@@ -179,14 +179,15 @@ def choose_budget(cost_ms: dict[int, float], tau: dict[int, float]) -> tuple[int
 
 
 def tau_from_chain(acceptance_rate: list[float]) -> dict[int, float]:
-    """An *estimate* of tau by node budget from a chain drafter's acceptance by depth (``acceptance_rate``: P(draft
-    j accepted | proposed), j = 1..): a chain of b nodes commits 1 + sum_{j<=b} prod_{i<=j} a_i tokens per verify in
-    expectation (as if every proposal were a full chain; a confidence gate makes it optimistic). A tree of b nodes
-    can hold that chain, so this is what a tree drafter should at least reach. Budgets up to the measured depth."""
-    tau, reach = {}, 1.0
+    """An *estimate* of tau by node budget from a chain drafter's acceptance by depth (``SpecStats.acceptance_rate``:
+    a_j = P(draft j accepted | proposed), and draft j is accepted only with d_1..d_j all accepted, so a_j is the
+    probability that the accepted prefix reaches j): a chain of b nodes commits 1 + sum_{j<=b} a_j tokens per verify
+    in expectation, as if every proposal were a full chain (a confidence gate or a drafter that proposes fewer
+    tokens makes it optimistic). A tree of b nodes can hold that chain, so this is what a tree drafter should at
+    least reach. Budgets up to the measured depth."""
+    tau: dict[int, float] = {}
     for b, a in enumerate(acceptance_rate, 1):
-        reach *= a  # P(d_1..d_b all accepted)
-        tau[b] = (tau[b - 1] if b > 1 else 1.0) + reach
+        tau[b] = tau.get(b - 1, 1.0) + a
     return tau
 
 
@@ -222,8 +223,10 @@ def run_costs(cfg: BenchConfig, target: Target | None = None, progress: bool = T
     """``bench --costs``: per dtype of ``cost_dtypes``, the bench's timed run and the verify cost by width on the
     same loaded target (``target``: the one to use, for a single dtype), then ``costs_result``."""
     runs, curves, choices = [], {}, {}
-    c = cfg.cost_curve
-    for dtype in cost_dtypes(cfg):
+    c, dtypes = cfg.cost_curve, cost_dtypes(cfg)
+    if target is not None and len(dtypes) != 1:
+        raise DraftopdError(f"run_costs: one loaded target cannot run {' and '.join(dtypes)}: set target.dtype")
+    for dtype in dtypes:
         one = dataclasses.replace(cfg, target=dataclasses.replace(cfg.target, dtype=dtype))
         t = target or load_target(one.target.path, dtype, one.target.device)
         run = run_bench(one, t, progress=progress)

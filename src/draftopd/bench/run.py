@@ -18,7 +18,8 @@ two numbers apart:
   decoding's, **both in fp32**. In an fp32 bench that is the timed run itself, every prompt; in any other dtype the
   first ``lossless_prompts`` prompts of each set are decoded again after the timed runs, every method and plain
   decoding, by an fp32 copy of the target (loaded once, from the timed target's own weights) with the methods'
-  drafters built for it. 1.0 is expected; anything less is a bug in the method (or an exact fp32 tie: look). fp32
+  drafters built for it, those prompts in one batch (untimed; greedy fp32 is lossless batched too, as the tests
+  check). 1.0 is expected; anything less is a bug in the method (or an exact fp32 tie: look). fp32
   is not bitwise width-invariant either, but its rounding is ~1e-7 relative against bf16's ~4e-3, so a flip needs
   a tie 5 orders of magnitude closer. ``None`` when sampling (the chi-square tests check the distribution) or
   when the check is off (``lossless_prompts: 0`` in a non-fp32 bench).
@@ -31,9 +32,9 @@ The alternative, a batch-invariant verify in bf16, was not taken: it is not chea
 run its 1-token step at the verify's width (padding it to k+1 tokens, so the baseline pays a verify's cost: ~1.5x
 a 1-token step at width 8 in fp32 on the machine of record, docs/BENCHMARKS.md, and it would no longer be plain
 decoding), or the verify would run as k+1 one-token forwards (no speed-up left), or kernels with a fixed reduction
-order at every width (torch's CPU kernels have none). The fp32 re-run costs ``lossless_prompts`` prompts per set of
-every method and plain decoding in fp32 (on a bf16 CPU fp32 is ~1-2x slower than bf16: about the timed run's
-``lossless_prompts / limit``, or more) and the fp32 copy's memory (4 bytes per parameter) while it runs.
+order at every width (torch's CPU kernels have none). The fp32 re-run costs one batched fp32 generation of
+``lossless_prompts`` prompts per set and method, plain decoding included (on a CPU with AMX or AVX512-BF16, fp32
+runs 2-5x slower than bf16, README), and the fp32 copy's memory (4 bytes per parameter) while it runs.
 
 Results written before this split (no ``lossless_dtype`` key) called the bench-dtype agreement ``lossless``;
 ``lossless_columns`` reads them so: in fp32 it is both numbers, in bf16 only the agreement (lossless unchecked).
@@ -218,15 +219,16 @@ def lossless_check(
 ) -> dict[str, dict[str, float]]:
     """Per data set, per method: the share of the first ``cfg.lossless_prompts`` prompts whose greedy tokens equal
     plain greedy decoding's, both decoded by an fp32 copy of ``target`` with the methods' drafters built for it
-    (batch 1, untimed). Plain decoding's own share is 1.0 by definition."""
+    (those prompts in one batch, untimed). Plain decoding's own share is 1.0 by definition."""
     ref = fp32_copy(target)
     methods = {PLAIN: None, **build_methods(cfg, ref)}
     out = {}
     for ds, prompts in every.items():
         head = prompts[: cfg.lossless_prompts]
         rows = run_methods(
-            ref, head, methods, cfg.sampling.max_new_tokens, desc=f"lossless fp32 {ds}", progress=progress
-        )
+            ref, head, methods, cfg.sampling.max_new_tokens, batch_size=len(head), desc=f"lossless fp32 {ds}",
+            progress=progress,
+        )  # fmt: skip
         out[ds] = {name: row["text_agree"] for name, row in rows.items()}
     return out
 
