@@ -6,12 +6,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from draftopd import DraftopdError
 from draftopd.bench import run
-from draftopd.bench.cost import cost_dtypes, costs_result, format_costs, step_costs
-from draftopd.bench.run import TAU_KEYS, build_methods, run_bench
+from draftopd.bench.cost import (
+    choose_budget,
+    cost_dtypes,
+    format_costs,
+    run_costs,
+    step_costs,
+    tau_from_chain,
+    tree_attention,
+    tree_mask,
+    width_costs,
+)
+from draftopd.bench.run import TAU_KEYS, build_methods, format_table, lossless_columns, run_bench
 from draftopd.config import BenchConfig
+from draftopd.decoding import loop
 from draftopd.models.target import load_target
 from draftopd.recipes import load
 
@@ -56,6 +69,64 @@ def test_each_method_decodes_with_its_own_settings(tiny, drafter, target):
     assert all(m["lossless"] == 1.0 for m in rows.values())  # greedy fp32: every method reproduces plain decoding
 
 
+def test_lossless_is_checked_in_fp32_not_in_the_bench_dtype(tiny, monkeypatch):
+    """A bf16 bench whose speculative text differs from bf16 plain text (made so here: every drafted generation in
+    bf16 gets its last token changed, as a numerics flip would) still reads lossless 1.0: lossless is the fp32
+    re-run's. The bf16 disagreement is its own column, with the index of the first difference."""
+    seen = []
+
+    def flip_in_bf16(target, prompts, drafter, *args, **kw):
+        g = real(target, prompts, drafter, *args, **kw)
+        seen.append(target.dtype)
+        if drafter is not None and target.dtype == torch.bfloat16:
+            g.tokens = [t[:-1] + [t[-1] + 1] for t in g.tokens]
+        return g
+
+    real = run.speculative_generate
+    monkeypatch.setattr(run, "speculative_generate", flip_in_bf16)
+    cfg = bench_config(
+        tiny, "target.dtype=bf16", "limit=3", "lossless_prompts=2", methods(e={**EAGLE, "chain_length": 3})
+    )
+    result = run_bench(cfg, progress=False)
+    r = result["datasets"]["gsm8k"]
+    assert result["dtype"] == "bfloat16" and result["lossless_dtype"] == "float32" and r["lossless_prompts"] == 2
+    assert seen.count(torch.float32) == 2  # the check: plain and the method on the first 2 prompts (a batch), in fp32
+    e = r["methods"]["e"]
+    assert e["lossless"] == 1.0 and r["methods"]["plain"]["lossless"] == 1.0
+    assert e["text_agree"] == 0.0 and e["first_diff"] == 9.0  # the last of 10 tokens differs on every prompt
+    table = format_table(result)
+    assert "bf16 agree" in table and "0.00 @9" in table and "first 2 prompts per set" in table
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_fp32_check_catches_a_lossy_verify(tiny, monkeypatch, dtype):
+    """A verify that accepts every draft (an untrained drafter's, wrong) must not read lossless: in fp32 from the
+    timed run itself, in bf16 from the fp32 re-run."""
+
+    def accept_all(draft, n_draft, logits, *args, **kw):
+        return n_draft, logits[torch.arange(len(n_draft)), n_draft].argmax(-1)  # the bonus token after them all
+
+    monkeypatch.setattr(loop, "verify", accept_all)
+    cfg = bench_config(tiny, f"target.dtype={dtype}", "lossless_prompts=2", methods(e={**EAGLE, "confidence": 0}))
+    r = run_bench(cfg, progress=False)["datasets"]["gsm8k"]
+    assert r["methods"]["plain"]["lossless"] == 1.0 and r["methods"]["e"]["lossless"] < 1.0
+    assert r["lossless_prompts"] == 2
+
+
+def test_old_results_keep_their_meaning(tiny, target):
+    """A result written before the fp32 check: in fp32 its 'lossless' still is, in bf16 it was the agreement."""
+    result = run_bench(bench_config(tiny, methods(e={"kind": "pld"})), target, progress=False)
+    for row in result["datasets"]["gsm8k"]["methods"].values():
+        row["lossless"] = 0.5
+        del row["text_agree"], row["first_diff"]
+    del result["lossless_dtype"]
+    row = result["datasets"]["gsm8k"]["methods"]["e"]
+    assert lossless_columns(result, row) == (0.5, 0.5, None)
+    result["dtype"] = "bfloat16"
+    assert lossless_columns(result, row) == (None, 0.5, None)
+    assert "an older result" in format_table(result) and "0.50" in format_table(result)
+
+
 def test_timed_and_tau_only_benches_run_the_one_loop(tiny, target, monkeypatch):
     batches = []
 
@@ -78,9 +149,10 @@ def test_timed_and_tau_only_benches_run_the_one_loop(tiny, target, monkeypatch):
 
 
 def test_the_costs_recipe_gives_the_step_cost_table(tiny, target):
-    cfg = bench_config(tiny, "limit=1", "sampling.max_new_tokens=6", recipe=RECIPES / "bench-costs.yaml")
+    small_curve = ("cost_curve.widths=[1, 2, 4]", "cost_curve.context=16", "cost_curve.reps=1")
+    cfg = bench_config(tiny, "limit=1", "sampling.max_new_tokens=6", *small_curve, recipe=RECIPES / "bench-costs.yaml")
     assert cost_dtypes(cfg) == ("fp32",)  # a set dtype: that one only (auto: fp32 and bf16)
-    result = costs_result([run_bench(cfg, target, progress=False)])
+    result = run_costs(cfg, target, progress=False)
     rows = result["dtypes"]["float32"]
     assert list(rows) == ["plain", *cfg.methods]
     for label, r in rows.items():
@@ -90,8 +162,91 @@ def test_the_costs_recipe_gives_the_step_cost_table(tiny, target):
                 r["step_ms"] / r["plain_ms"], rel=0.02
             )  # ms rounded to 0.01
     table = format_costs(result)
-    assert table.count("\n") == len(rows) + 1 and "| dflash block 16, draft vocab 8k | " in table
+    steps = table.split("\n\n")[0]  # the step-cost table, then the width curve and the budget choice
+    assert steps.count("\n") == len(rows) + 1 and "| dflash block 16, draft vocab 8k | " in steps
     assert "| plain | " in table and result["runs"][0]["config"]["limit"] == 1
+    curve = result["widths"]["float32"]
+    assert curve["context"] == 16 and list(curve["ms"]) == ["1", "2", "4"] and min(curve["ms"].values()) > 0
+    assert "| 4 | " in table and "(1.00) |" in table  # width 1 over itself
+    assert list(result["budgets"]["float32"]) == ["prompt lookup"]  # the untrained shapes' acceptance says nothing
+    choice = result["budgets"]["float32"]["prompt lookup"]
+    assert [r["budget"] for r in choice["table"]][:2] == [0, 1] and max(r["budget"] for r in choice["table"]) <= 3
+    assert f"Node budget for prompt lookup, float32: **{choice['budget']}**" in table and "estimate" in table
+
+
+def test_tree_attention_sees_ancestors_only():
+    # root, then nodes 0 (child of the root), 1 (child of 0), 2 (child of the root), 3 (child of 1)
+    allowed, pos = tree_attention([-1, 0, -1, 1], context=3)
+    assert allowed.shape == (1, 5, 8) and allowed[0, :, :3].all()  # every slot sees the whole context
+    own = allowed[0, :, 3:].int().tolist()
+    assert own == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 1, 0], [1, 1, 1, 0, 1]]
+    assert pos.tolist() == [[3, 4, 5, 4, 6]]  # context + depth
+
+
+def test_a_tree_forward_scores_each_node_as_its_own_path(target):
+    """The mask the width curve times is a real verify: under it each node's logits equal a causal forward of the
+    context and the node's root path (so the curve times what a tree verify computes, at its width)."""
+    torch.manual_seed(0)
+    parents, context = [-1, 0, 0, 1, -1, 3], 5
+    ids = torch.randint(target.vocab_size, (1, context + len(parents) + 1))
+    cache = target.new_cache()
+    seen = torch.ones(1, context, dtype=torch.bool)
+    target.forward(ids[:, :context], seen.long(), torch.arange(context)[None], cache)
+    cache.commit(seen)
+    mask, pos = tree_mask(parents, context, target.dtype)
+    tree = target.forward(ids[:, context:], mask, pos, cache).logits[0]
+    for j in range(len(parents) + 1):
+        path, node = [], j - 1  # the slots from the root down to slot j
+        while node >= 0:
+            path.insert(0, context + 1 + node)
+            node = parents[node]
+        seq = ids[:, [*range(context), context, *path]]
+        alone = target.forward(seq, torch.ones_like(seq), torch.arange(seq.shape[1])[None], None).logits[0, -1]
+        torch.testing.assert_close(tree[j], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_width_costs_times_every_width(target):
+    ms = width_costs(target, (1, 3, 8), context=8, reps=2)
+    assert list(ms) == [1, 3, 8] and all(v > 0 for v in ms.values())
+    with pytest.raises(DraftopdError, match="positions"):
+        width_costs(target, (1, 2), context=target.max_positions, reps=1)
+
+
+def test_choose_budget_maximises_tokens_per_ms():
+    cost = {1: 10.0, 2: 11.0, 4: 13.0, 8: 20.0, 16: 40.0}
+    budget, table = choose_budget(cost, {1: 1.5, 3: 2.2, 7: 3.0, 15: 3.5})
+    assert budget == 3  # 2.2 / 13 beats 1.5 / 11, 3.0 / 20, 3.5 / 40 and plain's 1 / 10
+    assert [r["budget"] for r in table] == [0, 1, 3, 7, 15] and table[0]["tau"] == 1.0
+    assert table[2]["tok_per_ms"] == pytest.approx(2.2 / 13) and table[2]["vs_plain"] == pytest.approx(2.2 / 1.3)
+    assert not any(r["interpolated"] for r in table)
+    # a steep curve: no budget pays, plain decoding (0) wins
+    assert choose_budget({1: 10.0, 2: 30.0, 4: 60.0}, {1: 1.5, 3: 2.5})[0] == 0
+
+
+def test_choose_budget_ties_and_a_flat_curve():
+    tie = choose_budget({1: 10.0, 4: 15.0, 8: 30.0}, {3: 2.4, 7: 4.8})  # 0.16 tok/ms both: the smaller budget
+    assert tie[0] == 3
+    flat = {1: 10.0, 64: 10.0}  # every width costs the same: the most tau wins, interpolated widths
+    budget, table = choose_budget(flat, {1: 1.5, 2: 1.8, 5: 2.0})
+    assert budget == 5 and all(r["ms"] == 10.0 for r in table) and table[1]["interpolated"]
+    assert choose_budget(flat, {5: 2.0, 9: 2.0, 20: 2.0})[0] == 5  # tau plateaus: the smallest budget reaching it
+    # between measured widths the cost is linear: width 4 on 1..8 is 10 + 14 * 3 / 7
+    assert choose_budget({1: 10.0, 8: 24.0}, {3: 1.1})[1][1]["ms"] == pytest.approx(16.0)
+
+
+def test_choose_budget_refuses_what_it_cannot_read():
+    with pytest.raises(DraftopdError, match="width 1"):
+        choose_budget({2: 5.0}, {1: 1.5})
+    with pytest.raises(DraftopdError, match="outside the measured curve"):
+        choose_budget({1: 5.0, 8: 9.0}, {15: 3.0})
+    with pytest.raises(DraftopdError, match="tau"):
+        choose_budget({1: 5.0, 8: 9.0}, {3: 0.5})
+
+
+def test_tau_from_chain_estimates_tau_by_budget():
+    # a_j: the accepted prefix reaches draft j (the loop counts draft j accepted only with d_1..d_j accepted)
+    assert tau_from_chain([0.5, 0.25, 0.0]) == {1: 1.5, 2: 1.75, 3: 1.75}
+    assert tau_from_chain([]) == {}
 
 
 def test_step_costs_pool_the_data_sets_by_verify_steps():

@@ -196,10 +196,27 @@ def test_drafter_is_the_one_method_form():
     assert list(load(BenchConfig, None, ["drafter.kind=none"]).method_configs()) == ["none"]
 
 
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("cost_curve.widths=[2, 4]", "cost_curve.widths"),  # no width 1: nothing to take ratios over
+        ("cost_curve.widths=[1, 4, 4]", "cost_curve.widths"),
+        ("cost_curve.context=0", "cost_curve.context"),
+        ("cost_curve.reps=0", "cost_curve.reps"),
+        ("lossless_prompts=-1", "lossless_prompts"),
+    ],
+)
+def test_bench_cost_curve_and_lossless_check_are_checked(override, field):
+    with pytest.raises(DraftopdError, match=f"^{field} must be"):
+        load(BenchConfig, None, [override])
+
+
 def test_the_bench_recipes_load():
     costs = load(BenchConfig, RECIPES / "bench-costs.yaml")
-    assert len(costs.methods) == 10 and {d.kind for d in costs.methods.values()} == {"shape"}
-    assert {d.confidence for d in costs.methods.values()} == {0.0}  # every proposal verified whole
+    shapes = [d for d in costs.methods.values() if d.kind == "shape"]
+    assert len(shapes) == 10 and costs.methods["prompt lookup"].kind == "pld"  # the one that accepts: its budget
+    assert {d.confidence for d in shapes} == {0.0}  # every proposal verified whole
+    assert costs.cost_curve.widths == (1, 2, 4, 8, 16, 24, 32, 48, 64) and costs.lossless_prompts == 0
     assert costs.methods["eagle3 chain 4, draft vocab 8k"].chain_length == 4
     sweep = load(BenchConfig, RECIPES / "bench-confidence.yaml").methods
     learned = [d for d in sweep.values() if d.kind == "path"]

@@ -162,8 +162,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from draftopd.bench.run import check_outputs, format_table, run_bench, save_result
     from draftopd.config import BenchConfig
     from draftopd.owner import owning
@@ -173,19 +171,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = load(BenchConfig, config, _overrides(args))
     check_outputs(args.json, args.plot)  # before the run: a bad output path fails now, not after an hour
     if args.costs:
-        from draftopd.bench.cost import cost_dtypes, costs_result, format_costs
+        from draftopd.bench.cost import cost_dtypes, format_costs, run_costs
 
         if args.plot:
             raise DraftopdError("--plot: the step costs are a table (--costs), not a chart")
-        dtypes = cost_dtypes(cfg)
+        cost_dtypes(cfg)  # tau_only refused before anything loads
     with contextlib.ExitStack() as outputs:  # each output file is this run's alone (owner.py)
         for path in {args.json, args.plot} - {None}:
             outputs.enter_context(owning(path, "bench"))
-        if args.costs:  # the same bench once per dtype, in one process; the table from the runs' step times
-            runs = [
-                run_bench(dataclasses.replace(cfg, target=dataclasses.replace(cfg.target, dtype=d))) for d in dtypes
-            ]
-            result = costs_result(runs)
+        if args.costs:  # the same bench once per dtype, in one process, and the verify cost by width
+            result = run_costs(cfg)
             print(format_costs(result), flush=True)
         else:
             result = run_bench(cfg)
@@ -288,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--costs",
         action="store_true",
         help="instead of the table: ms per draft and verify step of each method and the break-even tau, in fp32 and "
-        "bf16 (or target.dtype if set); without --config, of untrained drafters of several shapes "
+        "bf16 (or target.dtype if set), the verify cost by width (cost_curve) and the node budget it suggests per "
+        "drafter; without --config, of prompt lookup and untrained drafters of several shapes "
         "(configs/bench-costs.yaml)",
     )
     _model_flags(p)

@@ -124,6 +124,23 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
+class CostCurveConfig:
+    """``bench --costs``: the verify cost by width, a target forward of ``widths`` tokens (a tree of ``width - 1``
+    draft nodes under its ancestor mask) after ``context`` cached tokens, the median of ``reps`` timings."""
+
+    widths: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64)
+    context: int = 256
+    reps: int = 7
+
+    def __post_init__(self) -> None:
+        w = self.widths
+        ok = bool(w) and w[0] == 1 and all(a < b for a, b in zip(w, w[1:], strict=False))
+        need(ok, "cost_curve.widths", "increasing widths from 1 (the plain step every ratio is over)", w)
+        need(self.context >= 1, "cost_curve.context", ">= 1 (cached tokens before the timed forward)", self.context)
+        need(self.reps >= 1, "cost_curve.reps", ">= 1", self.reps)
+
+
+@dataclass(frozen=True)
 class BenchConfig:
     """``draftopd bench``: named drafters (methods) against plain decoding on the same prompts, in one process.
 
@@ -146,6 +163,10 @@ class BenchConfig:
     batch_size: int = 16  # rows per batch in tau_only mode (tau does not depend on batching)
     methods: dict[str, DrafterConfig] = field(default_factory=dict)  # name -> drafter, benchmarked side by side
     warmup: int = 1  # untimed generations before measuring
+    # greedy, timed: the first this many prompts per set re-run in fp32 (an fp32 copy of the target) to check that
+    # every method's tokens equal plain decoding's where the numerics are exact (bench/run.py); 0 = off
+    lossless_prompts: int = 4
+    cost_curve: CostCurveConfig = field(default_factory=CostCurveConfig)  # --costs: the verify cost by width
 
     def __post_init__(self) -> None:
         need(bool(self.datasets), "datasets", f"a list of {', '.join(DATASETS)}", self.datasets)
@@ -154,6 +175,7 @@ class BenchConfig:
         need(self.limit >= 1, "limit", ">= 1 (prompts per data set)", self.limit)
         need(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
         need(self.warmup >= 0, "warmup", ">= 0", self.warmup)
+        need(self.lossless_prompts >= 0, "lossless_prompts", ">= 0 (0 = no fp32 check)", self.lossless_prompts)
         if self.drafter is not None and self.methods:
             raise DraftopdError(
                 "drafter and methods are both set: drafter (what --drafter sets) is the one-method form; "
