@@ -1,7 +1,8 @@
 """The target's fast CPU path: every ``nn.Linear`` weight packed once, at load, into the layout oneDNN's matmul
-kernels read, so that a forward reads each weight once at memory speed instead of paying ``F.linear``'s per-call
-dispatch into MKL (measured at 7-10 GB/s for the default target's 211 linears against a 31.7 GB/s read rate, and
-worse on AVX2-only CPUs, where the weight is re-laid-out on every call).
+kernels read, so that a forward reads each weight once at memory speed instead of going through ``F.linear`` (the
+default target's 211 linears ran at 7-10 GB/s that way against a 31.7 GB/s read rate on a 2-core Zen 4; in bf16
+``F.linear`` re-lays each weight out for oneDNN on every call; an AVX2-only CPU paid +88 ms going from 1 to 4 new
+tokens, the shape of a per-call weight repack).
 
 ``pack_linears`` turns each ``nn.Linear`` of a model into a ``PackedLinear`` in place (the same module, its class
 swapped): its ``weight`` and ``bias`` stay as they were (state dicts, tied embeddings, ``Target.logits(vocab=...)``
@@ -10,18 +11,22 @@ an opaque oneDNN tensor of the same values laid out for the kernel. Its forward 
 ``torch.ops.mkldnn._linear_pointwise(x, packed, bias)`` and falls back to ``F.linear`` whenever the packed copy
 cannot serve: input off the CPU or in another dtype, an autograd graph to build (a drafter's states reaching the
 target's head during training), or no rows. The price is memory: the packed copy doubles what the linears hold
-(the default target: +550 MB in fp32, +270 MB in bf16).
+(the default target: +540 MB in fp32, +270 MB in bf16), and a one-off ``_reorder_linear_weight`` per linear at
+load.
 
-One packing serves every width: on AVX512 CPUs oneDNN picks the same weight layout for 1 to 64 rows (plain ``ab``
-in fp32, ``AB16b64a2b`` in bf16; checked with ``ONEDNN_VERBOSE=1``: no reorder at run time), so verify blocks of
-any width, batched rows, any cache length and 4-D float attention masks go through unchanged (attention is not
-touched). MKL's own packed GEMM (``torch.ops.mkl._mkl_linear``, what inductor uses for fp32) is not used: its
-packed buffers take 4.3x the weight's memory for this model's shapes. fp16 is not packed (oneDNN's fp16 kernels
-need AVX512-FP16; ``auto`` leaves it plain).
+One packing serves every width: oneDNN picks the same weight layout for 1 to 64 rows (fp32: plain ``ab``, also
+with oneDNN capped at AVX2 or AMX by ``ONEDNN_MAX_CPU_ISA``; bf16: ``AB16b64a2b``; checked with ``ONEDNN_VERBOSE=1``
+on an AVX512-BF16 CPU: no reorder at run time), so verify blocks of any width, batched rows, any cache length and
+4-D float attention masks go through unchanged (attention is not touched). MKL's own packed GEMM
+(``torch.ops.mkl._mkl_linear``, what inductor uses for fp32) is not used: its packed buffers take 4.3x the weight's
+memory for this model's shapes. fp16 is not packed (oneDNN's fp16 kernels need AVX512-FP16; ``auto`` leaves it
+plain).
 
-Values: oneDNN's kernels sum in another order than MKL's, so logits differ from the plain path by float rounding
-(fp32: ~1e-5 relative; bf16: the bf16 rounding of intermediate activations); tests/test_target_fast.py states the
-tolerance per width and checks that greedy output still equals transformers' own ``generate`` in fp32.
+Values: in fp32 oneDNN's kernels sum in another order than MKL's, so logits differ from the plain path by float
+rounding (the default target: max 8e-5 on logits up to 31, ~3e-6 relative, at widths 1, 4 and 17); in bf16
+``F.linear`` already runs oneDNN (re-laying the weight out on every call), and the two paths give bit-identical
+logits on an AVX512-BF16 CPU. tests/test_target_fast.py states the tolerance per width and dtype and checks that
+greedy output still equals transformers' own ``generate`` of the unpacked model in fp32.
 """
 
 from __future__ import annotations
