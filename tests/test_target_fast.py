@@ -203,6 +203,24 @@ def test_without_onednn_auto_is_plain_and_packed_is_refused(no_onednn):
         target.set_fast("packed")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_packed_linear_with_bias_any_rows_and_layout(dtype):
+    """A linear with a bias (as Qwen2's q/k/v) on 2-D, 3-D and non-contiguous input, under inference_mode too."""
+    if not packing_available(dtype):
+        pytest.skip(f"oneDNN cannot pack {dtype} here")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48).to(dtype).requires_grad_(False)
+    xs = [torch.randn(5, 64), torch.randn(2, 3, 64), torch.randn(64, 7).T, torch.randn(2, 64, 3).transpose(1, 2)]
+    refs = [lin(x.to(dtype)) for x in xs]
+    assert fast.pack_linears(lin) == 1 and isinstance(lin, PackedLinear)
+    with torch.inference_mode():
+        for x, ref in zip(xs, refs, strict=True):
+            got = lin(x.to(dtype))
+            assert got.shape == ref.shape and got.dtype == dtype
+            assert (got - ref).float().abs().max() <= TOLERANCE[dtype] * ref.float().abs().max()
+    assert fast.unpack_linears(lin) == 1 and type(lin) is torch.nn.Linear and not hasattr(lin, "packed")
+
+
 def test_packed_linear_falls_back_off_its_dtype_and_without_rows():
     """Input in another dtype than the weight, or with no rows: F.linear's answer (and its errors), no packed op."""
     target = tiny()

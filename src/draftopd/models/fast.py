@@ -25,8 +25,11 @@ plain).
 Values: in fp32 oneDNN's kernels sum in another order than MKL's, so logits differ from the plain path by float
 rounding (the default target: max 8e-5 on logits up to 31, ~3e-6 relative, at widths 1, 4 and 17); in bf16
 ``F.linear`` already runs oneDNN (re-laying the weight out on every call), and the two paths give bit-identical
-logits on an AVX512-BF16 CPU. tests/test_target_fast.py states the tolerance per width and dtype and checks that
-greedy output still equals transformers' own ``generate`` of the unpacked model in fp32.
+logits on an AVX512-BF16 CPU. Batch invariance (what data provenance assumes of greedy fp32): a packed fp32 row
+comes out bit-identical for any row count >= 2 (1 row takes another kernel), where MKL's rows also differ at 2
+and 3; bf16 rows are identical at every count on both paths. tests/test_target_fast.py states the tolerance per
+width and dtype and checks that greedy output still equals transformers' own ``generate`` of the unpacked model in
+fp32.
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ def pack_linears(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, nn.Linear):
             with torch.no_grad():
-                packed = pack(m.weight.detach(), PACK_HINT)
+                packed = pack(m.weight.detach().contiguous(), PACK_HINT)
             m.__class__ = PackedLinear
             m.packed = packed  # a plain attribute, not a buffer: not in state dicts, not moved by .to()
             n += 1
