@@ -2,19 +2,20 @@
 """step_profile: what one target step costs against the memory floor, per dtype and linear path, and where it goes.
 
 Times the real ``Target.forward`` on a ``SlotCache`` holding ``--ctx`` tokens: a plain step (1 new token) and
-k-token verifies (k = ``--widths``), each with the loop's host read of the argmax and a crop back to ``ctx``
-(so every timed forward sees the same cache), median of ``--reps`` after warm-up calls. Each is set against the
-memory floor: the bytes a step must read (every linear's weight once, the LM head included, plus the keys and
-values of the cache) over the read rate measured here (a sum over 256 MiB). Then ``torch.profiler`` over a few steps
-per path: the top ops by self CPU time, ops per step, the time outside any op (Python and transformers'
-bookkeeping), and host syncs (``aten::_local_scalar_dense``: a tensor's value read back by Python, e.g.
-transformers' mask check; the loop's own ``tolist`` is not an op and is not counted). Prints tables and writes
-JSON (``--json``).
+verifies of k new tokens (k = ``--widths``: k - 1 drafts after the last accepted token), each with the loop's host
+read of the argmax and a crop back to ``ctx`` (so every timed forward sees the same cache), median of ``--reps``
+after warm-up calls. Each is set against the memory floor: the bytes a step must read (every linear's weight once,
+the LM head included, plus the keys and values of the cache) over the read rate measured here (a sum over 256 MiB).
+Packed rows also give their largest logit difference from the plain path and whether the argmax agrees. Then
+``torch.profiler`` over a few steps per path: the top ops by self CPU time, ops per step, the time outside any op
+(Python and transformers' bookkeeping), and host syncs (``aten::_local_scalar_dense``: a tensor's value read back by
+Python, e.g. transformers' mask check; the loop's own ``tolist`` is not an op and is not counted). Prints tables and
+writes JSON (``--json``).
 
 Quiet machine only (nothing else running; the numbers are medians of wall time), from the repo root:
 
     PYTHONPATH=src .venv/bin/python scripts/step_profile.py [--dtypes fp32,bf16] [--fast plain,packed]
-        [--widths 1,2,4,8,16,32] [--ctx 256] [--reps 20] [--threads 2] [--batch 1] [--json step_profile.json]
+        [--widths 1,2,4,8,16,32] [--ctx 256] [--reps 20] [--threads 2] [--batch 1] [--json runs/step_profile.json]
 
 ``--quick`` checks that it runs (fp32, widths 1 and 4, ctx 32, 2 reps): its numbers mean nothing.
 """
@@ -143,7 +144,7 @@ def main() -> None:
     p.add_argument("--profile-widths", default="1,4", help="widths to run under torch.profiler ('' = none)")
     p.add_argument("--profile-steps", type=int, default=5)
     p.add_argument("--top", type=int, default=12)
-    p.add_argument("--json", default="step_profile.json")
+    p.add_argument("--json", default="runs/step_profile.json")
     p.add_argument("--quick", action="store_true", help="a check that it runs: tiny settings, meaningless numbers")
     a = p.parse_args()
     if a.quick:
@@ -193,6 +194,7 @@ def main() -> None:
                 )
         target = stepper = None  # free this dtype's model before the next loads
     report(result)
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(result, indent=1))
     print(f"\nwrote {a.json}")
 
