@@ -265,3 +265,12 @@ def test_fast_config_is_checked_and_reaches_every_loader(monkeypatch, tmp_path):
         with pytest.raises(Loaded) as e:
             call()
         assert e.value.args == ("plain",), verb
+
+
+def test_a_run_resumes_on_the_other_linear_path():
+    """target.fast is a machine setting: a run saved before it existed, or on the other path, resumes."""
+    from draftopd.train.checkpoints import config_changes
+
+    saved = {"target": {"path": "default", "threads": 2}, "lr": 1e-4}
+    assert config_changes(saved, {"target": {"path": "default", "threads": 2, "fast": "auto"}, "lr": 1e-4}) == []
+    assert config_changes({**saved, "target": {**saved["target"], "fast": "plain"}}, {**saved, "lr": 2e-4}) == ["lr"]
