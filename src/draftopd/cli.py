@@ -131,7 +131,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cfg = load(GenerateConfig, args.config, _overrides(args))
     if cfg.target.threads:
         torch.set_num_threads(cfg.target.threads)
-    target = load_target(cfg.target.path, cfg.target.dtype, cfg.target.device)
+    target = load_target(cfg.target.path, cfg.target.dtype, cfg.target.device, cfg.target.fast)
     drafter = build_drafter(cfg.drafter, target)
     ids = target.encode_chat(args.prompt)
     target.check_prompt(ids, cfg.sampling.max_new_tokens)

@@ -25,6 +25,7 @@ from draftopd.data.eval_sets import DATASETS  # the evaluation sets: name -> pro
 MIN_TEMPERATURE = 1e-4  # the smallest sampling temperature: (0, 1e-4) is refused, 0 is greedy
 SEED_LIMIT = 2**32  # seeds are combined with step numbers: keep them far from torch's 64-bit limit
 DTYPE_NAMES = ("bf16", "fp32", "fp16")  # the dtypes every verb takes (``auto`` besides, where it picks one)
+FAST_MODES = ("auto", "plain", "packed")  # target.fast; not "off": YAML reads off as false
 
 
 def need(ok: bool, name: str, rule: str, value: Any) -> None:
@@ -45,9 +46,14 @@ class TargetConfig:
     device: str = "cpu"  # cpu, cuda, cuda:N: the target, the drafter and every training tensor live there
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     shard: bool = False  # training under torchrun: shard the target's decoder layers over the ranks (FSDP2)
+    # the linears' path (models/fast.py): auto = the fastest exact path this machine has (packed on a CPU whose
+    # torch has oneDNN, for fp32 and bf16; else plain); plain = transformers' own modules; packed = every linear's
+    # weight packed once at load for oneDNN (an error where it cannot be). Output equals plain's up to float rounding.
+    fast: str = "auto"
 
     def __post_init__(self) -> None:
         need(self.dtype in ("auto", *DTYPE_NAMES), "target.dtype", f"auto, {', '.join(DTYPE_NAMES)}", self.dtype)
+        need(self.fast in FAST_MODES, "target.fast", f"one of {', '.join(FAST_MODES)}", self.fast)
         need(0 <= self.threads <= 1024, "target.threads", "between 0 (torch's default) and 1024", self.threads)
         need(bool(self.path.strip()), "target.path", "'default', a model folder or a hub id", self.path)
 

@@ -257,7 +257,7 @@ def run_bench(cfg: BenchConfig, target: Target | None = None, progress: bool = T
     ``run_methods``."""
     if cfg.target.threads:
         torch.set_num_threads(cfg.target.threads)
-    target = target or load_target(cfg.target.path, cfg.target.dtype, cfg.target.device)
+    target = target or load_target(cfg.target.path, cfg.target.dtype, cfg.target.device, cfg.target.fast)
     drafters = build_methods(cfg, target)
     max_new = cfg.sampling.max_new_tokens
     result: dict = {

@@ -274,7 +274,9 @@ def _generate(cfg: DataConfig, out: Path, target: Target | None) -> Path:
     if cfg.target.threads:
         torch.set_num_threads(cfg.target.threads)
     rank, world = rank_world()  # under torchrun, rank r generates shards r, r + W, ...; rank 0 writes the manifest
-    target = target or load_target(cfg.target.path, cfg.target.dtype, init_distributed(cfg.target.device))
+    target = target or load_target(
+        cfg.target.path, cfg.target.dtype, init_distributed(cfg.target.device), cfg.target.fast
+    )
     items = build_prompt_list(cfg, target)
     source, longest = max(items, key=lambda x: len(x[1]))
     target.check_prompt(longest, cfg.sampling.max_new_tokens, f"the longest prompt (of {source})")  # before any work
@@ -516,7 +518,7 @@ def regenerate_shard(folder: str | Path, name: str, out: str | Path, threads: in
     cfg = from_dict(DataConfig, conf)
     if cfg.target.threads:
         torch.set_num_threads(cfg.target.threads)
-    target = load_target(cfg.target.path, cfg.target.dtype, cfg.target.device)
+    target = load_target(cfg.target.path, cfg.target.dtype, cfg.target.device, cfg.target.fast)
     items = build_prompt_list(cfg, target)
     mine = provenance(cfg, target, items, cfg.shard_format)
     ours, theirs = mine["settings"], manifest["settings"]

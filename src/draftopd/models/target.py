@@ -7,6 +7,10 @@ the convention DFlash and EAGLE-3 checkpoints use). The LM head is always fed 2-
 input takes a slow bf16 path on CPU (~40x slower, measured with torch 2.13 on 2 cores). The head takes its
 input in its own dtype whatever the caller's (a float32 drafter state reaches a bf16 head) and returns
 float32 logits.
+
+``load_target(..., fast=...)`` (``target.fast`` in every config) puts the linears on the packed oneDNN path of
+``models/fast.py`` where this machine has it (``auto``): same modules, same outputs up to float rounding, the
+weights read at memory speed. ``Target.set_fast`` switches a loaded target (tests compare both paths on one model).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from draftopd import DraftopdError
 from draftopd.assets import DEFAULT_TARGET, default_target_dir
 from draftopd.decoding.slots import SlotCache
+from draftopd.models.fast import resolve_fast, set_fast
 from draftopd.models.sizes import check_sizes
 
 log = logging.getLogger(__name__)
@@ -137,6 +142,13 @@ class Target:
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         ids = {e for x in (eos, gen_eos) for e in (x if isinstance(x, list) else [x]) if e is not None}
         self.eos_ids: tuple[int, ...] = tuple(sorted(ids))
+        self.fast = "plain"  # the linears' path: plain (transformers' modules) or packed (models/fast.py)
+
+    def set_fast(self, mode: str) -> str:
+        """Put the linears on the path ``mode`` (auto | plain | packed) resolves to on this dtype and device; returns
+        it (plain or packed). A one-line error for ``packed`` where oneDNN cannot pack (``fast.resolve_fast``)."""
+        self.fast = set_fast(self.model, mode, self.dtype, self.device)
+        return self.fast
 
     @property
     def device(self) -> torch.device:
@@ -242,12 +254,14 @@ def check_device(device: str) -> None:
         raise DraftopdError(f"target.device {device!r}: cpu and cuda are supported")
 
 
-def load_target(target: str = DEFAULT_TARGET, dtype: str = "auto", device: str = "cpu") -> Target:
-    """Load a target by name (``default``), local folder or hub id, with a one-line error on bad input."""
+def load_target(target: str = DEFAULT_TARGET, dtype: str = "auto", device: str = "cpu", fast: str = "auto") -> Target:
+    """Load a target by name (``default``), local folder or hub id, with a one-line error on bad input; ``fast``:
+    the linears' path (``Target.set_fast``; auto = packed where this machine can, else plain)."""
     dtype = resolve_dtype(dtype, device)
     if dtype not in DTYPES:
         raise DraftopdError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     check_device(device)
+    fast_mode = resolve_fast(fast, DTYPES[dtype], device)  # bad input fails before loading
     path = resolve_target_path(target)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -261,4 +275,6 @@ def load_target(target: str = DEFAULT_TARGET, dtype: str = "auto", device: str =
         raise DraftopdError(f"could not load target {target}: {first}") from None
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         raise DraftopdError(f"{target} has no LM head: not a causal LM")
-    return Target(model, tok, name=target)
+    loaded = Target(model, tok, name=target)
+    loaded.set_fast(fast_mode)
+    return loaded

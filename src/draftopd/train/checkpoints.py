@@ -173,9 +173,9 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-# settings of the machine or the place, not of the run: a run may resume with other threads (or processes), and
-# from another folder (a moved run)
-MACHINE_KEYS = {"target.threads", "out"}
+# settings of the machine or the place, not of the run: a run may resume with other threads (or processes), on the
+# other linear path (target.fast: the same values up to float rounding), and from another folder (a moved run)
+MACHINE_KEYS = {"target.threads", "target.fast", "out"}
 
 
 def config_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:

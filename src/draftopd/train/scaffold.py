@@ -133,13 +133,14 @@ def load_run_target(cfg, target: Target | None = None) -> Target:
     if target is not None:
         torch.manual_seed(cfg.loop.seed)
         return target
-    target = load_target(cfg.target.path, cfg.target.dtype, init_distributed(cfg.target.device))
+    target = load_target(cfg.target.path, cfg.target.dtype, init_distributed(cfg.target.device), cfg.target.fast)
     if cfg.target.shard and rank_world()[1] > 1:
         from torch.distributed.fsdp import fully_shard
 
         # each decoder layer's weights are gathered for its forward and freed after: the target's layers cost
         # 1/N of their memory per rank. Embedding, final norm and LM head stay whole (the trainers call them
         # directly, outside the decoder's forward).
+        target.set_fast("plain")  # a packed copy would be whole on every rank, the sharding's saving lost
         for layer in target.backbone.layers:
             fully_shard(layer)
     torch.manual_seed(cfg.loop.seed)  # after loading and sharding (either may draw random numbers): the drafter's init
