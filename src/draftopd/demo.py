@@ -7,7 +7,8 @@
 4. sft_continued   SFT continued from the same drafter on the same sequences, update for update, with OPD's
                    optimizer and schedule (the matched control)
 5. bench           tokens/s and speed-up of plain decoding, prompt lookup, SFT, OPD and SFT continued on
-                   held-out GSM8K test_dev, HumanEval and MT-bench prompts, batch 1, side by side (``draftopd bench``)
+                   held-out GSM8K test_dev, HumanEval and MT-bench prompts, batch 1, side by side (``draftopd bench``);
+                   SFT and OPD also as draft trees with the lookup branch (``bench.drafter``'s tree setting)
 6. tau             held-out tau of SFT, OPD and SFT continued on more prompts per set, batched and untimed
                    (``draftopd bench --set tau_only=true``): the prompts pair, so the report gives OPD's gain over
                    its matched control with a 95% interval
