@@ -18,6 +18,8 @@ from draftopd.recipes import load
 pytestmark = pytest.mark.slow
 
 QUICK = Path(__file__).resolve().parents[1] / "configs" / "demo-quick.yaml"
+# the bench stage's methods: plain, prompt lookup, the three drafters as chains, SFT and Draft-OPD as trees
+BENCHED = {"plain", "prompt lookup", "SFT", "Draft-OPD", "SFT continued", "SFT tree", "Draft-OPD tree"}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,7 @@ def test_quick_demo_writes_report_with_every_method(quick_demo):
     result = json.loads((out / "bench" / "result.json").read_text())
     assert set(result["datasets"]) == set(cfg.bench.datasets)  # the tau stage below runs all three sets
     for ds, r in result["datasets"].items():
-        assert set(r["methods"]) == {"plain", "prompt lookup", "SFT", "Draft-OPD", "SFT continued"}
+        assert set(r["methods"]) == BENCHED
         for name, m in r["methods"].items():
             # greedy, checked in fp32 in any bench dtype: every drafter reproduces plain decoding
             assert m["lossless"] == 1.0, (ds, name)
@@ -59,6 +61,14 @@ def test_quick_demo_writes_report_with_every_method(quick_demo):
     # the bench drafts with the default gate, the tau stage without: the report gives both settings
     assert {m["confidence"] for m in result["config"]["methods"].values()} == {0.5}
     assert "| drafter.confidence | 0.5 |" in text
+    # SFT and Draft-OPD also decode as draft trees with prompt lookup's branch (demo-quick.yaml's bench.drafter)
+    trees = [result["config"]["methods"][n] for n in ("SFT tree", "Draft-OPD tree")]
+    assert all((m["tree_budget"], m["tree_topk"], m["lookup"]) == (16, 4, True) for m in trees)
+    assert result["config"]["methods"]["SFT"]["tree_budget"] == 0 and not result["config"]["methods"]["SFT"]["lookup"]
+    assert (
+        "| `SFT tree`, `Draft-OPD tree` decode draft trees | tree_budget 16, tree_topk 4, prompt lookup branch |"
+        in text
+    )
     # the tau stage: the three drafters on the same prompts, OPD's paired gains over its control and the start
     tau = json.loads((out / "tau" / "result.json").read_text())
     assert tau["config"]["tau_only"] is True and {m["confidence"] for m in tau["config"]["methods"].values()} == {0}
@@ -136,6 +146,5 @@ def test_tiny_demo_in_the_other_dtype(tiny_folder, tmp_path):
     report = run_demo(cfg, say=lambda _: None)
     result = json.loads((tmp_path / "demo" / "bench" / "result.json").read_text())
     assert result["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[other]
-    methods = {"plain", "prompt lookup", "SFT", "Draft-OPD", "SFT continued"}
-    assert set(result["datasets"]["gsm8k"]["methods"]) == methods
+    assert set(result["datasets"]["gsm8k"]["methods"]) == BENCHED
     assert result["dtype"] in report.read_text()

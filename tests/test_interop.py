@@ -406,6 +406,68 @@ def test_cli_export_refuses_existing_output_and_writes_a_card(tmp_path, target, 
     assert card.index("vllm serve") < card.index("sglang.launch_server")  # --to vllm: its command first
 
 
+def _tree_card(tmp_path, target, kind, *flags: str, bench: dict | None = None) -> str:
+    ckpt = training_checkpoint(make_drafter(kind, target), tmp_path / "ck")
+    out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+    extra = []
+    if bench is not None:
+        (tmp_path / "bench.json").write_text(json.dumps(bench))
+        extra = ["--bench", str(tmp_path / "bench.json")]
+    assert main(["export", str(ckpt), str(out), "--dtype", "fp32", *flags, *extra]) == 0
+    return (out / "README.md").read_text()
+
+
+def _fixed_tree(card: str) -> tuple[int, list[tuple[int, ...]]]:
+    """vLLM's num_speculative_tokens and speculative_token_tree from a card's command."""
+    import ast
+
+    line = next(x for x in card.splitlines() if x.startswith("vllm serve") and "speculative_token_tree" in x)
+    config = json.loads(line.split("--speculative-config ", 1)[1].strip("'"))
+    return config["num_speculative_tokens"], ast.literal_eval(config["speculative_token_tree"])
+
+
+def test_the_card_serves_eagle3_trees_in_sglang_and_vllm(tmp_path, target):
+    """SGLang's num_draft_tokens counts the root (tree_budget + 1, as k + 1 for a k-step chain); vLLM's fixed tree
+    has one branching factor per level (its tree attention requires it) and num_speculative_tokens = its nodes."""
+    card = _tree_card(tmp_path, target, "eagle3", "--tree-budget", "16", "--tree-topk", "4")
+    assert "## Serve it as a draft tree (tree_budget 16, tree_topk 4)" in card
+    assert "--speculative-num-steps 5 --speculative-eagle-topk 4 --speculative-num-draft-tokens 17" in card
+    n, tree = _fixed_tree(card)
+    assert n == len(tree) == 16 and tree == sorted(tree, key=lambda t: (len(t), t))  # breadth-first
+    assert set(tree) == {(i, *(0,) * d) for i in range(4) for d in range(4)}  # 4 chains of depth 4
+    for depth in range(2, 5):  # each node of a level has the same number of children (here 1)
+        parents = [t[:-1] for t in tree if len(t) == depth]
+        assert sorted(parents) == sorted(t for t in tree if len(t) == depth - 1)
+    # a budget past what 5 steps of top-2 generate (2 + 4 x 4 = 18 nodes): capped; top-1: the chain
+    card = _tree_card(tmp_path, target, "eagle3", "--tree-budget", "60", "--tree-topk", "2")
+    assert "--speculative-eagle-topk 2 --speculative-num-draft-tokens 19" in card and "capped at the 18" in card
+    assert _fixed_tree(card) == (10, sorted([(i, *(0,) * d) for i in range(2) for d in range(5)], key=len))
+    card = _tree_card(tmp_path, target, "eagle3", "--tree-budget", "3", "--tree-topk", "1")
+    assert "--speculative-eagle-topk 1 --speculative-num-draft-tokens 4" in card
+    assert _fixed_tree(card) == (3, [(0,), (0, 0), (0, 0, 0)])
+    assert "as a draft tree" not in _tree_card(tmp_path, target, "eagle3")  # no setting: no tree section
+
+
+def test_the_card_takes_the_tree_setting_from_a_bench_result_and_says_dflash_serves_chains(tmp_path, target):
+    methods = {
+        "chain": {"kind": "path", "tree_budget": 0, "tree_topk": 4},
+        "tree": {"tree_budget": 12, "tree_topk": 3},
+    }
+    rows = {name: {"tau": 1.5} for name in methods}
+    bench = {"commit": "abc1234", "dtype": "float32", "config": {"methods": methods},
+             "datasets": {"gsm8k": {"prompts": 2, "methods": rows}}}  # fmt: skip
+    card = _tree_card(tmp_path, target, "eagle3", bench=bench)
+    assert "(tree_budget 12, tree_topk 3)" in card and "--speculative-num-draft-tokens 13" in card
+    card = _tree_card(tmp_path, target, "dflash", "--tree-budget", "16")
+    assert "(tree_budget 16, tree_topk 4)" in card and "neither builds DFlash trees" in card
+    assert "speculative_token_tree" not in card
+    ckpt = training_checkpoint(make_drafter("eagle3", target), tmp_path / "ck-g")
+    with pytest.raises(DraftopdError, match="llama.cpp drafts chains only"):
+        export_drafter(ckpt, tmp_path / "g", to="gguf", tree_budget=8)
+    with pytest.raises(DraftopdError, match="must be >= 1"):
+        export_drafter(ckpt, tmp_path / "z", tree_budget=0)
+
+
 def test_failed_export_leaves_nothing(tmp_path, target, monkeypatch):
     import draftopd.export as ex
 

@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from draftopd.report import learned_setting, write_report
+from draftopd.config import DrafterConfig
+from draftopd.demo import demo_methods
+from draftopd.recipes import to_dict
+from draftopd.report import learned_setting, tree_rows, write_report
 
 SETS = ("gsm8k", "mtbench")
 # per method: tau, speed-up over plain, seconds and target calls (the step cost), per-prompt [tokens, verify steps]
@@ -95,6 +99,22 @@ def test_the_report_reads_the_drafter_setting_of_old_results_too():
     old = {"drafter": {"confidence": 0.5, "chain_length": 4}, "methods": ["SFT=runs/sft/final"]}
     assert learned_setting(old) == {"confidence": 0.5, "chain_length": 4}
     assert learned_setting({"methods": {"SFT": {"confidence": 0.0}}, "drafter": None}) == {"confidence": 0.0}
+
+
+def test_the_demo_benches_its_drafters_as_chains_and_as_trees_and_the_report_names_the_tree():
+    tree = DrafterConfig(kind="path", path="x", tree_budget=16, tree_topk=4, lookup=True)
+    methods = demo_methods(tree, Path("runs/demo"), pld=True)
+    assert list(methods) == ["prompt lookup", "SFT", "Draft-OPD", "SFT continued", "SFT tree", "Draft-OPD tree"]
+    assert methods["prompt lookup"].kind == "pld" and not methods["prompt lookup"].lookup
+    chains = [methods[n] for n in ("SFT", "Draft-OPD", "SFT continued")]
+    assert all(m.kind == "path" and m.tree_budget == 0 and not m.lookup for m in chains)
+    assert methods["Draft-OPD tree"] == replace(tree, kind="path", path=str(Path("runs/demo/opd/final")))
+    assert list(demo_methods(DrafterConfig(), Path("x"))) == ["SFT", "Draft-OPD", "SFT continued"]  # chains only
+    cfg = {"methods": {n: to_dict(m) for n, m in methods.items()}}
+    assert tree_rows(cfg) == [
+        "| `SFT tree`, `Draft-OPD tree` decode draft trees | tree_budget 16, tree_topk 4, prompt lookup branch |"
+    ]
+    assert tree_rows({"methods": {"SFT": {}}}) == [] and tree_rows({"methods": ["SFT=x"]}) == []
 
 
 @pytest.mark.slow

@@ -251,6 +251,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             bench=args.bench,
             target=args.target,
             target_dtype=args.target_dtype,
+            tree_budget=args.tree_budget,
+            tree_topk=args.tree_topk,
         )
     )
     return 0
@@ -331,6 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
     p.add_argument("--bench", metavar="RESULT", help="a `draftopd bench --json` result: its tau goes on the card")
     p.add_argument("--target", help="the target's path or hub id, when no run_config.json says it")
+    p.add_argument(
+        "--tree-budget",
+        type=int,
+        metavar="N",
+        help="the card also serves it as draft trees of N nodes (drafter.tree_budget; default: a --bench result's "
+        "first tree method's, else none)",
+    )
+    p.add_argument("--tree-topk", type=int, default=4, metavar="K", help="with --tree-budget: drafter.tree_topk")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the main job on the embedded default target")

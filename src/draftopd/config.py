@@ -459,7 +459,8 @@ class DemoConfig:
     """``draftopd demo``: the whole pipeline in stages. The demo fills in every path (data -> sft -> opd ->
     sft_continued -> bench under ``out``) and the target; the sections hold only what the stages do. The bench
     stages name their methods themselves (prompt lookup, SFT, Draft-OPD, SFT continued): ``bench.drafter`` and
-    ``tau.drafter`` say how the trained drafters decode (chain_length, confidence), their kind and path filled in."""
+    ``tau.drafter`` say how the trained drafters decode (chain_length, confidence), their kind and path filled in;
+    a tree setting there (tree_budget > 0 or lookup) adds SFT and Draft-OPD decoding that way (demo.demo_methods)."""
 
     out: str = "runs/demo"
     target: TargetConfig = field(default_factory=lambda: TargetConfig(threads=2))

@@ -7,7 +7,8 @@
 4. sft_continued   SFT continued from the same drafter on the same sequences, update for update, with OPD's
                    optimizer and schedule (the matched control)
 5. bench           tokens/s and speed-up of plain decoding, prompt lookup, SFT, OPD and SFT continued on
-                   held-out GSM8K test_dev, HumanEval and MT-bench prompts, batch 1, side by side (``draftopd bench``)
+                   held-out GSM8K test_dev, HumanEval and MT-bench prompts, batch 1, side by side (``draftopd bench``);
+                   SFT and OPD also as draft trees with the lookup branch (``bench.drafter``'s tree setting)
 6. tau             held-out tau of SFT, OPD and SFT continued on more prompts per set, batched and untimed
                    (``draftopd bench --set tau_only=true``): the prompts pair, so the report gives OPD's gain over
                    its matched control with a 95% interval
@@ -44,6 +45,7 @@ from draftopd.atomic import check_output_dir, write_json, write_text
 from draftopd.config import DemoConfig, DrafterConfig
 from draftopd.owner import contents, owning, sweep
 from draftopd.recipes import load, to_dict
+from draftopd.report import LEARNED, TREE
 
 STAGES = ("data", "sft", "opd", "sft_continued", "bench", "tau")
 
@@ -92,12 +94,18 @@ def stage_configs(cfg: DemoConfig) -> dict[str, tuple[list[str], object]]:
 
 
 def demo_methods(drafter: DrafterConfig | None, out: Path, pld: bool = False) -> dict[str, DrafterConfig]:
-    """The methods a bench stage compares: the three trained drafters, each decoding as ``drafter`` says (its
-    chain_length and confidence; the demo fills in kind and path), and with ``pld`` prompt lookup first."""
+    """The methods a bench stage compares: the three trained drafters as chains, each decoding as ``drafter`` says
+    (its chain_length and confidence; the demo fills in kind and path), and with ``pld`` prompt lookup first. Where
+    ``drafter`` asks for a tree or the lookup branch (tree_budget > 0, lookup), SFT and Draft-OPD also decode that
+    way, as "SFT tree" and "Draft-OPD tree" (report.TREE), after the chains."""
     d = drafter or DrafterConfig()
-    methods = {"prompt lookup": dataclasses.replace(d, kind="pld", path=None)} if pld else {}
-    for name, stage in (("SFT", "sft"), ("Draft-OPD", "opd"), ("SFT continued", "sft_continued")):
-        methods[name] = dataclasses.replace(d, kind="path", path=str(out / stage / "final"))
+    chain = dataclasses.replace(d, tree_budget=0, lookup=False)
+    methods = {"prompt lookup": dataclasses.replace(d, kind="pld", path=None, lookup=False)} if pld else {}
+    for name, stage in LEARNED.items():
+        methods[name] = dataclasses.replace(chain, kind="path", path=str(out / stage / "final"))
+    if d.tree_budget or d.lookup:
+        for name in ("SFT", "Draft-OPD"):
+            methods[name + TREE] = dataclasses.replace(methods[name], tree_budget=d.tree_budget, lookup=d.lookup)
     return methods
 
 

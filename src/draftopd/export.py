@@ -110,9 +110,11 @@ def drafter_card(
     bench,
     source_config=None,
     gguf: tuple[str, list[str]] | None = None,
+    tree: tuple[int, int] | None = None,
 ) -> str:
     """The README.md of an export; ``source_config``: the source's config when export changed it (DFlash);
-    ``gguf``: (the target GGUF's path, the lines on both files) for ``--to gguf``."""
+    ``gguf``: (the target GGUF's path, the lines on both files) for ``--to gguf``; ``tree``: (tree_budget,
+    tree_topk), the draft-tree setting the card serves it with too."""
     c, entry = model.config, layout_of(model)
     kind, ids = entry.LABEL, list(c.target_layer_ids)
     shape = entry.describe(c, source_config)
@@ -156,6 +158,10 @@ def drafter_card(
     lines += bench_lines(Path(bench)) if bench else ["Not measured for this export (`--bench result.json` adds it)."]
     served = gguf[0] if gguf else target or "TARGET"
     lines += ["", "## Serve it", "", "```bash", *serve_lines(model, out, to, served), "```", ""]
+    if tree is not None:
+        budget, topk = tree
+        lines += [f"## Serve it as a draft tree (tree_budget {budget}, tree_topk {topk})", ""]
+        lines += [*entry.tree_serving(c, out, served, budget, topk), ""]
     if gguf is not None:  # llama.cpp: the same from Python, then what the two files are
         from draftopd.llamacpp import DRAFT_FILE, python_lines
 
@@ -197,9 +203,13 @@ def export_drafter(
     bench: str | Path | None = None,
     target: str | None = None,
     target_dtype: str | None = None,
+    tree_budget: int | None = None,
+    tree_topk: int = 4,
 ) -> str:
     """Export ``src`` to ``out`` in format ``to``; returns what to print (where it went and how to serve it).
-    ``target_dtype``: ``--to gguf`` only, the target GGUF's type (default: q4_1 for the embedded target, else f32)."""
+    ``target_dtype``: ``--to gguf`` only, the target GGUF's type (default: q4_1 for the embedded target, else f32).
+    ``tree_budget`` (with ``tree_topk``): the card also serves the drafter as draft trees of that setting (unset: the
+    setting of ``bench``'s first tree method, if it has one)."""
     for what, value in (("DRAFTER", src), ("OUT", out)):
         if not str(value).strip():
             raise DraftopdError(f"export: {what} is empty ({str(value)!r}): give a folder")
@@ -211,6 +221,9 @@ def export_drafter(
         raise DraftopdError(f"export --dtype {dtype!r}: use one of {', '.join(DTYPES)}{also}")
     if target_dtype is not None and to != "gguf":
         raise DraftopdError("export --target-dtype is for --to gguf (the target GGUF written beside the drafter)")
+    tree = tree_setting(tree_budget, tree_topk, bench)
+    if tree is not None and to == "gguf":
+        raise DraftopdError("export --tree-budget: llama.cpp drafts chains only; use --to sglang or vllm")
     check_overlap(src, out)
     if out.is_symlink():
         raise DraftopdError(f"export: {out} is a symbolic link (to {os.readlink(out)}): give a real folder path")
@@ -220,7 +233,7 @@ def export_drafter(
             raise DraftopdError(f"export: {out} exists and is not empty (--force replaces it)")
         if to == "gguf":
             return _export_gguf(src, out, dtype, bench, target, target_dtype)
-        return _export(src, out, dtype, to, bench, target)
+        return _export(src, out, dtype, to, bench, target, tree)
 
 
 def check_overlap(src: Path, out: Path) -> None:
@@ -235,7 +248,23 @@ def check_overlap(src: Path, out: Path) -> None:
         )
 
 
-def _export(src: Path, out: Path, dtype: str, to: str, bench, target: str | None) -> str:
+def tree_setting(budget: int | None, topk: int, bench) -> tuple[int, int] | None:
+    """(tree_budget, tree_topk) for the card: the flags', else the first tree method's of a bench result, else
+    None (no tree section)."""
+    if budget is None and bench:
+        try:
+            methods = json.loads(Path(bench).read_text())["config"]["methods"] or {}
+            budget, topk = next((m["tree_budget"], m["tree_topk"]) for m in methods.values() if m.get("tree_budget"))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError, StopIteration):
+            return None  # an unreadable result is reported by bench_lines; no tree method: no tree section
+    if budget is None:
+        return None
+    if budget < 1 or topk < 1:
+        raise DraftopdError(f"export --tree-budget {budget} --tree-topk {topk}: both must be >= 1")
+    return budget, topk
+
+
+def _export(src: Path, out: Path, dtype: str, to: str, bench, target: str | None, tree=None) -> str:
     source = read_drafter(src)
     model = for_engines(source)  # DFlash: without d2t (the engines have none; lossless over the full vocabulary)
     torch_dtype = DTYPES[dtype]
@@ -250,7 +279,7 @@ def _export(src: Path, out: Path, dtype: str, to: str, bench, target: str | None
             arch = json.loads((Path(tgt) / "config.json").read_text()).get("architectures") or arch
         verifier = (tgt, arch)
     expect = drafter_files(model, "plain", torch_dtype)[0]  # what any reader must get back (full maps implied)
-    card = drafter_card(model, src, out, to, dtype, tgt, run_cfg, bench, source.config)
+    card = drafter_card(model, src, out, to, dtype, tgt, run_cfg, bench, source.config, tree=tree)
 
     def finish(tmp: Path) -> None:  # before OUT is renamed into place: read back and compared, then the card
         verify(tmp, model, expect)

@@ -161,6 +161,7 @@ def _target_name(result: dict) -> str:
 
 # the demo's drafters: bench method label -> training stage folder
 LEARNED = {"SFT": "sft", "Draft-OPD": "opd", "SFT continued": "sft_continued"}
+TREE = " tree"  # "SFT tree", "Draft-OPD tree": the same drafter decoding draft trees (bench.drafter's tree settings)
 
 
 def learned_setting(cfg: dict) -> dict:
@@ -170,6 +171,17 @@ def learned_setting(cfg: dict) -> dict:
     if isinstance(methods, dict) and "SFT" in methods:
         return methods["SFT"]
     return cfg.get("drafter") or {}
+
+
+def tree_rows(cfg: dict) -> list[str]:
+    """Markdown rows naming the tree setting of a bench's tree methods ("SFT tree", "Draft-OPD tree"), if any."""
+    methods = cfg.get("methods")
+    tree = methods.get("SFT" + TREE) if isinstance(methods, dict) else None
+    if not tree:
+        return []
+    setting = f"tree_budget {tree.get('tree_budget', 0)}, tree_topk {tree.get('tree_topk', '-')}"
+    lookup = ", prompt lookup branch" if tree.get("lookup") else ""
+    return [f"| `SFT{TREE}`, `Draft-OPD{TREE}` decode draft trees | {setting}{lookup} |"]
 
 
 def gain_table(result: dict) -> list[str]:
@@ -206,7 +218,8 @@ def cost_table(result: dict) -> list[str]:
     """Markdown lines: per learned drafter, its step time over a plain step (the tau at which it breaks even)."""
     lines = ["| drafter | step time / plain step (break-even tau) |", "|---|---|"]
     first = next(iter(result["datasets"].values()))["methods"]
-    lines += [f"| {name} | {_step_cost(result, name):.2f} |" for name in LEARNED if name in first]
+    names = [*LEARNED, *(name + TREE for name in LEARNED)]
+    lines += [f"| {name} | {_step_cost(result, name):.2f} |" for name in names if name in first]
     return lines
 
 
@@ -290,6 +303,7 @@ def write_report(out: Path, stages: dict[str, dict]) -> Path:
         "|---|---|",
         f"| drafter.confidence | {drafter.get('confidence', 0)} |",
         f"| drafter.chain_length | {drafter.get('chain_length', '-')} |",
+        *tree_rows(bench_cfg),
         "",
         "## Draft-OPD vs SFT: benchmark tau",
         "",

@@ -43,7 +43,7 @@ class VerifyStep:
     draft_logprobs_target: list[float]  # log p_target(d_j | prefix, d_<j) at T=1, from the same verify pass
 
 
-_SUMMED = ("target_calls", "target_tokens", "new_tokens", "rows", "generations")
+_SUMMED = ("target_calls", "target_tokens", "verify_tokens", "new_tokens", "rows", "generations")
 
 
 @dataclass
@@ -55,6 +55,7 @@ class SpecStats:
     accepted_at: Counter = field(default_factory=Counter)  # draft position j -> times accepted (a tree: reached)
     target_calls: int = 0  # target forwards, prefill included
     target_tokens: int = 0  # tokens those forwards processed (a compute measure: batch rows x block width)
+    verify_tokens: int = 0  # of target_tokens: the verify forwards' (the prefills' left out)
     new_tokens: int = 0
     rows: int = 0
     generations: int = 0  # speculative_generate calls merged into these stats
@@ -75,6 +76,12 @@ class SpecStats:
         """P(draft token j accepted | it was proposed), for j = 1..max proposed."""
         n = max(self.proposed_at, default=0)
         return [self.accepted_at[j] / self.proposed_at[j] if self.proposed_at[j] else 0.0 for j in range(1, n + 1)]
+
+    @property
+    def nodes_per_step(self) -> float:
+        """Draft tokens verified per row per verify step: a chain's length, a tree's node count (the block's width
+        less its root; in a batch every row pays the widest row's block). Tau's cost side: what one step verifies."""
+        return self.verify_tokens / max(1, len(self.committed)) - 1 if self.committed else 0.0
 
     @property
     def verifies(self) -> int:
@@ -115,6 +122,7 @@ class SpecStats:
             # per verify step (all rows of the batch together): drafting and the verify forward
             "draft_ms": round(1000 * self.draft_s / max(1, self.verifies), 3),
             "verify_ms": round(1000 * self.verify_s / max(1, self.verifies), 3),
+            "nodes_per_step": round(self.nodes_per_step, 3),
             "tau_histogram": self.histogram(),
             "acceptance_rate": [round(a, 4) for a in self.acceptance_rate()],
             "per_prompt": [list(x) for x in self.per_prompt],  # [tokens, verify steps]: for paired comparisons
@@ -352,7 +360,9 @@ def speculative_generate(
         budget = [max_new_tokens - len(out_tokens[r]) - 1 for r in state.rows]
         round_rows = speculative_round(target, drafter, cache, state, budget, params, generator, stats, record)
         stats.target_calls += 1
-        stats.target_tokens += len(round_rows) * (1 + max(x.nodes for x in round_rows))
+        width = len(round_rows) * (1 + max(x.nodes for x in round_rows))  # rows x (root + the widest draft)
+        stats.target_tokens += width
+        stats.verify_tokens += width
         live = []
         for r, x in zip(state.rows, round_rows, strict=True):
             if record:

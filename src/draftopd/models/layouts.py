@@ -95,6 +95,11 @@ class DrafterLayout:
         """The SGLang and vLLM command lines that serve drafter folder ``out`` with ``target`` (plain layout)."""
         raise NotImplementedError
 
+    def tree_serving(self, c, out: Path | str, target: str, budget: int, topk: int) -> list[str]:
+        """Drafter-card lines (markdown) serving ``out`` as draft trees of draftopd's ``tree_budget`` ``budget`` and
+        ``tree_topk`` ``topk``, where the engines can; where they cannot, saying so."""
+        raise NotImplementedError
+
     def describe(self, c, source_config=None) -> str:
         """One line of shape facts for a drafter card; ``source_config``: the config before ``for_engines``."""
         raise NotImplementedError
@@ -313,6 +318,13 @@ class DFlashLayout(DrafterLayout):
             f'\'{{"method": "dflash", "model": "{out}", "num_speculative_tokens": {self.serve_tokens(c)}}}\'',
         }
 
+    def tree_serving(self, c: DFlashConfig, out: Path | str, target: str, budget: int, topk: int) -> list[str]:
+        return [
+            f"SGLang and vLLM draft DFlash's block as one chain ({self.serve_tokens(c)} tokens; the commands above): "
+            f"neither builds DFlash trees, so tree_budget {budget} / tree_topk {topk} (DDTree over the block's "
+            "marginals) runs in draftopd's own engine only (`draftopd generate` / `bench` with `drafter.tree_budget`)."
+        ]
+
     def describe(self, c: DFlashConfig, source_config=None) -> str:
         sc = source_config
         shape = f"{c.num_hidden_layers} layers, block size {c.block_size}, mask token id {c.mask_token_id}"
@@ -481,6 +493,49 @@ class Eagle3Layout(DrafterLayout):
             "vllm": f"vllm serve {target} --speculative-config "
             f'\'{{"method": "eagle3", "model": "{out}", "num_speculative_tokens": {k}}}\'',
         }
+
+    def tree_serving(self, c: Eagle3Config, out: Path | str, target: str, budget: int, topk: int) -> list[str]:
+        """SGLang grows EAGLE-2's dynamic tree, draftopd's own rule: ``--speculative-num-steps`` levels, each
+        expanding the ``--speculative-eagle-topk`` best nodes by their top-k children, then the best
+        ``--speculative-num-draft-tokens`` - 1 nodes are verified (that count includes the root, the last committed
+        token: a chain of k steps is ``k + 1``), so num_draft_tokens = tree_budget + 1, at most the nodes the
+        levels generate. vLLM's EAGLE-3 verifies a *fixed* tree (``speculative_token_tree``: child-index paths,
+        one branching factor per level, its tree attention backend), not a dynamic one: the card gives the fixed
+        tree nearest the budget, ``topk`` chains from the root's top-k (``num_speculative_tokens`` = its nodes)."""
+        steps = self.serve_tokens(c)
+        generated = topk + (steps - 1) * topk * topk  # first level: topk nodes; each later one: topk x topk
+        draft_tokens = min(budget, generated) + 1
+        k = min(topk, budget)
+        depth = max(1, min(steps, budget // k))
+        fixed = [(i, *(0,) * (d - 1)) for d in range(1, depth + 1) for i in range(k)]  # breadth-first
+        sglang = (
+            f"python -m sglang.launch_server --model-path {target} --speculative-algorithm EAGLE3 "
+            f"--speculative-draft-model-path {out} --speculative-num-steps {steps} --speculative-eagle-topk {topk} "
+            f"--speculative-num-draft-tokens {draft_tokens}"
+        )
+        vllm = (
+            f"vllm serve {target} --speculative-config "
+            f'\'{{"method": "eagle3", "model": "{out}", "num_speculative_tokens": {len(fixed)}, '
+            f'"speculative_token_tree": "{fixed}"}}\''
+        )
+        cap = "" if draft_tokens == budget + 1 else f", capped at the {generated} nodes {steps} steps generate"
+        return [
+            f"SGLang runs EAGLE-2's dynamic tree, the rule draftopd uses: {steps} steps, top-{topk} per step, the "
+            f"best {draft_tokens - 1} nodes verified (`--speculative-num-draft-tokens` counts the root: "
+            f"tree_budget + 1{cap}).",
+            "",
+            "```bash",
+            sglang,
+            "```",
+            "",
+            f"vLLM's EAGLE-3 verifies a fixed tree (`speculative_token_tree`, one branching factor per level, with "
+            f"its tree attention backend), not a dynamic one; the nearest fixed tree: {k} chains of depth {depth} "
+            f"from the root's top {k} ({len(fixed)} nodes). Without `speculative_token_tree` it runs the chain above.",
+            "",
+            "```bash",
+            vllm,
+            "```",
+        ]
 
     def describe(self, c: Eagle3Config, source_config=None) -> str:
         return f"1 layer (midlayer), draft vocabulary {c.draft_vocab_size} of {c.vocab_size}"
