@@ -363,7 +363,7 @@ def _generate(cfg: DataConfig, out: Path, target: Target | None) -> Path:
                     record.add(name, secs)
             rate = made / max(secs, 1e-9)
             log.info("%s: %d rows, %d new tokens in %.1f s (%.1f tok/s)", name, len(rows), made, secs, rate)
-    if new_tokens:
+    if new_tokens and seconds:  # (responses: text generates nothing)
         log.info(
             "engine %s: %d new tokens in %.1f s (%.1f tok/s)", cfg.engine, new_tokens, seconds, new_tokens / seconds
         )
