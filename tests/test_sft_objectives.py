@@ -96,6 +96,21 @@ def test_a_run_stored_before_a_new_field_still_matches():
     assert config_changes(saved, {**now, "sft_loss": "soft"}, defaults=defaults) == ["sft_loss"]
 
 
+def test_gsm8k_text_is_the_reference_solution_without_annotations():
+    from draftopd.data.text import gsm8k_pairs, gsm8k_solution, text_pairs
+
+    assert gsm8k_solution("He pays 48/2 = $<<48/2=24>>24.\n#### 24") == (
+        "He pays 48/2 = $24.\nThe final answer is $\\boxed{24}$."
+    )
+    pairs = gsm8k_pairs("", 3)  # the 40-record fixture (conftest)
+    assert len(pairs) == 3 and all("<<" not in r and "####" not in r and "boxed" in r for _, r in pairs)
+    with pytest.raises(DraftopdError, match="pool B's indices"):
+        gsm8k_pairs("a", 3)  # the fixture is not the whole train split: pools cannot be told apart
+    for source in ("humaneval", "mbpp"):
+        with pytest.raises(DraftopdError, match="evaluation set|without solutions"):
+            text_pairs(source, 2)
+
+
 # --- the drafters' SFT slots on a tiny target ---
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from draftopd import DraftopdError
 from draftopd.data.eval_sets import MATH_TEMPLATE, gsm8k_file
 from draftopd.data.jsonl import read_jsonl
-from draftopd.data.prompts import pool_b_indices, sharegpt_records
+from draftopd.data.prompts import GSM8K_TRAIN, pool_b_indices, sharegpt_records
 
 CALC = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations: 48/2 = <<48/2=24>>24
 
@@ -36,10 +36,18 @@ def gsm8k_solution(answer: str) -> str:
 
 
 def gsm8k_pairs(pool: str, limit: int | None) -> list[tuple[str, str]]:
-    """(math prompt, reference solution) of GSM8K train: every record (``pool`` ""), pool ``a`` or pool ``b``."""
+    """(math prompt, reference solution) of GSM8K train: every record (``pool`` ""), pool ``a`` or pool ``b``
+    (``prompts.gsm8k_pool``'s split: pool B's indices are of the whole train split)."""
+    file = gsm8k_file("train")
+    rows = list(read_jsonl(file))
+    if pool and len(rows) != GSM8K_TRAIN:
+        raise DraftopdError(
+            f"gsm8k_{pool}: pool B's indices are of GSM8K train's {GSM8K_TRAIN} questions, but {file} holds "
+            f"{len(rows)}"
+        )
     held = set(pool_b_indices()) if pool else set()
     out = []
-    for i, row in enumerate(read_jsonl(gsm8k_file("train"))):
+    for i, row in enumerate(rows):
         if pool and (i in held) != (pool == "b"):
             continue
         q, a = row.get("question"), row.get("answer")
