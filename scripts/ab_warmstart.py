@@ -165,7 +165,7 @@ def sized(cfg: SFTConfig, steps: int, budget: float, plan: Plan) -> SFTConfig:
     """``cfg`` for ``steps`` steps under a CPU cap of ``budget``, tau measured EVALS times on the plan's prompts."""
     every = max(1, steps // EVALS)
     return override(
-        cfg, **{"loop.max_steps": steps, "loop.max_cpu_seconds": round(budget, 1), "loop.eval_every": every,
+        cfg, **{"loop.max_steps": steps, "loop.max_cpu_seconds": max(round(budget, 1), 0.1), "loop.eval_every": every,
                 "loop.save_every": every, "loop.keep_every": 0, "eval.limit": plan.eval_limit,
                 "eval.max_new_tokens": plan.eval_new},
     )  # fmt: skip
@@ -203,7 +203,7 @@ def run_kind(home: Path, kind: str, plan: Plan, pool_dir: Path, text_dir: Path, 
             link_features(cal / f"pre-{kind}", pre_out)
             pre_cfg = sized(override(pre, out=str(pre_out)), steps_for(share, cost["pre"]), share, plan)
             say(f"text-pre-{kind}", ["train", "sft"], pre_cfg)
-            budget = plan.budget - spent(pre_out)  # what the pre-training left (its features included)
+            budget = max(plan.budget - spent(pre_out), 0.1)  # what the pre-training left (its features included)
             cfg = override(cfg, init_from=str(pre_out / "final"))
         link_features(cal / f"{CALIBRATED[arm]}-{kind}", out)
         steps = steps_for(budget, cost[CALIBRATED[arm]])

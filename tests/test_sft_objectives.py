@@ -320,7 +320,7 @@ def test_sft_with_every_option_trains_and_stops_at_its_cpu_budget(tiny_folder, l
     from draftopd.train.sft import train_sft
 
     arch = ArchConfig(kind=kind, num_layers=1, block_size=4, draft_vocab_size=256, ttt_steps=2, init_from_target=True)
-    loop = LoopConfig(max_steps=50, lr=1e-2, warmup_ratio=0.0, log_every=1, eval_every=100, save_every=100)
+    loop = LoopConfig(max_steps=30, lr=1e-2, warmup_ratio=0.0, log_every=1, eval_every=100, save_every=100)
     cfg = SFTConfig(
         target=TargetConfig(path=str(tiny_folder), dtype="fp32"), arch=arch,
         eval=EvalConfig(limit=1, max_new_tokens=4), data=str(text_data[0]), out=str(tmp_path / "sft"), loop=loop,
@@ -328,7 +328,7 @@ def test_sft_with_every_option_trains_and_stops_at_its_cpu_budget(tiny_folder, l
     )  # fmt: skip
     final = train_sft(cfg, loaded)
     rows = [r for r in metric_rows(tmp_path / "sft") if "loss" in r]
-    assert len(rows) == 50 and all(math.isfinite(r["loss"]) and 0 < r["kept"] <= 1 for r in rows)
+    assert len(rows) == 30 and all(math.isfinite(r["loss"]) and 0 < r["kept"] <= 1 for r in rows)
     assert rows[-1]["cpu_seconds"] > rows[0]["cpu_seconds"] > 0
     read_drafter(final, loaded)
     cache = torch.load(tmp_path / "sft" / "features.pt", weights_only=True)
@@ -338,7 +338,7 @@ def test_sft_with_every_option_trains_and_stops_at_its_cpu_budget(tiny_folder, l
     budget = dataclasses.replace(cfg, out=str(tmp_path / "cut"), loop=dataclasses.replace(loop, max_cpu_seconds=spent))
     train_sft(budget, loaded)
     cut = [r for r in metric_rows(tmp_path / "cut") if "loss" in r]
-    assert 1 <= len(cut) < 50 and cut[-1]["cpu_seconds"] >= spent  # stopped once the budget was spent
+    assert 1 <= len(cut) < 30 and cut[-1]["cpu_seconds"] >= spent  # stopped once the budget was spent
     last = (tmp_path / "cut" / "checkpoints" / "latest").read_text().strip()
     assert last == f"step_{cut[-1]['step']:06d}" and (tmp_path / "cut" / "final").is_dir()
     train_sft(budget, loaded)  # resumed past its budget: no step more

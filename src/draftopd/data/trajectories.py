@@ -361,8 +361,11 @@ def _generate(cfg: DataConfig, out: Path, target: Target | None) -> Path:
                     tmp.write_bytes(shardfile.dumps(rows))
                 if record is not None:
                     record.add(name, secs)
-            rate = made / max(secs, 1e-9)
-            log.info("%s: %d rows, %d new tokens in %.1f s (%.1f tok/s)", name, len(rows), made, secs, rate)
+            if text:
+                log.info("%s: %d rows, %d response tokens of existing text", name, len(rows), made)
+            else:
+                rate = made / max(secs, 1e-9)
+                log.info("%s: %d rows, %d new tokens in %.1f s (%.1f tok/s)", name, len(rows), made, secs, rate)
     if new_tokens and seconds:  # (responses: text generates nothing)
         log.info(
             "engine %s: %d new tokens in %.1f s (%.1f tok/s)", cfg.engine, new_tokens, seconds, new_tokens / seconds
