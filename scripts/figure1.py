@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -85,13 +86,14 @@ def configs(home: Path, steps: tuple[int, ...] = STEPS) -> dict[str, tuple[list[
     return stages
 
 
-def tau_config(folders: dict[str, str]) -> BenchConfig:
-    """The held-out tau bench of drafter folders (name -> folder): batched, greedy, every proposal verified whole."""
+def tau_config(folders: dict[str, str], limit: int = 32, max_new_tokens: int = 96) -> BenchConfig:
+    """The held-out tau bench of drafter folders (name -> folder): batched, greedy, every proposal verified whole;
+    ``limit`` prompts of each data set, ``max_new_tokens`` each."""
     cfg = load(
         BenchConfig,
         None,
-        ["tau_only=true", "hf_baseline=false", "limit=32", "batch_size=16", "sampling.max_new_tokens=96",
-         f"datasets=[{','.join(DATASETS)}]", "target.threads=2"],
+        ["tau_only=true", "hf_baseline=false", f"limit={limit}", "batch_size=16",
+         f"sampling.max_new_tokens={max_new_tokens}", f"datasets=[{','.join(DATASETS)}]", "target.threads=2"],
     )  # fmt: skip
     methods = {name: DrafterConfig(kind="path", path=folder, confidence=0.0) for name, folder in folders.items()}
     return dataclasses.replace(cfg, methods=methods)
@@ -168,15 +170,18 @@ def recorded(cfg) -> str:
     return json.dumps(d, sort_keys=True, default=str)
 
 
-def run_stage(home: Path, name: str, verb: list[str], cfg, horizon: int = 0) -> None:
+def run_stage(home: Path, name: str, verb: list[str], cfg, horizon: int = 0, tag: str = "figure1") -> None:
     """Run one stage unless its done marker holds the same config. ``horizon``: a trainer is stopped once its
-    checkpoint of that update is written (its schedule unchanged, so the next run resumes it to the end)."""
+    checkpoint of that update is written (its schedule unchanged, so the next run resumes it to the end). The marker
+    records the stage's wall seconds and its process CPU-seconds (``cpu_seconds``: user + system time of the child,
+    from ``resource.getrusage``; an interrupted and resumed stage counts its last attempt only). ``tag`` prefixes
+    what is printed (the driver's name)."""
     done = home / "done" / f"{name}.json"
     record = recorded(cfg)
     if done.exists() and finished_config(done, type(cfg)) == record:
         return
     if horizon and reached(cfg, horizon):
-        print(f"[figure1] {name}: at update {horizon} already", flush=True)
+        print(f"[{tag}] {name}: at update {horizon} already", flush=True)
         return
     conf = home / "configs" / f"{name}.yaml"
     conf.parent.mkdir(parents=True, exist_ok=True)
@@ -184,24 +189,31 @@ def run_stage(home: Path, name: str, verb: list[str], cfg, horizon: int = 0) -> 
     log = home / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "draftopd.cli", *verb, "--config", str(conf)]
-    print(f"[figure1] {name}: {' '.join(cmd[2:])}  (log: {log})", flush=True)
-    t0 = time.time()
+    print(f"[{tag}] {name}: {' '.join(cmd[2:])}  (log: {log})", flush=True)
+    t0, cpu0 = time.time(), children_cpu()
     with log.open("a") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         while proc.poll() is None:
             if horizon and reached(cfg, horizon):
                 proc.send_signal(signal.SIGINT)  # the checkpoint is complete once latest names it
                 proc.wait()
-                print(f"[figure1] {name}: stopped at update {horizon} ({(time.time() - t0) / 60:.1f} min)", flush=True)
+                print(f"[{tag}] {name}: stopped at update {horizon} ({(time.time() - t0) / 60:.1f} min)", flush=True)
                 return
-            time.sleep(5)
+            time.sleep(1)
         rc = proc.returncode
     if rc:
-        sys.exit(f"[figure1] {name} failed (exit {rc}): see {log}")
+        sys.exit(f"[{tag}] {name} failed (exit {rc}): see {log}")
     done.parent.mkdir(parents=True, exist_ok=True)
     config = json.dumps(to_dict(cfg), sort_keys=True, default=str)
-    done.write_text(json.dumps({"config": config, "seconds": round(time.time() - t0, 1)}))
-    print(f"[figure1] {name} done in {(time.time() - t0) / 60:.1f} min", flush=True)
+    cpu = round(children_cpu() - cpu0, 1)
+    done.write_text(json.dumps({"config": config, "seconds": round(time.time() - t0, 1), "cpu_seconds": cpu}))
+    print(f"[{tag}] {name} done in {(time.time() - t0) / 60:.1f} min ({cpu:.0f} CPU-s)", flush=True)
+
+
+def children_cpu() -> float:
+    """User + system CPU-seconds of this process's finished (waited-for) children so far."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def pooled_tau(per_prompt: list) -> float:

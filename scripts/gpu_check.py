@@ -227,10 +227,10 @@ def sft_batch(target: Target, layer_ids, seqs, seeds: list[int], gen_seed: int) 
 
 def sft_loss(model, target: Target, batch: SeqBatch, gen, cfg: SFTConfig) -> torch.Tensor:
     with torch.autocast(target.device.type, dtype=target.dtype, enabled=target.dtype != torch.float32):
-        if gen is None:
-            h, labels, weights = model.sft_states(target.embed, batch, cfg)
-        else:
-            h, labels, weights = model.sft_states(target.embed, batch, gen, cfg)
+        args = (batch, cfg) if gen is None else (batch, gen, cfg)
+        out = model.sft_states(target.embed, *args)
+        # SFTSlots (states, labels, weights, where each slot sits), or the (states, labels, weights) of older code
+        h, labels, weights = (out.states, out.labels, out.weights) if hasattr(out, "states") else out
         logp = token_logprobs(h, labels, lambda x: model.draft_logits(x, target))
         return weighted_nll(logp, weights)
 

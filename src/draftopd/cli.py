@@ -66,6 +66,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         "limit": "limit",
         "datasets": "datasets",
         "engine": "engine",
+        "responses": "responses",
     }
     for flag, key in pairs.items():
         if getattr(args, flag, None) is not None:
@@ -300,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--threads", type=int)
     p.add_argument("--engine", choices=["hf", "vllm"], help="hf (default) or vllm (where vllm is importable)")
+    p.add_argument(
+        "--responses",
+        choices=["generated", "text"],
+        help="generated (default: the target's own) or text (the sources' existing responses, nothing generated; "
+        "SFT then labels each position with the target's greedy token from its feature pass)",
+    )
     _common(p)
     p.set_defaults(func=cmd_data)
 

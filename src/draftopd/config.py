@@ -220,9 +220,15 @@ class DataConfig:
     # pt: torch.save'd lists (shard_NNNNN.pt) | u16: compact, byte-deterministic uint16 ids, xz (shard_NNNNN.u16.xz,
     # data/shardfile.py), each shard's sha256 and the machine that made it in the manifest: for committed pools
     shard_format: str = "pt"
+    # generated: the target's own responses; text: the sources' existing responses (GSM8K train reference answers,
+    # ShareGPT's first reply, a jsonl's first assistant turn), no generation. SFT on a text folder supervises each
+    # position with the target's greedy token there, computed in its feature pass, never the text's own next token
+    # (data/text.py)
+    responses: str = "generated"
 
     def __post_init__(self) -> None:
         rule = "a list of gsm8k, gsm8k_a, gsm8k_b, sharegpt, mbpp or jsonl paths"
+        need(self.responses in ("generated", "text"), "responses", "generated or text", self.responses)
         need(bool(self.sources), "sources", rule, self.sources)
         need(self.engine in ("hf", "vllm"), "engine", "hf or vllm", self.engine)
         need(self.shard_format in ("pt", "u16"), "shard_format", "pt or u16", self.shard_format)
@@ -250,6 +256,10 @@ class ArchConfig:
     draft_vocab_size: int = 32000
     ttt_steps: int = 6  # eagle3: training-time-test unroll (steps trained per position)
     ttt_decay: float = 0.8  # eagle3: weight of TTT step k is ttt_decay ** k
+    # a fresh drafter's decoder layer(s) start from the target's own layers where shapes allow (dflash: layer i from
+    # target layer build_target_layer_ids(L, n)[i]; eagle3: the midlayer from the last target layer, q/k/v's hidden
+    # half only); fc, the embedding half of eagle3's q/k/v and its LM head stay as built. False: random (std 0.02)
+    init_from_target: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("dflash", "eagle3"):
@@ -312,6 +322,12 @@ class LoopConfig:
     eval_every: int = 100  # tau with the real engine every this many steps (and at the last)
     save_every: int = 100  # a checkpoint every this many steps (and at the last)
     keep_every: int = 0  # checkpoints at multiples of this are never pruned (0: only the newest two are kept)
+    # stop (checkpoint, final/) after the step at which the run's process CPU-seconds reach this; 0 = no limit. Counted
+    # over the whole run, resumes included (counter cpu_seconds): SFT's target feature pass (or, when its features
+    # come from a cache, the CPU-seconds the cache recorded) and every step; not tau evals or checkpoint writes. The
+    # schedule stays max_steps' (a stop before max_steps leaves the cosine unfinished): equal-CPU-time comparisons
+    # size max_steps from a measured s/step and keep this as the cap (scripts/ab_warmstart.py)
+    max_cpu_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         lr, warm, floor, betas, wd = self.lr, self.warmup_ratio, self.min_lr_ratio, self.adam_betas, self.weight_decay
@@ -328,6 +344,8 @@ class LoopConfig:
         need(finite(self.grad_clip) and self.grad_clip > 0, "loop.grad_clip", "a finite number > 0", self.grad_clip)
         need(0 <= self.seed < SEED_LIMIT, "loop.seed", f"in [0, {SEED_LIMIT})", self.seed)
         need(self.keep_every >= 0, "loop.keep_every", ">= 0", self.keep_every)
+        cpu = self.max_cpu_seconds
+        need(finite(cpu) and cpu >= 0, "loop.max_cpu_seconds", "a finite number >= 0 (0: no limit)", cpu)
         for name in ("max_steps", "log_every", "eval_every", "save_every"):
             need(getattr(self, name) >= 1, f"loop.{name}", ">= 1", getattr(self, name))
 
@@ -352,6 +370,9 @@ class TrainConfig:
         need(bool(self.data.strip()), "data", "a trajectory folder", self.data)
 
 
+SFT_LOSSES = ("hard_ce", "soft")
+
+
 @dataclass(frozen=True)
 class SFTConfig(TrainConfig):
     """``draftopd train sft``: a drafter trained on target trajectories (``init_from``: continue one, instead of
@@ -365,9 +386,17 @@ class SFTConfig(TrainConfig):
     blocks_per_seq: int = 16  # dflash: anchors sampled per sequence
     max_len: int = 640  # tokens per sequence (prompt + response), longer ones are cut
     loss_decay: float = 7.0  # dflash: slot weight exp(-(k-1)/decay); 0 = uniform
+    # the loss at each supervised slot: hard_ce = cross-entropy on the label (the target's greedy token); soft = KL
+    # from the target's own distribution at that position (its logits from the feature pass's last hidden state;
+    # eagle3: renormalised over the draft vocabulary, as its LM head is), the same slots and weights
+    sft_loss: str = "hard_ce"
+    # train on what acceptance can reach: in each DFlash block / EAGLE-3 chain, slots after the first one whose
+    # argmax is not its label get weight 0 (that first miss itself is kept); losses.accept_until_fail
+    accept_until_fail: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        need(self.sft_loss in SFT_LOSSES, "sft_loss", " | ".join(SFT_LOSSES), self.sft_loss)
         need(self.loop.lr is not None, "loop.lr", "a finite number > 0 (None, the kind's recipe, is for OPD)", None)
         need(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
         need(self.blocks_per_seq >= 1, "blocks_per_seq", ">= 1", self.blocks_per_seq)

@@ -11,6 +11,7 @@ A user jsonl line is one of ``{"prompt": str}``, ``{"messages": [{"role", "conte
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from draftopd import DraftopdError, assets
@@ -103,20 +104,29 @@ def mbpp(limit: int | None = None) -> list[str]:
     return [CODE_TEMPLATE.format(prompt=r["prompt"].strip()) for r in rows]
 
 
-def sharegpt(limit: int | None = None, max_chars: int = 2000) -> list[str]:
-    """First human turns of the ShareGPT dump. The shipped file is truncated mid-record, so it is read as a
-    stream of JSON objects (``raw_decode``) and the incomplete tail is dropped."""
+def sharegpt_records() -> Iterator[dict]:
+    """The conversation records of the ShareGPT dump, in order. The shipped file is truncated mid-record, so it is
+    read as a stream of JSON objects (``raw_decode``) and the incomplete tail is dropped."""
     text = assets.data_file("sharegpt").read_text(encoding="utf-8")
-    dec, pos, out = json.JSONDecoder(), text.index("[") + 1, []
-    while limit is None or len(out) < limit:
+    dec, pos = json.JSONDecoder(), text.index("[") + 1
+    while True:
         while pos < len(text) and text[pos] in " \t\r\n,":
             pos += 1
         if pos >= len(text) or text[pos] == "]":
-            break
+            return
         try:
             rec, pos = dec.raw_decode(text, pos)
         except json.JSONDecodeError:
-            break  # the truncated last record
+            return  # the truncated last record
+        yield rec
+
+
+def sharegpt(limit: int | None = None, max_chars: int = 2000) -> list[str]:
+    """First human turns (<= ``max_chars``) of the ShareGPT dump (``sharegpt_records``)."""
+    out: list[str] = []
+    for rec in sharegpt_records():
+        if limit is not None and len(out) >= limit:
+            break
         turn = _first_user_turn(rec.get("conversations", []), "from", "human", "value")
         if turn and len(turn) <= max_chars:
             out.append(turn)

@@ -8,6 +8,10 @@ and the settings that change the output (``provenance``), so a rerun after the p
 changed is refused with what changed, never resumed into stale shards; a changed thread count is accepted.
 ``engine: vllm`` generates the same shards with vLLM's offline API instead (``data/vllm_engine.py``).
 
+``responses: text`` writes the sources' existing responses instead of generating any (``data/text.py``): the same
+shards, the manifest's settings saying ``responses: text`` (``responses_are_text``), which SFT reads to take its
+labels from the target, not the text.
+
 ``shard_format: u16`` writes ``shard_NNNNN.u16.xz`` instead (``data/shardfile.py``: uint16 ids, xz, the same rows
 give the same bytes), for pools that are committed: the manifest then also names the target's weights
 (``target_sha256``, compared on resume), the sources' origin and licence, and per shard its sha256, rows, tokens,
@@ -106,6 +110,19 @@ def training_sequences(folder: str | Path, max_len: int = 1 << 30) -> list[tuple
     raise DraftopdError(f"{folder}: no usable trajectory, nothing to train on ({why})")
 
 
+def responses_are_text(folder: str | Path) -> bool:
+    """Whether a data folder (or every folder of a pool) holds existing text (``responses: text``) rather than the
+    target's responses; a pool mixing the two is a one-line error (they are trained on differently)."""
+    manifests = [read_manifest(f) or {"settings": {}} for f in data_folders(folder)]
+    kinds = {m["settings"].get("responses", "generated") for m in manifests}
+    if len(kinds) > 1:
+        raise DraftopdError(
+            f"{folder} mixes folders of existing text (responses: text) and of the target's responses: train on "
+            "them in two runs (the text first, then init_from its final/)"
+        )
+    return kinds == {"text"}
+
+
 def read_manifest(folder: str | Path) -> dict | None:
     """``manifest.json`` of a data folder, or None when there is none (a hand-made or older folder) or it is not a
     JSON object; its ``settings`` always a dict."""
@@ -160,8 +177,8 @@ def provenance(cfg: DataConfig, target: Target, items: list[tuple[str, list[int]
     (vLLM schedules its batches itself: no batch-shape guarantee). ``u16`` folders also hash the format and the
     target's weights (``target_sha256``), so a pool resumed elsewhere is refused if its target differs."""
     h = hashlib.sha256()
-    for source, ids in items:
-        h.update(json.dumps([source, ids]).encode() + b"\n")
+    for item in items:  # (source, prompt ids), or (source, prompt ids, response ids) for responses: text
+        h.update(json.dumps(list(item)).encode() + b"\n")
     s = cfg.sampling
     greedy = s.temperature == 0
     dtype = str(target.dtype).removeprefix("torch.")
@@ -181,6 +198,8 @@ def provenance(cfg: DataConfig, target: Target, items: list[tuple[str, list[int]
         settings["batch_size"] = cfg.batch_size
     if shard_format != "pt":
         settings |= {"shard_format": shard_format, "target_sha256": weights_sha256(cfg.target.path)}
+    if cfg.responses != "generated":
+        settings["responses"] = cfg.responses  # nothing generated: the response length cap is max_new_tokens
     return {"prompts": len(items), "prompts_sha256": h.hexdigest(), "settings": settings}
 
 
@@ -238,6 +257,28 @@ def build_prompt_list(cfg: DataConfig, target: Target) -> list[tuple[str, list[i
     return sorted(items, key=lambda x: len(x[1]))  # length buckets: neighbours pad little
 
 
+def build_text_list(cfg: DataConfig, target: Target) -> list[tuple[str, list[int], list[int]]]:
+    """(source, prompt ids, response ids) of every text pair (``data/text.py``) whose prompt fits
+    ``max_prompt_tokens``; the response tokenised as the assistant's text, cut to ``max_new_tokens``, the target's
+    end-of-turn token after a response that was not cut. Sorted by prompt length, as the prompts of generation."""
+    from draftopd.data.text import text_pairs
+
+    eos = getattr(target.tokenizer, "eos_token_id", None)
+    eos = [eos] if eos is not None else list(target.eos_ids[:1])
+    cap, items = cfg.sampling.max_new_tokens, []
+    for source in cfg.sources:
+        pairs = text_pairs(source, cfg.limit_per_source)
+        for prompt, response in pairs:
+            ids = target.encode_chat(prompt)
+            if len(ids) <= cfg.max_prompt_tokens:
+                r = target.tokenizer(response, add_special_tokens=False)["input_ids"] + eos
+                items.append((source, ids, r[:cap]))
+        log.info("%s: %d prompt/response pairs", source, sum(1 for s, *_ in items if s == source))
+    if not items:
+        raise DraftopdError("no prompt/response pairs: check data.sources")
+    return sorted(items, key=lambda x: len(x[1]))
+
+
 def check_engine(engine: str) -> None:
     """One line, before the target loads or anything is written, when ``engine`` cannot run here."""
     from draftopd.data import vllm_engine
@@ -277,8 +318,9 @@ def _generate(cfg: DataConfig, out: Path, target: Target | None) -> Path:
     target = target or load_target(
         cfg.target.path, cfg.target.dtype, init_distributed(cfg.target.device), cfg.target.fast
     )
-    items = build_prompt_list(cfg, target)
-    source, longest = max(items, key=lambda x: len(x[1]))
+    text = cfg.responses == "text"
+    items = build_text_list(cfg, target) if text else build_prompt_list(cfg, target)
+    source, longest = max(items, key=lambda x: len(x[1]))[:2]
     target.check_prompt(longest, cfg.sampling.max_new_tokens, f"the longest prompt (of {source})")  # before any work
     fmt = cfg.shard_format
     if fmt == "u16" and target.vocab_size > shardfile.MAX_ID + 1:
@@ -304,7 +346,7 @@ def _generate(cfg: DataConfig, out: Path, target: Target | None) -> Path:
     chunks = [items[i : i + cfg.chunk_size] for i in range(0, len(items), cfg.chunk_size)]
     todo = [i for i in range(rank, len(chunks), world) if not (out / f"shard_{i:05d}{suffix}").exists()]
     log.info("%d prompts in %d shards, %d to generate -> %s", len(items), len(chunks), len(todo), out)
-    vllm = _start_vllm(cfg, target, items, world) if cfg.engine == "vllm" and todo else None
+    vllm = _start_vllm(cfg, target, items, world) if cfg.engine == "vllm" and todo and not text else None
     new_tokens, seconds = 0, 0.0
     total = sum(len(chunks[i]) for i in todo)
     with tqdm(total=total, desc="trajectories", unit="traj", disable=not is_writer()) as bar:  # closed on errors too
@@ -321,9 +363,12 @@ def _generate(cfg: DataConfig, out: Path, target: Target | None) -> Path:
                     tmp.write_bytes(shardfile.dumps(rows))
                 if record is not None:
                     record.add(name, secs)
-            rate = made / max(secs, 1e-9)
-            log.info("%s: %d rows, %d new tokens in %.1f s (%.1f tok/s)", name, len(rows), made, secs, rate)
-    if new_tokens:
+            if text:
+                log.info("%s: %d rows, %d response tokens of existing text", name, len(rows), made)
+            else:
+                rate = made / max(secs, 1e-9)
+                log.info("%s: %d rows, %d new tokens in %.1f s (%.1f tok/s)", name, len(rows), made, secs, rate)
+    if new_tokens and seconds:  # (responses: text generates nothing)
         log.info(
             "engine %s: %d new tokens in %.1f s (%.1f tok/s)", cfg.engine, new_tokens, seconds, new_tokens / seconds
         )
@@ -338,6 +383,11 @@ def generate_chunk(
 ) -> tuple[list[dict], float]:
     """The rows of shard ``i`` (its prompts ``chunk``) and the seconds generation took: batches of ``batch_size``
     in order, greedy or drawn from a generator seeded by the shard's index (a resumed run redoes it exactly)."""
+    if cfg.responses == "text":  # (source, prompt, response) items: nothing to generate
+        rows = [{"source": s, "prompt": x, "response": r} for s, x, r in chunk]
+        if progress is not None:
+            progress(len(rows))
+        return rows, 0.0
     gen = torch.Generator(target.device).manual_seed(cfg.sampling.seed + i)
     params = SamplingParams(cfg.sampling.temperature, cfg.sampling.top_p)
     rows, seconds = [], 0.0
@@ -457,7 +507,7 @@ class PoolRecord:
         me = machine_description(cfg, target)
         self.machine = hashlib.sha256(json.dumps(me, sort_keys=True).encode()).hexdigest()[:12]
         counts: dict[str, int] = {}
-        for source, _ in items:
+        for source, *_ in items:
             counts[source] = counts.get(source, 0) + 1
         unknown = {"origin": "a user file", "licence": "not recorded"}
         default = cfg.target.path == assets.DEFAULT_TARGET
@@ -519,7 +569,7 @@ def regenerate_shard(folder: str | Path, name: str, out: str | Path, threads: in
     if cfg.target.threads:
         torch.set_num_threads(cfg.target.threads)
     target = load_target(cfg.target.path, cfg.target.dtype, cfg.target.device, cfg.target.fast)
-    items = build_prompt_list(cfg, target)
+    items = build_text_list(cfg, target) if cfg.responses == "text" else build_prompt_list(cfg, target)
     mine = provenance(cfg, target, items, cfg.shard_format)
     ours, theirs = mine["settings"], manifest["settings"]
     if mine["prompts_sha256"] != manifest["prompts_sha256"] or ours != theirs:

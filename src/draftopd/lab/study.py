@@ -44,6 +44,26 @@ def tau_interval(per_prompt: list, n_boot: int = 2000, seed: int = 0) -> tuple[f
     return tau(range(n)), boots[int(0.025 * n_boot)], boots[int(0.975 * n_boot) - 1]
 
 
+def plateaued(curve: list, last: int = 4, tolerance: float = 0.015) -> bool:
+    """The declared plateau rule (issue 35): the last ``last`` held-out evaluations all lie within +-``tolerance``
+    (relative) of their mean. ``curve``: tau values, or (step, tau) points, in training order; fewer than ``last``
+    evaluations is not a plateau. (The issue's second condition, that a 20% longer run gains < 1%, compares two
+    runs: ``extension_gain`` below.)"""
+    if last < 2:
+        raise DraftopdError(f"plateaued: last must be >= 2 evaluations, not {last}")
+    taus = [float(x[1]) if isinstance(x, list | tuple) else float(x) for x in curve]
+    if len(taus) < last:
+        return False
+    tail = taus[-last:]
+    mean = sum(tail) / last
+    return all(abs(t - mean) <= tolerance * mean for t in tail)
+
+
+def extension_gain(before: float, after: float) -> float:
+    """The relative gain of a run extended past its plateau (tau after / tau before - 1): the rule wants < 1%."""
+    return after / before - 1
+
+
 def fit_power(points: list[tuple[float, float]]) -> tuple[float, float]:
     """Least-squares fit of log(tau - 1) = log(c) + b * log(N) over (N, tau) points; returns (c, b)."""
     pts = [(math.log(n), math.log(t - 1)) for n, t in points if n > 0 and t > 1]

@@ -39,6 +39,36 @@ class SeqBatch:
     prompt_len: Tensor  # (B,) prompt tokens per row (labels are supervised only in the response)
     features: Tensor  # (B, S, K*H) target features of the drafter's layers
     seeds: list[int]  # per row: seeds what the drafter samples for it (DFlash anchors), whatever rank holds it
+    # (B, S) the label of each position: the target's greedy token there given the row's tokens before it (from the
+    # feature pass); None = ``ids`` themselves (a trajectory the target generated greedily: the same tokens)
+    labels: Tensor | None = None
+    teacher: Tensor | None = None  # (B, S, H) the target's last (normed) hidden state: its logits for position p + 1
+
+    @property
+    def label_ids(self) -> Tensor:
+        """(B, S) the token each position is supervised with (``labels``, else ``ids``)."""
+        return self.ids if self.labels is None else self.labels
+
+
+@dataclass
+class SFTSlots:
+    """The supervised slots of an SFT batch as a drafter lays them out (``sft_states``), N of them, flat.
+
+    A slot belongs to a *group* whose slots greedy verification checks in ``order``: a DFlash block (slots k =
+    1..Bs-1 of one anchor) or an EAGLE-3 chain (TTT steps k = 0..K-1 from one position); accept-until-fail reads
+    it. ``label_pos`` is where its label sits in its row: the target's own distribution of that label comes from its
+    last hidden state at ``label_pos - 1`` (soft labels). ``miss_group``/``miss_order``: slots left unsupervised
+    that verification would still reject (an EAGLE-3 label outside the draft vocabulary)."""
+
+    states: Tensor  # (N, H) drafter states
+    labels: Tensor  # (N,) labels, ids of the drafter's vocabulary
+    weights: Tensor  # (N,) loss weights (DFlash position decay, EAGLE-3 ttt_decay ** k)
+    row: Tensor  # (N,) batch row
+    label_pos: Tensor  # (N,) position of the label in its row
+    group: Tensor  # (N,) block or chain id, unique within the batch
+    order: Tensor  # (N,) place in the group (verification order)
+    miss_group: Tensor  # (M,) unsupervised certain misses: their group ...
+    miss_order: Tensor  # (M,) ... and place
 
 
 @dataclass
@@ -64,7 +94,8 @@ class DrafterModel:
     * ``engine(target, chain_length, confidence, tree_budget, tree_topk)``: the engine-side drafter (``Drafter``)
       for the speculative loop (``confidence``: see ``confident_length``; a tree budget > 0: draft trees,
       ``models/trees.py``);
-    * ``sft_states(embed, batch, cfg)``: drafter states, labels and loss weights of an SFT batch;
+    * ``sft_states(embed, batch, cfg)``: the supervised slots of an SFT batch (``SFTSlots``: states, labels,
+      weights, and where each slot sits);
     * ``replay_states(embed, batch)``: the states of the Draft-OPD replay slots of a ``ReplayBatch``
       (response stream and rejected stream);
     * ``replay_block(chain_length)``: tokens per replayed verify step (anchor + proposals);
@@ -136,6 +167,18 @@ class DrafterModel:
             )
         if scale is not None:
             self.fc_scale.copy_(scale.float())
+
+
+@torch.no_grad()
+def copy_matching(dst: nn.Module, src: dict[str, Tensor]) -> list[str]:
+    """Copy into ``dst`` every tensor of ``src`` (a state dict, e.g. a target decoder layer's) whose name and shape
+    ``dst`` has; returns the names copied (the target's own layers as a drafter's starting point)."""
+    mine, done = dst.state_dict(), []
+    for name, t in src.items():
+        if name in mine and mine[name].shape == t.shape:
+            mine[name].copy_(t)  # the state dict's tensors share the parameters' storage
+            done.append(name)
+    return sorted(done)
 
 
 def check_target(c, target, where: str = "drafter") -> None:

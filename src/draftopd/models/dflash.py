@@ -42,7 +42,15 @@ from torch import Tensor, nn
 from draftopd import DraftopdError
 from draftopd.decoding.interface import Proposal, confident_length, top_prob
 from draftopd.decoding.slots import SlotCache, left_padded, positions
-from draftopd.models.base import DrafterModel, ReplayBatch, SeqBatch, check_layer_ids, target_shape
+from draftopd.models.base import (
+    DrafterModel,
+    ReplayBatch,
+    SeqBatch,
+    SFTSlots,
+    check_layer_ids,
+    copy_matching,
+    target_shape,
+)
 from draftopd.models.layers import MLP, apply_rope, gqa_attention, rope_cos_sin
 from draftopd.models.trees import check_tree, prefix_tree
 from draftopd.models.vocab import (
@@ -205,7 +213,20 @@ class DFlashModel(DrafterModel, nn.Module):
         model = cls(c)
         if model.d2t is not None:
             model.d2t.copy_(draft_vocab_map(response_token_counts(seqs, c.vocab_size), c.draft_vocab_size)[0])
+        if arch.init_from_target:
+            model.init_from_target(target)
         return model
+
+    def init_from_target(self, target) -> dict[int, list[str]]:
+        """Start each drafter layer i from target layer ``build_target_layer_ids(L, n)[i]`` (spread over the
+        target's depth as DFlash spreads its feature layers): every tensor whose name and shape match (attention
+        projections, MLP, norms; q_norm/k_norm only when the target has them). fc and hidden_norm stay as built.
+        Returns drafter layer -> the names copied."""
+        ids = build_target_layer_ids(self.config.num_target_layers, self.config.num_hidden_layers)
+        return {
+            i: copy_matching(layer, target.backbone.layers[t].state_dict())
+            for i, (layer, t) in enumerate(zip(self.layers, ids, strict=True))
+        }
 
     def engine(
         self, target, chain_length: int = 0, confidence: float = 0.0, tree_budget: int = 0, tree_topk: int = 4
@@ -215,19 +236,25 @@ class DFlashModel(DrafterModel, nn.Module):
     def replay_block(self, chain_length: int) -> int:
         return self.config.block_size
 
-    def sft_states(self, embed: nn.Module, batch: SeqBatch, cfg) -> tuple[Tensor, Tensor, Tensor]:
+    def sft_states(self, embed: nn.Module, batch: SeqBatch, cfg) -> SFTSlots:
         """``cfg.blocks_per_seq`` random anchors per response, every block in one forward with the inference mask;
-        slot k (1..Bs-1) is supervised by the token k places after its anchor, weighted exp(-(k-1)/loss_decay).
-        Returns states (N, H), labels (N,) and weights (N,) of the supervised slots."""
+        slot k (1..Bs-1) is supervised by the label of the position k places after its anchor (``batch.label_ids``),
+        weighted exp(-(k-1)/loss_decay). A block is a group, its slots in order k."""
         bs, dev = self.config.block_size, batch.ids.device
         gens = [torch.Generator().manual_seed(s) for s in batch.seeds]
         anchors = sample_anchors(batch.prompt_len.tolist(), batch.lengths.tolist(), cfg.blocks_per_seq, gens).to(dev)
         lab_pos = anchors[..., None] + torch.arange(1, bs, device=dev)  # (B, Nb, Bs-1): each slot's label position
         ok = (anchors[..., None] >= 0) & (lab_pos < batch.lengths[:, None, None])
-        labels = batch.ids.gather(1, lab_pos.clamp(0, batch.ids.shape[1] - 1).flatten(1)).view_as(lab_pos)
+        ids = batch.label_ids
+        labels = ids.gather(1, lab_pos.clamp(0, ids.shape[1] - 1).flatten(1)).view_as(lab_pos)
         h = block_hidden(self, embed, batch.features, batch.ids, anchors)[:, :, 1:]  # slots 1..Bs-1
         offsets = torch.arange(1, bs, device=dev).expand_as(lab_pos)[ok]
-        return h[ok], labels[ok], position_weights(offsets, cfg.loss_decay)
+        b, nb = anchors.shape
+        row = torch.arange(b, device=dev)[:, None, None].expand_as(lab_pos)[ok]
+        group = (torch.arange(b * nb, device=dev).view(b, nb)[..., None]).expand_as(lab_pos)[ok]
+        none = torch.zeros(0, dtype=torch.long, device=dev)
+        weights = position_weights(offsets, cfg.loss_decay)
+        return SFTSlots(h[ok], labels[ok], weights, row, lab_pos[ok], group, offsets, none, none)
 
     def replay_states(self, embed: nn.Module, batch: ReplayBatch) -> tuple[Tensor, Tensor]:
         """Draft-OPD replay: every verify block re-drafted in one forward (a block's slots see only the anchor and

@@ -38,7 +38,15 @@ from torch import Tensor, nn
 from draftopd import DraftopdError
 from draftopd.decoding.interface import Proposal, confident_length, top_prob
 from draftopd.decoding.slots import SlotCache, left_padded, positions
-from draftopd.models.base import DrafterModel, ReplayBatch, SeqBatch, check_layer_ids, target_shape
+from draftopd.models.base import (
+    DrafterModel,
+    ReplayBatch,
+    SeqBatch,
+    SFTSlots,
+    check_layer_ids,
+    copy_matching,
+    target_shape,
+)
 from draftopd.models.layers import MLP, apply_rope, gqa_attention, rope_cos_sin
 from draftopd.models.trees import check_tree, keep_best
 from draftopd.models.vocab import (
@@ -166,7 +174,36 @@ class Eagle3Model(DrafterModel, nn.Module):
         model = cls(c)
         counts = response_token_counts(seqs, target.vocab_size)
         model.set_vocab(*draft_vocab_map(counts, c.draft_vocab_size), target.lm_head.weight.detach().cpu())
+        if arch.init_from_target:
+            model.init_from_target(target)
         return model
+
+    @torch.no_grad()
+    def init_from_target(self, target) -> list[str]:
+        """Start the midlayer from the target's last decoder layer where shapes allow: o_proj, the MLP and
+        post_attention_layernorm as they are; the target's input_layernorm as hidden_norm (both norm the hidden
+        state the attention reads); q/k/v_proj's hidden half (input columns H..2H, which read hidden_norm(h)) from the
+        target's projections. Their embedding half, input_layernorm (it norms the token embedding), fc and the LM
+        head stay as built. Returns the names copied."""
+        src = target.backbone.layers[self.config.num_target_layers - 1].state_dict()
+        mid, hid = self.midlayer, self.config.hidden_size
+        done = copy_matching(
+            mid,
+            {
+                k: v
+                for k, v in src.items()
+                if not k.startswith(("self_attn.q", "self_attn.k", "self_attn.v", "input_"))
+            },
+        )
+        if "input_layernorm.weight" in src:
+            mid.hidden_norm.weight.copy_(src["input_layernorm.weight"])
+            done.append("hidden_norm.weight")
+        for name in ("q_proj", "k_proj", "v_proj"):
+            w, key = getattr(mid.self_attn, name).weight, f"self_attn.{name}.weight"
+            if key in src and src[key].shape == (w.shape[0], hid):
+                w[:, hid:].copy_(src[key])
+                done.append(f"{key}[:, H:]")
+        return sorted(done)
 
     def engine(
         self, target, chain_length: int = 6, confidence: float = 0.0, tree_budget: int = 0, tree_topk: int = 4
@@ -186,22 +223,44 @@ class Eagle3Model(DrafterModel, nn.Module):
     def full_vocab(self) -> bool:
         return self.config.draft_vocab_size == self.config.vocab_size
 
-    def sft_states(self, embed: nn.Module, batch: SeqBatch, cfg) -> tuple[Tensor, Tensor, Tensor]:
+    def sft_states(self, embed: nn.Module, batch: SeqBatch, cfg) -> SFTSlots:
         """The TTT unroll of ``cfg.arch.ttt_steps`` steps over whole sequences; step k at position p is supervised
-        by token p + k + 2 when it lies in the response and in the draft vocabulary, with weight ``ttt_decay ** k``.
-        Returns states (N, H), draft labels (N,) and weights (N,); the loss is their weighted token mean (EAGLE-3
-        takes a mean per step, then weights the steps: the same up to the few labels later steps lose at the
-        end of each sequence, and a token mean adds up exactly over data-parallel ranks)."""
+        by the label of position p + k + 2 (``batch.label_ids``) when it lies in the response and in the draft
+        vocabulary, with weight ``ttt_decay ** k``. The loss is their weighted token mean (EAGLE-3 takes a mean per
+        step, then weights the steps: the same up to the few labels later steps lose at the end of each sequence, and
+        a token mean adds up exactly over data-parallel ranks). The steps from one position p are a group (a
+        chain), in order k; a label outside the draft vocabulary is a certain miss of its chain."""
         outs = ttt_forward(self, embed, batch.features, batch.ids, cfg.arch.ttt_steps)
-        hs, labels, weights = [], [], []
+        width = batch.ids.shape[1]
+        hs, labels, weights, rows, lab_pos, groups, orders, miss_g, miss_o = ([] for _ in range(9))
         for k, h in enumerate(outs):
-            lab, ok = ttt_labels(batch.ids, batch.lengths, batch.prompt_len, k)
+            lab, ok = ttt_labels(batch.label_ids, batch.lengths, batch.prompt_len, k)
             lab = self.to_draft_ids(lab)
+            miss = ok & (lab < 0)
             ok &= lab >= 0  # only tokens inside the draft vocabulary can be predicted
             hs.append(h[ok])
             labels.append(lab[ok])
             weights.append(torch.full((int(ok.sum()),), cfg.arch.ttt_decay**k, device=h.device))
-        return torch.cat(hs), torch.cat(labels), torch.cat(weights)
+            r, p = ok.nonzero(as_tuple=True)  # row-major, as h[ok]
+            rows.append(r)
+            lab_pos.append(p + k + 2)
+            groups.append(r * width + p)
+            orders.append(torch.full_like(p, k))
+            r, p = miss.nonzero(as_tuple=True)
+            miss_g.append(r * width + p)
+            miss_o.append(torch.full_like(p, k))
+        cat = torch.cat
+        return SFTSlots(
+            cat(hs),
+            cat(labels),
+            cat(weights),
+            cat(rows),
+            cat(lab_pos),
+            cat(groups),
+            cat(orders),
+            cat(miss_g),
+            cat(miss_o),
+        )
 
     def replay_states(self, embed: nn.Module, batch: ReplayBatch) -> tuple[Tensor, Tensor]:
         """Draft-OPD replay, the autoregressive analogue of a DFlash block: drafter states of every response slot

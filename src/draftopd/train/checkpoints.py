@@ -178,21 +178,27 @@ def _first_line(e: BaseException) -> str:
 MACHINE_KEYS = {"target.threads", "target.fast", "out"}
 
 
-def config_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two run configs, machine settings excepted."""
-    out = []
+def config_changes(saved: dict, now: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
+    """Dotted keys whose values differ between two run configs, machine settings excepted. ``defaults`` (the config
+    class's defaults, as stored): a key the saved config lacks (a field added since it was written) is no change
+    while this run keeps it at its default."""
+    out, defaults = [], defaults or {}
     for key in sorted(set(saved) | set(now)):
         a, b, name = saved.get(key), now.get(key), prefix + key
         if isinstance(a, dict) and isinstance(b, dict):
-            out += config_changes(a, b, name + ".")
+            sub = defaults.get(key)
+            out += config_changes(a, b, name + ".", sub if isinstance(sub, dict) else None)
+        elif key not in saved and key in defaults and defaults[key] == b:
+            continue
         elif a != b and name not in MACHINE_KEYS:
             out.append(name)
     return out
 
 
-def judge_run_folder(out: Path, run_config: dict) -> Path | None:
+def judge_run_folder(out: Path, run_config: dict, defaults: dict | None = None) -> Path | None:
     """The checkpoint to resume from (None: a fresh start), or a one-line refusal: a run config (at the root or
-    in the checkpoint) that differs from this one, a damaged one, or a finished run with nothing to resume."""
+    in the checkpoint) that differs from this one (``defaults``: see ``config_changes``), a damaged one, or a
+    finished run with nothing to resume."""
     ckpt = latest_checkpoint(out)
     if ckpt is None and (out / "final").exists():
         raise DraftopdError(
@@ -201,7 +207,7 @@ def judge_run_folder(out: Path, run_config: dict) -> Path | None:
         )
     for f in (out / "run_config.json", ckpt / "run_config.json" if ckpt else None):
         if f is not None and (f.exists() or f.is_symlink()):
-            changed = config_changes(read_run_config(f), run_config)
+            changed = config_changes(read_run_config(f), run_config, defaults=defaults)
             if changed:
                 raise DraftopdError(
                     f"{out} holds a run with another config ({', '.join(changed[:3])}; {f}): resume with the same "

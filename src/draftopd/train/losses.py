@@ -26,6 +26,46 @@ def token_logprobs(hidden: Tensor, labels: Tensor, logits_fn: Callable[[Tensor],
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
+def token_logprobs_hits(
+    hidden: Tensor, labels: Tensor, logits_fn: Callable[[Tensor], Tensor], chunk: int = 512
+) -> tuple[Tensor, Tensor]:
+    """``token_logprobs`` and, from the same logits, whether each label is the argmax (N,) bool: the drafter's
+    greedy proposal at that slot is the label (what greedy verification accepts)."""
+    out, hits = [], []
+    for i in range(0, hidden.shape[0], chunk):
+        logits = logits_fn(hidden[i : i + chunk]).float()  # (n, V)
+        lab = labels[i : i + chunk, None]
+        out.append(torch.log_softmax(logits, -1).gather(-1, lab).squeeze(-1))
+        hits.append(logits.detach().argmax(-1) == lab.squeeze(-1))
+    if not out:
+        return hidden.new_zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.bool, device=hidden.device)
+    return torch.cat(out), torch.cat(hits)
+
+
+def accept_until_fail(
+    hit: Tensor, group: Tensor, order: Tensor, miss_group: Tensor | None = None, miss_order: Tensor | None = None
+) -> Tensor:
+    """Which supervised slots accept-until-fail keeps: (N,) bool.
+
+    Slots come in groups whose order is the order in which greedy verification checks them: a DFlash block (its
+    slots k = 1..Bs-1) or an EAGLE-3 chain (the TTT steps k = 0..K-1 started from one position). ``hit`` (N,) says
+    whether the drafter's argmax at a slot is its label; ``group`` (N,) and ``order`` (N,) place each slot.
+    ``miss_group``/``miss_order`` add misses at slots that are not supervised (e.g. an EAGLE-3 label outside the
+    draft vocabulary: the drafter can never propose it, so acceptance stops there). A slot is kept when no slot of its
+    group before it (smaller order) is a miss: the first failing slot itself is kept (its gradient is what could
+    make it pass), every later one is dropped (acceptance never reaches it while that slot fails). Equation:
+    keep_i = order_i <= min{order_j : j in group_i, j a miss} (min of nothing = +inf)."""
+    miss_g, miss_o = group[~hit], order[~hit]
+    if miss_group is not None:
+        miss_g, miss_o = torch.cat([miss_g, miss_group]), torch.cat([miss_o, miss_order])
+    if group.numel() == 0:
+        return torch.ones(0, dtype=torch.bool, device=group.device)
+    size = int(torch.cat([group, miss_g]).max()) + 1
+    first = torch.full((size,), torch.iinfo(torch.long).max, dtype=torch.long, device=group.device)
+    first = first.scatter_reduce(0, miss_g.long(), miss_o.long(), "amin")  # each group's first miss
+    return order.long() <= first[group.long()]
+
+
 def weighted_nll(logp: Tensor, weights: Tensor, total_weight: Tensor | None = None) -> Tensor:
     """Weighted mean negative log-likelihood: sum(-w * logp) / W (0 when nothing is supervised), W = sum(w) by
     default; under data parallelism W is the weight summed over all ranks, so the ranks' losses add up to the
@@ -141,15 +181,31 @@ def soft_kl(
 
     The slots go through in the order of their teacher rows, so the slots that share a position fall in one chunk and
     the target's head runs once for them: (<= chunk, Vd) float32 at a time."""
+    return soft_kl_top1(h, teacher_h, back, student, teacher, chunk)[0]
+
+
+def soft_kl_top1(
+    h: Tensor,
+    teacher_h: Tensor,
+    back: Tensor,
+    student: Callable[[Tensor], Tensor],
+    teacher: Callable[[Tensor], Tensor],
+    chunk: int = 256,
+) -> tuple[Tensor, Tensor]:
+    """``soft_kl`` (N,) and, from the same drafter logits, its argmax per slot (N,) (draft-vocabulary ids): SFT's
+    soft labels read both (the argmax says which slots greedy verification would accept)."""
     order = back.argsort(stable=True)
-    out = []
+    out, top = [], []
     for i in range(0, len(h), chunk):
         idx = order[i : i + chunk]
         rows, inv = back[idx].unique(return_inverse=True)
-        out.append(full_forward_kl(student(h[idx]), teacher(teacher_h[rows]).detach()[inv]))
+        q = student(h[idx])
+        out.append(full_forward_kl(q, teacher(teacher_h[rows]).detach()[inv]))
+        top.append(q.detach().argmax(-1))
     if not out:
-        return h.new_zeros(0, dtype=torch.float32)
-    return torch.cat(out)[order.argsort()]  # back to the slots' order
+        return h.new_zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.long, device=h.device)
+    undo = order.argsort()  # back to the slots' order
+    return torch.cat(out)[undo], torch.cat(top)[undo]
 
 
 @dataclass

@@ -165,6 +165,8 @@ class Run:
     lock: OutputLock | None = None  # the run folder's (owner.py), held by the writing rank until finish()
     _since_log: dict = field(default_factory=lambda: {"t": time.perf_counter(), "steps": 0, "tokens": 0})
     bar: tqdm | None = None  # the step progress bar
+    _cpu_mark: float = 0.0  # process CPU time when the step being timed began (time.process_time)
+    stopped: bool = False  # loop.max_cpu_seconds reached: the step just ended was the last
 
     @property
     def device(self) -> torch.device:
@@ -181,6 +183,8 @@ class Run:
         return self.cfg.loop
 
     def steps(self, desc: str) -> Iterator[int]:
+        """The steps still to run, up to ``loop.max_steps``, or until the CPU budget (``loop.max_cpu_seconds``) is
+        spent: none when a resumed run had already spent it."""
         self.bar = tqdm(
             range(self.start, self.loop.max_steps),
             initial=self.start,
@@ -189,7 +193,25 @@ class Run:
             disable=not is_writer(),
         )
         self._since_log["t"] = time.perf_counter()
-        return iter(self.bar)
+        self._cpu_mark = time.process_time()
+        self.stopped = self.over_budget()
+        return self._until_stopped()
+
+    def _until_stopped(self) -> Iterator[int]:
+        for step in self.bar:
+            if self.stopped:
+                break
+            yield step
+        self.bar.close()
+
+    def charge_cpu(self, seconds: float) -> None:
+        """Add CPU-seconds (summed over the ranks) to the run's ``cpu_seconds`` counter (the budget's)."""
+        total = self.sum_over_ranks(cpu=seconds)["cpu"]
+        self.counters["cpu_seconds"] = round(self.counters.get("cpu_seconds", 0.0) + total, 3)
+
+    def over_budget(self) -> bool:
+        budget = self.loop.max_cpu_seconds
+        return bool(budget) and self.counters.get("cpu_seconds", 0.0) >= budget
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
@@ -233,7 +255,9 @@ class Run:
     def end_step(self, done: int, tokens: int = 0, **values) -> None:
         """After optimizer step ``done``: log (every ``loop.log_every``), measure tau (``loop.eval_every``), checkpoint
         (``loop.save_every``); the last step does all three. ``tokens``: sequence tokens this step trained on."""
-        loop, last, since = self.loop, done == self.loop.max_steps, self._since_log
+        self.charge_cpu(time.process_time() - self._cpu_mark)  # the step's CPU time (this process, every thread)
+        self.stopped = self.over_budget()
+        loop, last, since = self.loop, done == self.loop.max_steps or self.stopped, self._since_log
         since["steps"], since["tokens"] = since["steps"] + 1, since["tokens"] + tokens
         if self.metrics and (done % loop.log_every == 0 or last):
             dt = time.perf_counter() - since["t"]
@@ -256,6 +280,9 @@ class Run:
             save_checkpoint(
                 self.out, done, self.model, self.opt, self.sched, state, to_dict(self.cfg), keep_every=loop.keep_every
             )
+        if self.stopped and self.bar is not None:
+            self.bar.write(f"step {done}: CPU budget spent ({self.counters['cpu_seconds']:.0f} s): stopping")
+        self._cpu_mark = time.process_time()  # tau evals and checkpoint writes are not the budget's
 
     def finish(self) -> Path:
         if is_writer():
@@ -309,7 +336,8 @@ def start_or_resume(
 
 def _start(cfg, target: Target, seqs, build, kind: str | None, out: Path) -> Run:
     run_config = json.loads(json.dumps(to_dict(cfg)))
-    ckpt = judge_run_folder(out, run_config)
+    defaults = json.loads(json.dumps(to_dict(type(cfg)())))  # fields added since a stored run: at their defaults
+    ckpt = judge_run_folder(out, run_config, defaults)
     if ckpt is None and not cfg.init_from and build is None:
         raise DraftopdError("this trainer needs init_from=<a drafter folder or training checkpoint>")
     eval_prompts = [target.encode_chat(p) for p in load_prompts(cfg.eval.dataset, cfg.eval.limit)]
