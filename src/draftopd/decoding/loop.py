@@ -43,7 +43,7 @@ class VerifyStep:
     draft_logprobs_target: list[float]  # log p_target(d_j | prefix, d_<j) at T=1, from the same verify pass
 
 
-_SUMMED = ("target_calls", "target_tokens", "new_tokens", "rows", "generations")
+_SUMMED = ("target_calls", "target_tokens", "new_tokens", "rows", "generations", "nodes")
 
 
 @dataclass
@@ -56,6 +56,7 @@ class SpecStats:
     target_calls: int = 0  # target forwards, prefill included
     target_tokens: int = 0  # tokens those forwards processed (a compute measure: batch rows x block width)
     new_tokens: int = 0
+    nodes: int = 0  # draft nodes verified, summed over (row, verify step): a chain's proposals, a tree's nodes
     rows: int = 0
     generations: int = 0  # speculative_generate calls merged into these stats
     prefill_s: float = 0.0  # time to first token (prefill + first token), whole batch
@@ -75,6 +76,11 @@ class SpecStats:
         """P(draft token j accepted | it was proposed), for j = 1..max proposed."""
         n = max(self.proposed_at, default=0)
         return [self.accepted_at[j] / self.proposed_at[j] if self.proposed_at[j] else 0.0 for j in range(1, n + 1)]
+
+    @property
+    def width(self) -> float:
+        """Mean tokens one row's verify scores: the last committed token and the draft nodes (1 = plain)."""
+        return 1 + self.nodes / max(1, len(self.committed))
 
     @property
     def verifies(self) -> int:
@@ -362,6 +368,7 @@ def speculative_generate(
             new = new if stop is None else new[: stop + 1]  # a row stops at EOS or at its budget
             out_tokens[r] += new
             stats.committed.append(len(new))  # r + 1, unless EOS cut the block short
+            stats.nodes += x.nodes
             stats.per_prompt[r] = (stats.per_prompt[r][0] + len(new), stats.per_prompt[r][1] + 1)
             for j in range(1, x.depth + 1):  # a tree: depth j proposed (by any node), reached or not
                 stats.proposed_at[j] += 1
