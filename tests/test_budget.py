@@ -60,6 +60,9 @@ def test_choose_budget_weighs_a_measured_chain_at_its_own_width():
         choose_budget(cost, {0: 2.0, 20: 3.0}, {20: 24.0})
     choice = measured_choice(cost, {0: (2.0, 4.0), 7: (2.6, 8.0), 20: (9.0, 24.0)})
     assert [r["budget"] for r in choice["table"]] == [0, 7] and choice["tau_source"].startswith("measured")
+    assert choice["zero"] == "chain" and choice["table"][0]["tau"] == 2.0
+    past = measured_choice(cost, {0: (2.0, 20.0), 7: (2.6, 8.0)})  # the chain itself past the curve: 0 is plain
+    assert past["zero"] == "plain" and past["table"][0]["tau"] == 1.0 and past["table"][0]["width"] == 1.0
     assert why(choice).startswith(f"tree_budget {choice['budget']}: tau ")
 
 

@@ -39,7 +39,7 @@ from draftopd.recipes import to_dict
 log = logging.getLogger(__name__)
 
 # the quick measurement of an uncached `auto`: a short curve, tau at a few budgets, 2 GSM8K prompts of 32 tokens
-QUICK = CostCurveConfig(widths=(1, 2, 4, 8, 16, 32, 64), context=128, reps=3, budgets=(0, 4, 8, 16), tau_prompts=2)
+QUICK = CostCurveConfig(widths=(1, 2, 4, 8, 16, 32, 64), context=128, reps=3, budgets=(0, 2, 4, 8, 16), tau_prompts=2)
 QUICK_TOKENS = 32
 CHUNK = 1 << 20  # digest: bytes read at each end of a file
 

@@ -206,8 +206,7 @@ def format_budgets(result: dict) -> list[str]:
         for name, choice in methods.items():
             rows = {r["budget"]: r for r in choice["table"]}
             best, base = rows[choice["budget"]], rows[0]
-            measured = choice["tau_source"].startswith("measured")
-            zero = "chain" if measured else "plain"  # budget 0: the drafter's own chain, or no drafting at all
+            zero = choice.get("zero", "plain")  # budget 0: the drafter's own chain (measured), or no drafting at all
             cached = f" Cached for tree_budget auto: {choice['cached']}." if choice.get("cached") else ""
             lines += [
                 "",

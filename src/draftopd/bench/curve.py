@@ -165,4 +165,5 @@ def measured_choice(cost_ms: dict[int, float], measured: dict[int, tuple[float, 
     budget, table = choose_budget(
         cost_ms, {b: t for b, (t, _) in inside.items()}, {b: w for b, (_, w) in inside.items()}
     )
-    return {"budget": budget, "tau_source": "measured: tau by budget (0: the drafter's chain)", "table": table}
+    zero = "chain" if 0 in inside else "plain"  # budget 0's row: the drafter's chain, or plain decoding without it
+    return {"budget": budget, "tau_source": f"measured: tau by budget (0: {zero})", "zero": zero, "table": table}
