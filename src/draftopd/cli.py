@@ -122,6 +122,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from draftopd.bench.budget import resolve_budget
     from draftopd.config import GenerateConfig
     from draftopd.decoding.loop import speculative_generate
     from draftopd.decoding.sampling import SamplingParams
@@ -133,7 +134,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if cfg.target.threads:
         torch.set_num_threads(cfg.target.threads)
     target = load_target(cfg.target.path, cfg.target.dtype, cfg.target.device, cfg.target.fast)
-    drafter = build_drafter(cfg.drafter, target)
+    drafter = build_drafter(resolve_budget(cfg.drafter, target), target)
     ids = target.encode_chat(args.prompt)
     target.check_prompt(ids, cfg.sampling.max_new_tokens)
     gen = torch.Generator(target.device).manual_seed(cfg.sampling.seed)  # drafts and verification draw from it

@@ -89,8 +89,10 @@ class DrafterConfig:
     chain_length: int = 6  # eagle3: tokens drafted per verify step (at most, with a confidence threshold)
     confidence: float = 0.5  # eagle3/dflash: a proposal ends at the first token drafted with top-1 probability
     #                          below this (that token included; eagle3 then stops drafting); 0 = never (RESULTS 8.5)
-    tree_budget: int = 0  # dflash/eagle3: draft-tree nodes verified per step (0 = a chain; models/trees.py); trees
-    #                       ignore `confidence` (the budget bounds what is verified)
+    tree_budget: int | str = 0  # dflash/eagle3: draft-tree nodes verified per step (0 = a chain; models/trees.py);
+    #                       trees ignore `confidence` (the budget bounds what is verified). 'auto': the budget that
+    #                       `bench --costs` measured best for this machine, target, dtype and drafter (its cached
+    #                       choice, else a quick measurement, then cached: bench/budget.py)
     tree_topk: int = 4  # dflash/eagle3 trees: candidates per position (dflash), children and frontier (eagle3)
     num_tokens: int = 10  # pld: proposals per step
     max_ngram: int = 2  # pld: longest n-gram matched
@@ -111,7 +113,10 @@ class DrafterConfig:
         need(self.min_ngram >= 1, "drafter.min_ngram", ">= 1", self.min_ngram)
         need(self.max_ngram >= self.min_ngram, "drafter.max_ngram", f">= min_ngram ({self.min_ngram})", self.max_ngram)
         need(self.chain_length >= 1, "drafter.chain_length", ">= 1", self.chain_length)
-        need(self.tree_budget >= 0, "drafter.tree_budget", ">= 0 (0 = a chain)", self.tree_budget)
+        tb = self.tree_budget
+        need(
+            tb == "auto" or (isinstance(tb, int) and tb >= 0), "drafter.tree_budget", ">= 0 (0 = a chain) or auto", tb
+        )
         need(self.tree_topk >= 1, "drafter.tree_topk", ">= 1", self.tree_topk)
         need(0.0 <= self.confidence < 1.0, "drafter.confidence", "in [0, 1)", self.confidence)
         need(
@@ -132,11 +137,15 @@ class GenerateConfig:
 @dataclass(frozen=True)
 class CostCurveConfig:
     """``bench --costs``: the verify cost by width, a target forward of ``widths`` tokens (a tree of ``width - 1``
-    draft nodes under its ancestor mask) after ``context`` cached tokens, the median of ``reps`` timings."""
+    draft nodes under its ancestor mask) after ``context`` cached tokens, the median of ``reps`` timings; and, for
+    a drafter with trees, its tau measured at each of ``budgets`` (0 = its chain; greedy, batched, untimed) on the
+    first ``tau_prompts`` prompts of each data set."""
 
     widths: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64)
     context: int = 256
     reps: int = 7
+    budgets: tuple[int, ...] = (0, 2, 4, 8, 16, 32, 48)
+    tau_prompts: int = 4
 
     def __post_init__(self) -> None:
         w = self.widths
@@ -144,6 +153,8 @@ class CostCurveConfig:
         need(ok, "cost_curve.widths", "increasing widths from 1 (the plain step every ratio is over)", w)
         need(self.context >= 1, "cost_curve.context", ">= 1 (cached tokens before the timed forward)", self.context)
         need(self.reps >= 1, "cost_curve.reps", ">= 1", self.reps)
+        need(all(b >= 0 for b in self.budgets), "cost_curve.budgets", "node budgets >= 0 (0 = a chain)", self.budgets)
+        need(self.tau_prompts >= 1, "cost_curve.tau_prompts", ">= 1 (prompts per data set)", self.tau_prompts)
 
 
 @dataclass(frozen=True)

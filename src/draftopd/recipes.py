@@ -37,7 +37,12 @@ def _coerce(value: Any, tp: Any, key: str, base: Any = None) -> Any:
         return from_dict(tp, value, key + ".", base)
     if origin in (types.UnionType, typing.Union):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _coerce(value, args[0], key)
+        if value is None:
+            return None
+        for a in args[1:]:  # int | str (tree_budget: a number or 'auto'): the first type that takes the value
+            if isinstance(value, a) and not isinstance(value, bool):
+                return value
+        return _coerce(value, args[0], key)
     if origin is dict:  # named sections, e.g. methods: {SFT: {kind: path, ...}}; a name's key path is key.NAME
         section = typing.get_args(tp)[1]
         if not isinstance(value, dict):

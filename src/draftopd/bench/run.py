@@ -5,7 +5,8 @@ timed bench runs it at batch 1 with plain decoding (our loop, no drafter) as the
 already have, transformers' ``generate()`` plain and with prompt-lookup decoding; interleaving per prompt spreads
 machine noise evenly over the methods. Speed-ups are ratios of total tokens over total seconds within one data
 set. The tau-only bench runs the same loop batched, greedy and untimed. Recipes: ``configs/bench*.yaml``;
-``bench/cost.py`` turns timed results into the step-cost table and the verify cost by width (``--costs``).
+``bench/cost.py`` turns timed results into the step-cost table, with the verify cost by width (``bench/curve.py``,
+``--costs``); ``bench/budget.py`` resolves ``tree_budget: auto`` before the methods are built.
 
 Lossless, measured where it is defined. Greedy speculative decoding is exact: its tokens equal the target's own
 greedy tokens. That holds for the accept rule with exact arithmetic; in bf16 the target's kernels round a
@@ -43,6 +44,7 @@ Results written before this split (no ``lossless_dtype`` key) called the bench-d
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import random
 import statistics
@@ -55,6 +57,7 @@ from tqdm import tqdm
 
 from draftopd import DraftopdError
 from draftopd.atomic import check_output_file, write_json
+from draftopd.bench.budget import resolve_budget
 from draftopd.config import BenchConfig, DrafterConfig
 from draftopd.data.eval_sets import load_prompts
 from draftopd.decoding.interface import Drafter
@@ -248,6 +251,16 @@ def build_methods(cfg: BenchConfig, target: Target) -> dict[str, Drafter | None]
     return {name: build_drafter(d, target) for name, d in cfg.method_configs().items()}
 
 
+def resolve_budgets(cfg: BenchConfig, target: Target) -> BenchConfig:
+    """``cfg`` with every ``tree_budget: auto`` resolved for ``target`` (``budget.resolve_budget``)."""
+    named = {name: resolve_budget(d, target) for name, d in cfg.method_configs().items()}
+    if named == cfg.method_configs():
+        return cfg
+    if cfg.methods:
+        return dataclasses.replace(cfg, methods=named)
+    return dataclasses.replace(cfg, drafter=next(iter(named.values())))
+
+
 TAU_KEYS = ("tau", "new_tokens", "tau_histogram", "per_prompt")  # a tau_only row: nothing timed
 
 
@@ -258,6 +271,7 @@ def run_bench(cfg: BenchConfig, target: Target | None = None, progress: bool = T
     if cfg.target.threads:
         torch.set_num_threads(cfg.target.threads)
     target = target or load_target(cfg.target.path, cfg.target.dtype, cfg.target.device, cfg.target.fast)
+    cfg = resolve_budgets(cfg, target)  # tree_budget auto -> this machine's measured choice (the result says which)
     drafters = build_methods(cfg, target)
     max_new = cfg.sampling.max_new_tokens
     result: dict = {

@@ -43,7 +43,7 @@ class VerifyStep:
     draft_logprobs_target: list[float]  # log p_target(d_j | prefix, d_<j) at T=1, from the same verify pass
 
 
-_SUMMED = ("target_calls", "target_tokens", "verify_tokens", "new_tokens", "rows", "generations")
+_SUMMED = ("target_calls", "target_tokens", "verify_tokens", "new_tokens", "rows", "generations", "nodes")
 
 
 @dataclass
@@ -57,6 +57,7 @@ class SpecStats:
     target_tokens: int = 0  # tokens those forwards processed (a compute measure: batch rows x block width)
     verify_tokens: int = 0  # of target_tokens: the verify forwards' (the prefills' left out)
     new_tokens: int = 0
+    nodes: int = 0  # draft nodes verified, summed over (row, verify step): a chain's proposals, a tree's nodes
     rows: int = 0
     generations: int = 0  # speculative_generate calls merged into these stats
     prefill_s: float = 0.0  # time to first token (prefill + first token), whole batch
@@ -82,6 +83,11 @@ class SpecStats:
         """Draft tokens verified per row per verify step: a chain's length, a tree's node count (the block's width
         less its root; in a batch every row pays the widest row's block). Tau's cost side: what one step verifies."""
         return self.verify_tokens / max(1, len(self.committed)) - 1 if self.committed else 0.0
+
+    @property
+    def width(self) -> float:
+        """Mean tokens one row's verify scores: the last committed token and the draft nodes (1 = plain)."""
+        return 1 + self.nodes / max(1, len(self.committed))
 
     @property
     def verifies(self) -> int:
@@ -372,6 +378,7 @@ def speculative_generate(
             new = new if stop is None else new[: stop + 1]  # a row stops at EOS or at its budget
             out_tokens[r] += new
             stats.committed.append(len(new))  # r + 1, unless EOS cut the block short
+            stats.nodes += x.nodes
             stats.per_prompt[r] = (stats.per_prompt[r][0] + len(new), stats.per_prompt[r][1] + 1)
             for j in range(1, x.depth + 1):  # a tree: depth j proposed (by any node), reached or not
                 stats.proposed_at[j] += 1

@@ -297,6 +297,8 @@ def build_drafter(cfg: DrafterConfig, target) -> Drafter | None:
         return None
     if cfg.kind == "pld":
         return PromptLookupDrafter(cfg.num_tokens, cfg.max_ngram, cfg.min_ngram)
+    if cfg.tree_budget == "auto":  # the runner resolves it first (it measures, and may import the bench)
+        raise DraftopdError("tree_budget auto is resolved by the runner first (bench/budget.resolve_budget)")
     tree = {"tree_budget": cfg.tree_budget, "tree_topk": cfg.tree_topk}
     if cfg.kind == "path" and cfg.path:
         return read_drafter(cfg.path, target).engine(target, cfg.chain_length, cfg.confidence, **tree)
