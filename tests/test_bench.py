@@ -11,9 +11,9 @@ import yaml
 
 from draftopd import DraftopdError
 from draftopd.bench import run
-from draftopd.bench.cost import cost_dtypes, format_costs, run_costs, step_costs, tau_from_chain
+from draftopd.bench.cost import cost_dtypes, format_costs, step_costs, tau_from_chain
 from draftopd.bench.curve import choose_budget, tree_attention, tree_mask, width_costs
-from draftopd.bench.run import TAU_KEYS, build_methods, format_table, lossless_columns, run_bench
+from draftopd.bench.run import TAU_KEYS, build_methods, format_table, lossless_columns, run_bench, run_costs
 from draftopd.config import BenchConfig
 from draftopd.decoding import loop
 from draftopd.models.target import load_target

@@ -13,9 +13,9 @@ import yaml
 from draftopd import DraftopdError
 from draftopd.bench import budget
 from draftopd.bench.budget import cache_path, digest, key_fields, read_choice, resolve_budget, why
-from draftopd.bench.cost import format_costs, run_costs
+from draftopd.bench.cost import format_costs
 from draftopd.bench.curve import choose_budget, measure_tau, measured_choice
-from draftopd.bench.run import run_bench
+from draftopd.bench.run import run_bench, run_costs
 from draftopd.config import BenchConfig, DrafterConfig, GenerateConfig
 from draftopd.models.io import build_drafter
 from draftopd.models.target import load_target

@@ -16,7 +16,6 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 PEERS = [  # modules that must not import one another
     ("draftopd.train.sft", "draftopd.train.opd"),
     ("draftopd.models.dflash", "draftopd.models.eagle3", "draftopd.models.pld"),
-    ("draftopd.bench.run", "draftopd.bench.cost"),
 ]
 
 
@@ -129,6 +128,18 @@ def test_no_module_imports_a_peer(group):
     for m in group:
         assert m in g, f"{m} no longer exists: update PEERS"
         assert not g[m] & set(group), f"{m} imports its peer(s) {sorted(g[m] & set(group))}"
+
+
+def test_bench_layers():
+    """The bench's modules stand in layers, a lower one never importing a higher one: curve (verify cost by width,
+    budget choice), budget (the cached ``tree_budget: auto`` choice), cost (step costs, tables), run (the timed
+    runs, ``--costs`` included)."""
+    g = graph()
+    layers = ["draftopd.bench.curve", "draftopd.bench.budget", "draftopd.bench.cost", "draftopd.bench.run"]
+    for i, low in enumerate(layers):
+        assert low in g, f"{low} no longer exists: update the layers"
+        above = set(layers[i + 1 :])
+        assert not reachable(g, low) & above, f"{low} imports {sorted(reachable(g, low) & above)}"
 
 
 def test_the_core_never_imports_the_lab():

@@ -9,6 +9,8 @@ two paths are bit-identical, since ``F.linear`` in bf16 runs oneDNN too and only
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -231,6 +233,21 @@ def test_packed_linear_falls_back_off_its_dtype_and_without_rows():
         head(torch.zeros(1, 64, dtype=torch.bfloat16))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts inside F.linear: the fallback serves it
         assert head(torch.ones(1, 64)).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not packing_available(torch.bfloat16), reason="oneDNN cannot pack bf16 on this CPU")
+def test_a_packed_model_copies_and_casts_without_a_stale_packed_weight():
+    """deepcopy of a packed model gives plain linears (the opaque packed tensor cannot be copied: the bench's fp32
+    copy of a bf16 target failed on it), and a cast after packing never multiplies with the old packed weight."""
+    target = tiny(torch.bfloat16)
+    target.set_fast("packed")
+    copied = copy.deepcopy(target.model).to(torch.float32)
+    assert not any(isinstance(m, PackedLinear) for m in copied.modules())
+    x = torch.randn(3, 64)
+    head = target.lm_head
+    assert head.packed.dtype == torch.bfloat16
+    head.to(torch.float32)  # stale: packed is still bf16
+    torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight), rtol=0, atol=0)
 
 
 def test_fast_config_is_checked_and_reaches_every_loader(monkeypatch, tmp_path):

@@ -173,7 +173,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = load(BenchConfig, config, _overrides(args))
     check_outputs(args.json, args.plot)  # before the run: a bad output path fails now, not after an hour
     if args.costs:
-        from draftopd.bench.cost import cost_dtypes, format_costs, run_costs
+        from draftopd.bench.cost import cost_dtypes, format_costs
+        from draftopd.bench.run import run_costs
 
         if args.plot:
             raise DraftopdError("--plot: the step costs are a table (--costs), not a chart")

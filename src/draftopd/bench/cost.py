@@ -10,7 +10,7 @@ compares neighbours, not runs minutes apart (those drifted by ~15% on a shared 2
 does not depend on the weights, and an untrained drafter is rejected at once, so every step verifies its full
 block (the worst case; ``confidence: 0``, so no proposal is cut short). ``draftopd bench --costs`` runs that recipe
 (or ``--config``'s) once per dtype, fp32 and bf16 side by side in one process when ``target.dtype`` is ``auto``,
-and prints ``format_costs`` of the runs (``run_costs``).
+and prints ``format_costs`` of the runs (``bench.run.run_costs`` makes them: this module sits below the runner).
 
 The verify cost by width and the node budget chosen on it come from ``bench/curve.py``; ``budget_choices`` feeds it
 tau per method: *measured* by budget for a drafter with trees (and cached for ``tree_budget: auto``,
@@ -20,15 +20,12 @@ printed tables say which.
 
 from __future__ import annotations
 
-import dataclasses
-
 from draftopd import DraftopdError
 from draftopd.bench.budget import save_choice
-from draftopd.bench.curve import choose_budget, measure_tau, measured_choice, width_costs
-from draftopd.bench.run import run_bench
+from draftopd.bench.curve import choose_budget, measure_tau, measured_choice
 from draftopd.config import BenchConfig, DrafterConfig
 from draftopd.data.eval_sets import load_prompts
-from draftopd.models.target import Target, load_target
+from draftopd.models.target import Target
 
 
 def cost_dtypes(cfg: BenchConfig) -> tuple[str, ...]:
@@ -118,28 +115,6 @@ def budget_choices(
         budget, table = choose_budget(cost_ms, tau)
         out[name] = {"budget": budget, "tau_source": "estimate: chain acceptance by depth", "table": table}
     return out
-
-
-def run_costs(cfg: BenchConfig, target: Target | None = None, progress: bool = True) -> dict:
-    """``bench --costs``: per dtype of ``cost_dtypes``, the bench's timed run and the verify cost by width on the
-    same loaded target (``target``: the one to use, for a single dtype), then ``costs_result``."""
-    runs, curves, choices = [], {}, {}
-    c, dtypes = cfg.cost_curve, cost_dtypes(cfg)
-    if target is not None and len(dtypes) != 1:
-        raise DraftopdError(f"run_costs: one loaded target cannot run {' and '.join(dtypes)}: set target.dtype")
-    for dtype in dtypes:
-        one = dataclasses.replace(cfg, target=dataclasses.replace(cfg.target, dtype=dtype))
-        t = target or load_target(one.target.path, dtype, one.target.device)
-        run = run_bench(one, t, progress=progress)
-        cost_ms = width_costs(t, c.widths, c.context, c.reps)
-        curves[run["dtype"]] = {
-            "context": c.context,
-            "reps": c.reps,
-            "ms": {str(w): round(ms, 3) for w, ms in cost_ms.items()},
-        }
-        choices[run["dtype"]] = budget_choices(one, run, cost_ms, t)
-        runs.append(run)
-    return costs_result(runs, curves, choices)
 
 
 def costs_result(runs: list[dict], curves: dict | None = None, budgets: dict | None = None) -> dict:

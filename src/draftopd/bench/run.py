@@ -58,6 +58,8 @@ from tqdm import tqdm
 from draftopd import DraftopdError
 from draftopd.atomic import check_output_file, write_json
 from draftopd.bench.budget import resolve_budget
+from draftopd.bench.cost import budget_choices, cost_dtypes, costs_result
+from draftopd.bench.curve import width_costs
 from draftopd.config import BenchConfig, DrafterConfig
 from draftopd.data.eval_sets import load_prompts
 from draftopd.decoding.interface import Drafter
@@ -214,7 +216,9 @@ def fp32_copy(target: Target) -> Target:
     """An fp32 copy of ``target`` (its own weights, cast up: the timed model, with exact numerics)."""
     if target.dtype == torch.float32:
         return target
-    return Target(copy.deepcopy(target.model).to(torch.float32), target.tokenizer, target.name)
+    copied = Target(copy.deepcopy(target.model).to(torch.float32), target.tokenizer, target.name)
+    copied.set_fast(target.fast)  # a copy's linears are plain (models/fast.py): pack them again
+    return copied
 
 
 def lossless_check(
@@ -445,3 +449,25 @@ def check_outputs(json_path: str | None, plot_path: str | None) -> None:
                 f"--plot {plot_path}: cannot write a {ext or 'nameless'} figure "
                 f"(use one of {', '.join(sorted(plot_formats()))})"
             )
+
+
+def run_costs(cfg: BenchConfig, target: Target | None = None, progress: bool = True) -> dict:
+    """``bench --costs``: per dtype of ``cost_dtypes``, the bench's timed run and the verify cost by width on the
+    same loaded target (``target``: the one to use, for a single dtype), then ``costs_result``."""
+    runs, curves, choices = [], {}, {}
+    c, dtypes = cfg.cost_curve, cost_dtypes(cfg)
+    if target is not None and len(dtypes) != 1:
+        raise DraftopdError(f"run_costs: one loaded target cannot run {' and '.join(dtypes)}: set target.dtype")
+    for dtype in dtypes:
+        one = dataclasses.replace(cfg, target=dataclasses.replace(cfg.target, dtype=dtype))
+        t = target or load_target(one.target.path, dtype, one.target.device, one.target.fast)
+        run = run_bench(one, t, progress=progress)
+        cost_ms = width_costs(t, c.widths, c.context, c.reps)
+        curves[run["dtype"]] = {
+            "context": c.context,
+            "reps": c.reps,
+            "ms": {str(w): round(ms, 3) for w, ms in cost_ms.items()},
+        }
+        choices[run["dtype"]] = budget_choices(one, run, cost_ms, t)
+        runs.append(run)
+    return costs_result(runs, curves, choices)

@@ -34,6 +34,7 @@ fp32.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 
@@ -87,11 +88,22 @@ class PackedLinear(nn.Linear):
         w = self.weight
         if x.device.type != "cpu" or x.dtype != w.dtype or not x.numel() or w.device.type != "cpu":
             return F.linear(x, w, self.bias)
+        if self.packed.dtype != w.dtype:  # the module was cast (.to) after packing: the packed copy is stale
+            return F.linear(x, w, self.bias)
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):  # the packed op has no backward
             return F.linear(x, w, self.bias)
         if torch.is_autocast_enabled("cpu"):  # F.linear casts under autocast; the packed op would not
             return F.linear(x, w, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
+
+    def __deepcopy__(self, memo: dict) -> nn.Linear:
+        """A copy is a plain ``nn.Linear`` (the opaque packed tensor cannot be copied): pack the copy's model again
+        (``set_fast``) after any cast."""
+        out = nn.Linear.__new__(nn.Linear)
+        memo[id(self)] = out
+        state = {k: v for k, v in self.__dict__.items() if k != "packed"}
+        out.__dict__.update(copy.deepcopy(state, memo))
+        return out
 
 
 def pack_linears(model: nn.Module) -> int:
