@@ -88,11 +88,11 @@ def test_a_run_folder_and_a_link_to_it_have_one_owner(tiny, data, tmp_path, caps
     second: list[int] = []
     judge = common.judge_run_folder
 
-    def racing(out, run_config):  # the first run looks into its folder: the second spelling arrives now
+    def racing(out, run_config, *rest):  # the first run looks into its folder: the second spelling arrives now
         if not second:
             second.append(-1)
             second[0] = main(sft_args(tiny, data, link, "--set", "loop.lr=0.1"))
-        return judge(out, run_config)
+        return judge(out, run_config, *rest)
 
     monkeypatch.setattr(common, "judge_run_folder", racing)
     rc, _, err = cli_in_process(capsys, monkeypatch, *sft_args(tiny, data, run))

@@ -19,8 +19,9 @@ from helpers import make_tiny_target, tiny_drafter
 
 
 def assert_same_records(live, derived) -> dict:
-    """Anchors, proposals, accepted counts and tokens exactly; the target's log-probs of the proposals within 1e-5
-    (relative to their size above 1: the live verify and the replay forward sum in another order, ~2e-6 relative).
+    """Anchors, proposals, accepted counts and tokens exactly; the target's log-probs of the proposals within 5e-5
+    (relative to their size above 1: the live verify and the replay forward sum in another order, ~2e-6 relative
+    through MKL's F.linear, up to ~1.2e-5 seen through oneDNN's packed linears, target.fast auto).
     Returns how often each path of the derivation was taken (so the test can check it covered them)."""
     seen = {"accepted": 0, "suffix": 0, "steps": 0}
     for row_live, row_derived in zip(live, derived, strict=True):
@@ -29,7 +30,7 @@ def assert_same_records(live, derived) -> dict:
             assert (a.anchor, a.draft, a.n_accepted, a.token) == (b.anchor, b.draft, b.n_accepted, b.token)
             assert len(a.draft_logprobs_target) == len(b.draft_logprobs_target)
             for x, y in zip(a.draft_logprobs_target, b.draft_logprobs_target, strict=True):
-                assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (a, b)
+                assert abs(x - y) <= 5e-5 * max(1.0, abs(x)), (a, b)
             seen["steps"] += 1
             seen["accepted"] += a.n_accepted > 0
             seen["suffix"] += len(a.draft) > a.n_accepted + 1
