@@ -323,6 +323,68 @@ def test_lookup_branch_around_chain_drafters_is_lossless(inner):
     assert any(p.parents is not None and (p.parents[:, 1:] == -1).any() for p in trees)  # 2-branch trees happened
 
 
+@pytest.mark.parametrize("inner", ["eagle3", "dflash"])
+def test_lookup_switch_is_lossless_and_keeps_the_drafters_context(inner):
+    """With the switch, rounds alternate between the merged tree and lookup's chain alone (explore 3: each proposal
+    is tried twice, then every third matched round takes the other): greedy output stays the target's own, batched,
+    and a drafter that skipped rounds holds the same context as one that drafted every round (EAGLE-3 commits the
+    pairs a skipped round left pending at its next update)."""
+    target = make_tiny_target(vocab=8, layers=4, std=0.5, seed=2)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 8, (n,), generator=g).tolist() for n in (3, 9, 1, 6)]
+    refs = [speculative_generate(target, [p], None, 24).tokens[0] for p in prompts]
+    rule = partial(lookup, num_tokens=4, max_ngram=2, min_ngram=1)
+    switched = LookupBranch(tiny_drafter(inner, target, 2).engine(target, 4), rule, switch=True, explore=3)
+    assert speculative_generate(target, prompts, switched, 24).tokens == refs
+    assert switched.rates["tree"][0] >= 2 and switched.rates["lookup"][0] >= 2  # both proposals ran
+    # one row, so no row leaves mid-way: the context caches of a switched and an always-drafting drafter agree
+    always = LookupBranch(tiny_drafter(inner, target, 2).engine(target, 4), rule)
+    one = LookupBranch(tiny_drafter(inner, target, 2).engine(target, 4), rule, switch=True, explore=2)
+    for d in (always, one):
+        assert speculative_generate(target, [prompts[1]], d, 24).tokens == [refs[1]]
+    assert one.rates["lookup"][0] >= 1
+    a, b = always.inner, one.inner
+    if inner == "eagle3":  # committed pairs + the last round's pending ones: every committed token's pair, once
+        assert b.pending is not None
+        for d in (a, b):
+            d.commit()
+    ka, kb = a.cache.pairs()[0][0], b.cache.pairs()[0][0]  # (1, heads, S, D)
+    assert torch.allclose(ka[:, :, a.cache.mask[0]], kb[:, :, b.cache.mask[0]], atol=1e-5)
+
+
+def test_lookup_switch_picks_the_faster_proposal(monkeypatch):
+    """The switch's rule on a fake clock: tokens per second of a round, per proposal, exponential averages."""
+    clock = [0.0]
+    monkeypatch.setattr("draftopd.decoding.lookup.time.perf_counter", lambda: clock[0])
+    rule = partial(lookup, num_tokens=3, max_ngram=2, min_ngram=1)
+    drafter = LookupBranch(FixedTreeDrafter([3, 9, 4], None), rule, switch=True, explore=50)
+    state = type("S", (), {"history": [[2, 3, 9, 5, 2]], "last": torch.tensor([2])})()
+    seen = []
+
+    def rounds(n: int, cost: dict[str, float], tokens: dict[str, int]) -> None:
+        for _ in range(n):
+            prop = drafter.propose(state, SamplingParams())
+            kind = "lookup" if prop.parents is None else "tree"  # lookup alone: a chain; merged: a tree
+            seen.append(kind)
+            clock[0] += cost[kind]
+            drafter.update(state, torch.tensor([tokens[kind] - 1]), None)
+
+    rounds(10, {"tree": 1.0, "lookup": 0.5}, {"tree": 3, "lookup": 2})  # lookup 4 tok/s, tree 3
+    assert seen[:4] == ["tree", "tree", "lookup", "lookup"] and set(seen[4:]) == {"lookup"}
+    seen.clear()
+    rounds(20, {"tree": 1.0, "lookup": 0.5}, {"tree": 3, "lookup": 1})  # now 2 tok/s: the tree wins once measured
+    assert seen[-5:] == ["tree"] * 5
+    none = type("S", (), {"history": [[1, 2, 3]], "last": torch.tensor([3])})()
+    assert drafter.propose(none, SamplingParams()).parents is None  # no match: the inner proposal, as it is
+    with pytest.raises(DraftopdError, match="drafter.lookup_switch must be false unless lookup is true"):
+        DrafterConfig(kind="path", path="x", lookup_switch=True)
+    from draftopd.config import BenchConfig
+
+    switched = DrafterConfig(kind="path", path="x", lookup=True, lookup_switch=True)
+    with pytest.raises(DraftopdError, match=r"methods.t.lookup_switch must be false when tau_only"):
+        BenchConfig(methods={"t": switched}, tau_only=True)
+
+
 def test_lookup_config_is_refused_for_pld_and_none_and_builds_a_tree_drafter():
     for kind in ("pld", "none"):
         with pytest.raises(DraftopdError, match="drafter.lookup") as e:

@@ -99,6 +99,9 @@ class DrafterConfig:
     min_ngram: int = 1  # pld: shortest n-gram matched
     lookup: bool = False  # path/shape: prompt lookup's continuation (num_tokens, max_ngram, min_ngram) merged into
     #                       each proposal as one more branch from the root: a draft tree (decoding/lookup.py)
+    lookup_switch: bool = False  # with lookup, timed decoding: a round where lookup finds a continuation proposes
+    #                       lookup's chain alone (no drafter forward) when that measured faster than the merged tree
+    #                       on recent rounds (tokens per second of a round, this machine); untimed tau: keep it off
 
     def __post_init__(self) -> None:
         need(self.kind in self.KINDS, "drafter.kind", "pld, none, path or shape", self.kind)
@@ -125,6 +128,7 @@ class DrafterConfig:
             "false for kind pld or none (it adds prompt lookup to a learned drafter's proposals)",
             self.lookup,
         )
+        need(not self.lookup_switch or self.lookup, "drafter.lookup_switch", "false unless lookup is true", True)
 
 
 @dataclass(frozen=True)
@@ -200,6 +204,8 @@ class BenchConfig:
             )
         for name in self.methods:
             need(name not in self.baselines(), f"methods.{name}", "another name (a baseline's row is named so)", name)
+        for name, d in self.method_configs().items():  # the switch reads the clock: tau would depend on it
+            need(not (self.tau_only and d.lookup_switch), f"methods.{name}.lookup_switch", "false when tau_only", True)
 
     def baselines(self) -> set[str]:
         """The names of the rows the bench adds besides the methods."""

@@ -99,13 +99,15 @@ def demo_methods(drafter: DrafterConfig | None, out: Path, pld: bool = False) ->
     ``drafter`` asks for a tree or the lookup branch (tree_budget > 0, lookup), SFT and Draft-OPD also decode that
     way, as "SFT tree" and "Draft-OPD tree" (report.TREE), after the chains."""
     d = drafter or DrafterConfig()
-    chain = dataclasses.replace(d, tree_budget=0, lookup=False)
-    methods = {"prompt lookup": dataclasses.replace(d, kind="pld", path=None, lookup=False)} if pld else {}
+    chain = dataclasses.replace(d, tree_budget=0, lookup=False, lookup_switch=False)
+    methods = {"prompt lookup": dataclasses.replace(chain, kind="pld", path=None)} if pld else {}
     for name, stage in LEARNED.items():
         methods[name] = dataclasses.replace(chain, kind="path", path=str(out / stage / "final"))
     if d.tree_budget or d.lookup:
         for name in ("SFT", "Draft-OPD"):
-            methods[name + TREE] = dataclasses.replace(methods[name], tree_budget=d.tree_budget, lookup=d.lookup)
+            methods[name + TREE] = dataclasses.replace(
+                methods[name], tree_budget=d.tree_budget, lookup=d.lookup, lookup_switch=d.lookup_switch
+            )
     return methods
 
 

@@ -181,6 +181,8 @@ def tree_rows(cfg: dict) -> list[str]:
         return []
     setting = f"tree_budget {tree.get('tree_budget', 0)}, tree_topk {tree.get('tree_topk', '-')}"
     lookup = ", prompt lookup branch" if tree.get("lookup") else ""
+    if tree.get("lookup_switch"):
+        lookup += " (switched: lookup alone on rounds where it measured faster)"
     return [f"| `SFT{TREE}`, `Draft-OPD{TREE}` decode draft trees | {setting}{lookup} |"]
 
 

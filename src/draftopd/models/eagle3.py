@@ -476,6 +476,9 @@ class Eagle3Drafter:
         self.seen = [len(h) for h in state.history]
 
     def update(self, state, n_accepted: Tensor, features: Tensor) -> None:
+        if self.pending is not None:  # a round without a proposal (LookupBranch's lookup-only rounds): its pairs
+            with torch.inference_mode():  # are still pending; commit them now so none is lost
+                self.commit()
         k1, dev = features.shape[1], features.device
         j = torch.arange(k1, device=dev)
         valid = j[None] <= n_accepted[:, None]

@@ -289,10 +289,9 @@ def build_drafter(cfg: DrafterConfig, target) -> Drafter | None:
     ``shape`` -> an untrained drafter of shape ``cfg.arch`` (seed 0; its draft vocabulary the lowest ids): what a
     step of that shape costs, not what it accepts."""
     if cfg.lookup:  # the drafter's proposals with prompt lookup's continuation as one more branch: a draft tree
-        inner = build_drafter(replace(cfg, lookup=False), target)
-        return LookupBranch(
-            inner, partial(lookup, num_tokens=cfg.num_tokens, max_ngram=cfg.max_ngram, min_ngram=cfg.min_ngram)
-        )
+        inner = build_drafter(replace(cfg, lookup=False, lookup_switch=False), target)
+        rule = partial(lookup, num_tokens=cfg.num_tokens, max_ngram=cfg.max_ngram, min_ngram=cfg.min_ngram)
+        return LookupBranch(inner, rule, switch=cfg.lookup_switch)
     if cfg.kind == "none":
         return None
     if cfg.kind == "pld":
