@@ -44,7 +44,7 @@ class LookupBranch:
     if a chain had been accepted, whichever branch the path took."""
 
     def __init__(
-        self, inner: Drafter, lookup: Callable[[list[int]], list[int]], switch: bool = False, explore: int = 16
+        self, inner: Drafter, lookup: Callable[[list[int]], list[int]], switch: bool = False, explore: int = 32
     ) -> None:
         self.inner, self.lookup, self.switch, self.explore = inner, lookup, switch, explore
         # the switch's measurements, per proposal: [rounds, tokens per round (EMA), seconds per round (EMA)]
@@ -52,7 +52,7 @@ class LookupBranch:
         self.matched = 0  # rounds where lookup found a continuation (the switch's clock for exploring)
         self.round: tuple[str, float] | None = None  # the open round: (its proposal, when it was proposed)
         self.tokens = 0.0  # tokens the open round committed, mean over rows (from update)
-        self.alpha = 0.25  # weight of the newest round in the averages
+        self.alpha = 0.1  # weight of the newest round in the averages (tokens per round vary 1..11: smooth)
 
     @property
     def layer_ids(self) -> tuple[int, ...]:
