@@ -63,11 +63,12 @@ def test_quick_demo_writes_report_with_every_method(quick_demo):
     assert "| drafter.confidence | 0.5 |" in text
     # SFT and Draft-OPD also decode as draft trees with prompt lookup's branch (demo-quick.yaml's bench.drafter)
     trees = [result["config"]["methods"][n] for n in ("SFT tree", "Draft-OPD tree")]
-    assert all((m["tree_budget"], m["tree_topk"], m["lookup"]) == (16, 4, True) for m in trees)
+    keys = ("tree_budget", "tree_topk", "lookup", "lookup_switch")
+    assert all(tuple(m[k] for k in keys) == (8, 4, True, True) for m in trees)
     assert result["config"]["methods"]["SFT"]["tree_budget"] == 0 and not result["config"]["methods"]["SFT"]["lookup"]
     assert (
-        "| `SFT tree`, `Draft-OPD tree` decode draft trees | tree_budget 16, tree_topk 4, prompt lookup branch |"
-        in text
+        "| `SFT tree`, `Draft-OPD tree` decode draft trees | tree_budget 8, tree_topk 4, prompt lookup branch "
+        "(switched: lookup alone on rounds where it measured faster) |" in text
     )
     # the tau stage: the three drafters on the same prompts, OPD's paired gains over its control and the start
     tau = json.loads((out / "tau" / "result.json").read_text())
