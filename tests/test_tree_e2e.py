@@ -128,14 +128,15 @@ def test_the_trees_recipe_runs_every_method_losslessly(tiny):
     small = [f"target.path={tiny}", "target.dtype=fp32", "datasets=[gsm8k]", "limit=1", "sampling.max_new_tokens=8"]
     shape = [
         o
-        for row in ("chain", "tree", "tree + lookup")
+        for row in ("chain", "tree", "tree + lookup", "switched")
         for o in (f"methods.{row}.kind=shape", f"methods.{row}.arch={{kind: eagle3, draft_vocab_size: 64}}")
     ]
     cfg = load(BenchConfig, recipe, [*small, "warmup=0", *shape])
     assert cfg.methods["tree + lookup"].lookup and cfg.methods["tree"].tree_budget == 16
+    assert cfg.methods["switched"].lookup_switch
     result = run_bench(cfg, load_target(str(tiny), "fp32"), progress=False)
     rows = result["datasets"]["gsm8k"]["methods"]
-    assert list(rows) == ["plain", "prompt lookup", "chain", "tree", "tree + lookup"]
+    assert list(rows) == ["plain", "prompt lookup", "chain", "tree", "tree + lookup", "switched"]
     assert all(m["lossless"] == 1.0 for m in rows.values())
     assert rows["tree"]["nodes_per_step"] > rows["chain"]["nodes_per_step"] > 0
     table = format_table(result)
