@@ -103,7 +103,8 @@ def pool_card(name: str, pool: Path, stats: list[dict]) -> str:
         "tok/s: response tokens over the seconds spent generating them, from the manifests (`seconds` per shard: "
         "decoding only, not model loading), on a machine shared with other jobs at nice 19: a rate under "
         "contention, not the engine's best; best shard: the fastest shard's rate (the engine with the machine "
-        "to itself, e.g. 261-278 tok/s for pool B's last 7 shards: bf16, batch 128, 2 threads, AVX512-BF16). Bytes: the shards and the manifest.",
+        "to itself, e.g. 261-282 tok/s for pool B's last 7 shards: bf16, batch 128, 2 threads, AVX512-BF16). "
+        "Bytes: the shards and the manifest.",
         "",
         "Machines that made these shards:",
         "",
