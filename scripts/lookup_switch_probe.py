@@ -5,7 +5,8 @@ Run it alone on the machine:
     .venv/bin/python scripts/lookup_switch_probe.py DRAFTER --dataset humaneval --limit 4 --dtype bf16 --budget 6
 
 Prints tokens/s and the ratio over plain decoding per method (each method decodes its own text: in bf16 the texts
-drift apart at near-ties), and the switch's final averages per proposal: rounds, tokens per round, ms per round.
+drift apart at near-ties), and the switch's final averages per context (lookup matched / found nothing) and proposal:
+rounds, tokens per round, ms per round.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def main() -> None:
     plain = total["plain"][0] / total["plain"][1]
     for name, (k, s) in total.items():
         print(f"{a.dataset} {a.dtype} budget {a.budget} {name:14s} {k / s:6.1f} tok/s  {k / s / plain:.2f}x plain")
-    rates = methods["switched"].rates
-    print("switch:", {k: f"{n} rounds, {tok:.2f} tokens, {1000 * sec:.1f} ms" for k, (n, tok, sec) in rates.items()})
+    for ctx, rates in methods["switched"].rates.items():  # rounds where lookup matched / found nothing
+        shown = {k: f"{n} rounds, {tok:.2f} tokens, {1000 * sec:.1f} ms" for k, (n, tok, sec) in rates.items()}
+        print(f"switch ({ctx}):", shown)
 
 
 if __name__ == "__main__":

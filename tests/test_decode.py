@@ -112,3 +112,20 @@ class _BatchedMixtureDrafter(NoisyOracleDrafter):
                 tokens[rows, j], probs[rows, j] = t.squeeze(1), q
                 seqs = torch.cat([seqs, t], 1)
         return Proposal(tokens, torch.full((bsz,), self.k), probs)
+
+
+def test_target_features_are_the_chosen_layers_outputs():
+    """``Target.forward``'s features (forward hooks on the chosen layers) are transformers' ``hidden_states[id + 1]``
+    exactly, in the caller's order, batched and left-padded, with a cache; the last layer's entry (after the final
+    norm) goes through output_hidden_states."""
+    target = make_tiny_target(vocab=16, layers=4, std=0.5, seed=1)
+    ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    pos = (mask.cumsum(1) - 1).clamp_min(0)
+    hf = target.backbone(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+    hooks = [len(layer._forward_hooks) for layer in target.backbone.layers]  # transformers installs its own once
+    for layer_ids in [(2, 0), (1,), (0, 3)]:
+        out = target.forward(ids, mask, pos, target.new_cache(), layer_ids)
+        want = torch.cat([hf.hidden_states[i + 1] for i in layer_ids], -1)
+        assert torch.equal(out.features, want), layer_ids
+    assert [len(layer._forward_hooks) for layer in target.backbone.layers] == hooks  # none of ours left behind

@@ -328,7 +328,7 @@ def test_lookup_switch_is_lossless_and_keeps_the_drafters_context(inner):
     """With the switch, rounds alternate between the merged tree and lookup's chain alone (explore 3: each proposal
     is tried twice, then every third matched round takes the other): greedy output stays the target's own, batched,
     and a drafter that skipped rounds holds the same context as one that drafted every round (EAGLE-3 commits the
-    pairs a skipped round left pending at its next update)."""
+    pairs a skipped round left pending at its next proposal, DFlash projects the queued slots then)."""
     target = make_tiny_target(vocab=8, layers=4, std=0.5, seed=2)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 8, (n,), generator=g).tolist() for n in (3, 9, 1, 6)]
@@ -336,46 +336,86 @@ def test_lookup_switch_is_lossless_and_keeps_the_drafters_context(inner):
     rule = partial(lookup, num_tokens=4, max_ngram=2, min_ngram=1)
     switched = LookupBranch(tiny_drafter(inner, target, 2).engine(target, 4), rule, switch=True, explore=3)
     assert speculative_generate(target, prompts, switched, 24).tokens == refs
-    assert switched.rates["tree"][0] >= 2 and switched.rates["lookup"][0] >= 2  # both proposals ran
+    assert switched.rates["match"]["tree"][0] >= 2 and switched.rates["match"]["lookup"][0] >= 2  # both ran
     # one row, so no row leaves mid-way: the context caches of a switched and an always-drafting drafter agree
     always = LookupBranch(tiny_drafter(inner, target, 2).engine(target, 4), rule)
     one = LookupBranch(tiny_drafter(inner, target, 2).engine(target, 4), rule, switch=True, explore=2)
+    calls = {"propose": 0, "drafter": 0}  # the inner drafter's proposals, and its context calls (start included)
+    for name, obj, attr in [("propose", one.inner, "propose"), ("drafter", *_context_call(one.inner))]:
+        setattr(obj, attr, _counted(getattr(obj, attr), calls, name))
     for d in (always, one):
         assert speculative_generate(target, [prompts[1]], d, 24).tokens == [refs[1]]
-    assert one.rates["lookup"][0] >= 1
+    assert one.rates["match"]["lookup"][0] + one.rates["none"]["lookup"][0] >= 1
+    assert calls["drafter"] <= calls["propose"] + 1  # a lookup-only round costs the drafter no call
     a, b = always.inner, one.inner
-    if inner == "eagle3":  # committed pairs + the last round's pending ones: every committed token's pair, once
-        assert b.pending is not None
-        for d in (a, b):
-            d.commit()
+    assert b.pending  # the last round's slots are queued (both kinds queue until the next proposal)
+    for d in (a, b):  # committed slots + the queued ones: every committed token's, once
+        d.commit() if inner == "eagle3" else d.flush()
     ka, kb = a.cache.pairs()[0][0], b.cache.pairs()[0][0]  # (1, heads, S, D)
     assert torch.allclose(ka[:, :, a.cache.mask[0]], kb[:, :, b.cache.mask[0]], atol=1e-5)
 
 
+def _context_call(drafter) -> tuple[object, str]:
+    """Where a drafter's context update runs: DFlash's K/V projection, EAGLE-3's commit of the pending pairs."""
+    return (drafter.model, "context_kv") if hasattr(drafter, "flush") else (drafter, "commit")
+
+
+def _counted(fn, calls: dict[str, int], name: str):
+    def wrapped(*args, **kwargs):
+        calls[name] += 1
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def test_lookup_switch_picks_the_faster_proposal(monkeypatch):
-    """The switch's rule on a fake clock: tokens per second of a round, per proposal, exponential averages."""
+    """The switch's rule on a fake clock: tokens per second of a round, per proposal, exponential averages; lookup's
+    tokens also counted on the tree's rounds (what lookup alone would have committed), so it comes back at once."""
     clock = [0.0]
     monkeypatch.setattr("draftopd.decoding.lookup.time.perf_counter", lambda: clock[0])
     rule = partial(lookup, num_tokens=3, max_ngram=2, min_ngram=1)
     drafter = LookupBranch(FixedTreeDrafter([3, 9, 4], None), rule, switch=True, explore=50)
-    state = type("S", (), {"history": [[2, 3, 9, 5, 2]], "last": torch.tensor([2])})()
+    before = [2, 3, 9, 5, 2]  # lookup continues it with [3, 9, 5]
+    state = type("S", (), {"history": [before], "last": torch.tensor([2])})()
     seen = []
 
-    def rounds(n: int, cost: dict[str, float], tokens: dict[str, int]) -> None:
+    def rounds(n: int, cost: dict[str, float], tokens: dict[str, int], alone: int = 1) -> None:
+        """n rounds; a round of kind x commits tokens[x]; on a tree round lookup alone would have committed
+        ``alone``: the committed tokens share alone - 1 with lookup's [3, 9, 5], then differ."""
         for _ in range(n):
+            state.history = [before]
             prop = drafter.propose(state, SamplingParams())
             kind = "lookup" if prop.parents is None else "tree"  # lookup alone: a chain; merged: a tree
             seen.append(kind)
             clock[0] += cost[kind]
-            drafter.update(state, torch.tensor([tokens[kind] - 1]), None)
+            k = tokens[kind]
+            state.history = [before + ([3, 9, 5][: alone - 1] + [7] * k)[:k]]
+            drafter.update(state, torch.tensor([k - 1]), None)
 
-    rounds(10, {"tree": 1.0, "lookup": 0.5}, {"tree": 3, "lookup": 2})  # lookup 4 tok/s, tree 3
+    rounds(10, {"tree": 1.0, "lookup": 0.5}, {"tree": 3, "lookup": 2}, alone=2)  # lookup 4 tok/s, tree 3
     assert seen[:4] == ["tree", "tree", "lookup", "lookup"] and set(seen[4:]) == {"lookup"}
+    assert drafter.rounds == {"match": 10, "none": 0}
     seen.clear()
     rounds(20, {"tree": 1.0, "lookup": 0.5}, {"tree": 3, "lookup": 1})  # now 2 tok/s: the tree wins once measured
     assert seen[-5:] == ["tree"] * 5
+    assert drafter.observed["match"]["lookup"] > drafter.rates["match"]["lookup"][0]  # tree rounds counted it
+    seen.clear()
+    rounds(6, {"tree": 1.0, "lookup": 0.5}, {"tree": 3, "lookup": 3}, alone=3)  # lookup alone would commit 3 again:
+    assert seen[-3:] == ["lookup"] * 3  # its estimate rose on tree rounds; back to lookup, no exploring needed
+    # rounds where lookup finds nothing: the tree (here the inner chain, as it is) against a plain step (lookup alone
+    # proposes nothing), measured apart from the matched rounds: a tree committing 1 token in 1 s loses to plain
     none = type("S", (), {"history": [[1, 2, 3]], "last": torch.tensor([3])})()
-    assert drafter.propose(none, SamplingParams()).parents is None  # no match: the inner proposal, as it is
+    plain = []
+    for _ in range(8):
+        none.history = [[1, 2, 3]]
+        prop = drafter.propose(none, SamplingParams())
+        plain.append(int(prop.n.max()) == 0)
+        assert prop.parents is None  # no match: the inner proposal as it is, or an empty one
+        clock[0] += 0.5 if plain[-1] else 1.0
+        none.history = [[1, 2, 3, 7]]
+        drafter.update(none, torch.tensor([0]), None)
+    assert plain == [False, False, True, True, True, True, True, True]
+    assert drafter.rates["none"]["lookup"][1] == 1.0  # without a match lookup alone commits the target's token
     with pytest.raises(DraftopdError, match="drafter.lookup_switch must be false unless lookup is true"):
         DrafterConfig(kind="path", path="x", lookup_switch=True)
     from draftopd.config import BenchConfig

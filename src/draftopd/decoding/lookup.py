@@ -10,18 +10,25 @@ when no row finds anything the inner proposal is returned as it is (a sampled ch
 proposals drop ``probs``: tree nodes are deterministic candidates, and the tree rule is lossless for any candidates
 (``decoding/tree.py``).
 
-The switch (``drafter.lookup_switch``, timed decoding): the learned drafter is not worth its cost everywhere. On code
-that copies its prompt, prompt lookup alone commits as much as the merged tree at a fraction of its cost (no drafter
-forward, a verify of ~10 tokens instead of the tree's ~27). With the switch, each round where lookup finds a
-continuation chooses between two proposals: ``tree`` (the merged one above) and ``lookup`` (lookup's chain alone, as
-prompt lookup drafts it; the inner drafter skips the round and takes up the committed tokens at its next update). It
-picks the one whose measured rate on recent such rounds is higher: tokens committed per second of a round, each an
-exponential average over that proposal's rounds, wall clock from one ``propose`` to the next (drafting, verify,
-update: the whole round, on this machine and dtype, nothing assumed). A proposal not yet tried twice is tried, and
-every ``explore``-th round with a match takes the other one, so a change of text (prose to code) is noticed. Rounds
-where lookup finds nothing propose the tree (without a match lookup alone is plain decoding). What is proposed never
-changes what is committed (the verify rule does): greedy output stays the target's own, sampling its distribution;
-only which candidates are verified, so only speed and tau depend on the clock. Untimed runs (tau) keep it off.
+The switch (``drafter.lookup_switch``, timed decoding): the learned drafter is not worth its cost everywhere. On
+code that copies its prompt, prompt lookup alone commits as much as the merged tree at a fraction of its cost (no
+drafter forward, a verify of ~10 tokens instead of the tree's ~20); where nothing repeats, a weak drafter's tree may
+commit too little to pay for itself. With the switch, each round chooses between two proposals: ``tree`` (the merged
+one above) and ``lookup`` (lookup's chain alone, as prompt lookup drafts it; where it finds nothing, an empty
+proposal: a plain step). On ``lookup`` rounds the inner drafter drafts nothing and takes up the committed tokens at
+its next proposal (the drafters queue updates). The choice is made per context, rounds where lookup found a
+continuation (``match``) and rounds where it found none (``none``), each with its own measurements: the proposal
+whose measured rate on recent rounds of that context is higher, tokens committed per second of a round, each an
+exponential average over that proposal's rounds (the plain mean of its first ten), wall clock from one ``propose``
+to the next (drafting, verify, update: the whole round, on this machine and dtype, nothing assumed). Lookup's tokens
+are also counted on the tree's rounds: the committed tokens show how many lookup alone would have committed (its
+continuation's common prefix with them, then the target's next token; 1 without a match: exact when greedy), so its
+estimate never goes stale while the tree is picked (a bandit that only learns from the proposal it picks stays on
+the tree after a few bad lookup rounds). A proposal not yet tried twice in a context is tried, and every
+``explore``-th round of a context takes the other one, so a change of text (prose to code) reaches the tree's
+estimate too. What is proposed never changes what is committed (the verify rule does): greedy output stays the
+target's own, sampling its distribution; only which candidates are verified, so only speed and tau depend on the
+clock. Untimed runs (tau) keep it off.
 """
 
 from __future__ import annotations
@@ -47,10 +54,12 @@ class LookupBranch:
         self, inner: Drafter, lookup: Callable[[list[int]], list[int]], switch: bool = False, explore: int = 32
     ) -> None:
         self.inner, self.lookup, self.switch, self.explore = inner, lookup, switch, explore
-        # the switch's measurements, per proposal: [rounds, tokens per round (EMA), seconds per round (EMA)]
-        self.rates = {"tree": [0, 0.0, 0.0], "lookup": [0, 0.0, 0.0]}
-        self.matched = 0  # rounds where lookup found a continuation (the switch's clock for exploring)
-        self.round: tuple[str, float] | None = None  # the open round: (its proposal, when it was proposed)
+        # the switch's measurements, per context and proposal: [rounds, tokens per round (EMA), seconds (EMA)]
+        self.rates = {ctx: {"tree": [0, 0.0, 0.0], "lookup": [0, 0.0, 0.0]} for ctx in ("match", "none")}
+        self.observed = {ctx: {"tree": 0, "lookup": 0} for ctx in self.rates}  # rounds that gave a token count
+        self.rounds = dict.fromkeys(self.rates, 0)  # switched rounds per context (the clock for exploring)
+        self.round: tuple[str, str, float] | None = None  # the open round: (context, proposal, when proposed)
+        self.found: list[list[int]] = []  # the open tree round's lookup continuations (for lookup's counterfactual)
         self.tokens = 0.0  # tokens the open round committed, mean over rows (from update)
         self.alpha = 0.1  # weight of the newest round in the averages (tokens per round vary 1..11: smooth)
 
@@ -67,44 +76,65 @@ class LookupBranch:
     ) -> Proposal:
         now = time.perf_counter()
         if self.round is not None:  # close the previous round: its rate goes into its proposal's averages
-            self._measure(self.round[0], self.tokens, now - self.round[1])
+            self._measure(*self.round[:2], self.tokens, now - self.round[2])
             self.round = None
         found = [self.lookup(h) for h in state.history]
-        if self.switch and any(found) and self._choose() == "lookup":
-            self.round = ("lookup", now)
-            k = max(len(f) for f in found)
-            tokens = torch.tensor([f + [0] * (k - len(f)) for f in found], dtype=torch.long)
-            n = torch.tensor([len(f) for f in found], dtype=torch.long)  # rows without a match: nothing (plain)
-            return Proposal(tokens.to(state.last.device), n.to(state.last.device))
-        if self.switch and any(found):
-            self.round = ("tree", now)
+        if self.switch:
+            ctx = "match" if any(found) else "none"
+            name = self._choose(ctx)
+            self.round = (ctx, name, now)
+            if name == "lookup":  # lookup's chains alone (rows without a match: nothing, a plain step)
+                k = max(len(f) for f in found)
+                tokens = torch.tensor([f + [0] * (k - len(f)) for f in found], dtype=torch.long).view(len(found), k)
+                n = torch.tensor([len(f) for f in found], dtype=torch.long)
+                return Proposal(tokens.to(state.last.device), n.to(state.last.device))
+            self.found = found
         prop = self.inner.propose(state, params, generator)
         if not any(found):
             return prop
         merged = [tree.merge_chain(t, p, f) for (t, p), f in zip(tree.rows_of(prop), found, strict=True)]
         return tree.from_rows(merged, prop.tokens.device)
 
-    def _choose(self) -> str:
-        """``tree`` or ``lookup`` for a round where lookup found a continuation (the module docstring's rule)."""
-        self.matched += 1
+    def _choose(self, ctx: str) -> str:
+        """``tree`` or ``lookup`` for a round of context ``ctx`` (the module docstring's rule)."""
+        self.rounds[ctx] += 1
+        rates = self.rates[ctx]
         for name in ("tree", "lookup"):
-            if self.rates[name][0] < 2:
+            if rates[name][0] < 2:
                 return name
-        rate = {name: tok / max(secs, 1e-9) for name, (_, tok, secs) in self.rates.items()}
+        rate = {name: tok / max(secs, 1e-9) for name, (_, tok, secs) in rates.items()}
         best = max(rate, key=rate.get)
-        if self.matched % self.explore == 0:
+        if self.rounds[ctx] % self.explore == 0:
             return "tree" if best == "lookup" else "lookup"
         return best
 
-    def _measure(self, name: str, tokens: float, seconds: float) -> None:
-        r = self.rates[name]
-        a = 1.0 if r[0] == 0 else self.alpha
-        r[0], r[1], r[2] = r[0] + 1, (1 - a) * r[1] + a * tokens, (1 - a) * r[2] + a * seconds
+    def _measure(self, ctx: str, name: str, tokens: float, seconds: float) -> None:
+        r = self.rates[ctx][name]
+        r[0] += 1
+        a = max(self.alpha, 1 / r[0])  # the plain mean of the first 1 / alpha rounds, then an exponential average
+        r[2] = (1 - a) * r[2] + a * seconds
+        self._observe(ctx, name, tokens)
+
+    def _observe(self, ctx: str, name: str, tokens: float) -> None:
+        self.observed[ctx][name] += 1
+        a = max(self.alpha, 1 / self.observed[ctx][name])
+        self.rates[ctx][name][1] = (1 - a) * self.rates[ctx][name][1] + a * tokens
 
     def update(self, state: DecodeState, n_accepted: Tensor, features: Tensor | None) -> None:
         self.inner.update(state, n_accepted, features)
-        if self.round is not None:  # the loop synced n_accepted to the host already: this costs no wait
-            self.tokens = float(n_accepted.float().mean()) + 1.0
+        if self.round is None:
+            return
+        r = n_accepted.tolist()  # the loop synced n_accepted to the host already: this costs no wait
+        self.tokens = sum(r) / len(r) + 1.0
+        if self.round[1] == "tree":  # what lookup alone would have committed in this round, per row: its
+            alone = []  # continuation's common prefix with the r + 1 committed tokens (<= r), then one more
+            for hist, r_b, f in zip(state.history, r, self.found, strict=True):
+                done = hist[len(hist) - r_b - 1 :]
+                same = [x == y for x, y in zip(f, done, strict=False)]
+                common = same.index(False) if False in same else len(same)
+                alone.append(min(common, r_b) + 1)
+            self._observe(self.round[0], "lookup", sum(alone) / len(alone))
+        self.found = []
 
     def select(self, rows: Tensor) -> None:
         self.inner.select(rows)

@@ -351,15 +351,17 @@ class DFlashDrafter:
         self.layer_ids = tuple(model.config.target_layer_ids)
         self.bs = model.config.block_size
         self.cache = SlotCache()  # per layer the context's projected K/V (B, nkv, S, D), and which slots are real
+        self.pending: list[tuple[Tensor, Tensor, Tensor]] = []  # committed slots to project: (features, pos, valid)
 
     @torch.inference_mode()
     def start(self, state, features: Tensor) -> None:
         valid = left_padded(state.next_pos, features.shape[1])  # next_pos = prompt lengths after prefill
-        self.cache = SlotCache()
+        self.cache, self.pending = SlotCache(), []
         self.cache.append(self.model.context_kv(features, positions(valid)), valid)
 
     @torch.inference_mode()
     def propose(self, state, params, generator=None) -> Proposal:
+        self.flush()
         b, bs, dev = state.last.shape[0], self.bs, state.last.device
         block = torch.full((b, bs), self.model.config.mask_token_id, dtype=torch.long, device=dev)
         block[:, 0] = state.last  # [anchor, MASK x (bs - 1)]
@@ -408,13 +410,25 @@ class DFlashDrafter:
         flat = h.reshape(-1, h.shape[-1]).to(self.head_w.dtype)
         return F.linear(flat, self.head_w, self.head_b).float().view(*h.shape[:-1], -1)
 
-    @torch.inference_mode()
     def update(self, state, n_accepted: Tensor, features: Tensor) -> None:
+        """Queue the committed slots (``flush`` projects them when the next proposal needs them): a round that
+        drafts nothing (``LookupBranch``'s lookup-only rounds) costs no drafter call, and a run of such rounds is
+        projected in one call."""
         w = features.shape[1]
         start = state.next_pos - n_accepted - 1  # position of the block's first token (the old anchor)
         pos = start[:, None] + torch.arange(w, device=features.device)
         valid = torch.arange(w, device=features.device)[None] <= n_accepted[:, None]  # committed slots only
-        self.cache.append(self.model.context_kv(features, pos), valid)
+        self.pending.append((features, pos, valid))
+
+    @torch.inference_mode()
+    def flush(self) -> None:
+        """Append the queued slots' K/V to the context cache: per layer one projection over every queued block,
+        concatenated on the slot axis (each block's last slot is some row's, so every appended slot is)."""
+        if self.pending:
+            features, pos, valid = (torch.cat(x, 1) for x in zip(*self.pending, strict=True))
+            self.pending = []
+            self.cache.append(self.model.context_kv(features, pos), valid)
 
     def select(self, rows: Tensor) -> None:
+        self.flush()  # rows leave rarely: project what is queued, then keep the rows of one cache
         self.cache.select(rows)

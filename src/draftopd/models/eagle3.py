@@ -476,9 +476,6 @@ class Eagle3Drafter:
         self.seen = [len(h) for h in state.history]
 
     def update(self, state, n_accepted: Tensor, features: Tensor) -> None:
-        if self.pending is not None:  # a round without a proposal (LookupBranch's lookup-only rounds): its pairs
-            with torch.inference_mode():  # are still pending; commit them now so none is lost
-                self.commit()
         k1, dev = features.shape[1], features.device
         j = torch.arange(k1, device=dev)
         valid = j[None] <= n_accepted[:, None]
@@ -487,7 +484,13 @@ class Eagle3Drafter:
             n, self.seen[b] = len(hist) - self.seen[b], len(hist)
             toks[b, :n] = torch.tensor(hist[-n:], device=dev)  # tokens x_{p+1} of the block's newly committed pairs
         start = state.next_pos - n_accepted - 1
-        self.pending = (features, toks, start[:, None] + j, valid)
+        block = (features, toks, start[:, None] + j, valid)
+        # after a round that drafted nothing (LookupBranch's lookup-only rounds) the last block's pairs are still
+        # pending: queue these after them (slot order = position order per row), the next ``commit`` takes them all
+        # in one call; every queued slot stays some row's (each block's last slot is)
+        if self.pending is not None:
+            block = tuple(torch.cat(x, 1) for x in zip(self.pending, block, strict=True))
+        self.pending = block
 
     def select(self, rows: Tensor) -> None:
         if self.cache.width:  # empty before the first proposal (a row ended at its first token)
