@@ -400,7 +400,7 @@ def test_lookup_switch_picks_the_faster_proposal(monkeypatch):
     assert seen[-5:] == ["tree"] * 5
     assert drafter.observed["match"]["lookup"] > drafter.rates["match"]["lookup"][0]  # tree rounds counted it
     seen.clear()
-    rounds(6, {"tree": 1.0, "lookup": 0.5}, {"tree": 3, "lookup": 3}, alone=3)  # lookup alone would commit 3 again:
+    rounds(8, {"tree": 1.0, "lookup": 0.5}, {"tree": 3, "lookup": 3}, alone=3)  # lookup alone would commit 3 again:
     assert seen[-3:] == ["lookup"] * 3  # its estimate rose on tree rounds; back to lookup, no exploring needed
     # rounds where lookup finds nothing: the tree (here the inner chain, as it is) against a plain step (lookup alone
     # proposes nothing), measured apart from the matched rounds: a tree committing 1 token in 1 s loses to plain
@@ -520,3 +520,27 @@ def test_tree_sampling_uses_the_sampling_params():
     first = torch.where(n_acc > 0, tokens.gather(1, (path[:, 1:2] - 1).clamp_min(0)).squeeze(1), nxt)
     assert set(first.tolist()) == {0, 1} and not (path[:, 1] == 1).any()  # token 3 is outside the 0.8 nucleus
     assert torch.allclose(logits_to_probs(logits[0, 0], params)[:2], torch.tensor([0.625, 0.375]))
+
+
+def test_lookup_switch_takes_a_plain_step_where_matches_do_not_pay(monkeypatch):
+    """On matched rounds a plain step is a third choice, at the rate plain steps had on rounds without a match: a tree
+    and a lookup chain committing 1 token in 1 s and 0.75 s lose to a plain step's 1 token in 0.5 s."""
+    clock = [0.0]
+    monkeypatch.setattr("draftopd.decoding.lookup.time.perf_counter", lambda: clock[0])
+    rule = partial(lookup, num_tokens=3, max_ngram=2, min_ngram=1)
+    drafter = LookupBranch(FixedTreeDrafter([3, 9, 4], None), rule, switch=True, explore=50)
+    cost = {"tree": 1.0, "lookup": 0.75, "plain": 0.5}
+    seen = {"none": [], "match": []}
+    for ctx, before in [("none", [1, 2, 3])] * 4 + [("match", [2, 3, 9, 5, 2])] * 8:  # lookup: nothing / [3, 9, 5]
+        state = type("S", (), {"history": [before], "last": torch.tensor([before[-1]])})()
+        prop = drafter.propose(state, SamplingParams())
+        kind = "plain" if int(prop.n.max()) == 0 else "lookup" if prop.parents is None else "tree"
+        kind = "tree" if ctx == "none" and kind == "lookup" else kind  # no match: the inner chain is the tree
+        seen[ctx].append(kind)
+        clock[0] += cost[kind]
+        state.history = [before + [7]]  # one token committed, whatever was proposed
+        drafter.update(state, torch.tensor([0]), None)
+    assert seen["none"] == ["tree", "tree", "plain", "plain"]
+    assert seen["match"] == ["tree", "tree", "lookup", "lookup"] + ["plain"] * 4
+    # matched rounds' plain steps are measured as plain steps (the last round closes at the next proposal)
+    assert drafter.rates["none"]["lookup"][0] == 2 + 4 - 1

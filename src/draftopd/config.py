@@ -99,9 +99,9 @@ class DrafterConfig:
     min_ngram: int = 1  # pld: shortest n-gram matched
     lookup: bool = False  # path/shape: prompt lookup's continuation (num_tokens, max_ngram, min_ngram) merged into
     #                       each proposal as one more branch from the root: a draft tree (decoding/lookup.py)
-    lookup_switch: bool = False  # with lookup, timed decoding: a round where lookup finds a continuation proposes
-    #                       lookup's chain alone (no drafter forward) when that measured faster than the merged tree
-    #                       on recent rounds (tokens per second of a round, this machine); untimed tau: keep it off
+    lookup_switch: bool = False  # with lookup, timed decoding: each round proposes the merged tree or lookup's chain
+    #                       alone (no drafter forward; no match: a plain step), whichever measured faster on recent
+    #                       rounds of its kind (tokens per second of a round, this machine); untimed tau: keep it off
 
     def __post_init__(self) -> None:
         need(self.kind in self.KINDS, "drafter.kind", "pld, none, path or shape", self.kind)

@@ -19,16 +19,18 @@ proposal: a plain step). On ``lookup`` rounds the inner drafter drafts nothing a
 its next proposal (the drafters queue updates). The choice is made per context, rounds where lookup found a
 continuation (``match``) and rounds where it found none (``none``), each with its own measurements: the proposal
 whose measured rate on recent rounds of that context is higher, tokens committed per second of a round, each an
-exponential average over that proposal's rounds (the plain mean of its first ten), wall clock from one ``propose``
+exponential average over that proposal's rounds (the plain mean of its first ~30), wall clock from one ``propose``
 to the next (drafting, verify, update: the whole round, on this machine and dtype, nothing assumed). Lookup's tokens
 are also counted on the tree's rounds: the committed tokens show how many lookup alone would have committed (its
 continuation's common prefix with them, then the target's next token; 1 without a match: exact when greedy), so its
 estimate never goes stale while the tree is picked (a bandit that only learns from the proposal it picks stays on
-the tree after a few bad lookup rounds). A proposal not yet tried twice in a context is tried, and every
-``explore``-th round of a context takes the other one, so a change of text (prose to code) reaches the tree's
-estimate too. What is proposed never changes what is committed (the verify rule does): greedy output stays the
-target's own, sampling its distribution; only which candidates are verified, so only speed and tau depend on the
-clock. Untimed runs (tau) keep it off.
+the tree after a few bad lookup rounds). On matched rounds a plain step is a third choice (one token, at the time
+plain steps took on the rounds without a match): where lookup's continuations are mostly wrong (chat), verifying
+them costs more than they commit. A proposal not yet tried twice in a context is tried, and every ``explore``-th
+round of a context takes the other one, so a change of text (prose to code) reaches the tree's estimate too. What is
+proposed never changes what is committed (the verify rule does): greedy output stays the target's own, sampling its
+distribution; only which candidates are verified, so only speed and tau depend on the clock. Untimed runs (tau) keep
+it off.
 """
 
 from __future__ import annotations
@@ -61,7 +63,9 @@ class LookupBranch:
         self.round: tuple[str, str, float] | None = None  # the open round: (context, proposal, when proposed)
         self.found: list[list[int]] = []  # the open tree round's lookup continuations (for lookup's counterfactual)
         self.tokens = 0.0  # tokens the open round committed, mean over rows (from update)
-        self.alpha = 0.1  # weight of the newest round in the averages (tokens per round vary 1..11: smooth)
+        self.hit, self.hits = 2.0, 0  # lookup's tokens on rounds where its first token was right (EMA), such rounds
+        self.alpha = 0.03  # weight of the newest round in the averages: a lookup round commits 1 token or up to 11,
+        #                    so a short average sits below its mean most of the time (and the switch against lookup)
 
     @property
     def layer_ids(self) -> tuple[int, ...]:
@@ -81,14 +85,15 @@ class LookupBranch:
         found = [self.lookup(h) for h in state.history]
         if self.switch:
             ctx = "match" if any(found) else "none"
-            name = self._choose(ctx)
+            name, self.found = self._choose(ctx), found
+            if name == "plain":  # a plain step, measured as one: lookup alone where it finds nothing
+                ctx, name, found = "none", "lookup", [[] for _ in found]
             self.round = (ctx, name, now)
             if name == "lookup":  # lookup's chains alone (rows without a match: nothing, a plain step)
                 k = max(len(f) for f in found)
                 tokens = torch.tensor([f + [0] * (k - len(f)) for f in found], dtype=torch.long).view(len(found), k)
                 n = torch.tensor([len(f) for f in found], dtype=torch.long)
                 return Proposal(tokens.to(state.last.device), n.to(state.last.device))
-            self.found = found
         prop = self.inner.propose(state, params, generator)
         if not any(found):
             return prop
@@ -96,16 +101,21 @@ class LookupBranch:
         return tree.from_rows(merged, prop.tokens.device)
 
     def _choose(self, ctx: str) -> str:
-        """``tree`` or ``lookup`` for a round of context ``ctx`` (the module docstring's rule)."""
+        """``tree``, ``lookup`` or (matched rounds) ``plain`` for a round of context ``ctx`` (the module docstring's
+        rule)."""
         self.rounds[ctx] += 1
         rates = self.rates[ctx]
         for name in ("tree", "lookup"):
             if rates[name][0] < 2:
                 return name
         rate = {name: tok / max(secs, 1e-9) for name, (_, tok, secs) in rates.items()}
+        plain = self.rates["none"]["lookup"]  # a plain step: one token, its time measured where lookup found nothing
+        if ctx == "match" and plain[0] >= 2:
+            rate["plain"] = 1.0 / max(plain[2], 1e-9)
         best = max(rate, key=rate.get)
-        if self.rounds[ctx] % self.explore == 0:
-            return "tree" if best == "lookup" else "lookup"
+        if self.rounds[ctx] % self.explore == 0:  # explore: the other proposals in turn (plain needs none: known)
+            others = [name for name in ("tree", "lookup") if name != best]
+            return others[self.rounds[ctx] // self.explore % len(others)]
         return best
 
     def _measure(self, ctx: str, name: str, tokens: float, seconds: float) -> None:
@@ -126,15 +136,29 @@ class LookupBranch:
             return
         r = n_accepted.tolist()  # the loop synced n_accepted to the host already: this costs no wait
         self.tokens = sum(r) / len(r) + 1.0
-        if self.round[1] == "tree":  # what lookup alone would have committed in this round, per row: its
-            alone = []  # continuation's common prefix with the r + 1 committed tokens (<= r), then one more
-            for hist, r_b, f in zip(state.history, r, self.found, strict=True):
-                done = hist[len(hist) - r_b - 1 :]
-                same = [x == y for x, y in zip(f, done, strict=False)]
-                common = same.index(False) if False in same else len(same)
-                alone.append(min(common, r_b) + 1)
-            self._observe(self.round[0], "lookup", sum(alone) / len(alone))
+        if self.found:  # what lookup alone would have committed, per row (on its own rounds: what it did)
+            rows = zip(state.history, r, self.found, strict=True)
+            alone = [self._alone(f, h[len(h) - r_b - 1 :]) for h, r_b, f in rows]
+            ctx = "match" if any(self.found) else "none"
+            if self.round[:2] != (ctx, "lookup"):  # lookup's own rounds are measured as they close
+                self._observe(ctx, "lookup", sum(alone) / len(alone))
         self.found = []
+
+    def _alone(self, found: list[int], done: list[int]) -> float:
+        """What lookup alone (continuation ``found``) would have committed in a round that committed ``done``: its
+        common prefix with them, then the target's next token (exact when greedy), 1 without a match. Where every
+        committed token was lookup's (a plain step after a right first token) lookup would have gone on, by how much
+        unknown: then its mean on rounds where its first token was right (``hit``), at least one more than seen."""
+        if not found:
+            return 1.0
+        same = [x == y for x, y in zip(found, done, strict=False)]
+        common = same.index(False) if False in same else len(same)
+        if common == len(done) and common < len(found):  # censored: lookup would have gone on
+            return max(self.hit, common + 1.0)
+        if common:  # exact, first token right: lookup's mean on such rounds
+            self.hits += 1
+            self.hit += max(self.alpha, 1 / self.hits) * (common + 1 - self.hit)
+        return common + 1.0
 
     def select(self, rows: Tensor) -> None:
         self.inner.select(rows)
