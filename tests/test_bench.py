@@ -225,6 +225,15 @@ def test_choose_budget_ties_and_a_flat_curve():
     assert choose_budget({1: 10.0, 8: 24.0}, {3: 1.1})[1][1]["ms"] == pytest.approx(16.0)
 
 
+def test_choose_budget_reads_a_noisy_curve_as_never_cheaper_when_wider():
+    """Medians that invert (width 16 timed below width 8, as a noisy machine gives) do not make a bigger budget free:
+    with the same tau the smaller budget wins, and every row's cost is a running maximum of the curve."""
+    noisy = {1: 30.0, 8: 40.0, 16: 36.0, 32: 60.0}
+    budget, table = choose_budget(noisy, {7: 2.1, 15: 2.1})
+    assert budget == 7
+    assert [row["ms"] for row in table] == [30.0, 40.0, 40.0]  # budgets 0, 7 (width 8), 15 (width 16: 40, not 36)
+
+
 def test_choose_budget_refuses_what_it_cannot_read():
     with pytest.raises(DraftopdError, match="width 1"):
         choose_budget({2: 5.0}, {1: 1.5})

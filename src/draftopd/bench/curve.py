@@ -123,7 +123,10 @@ def choose_budget(
     mean where the drafter verifies fewer, e.g. a gated chain, or more, a lookup branch). Budget 0 is plain decoding
     (tau 1, width 1) unless ``tau`` has it (a tree drafter's own chain, ``tree_budget: 0``, measured), so for a
     drafter without trees 0 means that no budget pays on this curve. Ties (within 1e-9 relative) go to the smaller
-    budget: as fast, and fewer tokens to draft. Drafting's own cost is not counted. Returns (budget, table): one row
+    budget: as fast, and fewer tokens to draft. A wider verify does more work than a narrower one, but the medians of
+    a few timings on a noisy machine can invert (width 16 measured cheaper than 8 makes a bigger budget look free),
+    so each width costs at least every narrower width's measured cost (a running maximum over the curve). Drafting's
+    own cost is not counted. Returns (budget, table): one row
     per budget, ascending: budget, tau, width, ms, tok_per_ms, vs_plain (the rate over plain decoding's),
     interpolated (the width's cost was not measured)."""
     if 1 not in cost_ms:
@@ -133,6 +136,8 @@ def choose_budget(
     if any(b < 0 or not (math.isfinite(t) and t >= 1) for b, t in tau.items()):
         raise DraftopdError(f"choose_budget: budgets must be >= 0 and tau finite and >= 1, not {sorted(tau.items())}")
     width = {0: 1.0, **{b: b + 1.0 for b in tau}, **(width or {})}
+    widths = sorted(cost_ms)
+    cost_ms = {w: max(cost_ms[v] for v in widths[: i + 1]) for i, w in enumerate(widths)}  # never cheaper when wider
     plain_rate = 1 / cost_ms[1]
     table = []
     for b, t in sorted({0: 1.0, **tau}.items()):
