@@ -40,6 +40,14 @@ class Proposal:
     #  Siblings carry distinct tokens. A tree's nodes are deterministic candidates: probs must be None.
 
 
+def chains(found: list[list[int]], device: torch.device | str = "cpu") -> Proposal:
+    """Deterministic chains as a proposal, one per row, padded to the longest (a row's empty chain: a plain step
+    for it); prompt lookup's proposals."""
+    k = max((len(f) for f in found), default=0)
+    tokens = torch.tensor([f + [0] * (k - len(f)) for f in found], dtype=torch.long).view(len(found), k)
+    return Proposal(tokens.to(device), torch.tensor([len(f) for f in found], dtype=torch.long).to(device))
+
+
 def top_prob(logits: Tensor) -> Tensor:
     """The drafter's confidence in its proposal: the top-1 probability of its logits (..., Vd) at temperature 1."""
     return torch.softmax(logits.float(), -1).amax(-1)

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from draftopd.decoding import tree
-from draftopd.decoding.interface import DecodeState, Drafter, Proposal
+from draftopd.decoding.interface import DecodeState, Drafter, Proposal, chains
 from draftopd.decoding.sampling import SamplingParams
 
 
@@ -90,10 +90,7 @@ class LookupBranch:
                 ctx, name, found = "none", "lookup", [[] for _ in found]
             self.round = (ctx, name, now)
             if name == "lookup":  # lookup's chains alone (rows without a match: nothing, a plain step)
-                k = max(len(f) for f in found)
-                tokens = torch.tensor([f + [0] * (k - len(f)) for f in found], dtype=torch.long).view(len(found), k)
-                n = torch.tensor([len(f) for f in found], dtype=torch.long)
-                return Proposal(tokens.to(state.last.device), n.to(state.last.device))
+                return chains(found, state.last.device)
         prop = self.inner.propose(state, params, generator)
         if not any(found):
             return prop

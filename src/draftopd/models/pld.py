@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
-from draftopd.decoding.interface import Proposal
+from draftopd.decoding.interface import Proposal, chains
 
 
 def lookup(history: list[int], num_tokens: int, max_ngram: int, min_ngram: int) -> list[int]:
@@ -40,12 +39,7 @@ class PromptLookupDrafter:
         pass
 
     def propose(self, state, params, generator=None) -> Proposal:
-        found = [lookup(h, self.num_tokens, self.max_ngram, self.min_ngram) for h in state.history]
-        k = max((len(f) for f in found), default=0)
-        tokens = torch.zeros(len(found), k, dtype=torch.long)
-        for b, f in enumerate(found):
-            tokens[b, : len(f)] = torch.tensor(f, dtype=torch.long)
-        return Proposal(tokens=tokens, n=torch.tensor([len(f) for f in found], dtype=torch.long))
+        return chains([lookup(h, self.num_tokens, self.max_ngram, self.min_ngram) for h in state.history])
 
     def update(self, state, n_accepted: Tensor, features: Tensor | None) -> None:
         pass
