@@ -27,10 +27,10 @@ estimate never goes stale while the tree is picked (a bandit that only learns fr
 the tree after a few bad lookup rounds). On matched rounds a plain step is a third choice (one token, at the time
 plain steps took on the rounds without a match): where lookup's continuations are mostly wrong (chat), verifying
 them costs more than they commit. A proposal not yet tried twice in a context is tried, and every ``explore``-th
-round of a context takes the other one, so a change of text (prose to code) reaches the tree's estimate too. What is
-proposed never changes what is committed (the verify rule does): greedy output stays the target's own, sampling its
-distribution; only which candidates are verified, so only speed and tau depend on the clock. Untimed runs (tau) keep
-it off.
+round of a context takes another one (tree and lookup in turn; plain's rate is known), so a change of text (prose to
+code) reaches the tree's estimate too. What is proposed never changes what is committed (the verify rule does):
+greedy output stays the target's own, sampling its distribution; only which candidates are verified, so only speed
+and tau depend on the clock. Untimed runs (tau) keep it off.
 """
 
 from __future__ import annotations
