@@ -225,6 +225,15 @@ def test_choose_budget_ties_and_a_flat_curve():
     assert choose_budget({1: 10.0, 8: 24.0}, {3: 1.1})[1][1]["ms"] == pytest.approx(16.0)
 
 
+def test_choose_budget_slack_takes_the_smallest_budget_near_the_best():
+    """2% apart: exact ties pick the faster (7), a 3% slack the smaller (3); past the slack the faster still wins."""
+    cost = {1: 10.0, 4: 20.0, 8: 20.0}
+    tau = {3: 2.94, 7: 3.0}  # 0.147 vs 0.150 tok/ms
+    assert choose_budget(cost, tau)[0] == 7
+    assert choose_budget(cost, tau, slack=0.03)[0] == 3
+    assert choose_budget(cost, {3: 2.8, 7: 3.0}, slack=0.03)[0] == 7  # 6.7% apart
+
+
 def test_choose_budget_reads_a_noisy_curve_as_never_cheaper_when_wider():
     """Medians that invert (width 16 timed below width 8, as a noisy machine gives) do not make a bigger budget free:
     with the same tau the smaller budget wins, and every row's cost is a running maximum of the curve."""

@@ -155,11 +155,23 @@ def test_a_bench_with_auto_measures_caches_and_stays_lossless(tiny, drafter, tar
     decoded at the chosen budget (the result's config says which), lossless; a second bench reads the cache."""
     monkeypatch.setenv("DRAFTOPD_HOME", str(tmp_path))
     monkeypatch.setattr(budget, "QUICK_TOKENS", 8)
+    seen = []  # the quick tau prompts: the last 3 of each set, never the first ones a bench reads
+
+    def measure(t, d, prompts, *rest):
+        seen.extend(prompts)
+        return measure_tau(t, d, prompts, *rest)
+
+    monkeypatch.setattr(budget, "measure_tau", measure)
     cfg = bench_config(tiny, methods(auto={"kind": "path", "path": str(drafter), "tree_budget": "auto"}))
     result = run_bench(cfg, target, progress=False)
     (path,) = (tmp_path / "budgets").iterdir()
     chosen = json.loads(path.read_text())["budget"]
     assert chosen in budget.QUICK.budgets
+    last = [target.encode_chat(p) for name in budget.QUICK_SETS for p in budget.quick_prompts(name)]
+    assert len(last) >= 3  # GSM8K ships; HumanEval and MT-bench where set up ($DRAFTOPD_HOME is empty here)
+    assert seen == last and not set(map(tuple, last)) & {
+        tuple(target.encode_chat(p)) for p in budget.load_prompts("gsm8k", 2)
+    }
     assert result["config"]["methods"]["auto"]["tree_budget"] == chosen
     assert all(m["lossless"] == 1.0 for m in result["datasets"]["gsm8k"]["methods"].values())
 

@@ -5,8 +5,10 @@ GPU, steep on an AVX2-only CPU in fp32) and on the drafter (how much tau each ex
 every CPU. ``bench --costs`` measures both (``bench/curve.py``: the verify cost by width, tau at each budget) and
 stores its choice here; a run that meets ``auto`` (``resolve_budget``, called by the bench and ``generate`` before
 they build their drafters) reads that choice, or, if there is none, measures a quick one (``quick_choice``: a short
-cost curve and tau at a few budgets on 2 prompts, some seconds on a small target), prints it and why in one line,
-and stores it.
+cost curve and tau at a few budgets on 3 prompts of each evaluation set, batched, some seconds on a small target),
+prints it and why in one line, and stores it. The quick tau prompts are the *last* of each set (a bench reads the
+first ``limit``), from all three sets because one budget serves them all; 2 GSM8K prompts of 32 tokens (the first
+rule) measured tau so noisily that the demo's budget swung between 8 and 16 from run to run.
 
 The cache: ``$DRAFTOPD_HOME/budgets/<key>.json``, the key a hash of everything the choice depends on
 (``key_fields``): the target's files, its dtype and device, the CPU model (or GPU name), torch's thread count, the
@@ -38,9 +40,10 @@ from draftopd.recipes import to_dict
 
 log = logging.getLogger(__name__)
 
-# the quick measurement of an uncached `auto`: a short curve, tau at a few budgets, 2 GSM8K prompts of 32 tokens
-QUICK = CostCurveConfig(widths=(1, 2, 4, 8, 16, 32, 64), context=128, reps=3, budgets=(0, 2, 4, 8, 16), tau_prompts=2)
-QUICK_TOKENS = 32
+# the quick measurement of an uncached `auto`: a short curve, tau at a few budgets on the last 3 prompts of each set
+QUICK = CostCurveConfig(widths=(1, 2, 4, 8, 16, 32, 64), context=128, reps=3, budgets=(0, 2, 4, 8, 16), tau_prompts=3)
+QUICK_SETS = ("gsm8k", "humaneval", "mtbench")
+QUICK_TOKENS = 48
 CHUNK = 1 << 20  # digest: bytes read at each end of a file
 
 
@@ -111,14 +114,16 @@ def read_choice(path: Path) -> dict | None:
 
 
 def why(choice: dict) -> str:
-    """One line: the chosen budget, its tokens per ms of verify against plain decoding's, and the runner-up."""
+    """One line: the chosen budget, its tokens per ms of verify against plain decoding's, and the runner-up (the
+    best rate, where a smaller budget within ``curve.SLACK`` of it was chosen)."""
     rows = sorted(choice["table"], key=lambda r: -r["tok_per_ms"])
-    best = rows[0]
-    pays = "" if best["vs_plain"] > 1 else " (nothing beats plain decoding here)"
-    nxt = f"; next best: budget {rows[1]['budget']}, {rows[1]['vs_plain']:.2f}x" if len(rows) > 1 else ""
+    chosen = next(r for r in rows if r["budget"] == choice["budget"])
+    pays = "" if chosen["vs_plain"] > 1 else " (nothing beats plain decoding here)"
+    other = next((r for r in rows if r is not chosen), None)
+    nxt = f"; next best: budget {other['budget']}, {other['vs_plain']:.2f}x" if other else ""
     return (
-        f"tree_budget {choice['budget']}: tau {best['tau']:.2f} per verify of {best['width']:.1f} tokens "
-        f"({best['ms']:.1f} ms) = {best['vs_plain']:.2f}x plain decoding's tokens per ms of verify{pays}{nxt}"
+        f"tree_budget {choice['budget']}: tau {chosen['tau']:.2f} per verify of {chosen['width']:.1f} tokens "
+        f"({chosen['ms']:.1f} ms) = {chosen['vs_plain']:.2f}x plain decoding's tokens per ms of verify{pays}{nxt}"
     )
 
 
@@ -131,12 +136,25 @@ def save_choice(d: DrafterConfig, target: Target, choice: dict, root: Path | Non
     return path
 
 
+def quick_prompts(name: str) -> list[str]:
+    """The last ``QUICK.tau_prompts`` prompts of evaluation set ``name``; none where its data is not set up (GSM8K
+    ships with the package; HumanEval and MT-bench come with ``draftopd setup``)."""
+    try:
+        return load_prompts(name)[-QUICK.tau_prompts :]
+    except DraftopdError as e:
+        log.info("tree_budget auto: no %s prompts for the quick measurement (%s)", name, e)
+        return []
+
+
 def quick_choice(d: DrafterConfig, target: Target) -> dict:
-    """Measure a choice quickly (``QUICK``): the verify cost by width, then tau at a few budgets on 2 prompts."""
+    """Measure a choice quickly (``QUICK``): the verify cost by width, then tau at a few budgets on the last
+    ``QUICK.tau_prompts`` prompts of each of ``QUICK_SETS`` that is set up (``quick_prompts``), batched."""
     cost_ms = width_costs(target, QUICK.widths, QUICK.context, QUICK.reps)
-    prompts = [target.encode_chat(p) for p in load_prompts("gsm8k", QUICK.tau_prompts)]
+    texts = {name: quick_prompts(name) for name in QUICK_SETS}
+    sets = "/".join(name for name, t in texts.items() if t)
+    prompts = [target.encode_chat(p) for t in texts.values() for p in t]
     choice = measured_choice(cost_ms, measure_tau(target, d, prompts, QUICK_TOKENS, QUICK.budgets))
-    return choice | {"how": f"quick: tau on {len(prompts)} GSM8K prompts of {QUICK_TOKENS} tokens"}
+    return choice | {"how": f"quick: tau on the last {QUICK.tau_prompts} prompts of {sets}, {QUICK_TOKENS} tokens"}
 
 
 Measure = Callable[[DrafterConfig, Target], dict]

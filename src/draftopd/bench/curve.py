@@ -114,7 +114,7 @@ def interpolate(cost_ms: dict[int, float], width: int) -> float:
 
 
 def choose_budget(
-    cost_ms: dict[int, float], tau: dict[int, float], width: dict[int, float] | None = None
+    cost_ms: dict[int, float], tau: dict[int, float], width: dict[int, float] | None = None, slack: float = 0.0
 ) -> tuple[int, list[dict]]:
     """The node budget that commits the most tokens per ms of verify: argmax over budgets b of
     tau(b) / cost(width(b)). ``cost_ms``: ms of a verify by width (width 1 required; widths between measured ones
@@ -122,8 +122,9 @@ def choose_budget(
     ``width``: tokens a verify of budget b scores (default b + 1: the last committed token and b nodes; a measured
     mean where the drafter verifies fewer, e.g. a gated chain, or more, a lookup branch). Budget 0 is plain decoding
     (tau 1, width 1) unless ``tau`` has it (a tree drafter's own chain, ``tree_budget: 0``, measured), so for a
-    drafter without trees 0 means that no budget pays on this curve. Ties (within 1e-9 relative) go to the smaller
-    budget: as fast, and fewer tokens to draft. A wider verify does more work than a narrower one, but the medians of
+    drafter without trees 0 means that no budget pays on this curve. Ties go to the smaller budget: as fast, and
+    fewer tokens to draft; ``slack`` widens a tie to every budget within that fraction of the best rate (default:
+    exact ties, 1e-9 relative). A wider verify does more work than a narrower one, but the medians of
     a few timings on a noisy machine can invert (width 16 measured cheaper than 8 makes a bigger budget look free),
     so each width costs at least every narrower width's measured cost (a running maximum over the curve). Drafting's
     own cost is not counted. Returns (budget, table): one row
@@ -146,7 +147,7 @@ def choose_budget(
         row = {"budget": b, "tau": t, "width": width[b], "ms": ms, "tok_per_ms": rate, "vs_plain": rate / plain_rate}
         table.append(row | {"interpolated": width[b] not in cost_ms})
     best = max(r["tok_per_ms"] for r in table)
-    chosen = next(r["budget"] for r in table if r["tok_per_ms"] >= best * (1 - 1e-9))
+    chosen = next(r["budget"] for r in table if r["tok_per_ms"] >= best * (1 - max(slack, 1e-9)))
     return chosen, table
 
 
@@ -154,21 +155,27 @@ def measure_tau(
     target: Target, drafter: DrafterConfig, prompts: list[list[int]], max_new: int, budgets: tuple[int, ...]
 ) -> dict[int, tuple[float, float]]:
     """(tau, mean verify width) of a drafter with trees at each node budget (0: its chain): ``speculative_generate``
-    over all ``prompts`` in one batch, greedy, untimed (tau does not depend on batching or timing)."""
+    over all ``prompts`` in one batch, greedy, untimed (tau does not depend on batching or timing). The lookup
+    switch is off here (its choices follow the clock): a switched drafter's budget is its tree's."""
     out = {}
     for b in budgets:
-        engine = build_drafter(dataclasses.replace(drafter, tree_budget=b), target)
+        engine = build_drafter(dataclasses.replace(drafter, tree_budget=b, lookup_switch=False), target)
         stats = speculative_generate(target, prompts, engine, max_new).stats
         out[b] = (stats.tau, stats.width)
     return out
 
 
+# a measured choice takes the smallest budget within 3% of the best rate: drafting's own cost, which grows with the
+# tree (an EAGLE-3 tree drafts one depth per forward), is not counted, and tau on a few prompts is uncertain by more
+SLACK = 0.03
+
+
 def measured_choice(cost_ms: dict[int, float], measured: dict[int, tuple[float, float]]) -> dict:
     """``choose_budget`` on measured (tau, width) by budget (``measure_tau``), budgets whose width lies past the
-    curve left out; the choice as ``--costs`` and the budget cache store it."""
+    curve left out, within ``SLACK`` of the best; the choice as ``--costs`` and the budget cache store it."""
     inside = {b: tw for b, tw in measured.items() if tw[1] <= max(cost_ms)}
     budget, table = choose_budget(
-        cost_ms, {b: t for b, (t, _) in inside.items()}, {b: w for b, (_, w) in inside.items()}
+        cost_ms, {b: t for b, (t, _) in inside.items()}, {b: w for b, (_, w) in inside.items()}, SLACK
     )
     zero = "chain" if 0 in inside else "plain"  # budget 0's row: the drafter's chain, or plain decoding without it
     return {"budget": budget, "tau_source": f"measured: tau by budget (0: {zero})", "zero": zero, "table": table}
