@@ -66,10 +66,11 @@ def test_quick_demo_writes_report_with_every_method(quick_demo):
     keys = ("tree_budget", "tree_topk", "lookup", "lookup_switch")
     assert all(tuple(m[k] for k in keys) == (8, 4, True, True) for m in trees)
     assert result["config"]["methods"]["SFT"]["tree_budget"] == 0 and not result["config"]["methods"]["SFT"]["lookup"]
-    assert (
-        "| `SFT tree`, `Draft-OPD tree` decode draft trees | tree_budget 8, tree_topk 4, prompt lookup branch "
-        "(switched: lookup alone on rounds where it measured faster) |" in text
-    )
+    for name in ("SFT tree", "Draft-OPD tree"):
+        assert (
+            f"| `{name}` decodes draft trees | tree_budget 8, tree_topk 4, prompt lookup branch "
+            "(switched: lookup alone on rounds where it measured faster) |" in text
+        )
     # the tau stage: the three drafters on the same prompts, OPD's paired gains over its control and the start
     tau = json.loads((out / "tau" / "result.json").read_text())
     assert tau["config"]["tau_only"] is True and {m["confidence"] for m in tau["config"]["methods"].values()} == {0}

@@ -111,8 +111,10 @@ def test_the_demo_benches_its_drafters_as_chains_and_as_trees_and_the_report_nam
     assert methods["Draft-OPD tree"] == replace(tree, kind="path", path=str(Path("runs/demo/opd/final")))
     assert list(demo_methods(DrafterConfig(), Path("x"))) == ["SFT", "Draft-OPD", "SFT continued"]  # chains only
     cfg = {"methods": {n: to_dict(m) for n, m in methods.items()}}
+    cfg["methods"]["Draft-OPD tree"]["tree_budget"] = 8  # `auto` resolves per drafter: each row its own budget
     assert tree_rows(cfg) == [
-        "| `SFT tree`, `Draft-OPD tree` decode draft trees | tree_budget 16, tree_topk 4, prompt lookup branch |"
+        "| `SFT tree` decodes draft trees | tree_budget 16, tree_topk 4, prompt lookup branch |",
+        "| `Draft-OPD tree` decodes draft trees | tree_budget 8, tree_topk 4, prompt lookup branch |",
     ]
     assert tree_rows({"methods": {"SFT": {}}}) == [] and tree_rows({"methods": ["SFT=x"]}) == []
 

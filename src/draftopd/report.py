@@ -174,16 +174,22 @@ def learned_setting(cfg: dict) -> dict:
 
 
 def tree_rows(cfg: dict) -> list[str]:
-    """Markdown rows naming the tree setting of a bench's tree methods ("SFT tree", "Draft-OPD tree"), if any."""
+    """Markdown rows naming the tree setting of a bench's tree methods ("SFT tree", "Draft-OPD tree"), if any: one
+    row each, since ``tree_budget: auto`` resolves per drafter (the result's config has the budget that ran)."""
     methods = cfg.get("methods")
-    tree = methods.get("SFT" + TREE) if isinstance(methods, dict) else None
-    if not tree:
+    if not isinstance(methods, dict):
         return []
-    setting = f"tree_budget {tree.get('tree_budget', 0)}, tree_topk {tree.get('tree_topk', '-')}"
-    lookup = ", prompt lookup branch" if tree.get("lookup") else ""
-    if tree.get("lookup_switch"):
-        lookup += " (switched: lookup alone on rounds where it measured faster)"
-    return [f"| `SFT{TREE}`, `Draft-OPD{TREE}` decode draft trees | {setting}{lookup} |"]
+    rows = []
+    for name in ("SFT" + TREE, "Draft-OPD" + TREE):
+        tree = methods.get(name)
+        if not tree:
+            continue
+        setting = f"tree_budget {tree.get('tree_budget', 0)}, tree_topk {tree.get('tree_topk', '-')}"
+        lookup = ", prompt lookup branch" if tree.get("lookup") else ""
+        if tree.get("lookup_switch"):
+            lookup += " (switched: lookup alone on rounds where it measured faster)"
+        rows.append(f"| `{name}` decodes draft trees | {setting}{lookup} |")
+    return rows
 
 
 def gain_table(result: dict) -> list[str]:
