@@ -135,7 +135,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--target", default="default")
     p.add_argument("--dtypes", default="fp32,bf16")
-    p.add_argument("--fast", default="plain,packed", help="target.fast paths to compare (plain, packed, auto)")
+    p.add_argument("--fast", default="plain,packed", help="target.fast paths: plain, packed, compiled, auto")
     p.add_argument("--widths", default="1,2,4,8,16,32")
     p.add_argument("--ctx", type=int, default=256)
     p.add_argument("--batch", type=int, default=1)

@@ -291,3 +291,37 @@ def test_a_run_resumes_on_the_other_linear_path():
     saved = {"target": {"path": "default", "threads": 2}, "lr": 1e-4}
     assert config_changes(saved, {"target": {"path": "default", "threads": 2, "fast": "auto"}, "lr": 1e-4}) == []
     assert config_changes({**saved, "target": {**saved["target"], "fast": "plain"}}, {**saved, "lr": 2e-4}) == ["lr"]
+
+
+@pytest.mark.slow  # compiles (tens of seconds on 2 cores)
+def test_compiled_decoder_keeps_greedy_output_and_features_without_graph_breaks():
+    """target.fast=compiled (opt-in): greedy tokens equal the eager plain path's in fp32 (single and batched rows,
+    blocks of 1..7 tokens), features come out equal within fp32's tolerance (read from output_hidden_states, not
+    hooks), dynamo breaks no graph, and switching back restores the eager forward."""
+    from torch._dynamo.utils import counters
+
+    eager, compiled = tiny(), tiny()
+    assert eager.set_fast("plain") == "plain" and compiled.set_fast("compiled") == "compiled"
+    assert "forward" in compiled.backbone.__dict__ and not any(
+        isinstance(m, PackedLinear) for m in compiled.model.modules()
+    )
+    counters.clear()
+    refs = speculative_generate(eager, PROMPTS, NoisyOracleDrafter(eager, k=6), 16).tokens
+    assert speculative_generate(compiled, PROMPTS, NoisyOracleDrafter(compiled, k=6), 16).tokens == refs
+    assert speculative_generate(compiled, PROMPTS[:1], None, 16).tokens == refs[:1]
+    prompt, block = torch.tensor([PROMPTS[1]]), torch.tensor([[4, 8, 15, 16]])
+    want, got = step(eager, prompt, block), step(compiled, prompt, block)
+    scale = want.logits.abs().max()
+    assert (got.logits - want.logits).abs().max() <= TOLERANCE[torch.float32] * scale
+    assert torch.allclose(got.features, want.features, atol=1e-5, rtol=1e-5)
+    assert not counters["graph_break"]
+    assert compiled.set_fast("plain") == "plain" and "forward" not in compiled.backbone.__dict__
+
+
+def test_compiled_needs_a_cxx_compiler_on_a_cpu(monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(fast.shutil, "which", lambda name: None)
+    with pytest.raises(DraftopdError, match="C\\+\\+ compiler"):
+        fast.resolve_fast("compiled", torch.float32, "cpu")
+    monkeypatch.setattr(fast.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert fast.resolve_fast("compiled", torch.float32, "cpu") == "compiled"

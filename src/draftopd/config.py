@@ -25,7 +25,7 @@ from draftopd.data.eval_sets import DATASETS  # the evaluation sets: name -> pro
 MIN_TEMPERATURE = 1e-4  # the smallest sampling temperature: (0, 1e-4) is refused, 0 is greedy
 SEED_LIMIT = 2**32  # seeds are combined with step numbers: keep them far from torch's 64-bit limit
 DTYPE_NAMES = ("bf16", "fp32", "fp16")  # the dtypes every verb takes (``auto`` besides, where it picks one)
-FAST_MODES = ("auto", "plain", "packed")  # target.fast; not "off": YAML reads off as false
+FAST_MODES = ("auto", "plain", "packed", "compiled")  # target.fast; not "off": YAML reads off as false
 
 
 def need(ok: bool, name: str, rule: str, value: Any) -> None:
@@ -48,7 +48,9 @@ class TargetConfig:
     shard: bool = False  # training under torchrun: shard the target's decoder layers over the ranks (FSDP2)
     # the linears' path (models/fast.py): auto = the fastest exact path this machine has (packed on a CPU whose
     # torch has oneDNN, for fp32 and bf16; else plain); plain = transformers' own modules; packed = every linear's
-    # weight packed once at load for oneDNN (an error where it cannot be). Output equals plain's up to float rounding.
+    # weight packed once at load for oneDNN (an error where it cannot be); compiled (opt-in) = plain linears and the
+    # decoder under torch.compile (dynamic shapes; the first calls compile for minutes on a CPU, which needs a C++
+    # compiler). Output equals plain's up to float rounding.
     fast: str = "auto"
 
     def __post_init__(self) -> None:

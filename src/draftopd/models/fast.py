@@ -37,6 +37,8 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
+import shutil
 
 import torch
 import torch.nn.functional as F
@@ -134,9 +136,18 @@ def unpack_linears(model: nn.Module) -> int:
 
 def resolve_fast(mode: str, dtype: torch.dtype, device: str | torch.device) -> str:
     """``auto`` -> ``packed`` where ``packing_available``, else ``plain``; ``packed`` where it is not available is
-    a one-line error (so a benchmark never times the plain path by mistake)."""
+    a one-line error (so a benchmark never times the plain path by mistake), and so is ``compiled`` on a CPU
+    without a C++ compiler (inductor builds its CPU kernels with one: ``$CXX``, else g++, c++ or clang++)."""
     if mode not in FAST_MODES:
         raise DraftopdError(f"target.fast must be one of {', '.join(FAST_MODES)}, not {mode!r}")
+    if mode == "compiled":
+        cxx = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+        if torch.device(device).type == "cpu" and not any(shutil.which(c) for c in cxx):
+            raise DraftopdError(
+                f"target.fast=compiled: torch.compile needs a C++ compiler on a CPU ({' or '.join(cxx)} not found); "
+                "install one (e.g. g++) or use target.fast=auto"
+            )
+        return mode
     ok = packing_available(dtype, str(torch.device(device)))
     if mode == "auto":
         return "packed" if ok else "plain"
@@ -149,7 +160,8 @@ def resolve_fast(mode: str, dtype: torch.dtype, device: str | torch.device) -> s
 
 
 def set_fast(model: nn.Module, mode: str, dtype: torch.dtype, device: str | torch.device) -> str:
-    """Put ``model``'s linears on the path ``mode`` resolves to (``resolve_fast``); returns it (plain or packed)."""
+    """Put ``model``'s linears on the path ``mode`` resolves to (``resolve_fast``); returns it (plain, packed, or
+    compiled: plain linears, which ``Target.set_fast`` then compiles; the packed op is opaque to torch.compile)."""
     mode = resolve_fast(mode, dtype, device)
     if mode == "packed":
         n = pack_linears(model)

@@ -150,9 +150,16 @@ class Target:
         self.fast = "plain"  # the linears' path: plain (transformers' modules) or packed (models/fast.py)
 
     def set_fast(self, mode: str) -> str:
-        """Put the linears on the path ``mode`` (auto | plain | packed) resolves to on this dtype and device; returns
-        it (plain or packed). A one-line error for ``packed`` where oneDNN cannot pack (``fast.resolve_fast``)."""
+        """Put the linears on the path ``mode`` (auto | plain | packed | compiled) resolves to on this dtype and
+        device; returns it. A one-line error for ``packed`` where oneDNN cannot pack, ``compiled`` without a C++
+        compiler (``fast.resolve_fast``). ``compiled``: the decoder's forward under ``torch.compile`` with dynamic
+        shapes (one graph serves every width and cache length: 7 graphs over a speculative run, no graph breaks,
+        measured on the default target), the LM head eager; features then come from ``output_hidden_states``
+        (hooks added per call would invalidate the graphs)."""
         self.fast = set_fast(self.model, mode, self.dtype, self.device)
+        self.backbone.__dict__.pop("forward", None)  # back to the class's eager forward
+        if self.fast == "compiled":
+            self.backbone.forward = torch.compile(type(self.backbone).forward.__get__(self.backbone), dynamic=True)
         return self.fast
 
     @property
@@ -194,6 +201,7 @@ class Target:
         # norm), take output_hidden_states.
         layers = getattr(self.backbone, "layers", None)
         hooked = bool(layer_ids) and layers is not None and max(layer_ids) < self.num_layers - 1
+        hooked = hooked and self.fast != "compiled"
         kept: dict[int, Tensor] = {}
         hooks = [layers[i].register_forward_hook(functools.partial(_keep, kept, i)) for i in layer_ids if hooked]
         try:
