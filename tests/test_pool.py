@@ -125,3 +125,16 @@ def test_data_u16_records_resumes_and_regenerates_the_same_bytes(tiny, tmp_path,
     # a pool folder of several data folders loads as their union, in folder order
     shutil.copytree(out, pool / "two")
     assert load_shards(pool) == rows + rows
+
+
+def test_sharegpt_prompts_are_each_text_once():
+    """The dump repeats first turns ("hi"); pool A's ShareGPT folder asks the target each text once."""
+    from draftopd import DraftopdError
+    from draftopd.data import prompts
+
+    try:
+        turns = prompts.sharegpt()
+    except DraftopdError as e:  # the wheel's dump is unpacked by `draftopd setup`
+        pytest.skip(f"ShareGPT not set up: {e}")
+    assert len(turns) == len(set(turns)) > 8000
+    assert turns[:5] == prompts.sharegpt(5)

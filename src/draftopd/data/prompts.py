@@ -122,13 +122,18 @@ def sharegpt_records() -> Iterator[dict]:
 
 
 def sharegpt(limit: int | None = None, max_chars: int = 2000) -> list[str]:
-    """First human turns (<= ``max_chars``) of the ShareGPT dump (``sharegpt_records``)."""
+    """First human turns (<= ``max_chars``) of the ShareGPT dump (``sharegpt_records``), each text once: the dump
+    repeats some (710 of 9,675, "hi" most), and a repeated prompt is a repeated trajectory, not more data. None
+    repeats among the first 128 (the demo's data: unchanged); `make reproduce`'s 768 trade 15 repeats for later
+    turns."""
     out: list[str] = []
+    seen: set[str] = set()
     for rec in sharegpt_records():
         if limit is not None and len(out) >= limit:
             break
         turn = _first_user_turn(rec.get("conversations", []), "from", "human", "value")
-        if turn and len(turn) <= max_chars:
+        if turn and len(turn) <= max_chars and turn not in seen:
+            seen.add(turn)
             out.append(turn)
     return out
 
