@@ -1,22 +1,28 @@
 """Issue 35 items 2-3 as A/Bs at equal CPU-time: cheap warm starts and acceptance-aware SFT objectives, per kind.
 
 For each drafter kind (DFlash, EAGLE-3), five arms on the same SFT data (pool A: a snapshot of the shards that exist
-when the driver first runs; pool B, held back for Draft-OPD, is refused), each given the same budget of process
-CPU-seconds (``--budget``, the trainer's ``cpu_seconds`` counter: its target feature pass, or the recorded cost of the
-cache it reads, plus its steps; ``loop.max_cpu_seconds`` caps it):
+when the first driver runs, shared with scripts/plateau.py; pool B, held back for Draft-OPD, is refused), each given
+the same budget of training CPU-seconds (``--budget``, the trainer's ``cpu_seconds`` counter; ``loop.max_cpu_seconds``
+caps it):
 
 * ``plain``: the recipe (configs/figure1/sft-KIND.yaml), hard cross-entropy on the target's greedy token;
 * ``text``: first SFT on the target's features over existing text (``draftopd data --responses text``: GSM8K-train
   reference answers of pool A's questions and ShareGPT replies; labels are the target's greedy tokens from the same
-  prefill), for ``--text-share`` of the budget, then SFT on pool A from it for the rest;
+  prefill), for ``--text-share`` of the budget (its own feature pass included), then SFT on pool A from it for the
+  rest;
 * ``init``: the recipe with the drafter's layers initialised from the target's (``arch.init_from_target``);
 * ``soft``: soft labels, KL from the target's distribution (``sft_loss: soft``);
 * ``auf``: accept-until-fail truncation (``accept_until_fail: true``).
 
-Steps: a short calibration run of each distinct step cost (plain, soft, auf, and the text pre-training) measures
-CPU-seconds per step (``cal-*`` stages); an arm then gets ``max_steps = (budget - its feature cost) / (s/step)`` (its
-cosine schedule completes at the budget) and ``loop.max_cpu_seconds = budget`` as the cap. Feature caches are shared
-by hard links (the same key: the same data, target, layers and cut) and each arm is charged their recorded cost.
+What the budget counts. The target's feature pass over pool A (~1,000 tokens/s here, so ~1 CPU-hour for 3M tokens)
+is made once per kind (stage ``features-KIND`` in ``$DRAFTOPD_HOME/pool-a``, with the target's last hidden states
+that soft labels need) and read by every run on the pool: these arms, the plateau run and its extension. It is a
+fixed cost common to all of them, so it is left out of the budgets: an arm's budget counts its training steps and
+any target pass it adds beyond the pool's (the text arm's pass over its text). Steps: a short calibration run of each
+distinct step cost (plain, soft, auf, and the text pre-training) measures CPU-seconds per step (``cal-*`` stages);
+an arm then gets ``max_steps = budget / (s/step)`` (its cosine schedule completes at the budget) and
+``loop.max_cpu_seconds = budget + the pool's feature cost`` as the cap (the counter starts at that recorded cost).
+Feature caches are shared by hard links (a cache serves any run with the same data, target, layers and cut).
 Held-out tau: ``draftopd bench`` tau-only (greedy, 96 new tokens, every proposal verified: confidence 0) on 64 prompts
 each of GSM8K test_dev, HumanEval and MT-bench, each arm's paired gain over ``plain`` with a 95% bootstrap interval
 over prompts (``bench.run.paired_gain``); the training curve of each arm (tau on the recipe's GSM8K eval prompts,
@@ -26,8 +32,8 @@ Every stage is a ``draftopd`` command with its config under ``HOME/configs``, it
 (config, seconds, process CPU-seconds) in ``HOME/done`` (scripts/figure1.py's ``run_stage``); trainers checkpoint,
 so a killed driver resumes with the same command:
 
-    python scripts/ab_warmstart.py                   # everything (HOME = $DRAFTOPD_HOME/ab_warmstart)
-    python scripts/ab_warmstart.py --kinds dflash --budget 3600
+    python scripts/ab_warmstart.py --kinds dflash    # (HOME = $DRAFTOPD_HOME/ab_warmstart)
+    python scripts/ab_warmstart.py --kinds eagle3 --budget 1800
     python scripts/ab_warmstart.py --quick           # tiny budgets, 4 prompts, a tiny pool: the pipeline end to end
     python scripts/ab_warmstart.py --report          # HOME/report.{json,md} from what has finished
 """
@@ -67,13 +73,14 @@ ARMS = {  # name -> (what it changes, SFT overrides)
 CALIBRATED = {"plain": "plain", "text": "plain", "init": "plain", "soft": "soft", "auf": "auf"}  # arm -> its s/step
 TEXT_SOURCES = ("gsm8k_a", "sharegpt")  # never gsm8k_b (pool B) nor an evaluation set
 EVALS = 8  # held-out tau evaluations along each arm's run (the plateau curve)
+SHARED = "pool-a"  # under $DRAFTOPD_HOME: pool A's snapshot and its feature caches, shared with scripts/plateau.py
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """The sizes of a run: full, or ``--quick``."""
 
-    budget: float  # CPU-seconds per arm
+    budget: float  # training CPU-seconds per arm (the pool's shared feature pass not counted)
     text_share: float  # of the budget, for the text arm's pre-training
     calibration: int  # steps of a calibration run
     prompts: int  # held-out prompts per data set
@@ -84,7 +91,7 @@ class Plan:
     text_tokens: int  # response tokens kept per text pair
 
 
-FULL = Plan(7200.0, 0.5, 12, 64, 96, 32, 64, 1000, 256)
+FULL = Plan(3600.0, 0.5, 12, 64, 96, 32, 64, 1000, 256)
 QUICK = Plan(20.0, 0.5, 3, 4, 16, 2, 8, 4, 48)
 
 
@@ -115,10 +122,11 @@ def check_pool(folder: Path) -> list[Path]:
     return folders
 
 
-def snapshot(pool_dir: Path, home: Path) -> Path:
-    """A fixed copy of the pool's shards as they are now (``HOME/pool``), made once: every arm trains on the same
-    rows while the pool may still grow. The manifests come along (u16 shards are checked against them)."""
-    out = home / "pool"
+def snapshot(pool_dir: Path, shared: Path) -> Path:
+    """A fixed copy of the pool's shards as they are now (``SHARED/pool``), made once: every run trains on the same
+    rows (the same path: their feature caches' key) while the pool may still grow. The manifests come along (u16
+    shards are checked against them)."""
+    out = shared / "pool"
     if (out / "done").exists():
         return out
     shutil.rmtree(out, ignore_errors=True)
@@ -130,6 +138,16 @@ def snapshot(pool_dir: Path, home: Path) -> Path:
                 shutil.copy2(x, dest / x.name)
     (out / "done").write_text(str(pool_dir.resolve()))
     return out
+
+
+def pool_features(shared: Path, kind: str, base: SFTConfig, plan: Plan) -> tuple[Path, float]:
+    """The run folder holding the feature cache of ``kind`` over the pool (``base.data``) with the target's last
+    hidden states (what soft labels need; a cache serves runs that need less), made once by a soft-label
+    calibration run (stage ``features-KIND`` in ``shared``), and what that pass cost in CPU-seconds."""
+    out = shared / f"features-{kind}"
+    cfg = calibration(override(base, sft_loss="soft"), out, plan)
+    run_stage(shared, f"features-{kind}", ["train", "sft"], cfg, tag="pool")
+    return out, step_cost(out)[1]
 
 
 def metrics(out: Path) -> list[dict]:
@@ -162,7 +180,8 @@ def link_features(src: Path, dst: Path) -> None:
 
 
 def sized(cfg: SFTConfig, steps: int, budget: float, plan: Plan) -> SFTConfig:
-    """``cfg`` for ``steps`` steps under a CPU cap of ``budget``, tau measured EVALS times on the plan's prompts."""
+    """``cfg`` for ``steps`` steps under a cap of ``budget`` on its CPU-seconds counter (which starts at the cost of
+    the feature pass it reads), tau measured EVALS times on the plan's prompts."""
     every = max(1, steps // EVALS)
     return override(
         cfg, **{"loop.max_steps": steps, "loop.max_cpu_seconds": max(round(budget, 1), 0.1), "loop.eval_every": every,
@@ -178,36 +197,38 @@ def calibration(cfg: SFTConfig, out: Path, plan: Plan) -> SFTConfig:
     )  # fmt: skip
 
 
-def steps_for(budget: float, cost: tuple[float, float]) -> int:
-    per_step, features = cost
-    return max(1, int((budget - features) / max(per_step, 1e-6)))
+def steps_for(budget: float, per_step: float) -> int:
+    """Training steps that spend ``budget`` CPU-seconds at ``per_step`` each (at least one)."""
+    return max(1, int(budget / max(per_step, 1e-6)))
 
 
-def run_kind(home: Path, kind: str, plan: Plan, pool_dir: Path, text_dir: Path, say) -> None:
+def run_kind(home: Path, shared: Path, kind: str, plan: Plan, pool_dir: Path, text_dir: Path, say) -> None:
     """Calibrate, train the five arms of ``kind``, bench their held-out tau."""
     base = override(load(SFTConfig, RECIPES / f"sft-{kind}.yaml"), data=str(pool_dir), **{"target.threads": 2})
     arm_cfg = {arm: override(base, **over) for arm, (_, over) in ARMS.items()}
     pre = override(base, data=str(text_dir))  # the text arm's pre-training: the recipe on the text folder
+    feats, pool_cost = pool_features(shared, kind, base, plan)
     cal, cost = home / "cal", {}
     for name, cfg in (("plain", arm_cfg["plain"]), ("soft", arm_cfg["soft"]), ("auf", arm_cfg["auf"]), ("pre", pre)):
         out = cal / f"{name}-{kind}"
-        if name == "auf":  # the same features as plain's (soft's keep the target's states too; pre's are of text)
-            link_features(cal / f"plain-{kind}", out)
+        if name != "pre":  # the pool's shared cache (pre's features are of the text: its own pass)
+            link_features(feats, out)
         say(f"cal-{name}-{kind}", ["train", "sft"], calibration(cfg, out, plan))
-        cost[name] = step_cost(out)
+        cost[name] = step_cost(out)  # (CPU-s per step, the feature pass's)
     folders = {}
     for arm, cfg in arm_cfg.items():
         out, budget = home / f"{arm}-{kind}", plan.budget
-        if arm == "text":
+        if arm == "text":  # its text pass and pre-training come out of its budget
             pre_out, share = home / f"text-pre-{kind}", plan.budget * plan.text_share
             link_features(cal / f"pre-{kind}", pre_out)
-            pre_cfg = sized(override(pre, out=str(pre_out)), steps_for(share, cost["pre"]), share, plan)
+            per_step, text_cost = cost["pre"]
+            pre_cfg = sized(override(pre, out=str(pre_out)), steps_for(share - text_cost, per_step), share, plan)
             say(f"text-pre-{kind}", ["train", "sft"], pre_cfg)
-            budget = max(plan.budget - spent(pre_out), 0.1)  # what the pre-training left (its features included)
+            budget = max(plan.budget - spent(pre_out), 0.1)  # what the pre-training left (its text pass included)
             cfg = override(cfg, init_from=str(pre_out / "final"))
-        link_features(cal / f"{CALIBRATED[arm]}-{kind}", out)
-        steps = steps_for(budget, cost[CALIBRATED[arm]])
-        say(f"{arm}-{kind}", ["train", "sft"], sized(override(cfg, out=str(out)), steps, budget, plan))
+        link_features(feats, out)
+        steps = steps_for(budget, cost[CALIBRATED[arm]][0])
+        say(f"{arm}-{kind}", ["train", "sft"], sized(override(cfg, out=str(out)), steps, budget + pool_cost, plan))
         folders[arm] = str(out / "final")
     result = home / f"tau-{kind}.json"
     say(f"tau-{kind}", ["bench", "--json", str(result)], tau_config(folders, plan.prompts, plan.max_new))
@@ -239,9 +260,10 @@ def arm_runs(home: Path, kind: str, arm: str) -> list[str]:
     return ([f"text-pre-{kind}"] if arm == "text" else []) + [f"{arm}-{kind}"]
 
 
-def arm_row(home: Path, kind: str, arm: str, r: dict) -> dict:
-    """One arm's record: CPU-seconds (the trainer's counter summed over its runs, and the processes' from the done
-    markers), steps, held-out tau per data set and pooled, paired gain over plain, its curve and plateau verdict."""
+def arm_row(home: Path, kind: str, arm: str, r: dict, pool_cost: float = 0.0) -> dict:
+    """One arm's record: CPU-seconds (the trainer's counter summed over its runs less ``pool_cost``, the pool's
+    shared feature pass its last run starts from, and the processes' from the done markers), steps, held-out tau
+    per data set and pooled, paired gain over plain, its curve and plateau verdict."""
     runs = arm_runs(home, kind, arm)
     marks = [home / "done" / f"{s}.json" for s in runs]
     marks = [json.loads(m.read_text()) for m in marks if m.exists()]
@@ -250,7 +272,7 @@ def arm_row(home: Path, kind: str, arm: str, r: dict) -> dict:
     pooled = pool(r)
     return {
         "what": ARMS[arm][0],
-        "cpu_seconds_trainer": round(sum(spent(home / x) for x in runs), 1),
+        "cpu_seconds_trainer": round(sum(spent(home / x) for x in runs) - pool_cost, 1),  # the budget's measure
         "cpu_seconds_processes": round(sum(m.get("cpu_seconds", 0.0) for m in marks), 1),
         "steps": [max((m["step"] for m in metrics(home / x)), default=0) for x in runs],
         "tau": {ds: methods[ds][arm]["tau"] for ds in DATASETS} | {"all": pooled_tau(pooled[arm])},
@@ -268,7 +290,7 @@ def pct(g: tuple[float, float, float]) -> str:
     return f"{100 * g[0]:+.1f}% [{100 * g[1]:+.1f}, {100 * g[2]:+.1f}]"
 
 
-def report(home: Path) -> dict:
+def report(home: Path, shared: Path | None = None) -> dict:
     """HOME/report.json and HOME/report.md: a table per kind, one row per arm (``arm_row``)."""
     out: dict = {"home": str(home), "datasets": list(DATASETS)}
     lines: list[str] = []
@@ -277,7 +299,9 @@ def report(home: Path) -> dict:
         if not path.exists():
             continue
         r = json.loads(path.read_text())
-        rows = {arm: arm_row(home, kind, arm, r) for arm in ARMS if arm in pool(r)}
+        feats = (shared or home) / f"features-{kind}"  # pool_features' run: its calibration logs every step
+        pool_cost = step_cost(feats)[1] if (feats / "metrics.jsonl").exists() else 0.0
+        rows = {arm: arm_row(home, kind, arm, r, pool_cost) for arm in ARMS if arm in pool(r)}
         out[kind] = rows
         n = len(r["datasets"][DATASETS[0]]["methods"]["plain"]["per_prompt"])
         lines += [f"### {kind} ({n} prompts per data set)", "",
@@ -294,7 +318,8 @@ def report(home: Path) -> dict:
     head = [
         "Held-out tau (greedy, every proposal verified) with the paired gain over plain and its 95% bootstrap "
         "interval "
-        "over prompts; CPU-s: the trainer's counter (feature pass + steps, the budget's measure) / the processes' "
+        "over prompts; CPU-s: the trainers' counters less the pool's shared feature pass (steps and the arm's own "
+        "passes: the budget's measure) / the processes' "
         "user + system time (model loading and tau evals included); plateau: the last 4 training-curve evals within "
         "+-1.5% of their mean. Command: python scripts/ab_warmstart.py --home HOME; each stage's config in "
         "HOME/configs.",
@@ -312,33 +337,34 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny budgets, 4 prompts, a tiny pool of its own")
     ap.add_argument("--report", action="store_true", help="only write HOME/report.{json,md} from what has finished")
     ap.add_argument("--pool", default="", help=f"the SFT pool (default {POOL_A}; --quick: a tiny one it makes)")
-    ap.add_argument("--budget", type=float, default=0.0, help="CPU-seconds per arm (default 7200; --quick 20)")
+    ap.add_argument("--budget", type=float, default=0.0, help="training CPU-s per arm (default 3600; --quick 20)")
     ap.add_argument("--text-share", type=float, default=0.0, help="of the budget, the text pre-training's (0.5)")
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated: dflash,eagle3")
     args = ap.parse_args()
     plan = QUICK if args.quick else FULL
     plan = dataclasses.replace(plan, budget=args.budget or plan.budget, text_share=args.text_share or plan.text_share)
     home = Path(args.home or cache_root() / ("ab_warmstart-quick" if args.quick else "ab_warmstart"))
+    shared = home if args.quick or args.pool else cache_root() / SHARED
     if args.report:
-        report(home)
+        report(home, shared)
         return
     say = lambda name, verb, cfg: run_stage(home, name, verb, cfg, tag="ab")  # noqa: E731
     if args.pool:
-        pool_dir = snapshot(Path(args.pool), home)
+        pool_dir = snapshot(Path(args.pool), shared)
     elif args.quick:
         cfg = quick_pool(home)
         say("quick-pool", ["data"], cfg)
         pool_dir = Path(cfg.out)
         check_pool(pool_dir)
     else:
-        pool_dir = snapshot(POOL_A, home)
+        pool_dir = snapshot(POOL_A, shared)
     text = text_data(home, plan)
     say("text", ["data"], text)
     for kind in args.kinds.split(","):
         if kind not in KINDS:
             sys.exit(f"[ab] unknown kind {kind!r}: dflash or eagle3")
-        run_kind(home, kind, plan, pool_dir, Path(text.out), say)
-    report(home)
+        run_kind(home, shared, kind, plan, pool_dir, Path(text.out), say)
+    report(home, shared)
 
 
 if __name__ == "__main__":

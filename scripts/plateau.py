@@ -12,10 +12,13 @@ The rule, declared before any run (and not changed after; ``lab.study``):
 
 Stages (``scripts/figure1.py``'s ``run_stage``: done markers, logs, configs under HOME; trainers checkpoint, so the
 same command resumes a killed stage), HOME = $DRAFTOPD_HOME/plateau:
-  pool          a snapshot of pool A's shards as they are at the first run (pool B refused: ab_warmstart.check_pool)
-  cal-KIND      a short calibration run: CPU-seconds per step and of the feature pass
+  pool          a snapshot of pool A's shards as they are at the first run of this driver or ab_warmstart's (pool B
+                refused: ab_warmstart.check_pool), in $DRAFTOPD_HOME/pool-a, shared with ab_warmstart
+  features-KIND the target's feature pass over it, made once per kind and shared (ab_warmstart.pool_features), not
+                counted in ``--budget`` (a fixed cost of the pool, the same for every run on it)
+  cal-KIND      a short calibration run: CPU-seconds per step
   run-KIND      SFT with the recipe (configs/figure1/sft-KIND.yaml and ``--arm``'s overrides from ab_warmstart.ARMS),
-                ``max_steps`` sized so that the run spends ``--budget`` CPU-seconds
+                ``max_steps`` sized so that its steps spend ``--budget`` CPU-seconds
   ext-KIND      the extension of (b), from run-KIND/final
   tau-KIND      held-out tau of run-KIND/final and ext-KIND/final (``figure1.tau_config``, 64 prompts per set)
 Then HOME/plateau-KIND.json: the curve, both taus, (a), (b), the verdict, CPU-seconds, and the snapshot's shards;
@@ -41,11 +44,13 @@ from ab_warmstart import (  # noqa: E402
     KINDS,
     POOL_A,
     RECIPES,
+    SHARED,
     calibration,
     check_pool,
     link_features,
     metrics,
     override,
+    pool_features,
     quick_pool,
     snapshot,
     spent,
@@ -67,7 +72,7 @@ FLAT, GAIN = 0.015, 0.01  # (a)'s tolerance over the last 4 evaluations, (b)'s l
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    budget: float  # CPU-seconds of the run (feature pass + steps)
+    budget: float  # CPU-seconds of the run's steps (the pool's shared feature pass not counted)
     calibration: int  # steps of the calibration run
     prompts: int  # held-out prompts per data set
     max_new: int
@@ -108,18 +113,20 @@ def verdict(curve: list, tau_run: list, tau_ext: list) -> dict:
     return {"a_flat": flat, "b_extension_gain": ext, "b_interval": gain[1:], "plateaued": flat and ext < GAIN}
 
 
-def run_kind(home: Path, kind: str, arm: str, plan: Plan, pool_dir: Path, say) -> dict:
-    base = override(load(SFTConfig, RECIPES / f"sft-{kind}.yaml"), data=str(pool_dir), **{"target.threads": 2})
-    base = override(base, **ARMS[arm][1])
+def run_kind(home: Path, shared: Path, kind: str, arm: str, plan: Plan, pool_dir: Path, say) -> dict:
+    recipe = override(load(SFTConfig, RECIPES / f"sft-{kind}.yaml"), data=str(pool_dir), **{"target.threads": 2})
+    feats, pool_cost = pool_features(shared, kind, recipe, plan)
+    base = override(recipe, **ARMS[arm][1])
     cal = home / f"cal-{kind}"
+    link_features(feats, cal)
     say(f"cal-{kind}", ["train", "sft"], calibration(override(base, out=str(cal)), cal, plan))
-    cost = step_cost(cal)
+    per_step = step_cost(cal)[0]
     out = home / f"run-{kind}"
-    link_features(cal, out)
-    run = run_config(base, out, steps_for(plan.budget, cost), plan.budget, plan)
+    link_features(feats, out)
+    run = run_config(base, out, steps_for(plan.budget, per_step), plan.budget + pool_cost, plan)
     say(f"run-{kind}", ["train", "sft"], run)
     ext_out = home / f"ext-{kind}"
-    link_features(out, ext_out)
+    link_features(feats, ext_out)
     say(f"ext-{kind}", ["train", "sft"], extension_config(run, ext_out, plan))
     result = home / f"tau-{kind}.json"
     folders = {"run": str(out / "final"), "extended": str(ext_out / "final")}
@@ -133,7 +140,11 @@ def run_kind(home: Path, kind: str, arm: str, plan: Plan, pool_dir: Path, say) -
         "rule": f"(a) last 4 of {EVALS} curve evals within +-{100 * FLAT:.1f}%; (b) +{100 * EXTENSION:.0f}% steps "
         f"at the last lr gain < {100 * GAIN:.0f}% pooled held-out tau",
         "steps": run.loop.max_steps,
-        "cpu_seconds": {"run": spent(out), "extension": spent(ext_out)},
+        "cpu_seconds": {
+            "pool_features": pool_cost,
+            "run": spent(out) - pool_cost,
+            "extension": spent(ext_out) - pool_cost,
+        },
         "curve": curve,
         "tau": {
             name: {ds: r["datasets"][ds]["methods"][name]["tau"] for ds in DATASETS}
@@ -155,7 +166,7 @@ def main() -> None:
     ap.add_argument("--home", default="", help="default $DRAFTOPD_HOME/plateau (plateau-quick with --quick)")
     ap.add_argument("--quick", action="store_true", help="tiny budgets, 4 prompts, a tiny pool of its own")
     ap.add_argument("--pool", default="", help=f"the SFT pool (default {POOL_A})")
-    ap.add_argument("--budget", type=float, default=0.0, help="CPU-seconds of the run (default 14400; --quick 30)")
+    ap.add_argument("--budget", type=float, default=0.0, help="CPU-s of the run's steps (default 14400; --quick 30)")
     ap.add_argument("--arm", default="plain", choices=list(ARMS), help="the recipe: ab_warmstart's arm (not text)")
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated: dflash,eagle3")
     args = ap.parse_args()
@@ -165,17 +176,18 @@ def main() -> None:
     plan = dataclasses.replace(plan, budget=args.budget or plan.budget)
     home = Path(args.home or cache_root() / ("plateau-quick" if args.quick else "plateau"))
     say = lambda name, verb, cfg: run_stage(home, name, verb, cfg, tag="plateau")  # noqa: E731
+    shared = home if args.quick or args.pool else cache_root() / SHARED
     if args.quick and not args.pool:
         cfg = quick_pool(home)
         say("quick-pool", ["data"], cfg)
         pool_dir = Path(cfg.out)
         check_pool(pool_dir)
     else:
-        pool_dir = snapshot(Path(args.pool) if args.pool else POOL_A, home)
+        pool_dir = snapshot(Path(args.pool) if args.pool else POOL_A, shared)
     for kind in args.kinds.split(","):
         if kind not in KINDS:
             sys.exit(f"[plateau] unknown kind {kind!r}: dflash or eagle3")
-        run_kind(home, kind, args.arm, plan, pool_dir, say)
+        run_kind(home, shared, kind, args.arm, plan, pool_dir, say)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ def test_steps_come_from_the_calibrations_cpu_seconds(ab, tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     per_step, features = ab.step_cost(tmp_path)
     assert (per_step, features) == (2.0, 30.0)
-    assert ab.steps_for(130.0, (per_step, features)) == 50  # (budget - features) / s per step
+    assert ab.steps_for(100.0, per_step) == 50  # the budget counts steps: the pool's feature pass is shared
+    assert ab.steps_for(1.0, per_step) == 1
     assert ab.spent(tmp_path) == 36.0
 
 
@@ -65,7 +66,8 @@ def test_each_arm_changes_one_thing_and_is_sized_to_its_budget(ab, tmp_path):
 
 
 def test_the_report_rows(ab, tmp_path):
-    """Per arm: the trainer's CPU-seconds summed over its runs (the text arm's two), the processes' from the done
+    """Per arm: the trainer's CPU-seconds summed over its runs (the text arm's two) less the pool's shared feature
+    pass, the processes' from the done
     markers, held-out tau and the paired gain over plain, and the plateau verdict of its curve."""
     home = tmp_path
     datasets = {}
@@ -81,9 +83,13 @@ def test_the_report_rows(ab, tmp_path):
     for run in ("plain-dflash", "text-pre-dflash", "text-dflash", "init-dflash", "soft-dflash", "auf-dflash"):
         (home / run).mkdir()
         taus = [1.5, 2.0, 2.0, 2.01, 1.99] if run == "plain-dflash" else [1.2, 1.5, 1.8, 2.0, 2.2]
-        rows = [{"step": 10 * j, "tau": t, "cpu_seconds": 100.0 * j} for j, t in enumerate(taus)]
+        start = 0.0 if run == "text-pre-dflash" else 50.0  # runs on the pool start at its shared feature pass's cost
+        rows = [{"step": 10 * j, "tau": t, "cpu_seconds": start + 100.0 * j} for j, t in enumerate(taus)]
         (home / run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (home / "done" / f"{run}.json").write_text(json.dumps({"config": "{}", "seconds": 1, "cpu_seconds": 450.0}))
+    (home / "features-dflash").mkdir()  # the pool's feature pass: 50 CPU-s before its calibration's 1st step
+    cal = [{"step": s, "loss": 1.0, "cpu_seconds": 50.0 + 2.0 * s} for s in (1, 2, 3)]
+    (home / "features-dflash" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cal))
     out = ab.report(home)
     rows = out["dflash"]
     assert rows["plain"]["plateaued"] and not rows["soft"]["plateaued"]
