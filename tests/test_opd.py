@@ -61,6 +61,11 @@ def test_opd_loss_normalisation_and_weights():
     v = torch.tensor([1.0, 0.8])
     expect = (a + 0.8 * b + 0.8**2 * rej) / (1 + 0.8 + 0.8**2)
     assert opd_loss(s2, t2, s_rej, t_rej, w, w_resp=v).item() == pytest.approx(expect, rel=1e-5)
+    # the streams' sums (what sets a rejected-stream share, O-25 of issue 37): the numerator before the weights
+    parts: dict = {}
+    loss = opd_loss(s2, t2, s_rej, t_rej, w, rej_weight=0.3, w_resp=v, parts=parts)
+    assert parts["resp"] == pytest.approx(a + 0.8 * b, rel=1e-5) and parts["rej"] == pytest.approx(0.8**2 * rej)
+    assert loss.item() == pytest.approx((parts["resp"] + 0.3 * parts["rej"]) / (1.8 + 0.3 * 0.8**2), rel=1e-5)
 
 
 def step(anchor, draft, r, token, logps=None):

@@ -152,6 +152,7 @@ def test_opd_from_sft_changes_the_drafter(tiny_folder, shards_in, sft_run, tmp_p
     train_rows = [r for r in rows if "loss" in r]
     assert len(train_rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in train_rows)
     assert all(r["resp_tokens"] > 0 and r["rej_tokens"] > 0 for r in train_rows)
+    assert all(r["resp_loss_sum"] > 0 and r["rej_loss_sum"] > 0 and 0 < r["rej_share"] < 1 for r in train_rows)
     assert [r["step"] for r in rows if "tau" in r] == [0, 2]  # the starting drafter, then after training
     before = load_file(str(sft_run / "final" / "model.safetensors"))
     after = load_file(str(out / "final" / "model.safetensors"))

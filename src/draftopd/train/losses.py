@@ -125,6 +125,7 @@ def opd_loss(
     den: float | None = None,  # the update's global denominator (stream_denominator); None = this batch's own
     l_resp: Tensor | None = None,  # per-token response-stream losses to use instead of the Bernoulli forward KL
     w_resp: Tensor | None = None,  # (N,) position weights of the response tokens (None: 1 each)
+    parts: dict | None = None,  # filled, when given, with the streams' unweighted sums (floats, no gradient)
 ) -> Tensor:
     """The two-stream Draft-OPD loss, a weighted token mean over both streams:
     L = (lam_a * sum v * l_acc + lam_r * sum w * l_rej) / (lam_a * sum v + lam_r * sum w), v = ``w_resp`` (or 1).
@@ -132,7 +133,9 @@ def opd_loss(
     Clamping as the authors' code clamps: on the response stream log-probs are clamped to [logp_min, ~0] (the
     Bernoulli KL needs log(1 - P) finite); the rejected stream's k3 sees the raw log-ratio (clamped to +-20) and its
     value is clamped to ``loss_clamp``, so a proposal the target finds absurd (k3 > 10) gets no gradient. Every
-    per-token value is clamped to +-loss_clamp."""
+    per-token value is clamped to +-loss_clamp. ``parts`` gets ``resp`` = sum v * l_acc and ``rej`` = sum w * l_rej
+    (the numerator's two sums before the stream weights: what each stream puts into the loss, e.g. the rejected
+    stream's share lam_r * rej / (lam_a * resp + lam_r * rej))."""
     if l_resp is None:
         l_resp = bernoulli_forward_kl(_clamp_logp(s_resp, logp_min), _clamp_logp(t_resp, logp_min))
     if rej_reverse_kl:
@@ -141,7 +144,10 @@ def opd_loss(
         l_rej = bernoulli_forward_kl(_clamp_logp(s_rej, logp_min), _clamp_logp(t_rej, logp_min))
     l_acc, l_rej = l_resp.clamp(-loss_clamp, loss_clamp), l_rej.clamp(-loss_clamp, loss_clamp)
     v = torch.ones_like(l_acc) if w_resp is None else w_resp
-    num = resp_weight * (v * l_acc).sum() + rej_weight * (w_rej * l_rej).sum()
+    resp_sum, rej_sum = (v * l_acc).sum(), (w_rej * l_rej).sum()
+    if parts is not None:
+        parts.update(resp=float(resp_sum.detach()), rej=float(rej_sum.detach()))
+    num = resp_weight * resp_sum + rej_weight * rej_sum
     if den is None:
         den = stream_denominator(float(v.sum()), float(w_rej.sum()), resp_weight, rej_weight)
     return num / max(float(den), 1e-8)
@@ -237,6 +243,7 @@ def draft_opd_objective(
     rej_weight: float = 1.0,
     logp_min: float = -10.0,
     teacher_temperature: float = 1.0,  # 1: the target's distribution; 0: one-hot on its argmax
+    parts: dict | None = None,  # opd_loss's: the two streams' sums (not for tv)
 ) -> Tensor:
     """The Draft-OPD loss of a micro-batch, divided by ``den``. Response stream per ``loss``: the Bernoulli forward KL
     on the realised token (acceptance_aware, all_forward), cross-entropy on it (hard_ce) or KL from the target's
@@ -261,5 +268,5 @@ def draft_opd_objective(
         t_resp = token_logprobs(p.teacher_h, p.next_ids, p.teacher)[p.back]
     return opd_loss(
         s_resp, t_resp, s_rej, t_rej, p.w_rej, resp_weight, rej_weight,
-        rej_reverse_kl=loss != "all_forward", logp_min=logp_min, den=den, l_resp=l_resp, w_resp=p.w_resp,
+        rej_reverse_kl=loss != "all_forward", logp_min=logp_min, den=den, l_resp=l_resp, w_resp=p.w_resp, parts=parts,
     )  # fmt: skip

@@ -81,7 +81,7 @@ def train_opd(cfg: OPDConfig, target: Target | None = None) -> Path:
                  for rows, _ in ro.jobs]  # fmt: skip
         den = float(run.all_sum(torch.tensor(sum(s.denominator(cfg) for s in slots))))
         # 3) The objective and its gradient per micro-batch (the target forward reused in replay mode); AdamW.
-        sums = dict.fromkeys(("loss", "resp_tokens", "rej_tokens"), 0.0)
+        sums = dict.fromkeys(("loss", "resp_tokens", "rej_tokens", "resp_loss_sum", "rej_loss_sum"), 0.0)
         for (rows, out), sl in zip(ro.jobs, slots, strict=True):
             with run.autocast():
                 loss, counts = replay_loss(model, target, rows, sl, cfg, den, out)
@@ -94,6 +94,8 @@ def train_opd(cfg: OPDConfig, target: Target | None = None) -> Path:
         for counter in ("target_tokens", "rollout_tokens"):
             run.counters[counter] += int(g.pop(counter))
         rollout_tau = g.pop("committed") / max(g.pop("verifies"), 1)
+        rej = cfg.rej_weight * g["rej_loss_sum"]  # the rejected stream's share of the loss's numerator
+        g["rej_share"] = rej / max(cfg.resp_weight * g["resp_loss_sum"] + rej, 1e-12)
         run.end_step(step + 1, grad_norm=grad_norm, rollout_tau=rollout_tau, **g)
     return run.finish()
 
@@ -256,7 +258,9 @@ def replay_loss(
         student=lambda h: model.draft_logits(h, target), teacher=target.logits,
         teacher_draft=lambda h: target.logits(h, vocab),
     )  # fmt: skip
+    parts: dict = {}  # the two streams' sums (opd_loss): their shares of the loss, logged
     value = draft_opd_objective(
-        pieces, den, cfg.loss, cfg.resp_weight, cfg.rej_weight, cfg.logp_min, cfg.teacher_temperature
+        pieces, den, cfg.loss, cfg.resp_weight, cfg.rej_weight, cfg.logp_min, cfg.teacher_temperature, parts
     )
-    return value, {"resp_tokens": len(h_resp), "rej_tokens": len(h_rej)}
+    counts = {"resp_tokens": len(h_resp), "rej_tokens": len(h_rej)}
+    return value, counts | {"resp_loss_sum": parts.get("resp", 0.0), "rej_loss_sum": parts.get("rej", 0.0)}
