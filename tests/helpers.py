@@ -359,3 +359,24 @@ def train_quick(kind: str, data: Path, out: Path) -> Path:
         *arch,
     ]
     return Path(train_sft(load(SFTConfig, None, sets)))
+
+
+# --- the drivers under scripts/ ---
+
+
+def script_module(name: str):
+    """Import ``scripts/NAME.py`` as module ``NAME`` (a generator for a module-scoped fixture: yields it, then
+    forgets it and the sibling drivers it imported, and restores ``sys.path``, which the drivers extend)."""
+    import importlib.util
+
+    before = list(sys.path)
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # a dataclass of the driver looks its module up
+    spec.loader.exec_module(module)
+    yield module
+    for other in (name, "ab_warmstart", "figure1"):
+        sys.modules.pop(other, None)
+    sys.path[:] = before

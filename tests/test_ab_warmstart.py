@@ -3,25 +3,17 @@ steps sized from a calibration's CPU-seconds, the arms' configs, the report's ro
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "ab_warmstart.py"
+from helpers import script_module
 
 
 @pytest.fixture(scope="module")
 def ab():
-    spec = importlib.util.spec_from_file_location("ab_warmstart", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ab_warmstart"] = module  # its dataclass looks its module up
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["ab_warmstart"]
-    sys.path.remove(str(SCRIPT.parent))  # the driver puts scripts/ first on the path (for figure1)
+    yield from script_module("ab_warmstart")
 
 
 def data_folder(path: Path, sources: list[str]) -> Path:

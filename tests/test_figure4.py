@@ -3,27 +3,17 @@ for every arm of a seed) and O-25's rejected-stream weight from O's logged strea
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+from helpers import script_module
 
 
 @pytest.fixture(scope="module")
 def f4():
-    before = list(sys.path)
-    spec = importlib.util.spec_from_file_location("figure4", SCRIPTS / "figure4.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["figure4"] = module  # its dataclass looks its module up
-    spec.loader.exec_module(module)
-    yield module
-    for name in ("figure4", "ab_warmstart", "figure1"):
-        sys.modules.pop(name, None)
-    sys.path[:] = before
+    yield from script_module("figure4")
 
 
 def start_run(f4, path: Path) -> Path:

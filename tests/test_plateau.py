@@ -3,26 +3,14 @@ learning rate, from its final weights) and the declared rule's verdict on a curv
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+from helpers import script_module
 
 
 @pytest.fixture(scope="module")
 def plateau():
-    before = list(sys.path)
-    spec = importlib.util.spec_from_file_location("plateau", SCRIPTS / "plateau.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["plateau"] = module  # its dataclass looks its module up
-    spec.loader.exec_module(module)
-    yield module
-    for name in ("plateau", "ab_warmstart", "figure1"):
-        sys.modules.pop(name, None)
-    sys.path[:] = before
+    yield from script_module("plateau")
 
 
 def test_the_extension_continues_the_run_at_its_last_learning_rate(plateau, tmp_path):
