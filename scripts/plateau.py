@@ -161,13 +161,32 @@ def run_kind(home: Path, shared: Path, kind: str, arm: str, plan: Plan, pool_dir
     return record
 
 
+def best_arm(report: Path, kind: str) -> tuple[str, str]:
+    """The A/B's winner for ``kind`` (scripts/ab_warmstart.py's report.json): the arm with the largest pooled held-out
+    gain over plain whose 95% interval lies above 0, the text arm left out (its pre-training is a stage of the A/B,
+    not a recipe); plain when none. Returns (arm, why); exits in one line when the A/B of ``kind`` has not finished."""
+    rows = json.loads(report.read_text()).get(kind) if report.exists() else None
+    if not rows:
+        sys.exit(f"[plateau] --arm best: no A/B result for {kind} in {report} (run scripts/ab_warmstart.py first)")
+    gains = {arm: r["gain_over_plain"]["all"] for arm, r in rows.items() if arm not in ("plain", "text")}
+    wins = {arm: g for arm, g in gains.items() if g[1] > 0}
+    if not wins:
+        return "plain", "no arm's pooled gain over plain has an interval above 0"
+    arm = max(wins, key=lambda a: wins[a][0])
+    g = wins[arm]
+    return arm, f"pooled gain over plain {100 * g[0]:+.1f}% [{100 * g[1]:+.1f}, {100 * g[2]:+.1f}]"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--home", default="", help="default $DRAFTOPD_HOME/plateau (plateau-quick with --quick)")
     ap.add_argument("--quick", action="store_true", help="tiny budgets, 4 prompts, a tiny pool of its own")
     ap.add_argument("--pool", default="", help=f"the SFT pool (default {POOL_A})")
     ap.add_argument("--budget", type=float, default=0.0, help="CPU-s of the run's steps (default 14400; --quick 30)")
-    ap.add_argument("--arm", default="plain", choices=list(ARMS), help="the recipe: ab_warmstart's arm (not text)")
+    ap.add_argument(
+        "--arm", default="plain", choices=[*ARMS, "best"],
+        help="the recipe: ab_warmstart's arm (not text); best: the A/B's winner per kind (best_arm)",
+    )  # fmt: skip
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated: dflash,eagle3")
     args = ap.parse_args()
     if args.arm == "text":
@@ -187,7 +206,11 @@ def main() -> None:
     for kind in args.kinds.split(","):
         if kind not in KINDS:
             sys.exit(f"[plateau] unknown kind {kind!r}: dflash or eagle3")
-        run_kind(home, shared, kind, args.arm, plan, pool_dir, say)
+        arm = args.arm
+        if arm == "best":
+            arm, why = best_arm(cache_root() / "ab_warmstart" / "report.json", kind)
+            print(f"[plateau] {kind}: arm {arm} ({why})", flush=True)
+        run_kind(home, shared, kind, arm, plan, pool_dir, say)
 
 
 if __name__ == "__main__":

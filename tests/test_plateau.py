@@ -37,3 +37,21 @@ def test_the_rule_needs_a_flat_curve_and_an_extension_that_gains_under_one_perce
     assert ok["a_flat"] and 0 < ok["b_extension_gain"] < 0.01 and ok["plateaued"]
     assert not plateau.verdict(flat, same, better)["plateaued"]  # (b) fails: the longer run still gains 2%
     assert not plateau.verdict(rising, same, same)["plateaued"]  # (a) fails: the last 4 span 10%
+
+
+def test_best_arm_is_the_ab_winner_with_an_interval_above_zero(plateau, tmp_path):
+    import json
+
+    def row(g):
+        return {"gain_over_plain": {"all": g}}
+
+    rows = {"plain": row([0, 0, 0]), "text": row([0.2, 0.1, 0.3]), "soft": row([0.04, 0.01, 0.07]),
+            "auf": row([0.06, -0.01, 0.12]), "init": row([0.02, 0.005, 0.04])}  # fmt: skip
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"dflash": rows}))
+    assert plateau.best_arm(report, "dflash")[0] == "soft"  # auf's interval includes 0; text is not a recipe
+    rows["soft"] = rows["init"] = row([0.03, -0.01, 0.07])
+    report.write_text(json.dumps({"dflash": rows}))
+    assert plateau.best_arm(report, "dflash")[0] == "plain"
+    with pytest.raises(SystemExit, match="no A/B result for eagle3"):
+        plateau.best_arm(report, "eagle3")
