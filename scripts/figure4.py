@@ -39,7 +39,6 @@ import argparse
 import dataclasses
 import json
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -49,6 +48,7 @@ from ab_warmstart import link_features, override  # noqa: E402
 from figure1 import CONF, run_stage, tau_config  # noqa: E402
 
 from draftopd.assets import home as cache_root  # noqa: E402
+from draftopd.bench.run import cpu_flags  # noqa: E402
 from draftopd.config import DataConfig, OPDConfig, SFTConfig  # noqa: E402
 from draftopd.lab import matched  # noqa: E402
 from draftopd.recipes import from_dict, load  # noqa: E402
@@ -89,11 +89,6 @@ def loop_for(opd: OPDConfig, plan: Plan, seed: int) -> dict:
             "eval.limit": plan.eval_limit}  # fmt: skip
 
 
-def with_dotted(cfg, values: dict):
-    """``cfg`` with dotted keys set (``loop.seed``), as ``--set`` would."""
-    return override(cfg, **values)
-
-
 def arm_configs(home: Path, start: Path, data: Path, plan: Plan, rej25: float | None) -> dict[str, tuple]:
     """Every training arm: stage name -> (verb, config). ``rej25``: O-25's rejected-stream weight (None until O
     seed 0's first epoch has run)."""
@@ -107,7 +102,7 @@ def arm_configs(home: Path, start: Path, data: Path, plan: Plan, rej25: float | 
         sft, data=str(data), init_from=str(ckpt), batch_size=ROWS, max_len=max(sft.max_len, 640), sft_loss="hard_ce",
         accept_until_fail=False, loop=opd.loop, eval=dataclasses.replace(sft.eval, limit=plan.eval_limit),
     )  # fmt: skip
-    sft = with_dotted(sft, {"loop.max_cpu_seconds": 0.0, "target.threads": 2})
+    sft = override(sft, **{"loop.max_cpu_seconds": 0.0, "target.threads": 2})
     out: dict[str, tuple] = {}
     for arm, seeds in SEEDS.items():
         for k in seeds:
@@ -117,12 +112,12 @@ def arm_configs(home: Path, start: Path, data: Path, plan: Plan, rej25: float | 
                     continue
                 over = {"O": {}, "O-rej": {"rej_weight": 0.0}, "O-25": {"rej_weight": rej25}}[arm]
                 cfg = dataclasses.replace(opd, out=str(home / stage), **over)
-                out[stage] = (["train", "opd"], with_dotted(cfg, loop_for(opd, plan, k)))
+                out[stage] = (["train", "opd"], override(cfg, **loop_for(opd, plan, k)))
             else:
                 cfg = dataclasses.replace(sft, out=str(home / stage))
-                cfg = with_dotted(cfg, loop_for(opd, plan, k))
+                cfg = override(cfg, **loop_for(opd, plan, k))
                 if arm == "S-paper":  # fresh AdamW (from the serving folder: no moments) at lr 6e-4
-                    cfg = with_dotted(dataclasses.replace(cfg, init_from=str(start / "final")), {"loop.lr": 6e-4})
+                    cfg = override(dataclasses.replace(cfg, init_from=str(start / "final")), **{"loop.lr": 6e-4})
                 out[stage] = (["train", "sft"], cfg)
     return out
 
@@ -166,17 +161,6 @@ def quick_inputs(home: Path, say) -> tuple[Path, Path]:
 # --- the report ---
 
 
-def machine() -> dict:
-    flags = ""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        flags = next((x.split(":", 1)[1] for x in out.splitlines() if x.startswith("Flags")), "")
-    except OSError:
-        pass
-    keep = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-    return {"cpu": platform.processor() or platform.machine(), "flags": [f for f in keep if f in flags.split()]}
-
-
 def cpu_seconds(home: Path, stage: str) -> float:
     done = home / "done" / f"{stage}.json"
     return json.loads(done.read_text()).get("cpu_seconds", 0.0) if done.exists() else 0.0
@@ -198,7 +182,8 @@ def report(home: Path, plan: Plan, figure: Path | None) -> dict:
         taus = {w: matched.tau(res[n][w]) for w in ("in", "out", "all")}
         base = {w: matched.gain(res, "N", n, w) for w in ("in", "out", "all")} if "N" in res and n != "N" else {}
         rows.append({"name": n, "tau": taus, "gain_over_N": base})
-    out = {"rules": f"docs/figure4-rules.md at {RULES_COMMIT}", "machine": machine(), "cpu_seconds": cpu,
+    host = {"cpu": platform.processor() or platform.machine(), "flags": cpu_flags()}
+    out = {"rules": f"docs/figure4-rules.md at {RULES_COMMIT}", "machine": host, "cpu_seconds": cpu,
            "cpu_seconds_per_epoch": per_epoch, "rows": rows, **matched.verdict(res, per_epoch)}  # fmt: skip
     (home / "figure4.json").write_text(json.dumps(out, indent=2, default=str))
     lines = [f"Rules: docs/figure4-rules.md (commit {RULES_COMMIT}). Verdict: **{out['verdict']}**.", "",
